@@ -1,0 +1,181 @@
+"""Making and loading Llama3-Med checkpoints: build from local components, convert from HF LLaVA, load.
+
+Nothing here downloads weights by itself: a directory is read from disk, and a hub id is passed to
+transformers only when the user names one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlavaForConditionalGeneration,
+    PreTrainedModel,
+)
+
+from .config import Llama3MedConfig
+from .model import Llama3MedForConditionalGeneration
+from .processing import IMAGE_PLACEHOLDER, Llama3MedProcessor
+
+# Normalisation of towers whose directory has no preprocessor_config.json.
+DEFAULT_IMAGE_STATS = {
+    "siglip_vision_model": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "clip_vision_model": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+}
+
+
+def image_stats(vision_dir: str | Path, model_type: str) -> tuple[list[float], list[float]]:
+    """The tower's mean and std: from its preprocessor_config.json, else the family's known values."""
+    path = Path(vision_dir) / "preprocessor_config.json"
+    if path.is_file():
+        stats = json.loads(path.read_text())
+        if "image_mean" in stats and "image_std" in stats:
+            return list(stats["image_mean"]), list(stats["image_std"])
+    if model_type not in DEFAULT_IMAGE_STATS:
+        raise ValueError(f"{vision_dir}: no preprocessor_config.json and no known image statistics for {model_type}")
+    mean, std = DEFAULT_IMAGE_STATS[model_type]
+    return list(mean), list(std)
+
+
+def make_processor(tokenizer, config: Llama3MedConfig, mean: Sequence[float], std: Sequence[float]):
+    """A processor whose image size and token count are read off the model config."""
+    return Llama3MedProcessor(
+        tokenizer=tokenizer,
+        image_size=config.max_image_size,
+        image_mean=mean,
+        image_std=std,
+        num_image_tokens=config.num_image_tokens,
+    )
+
+
+def build(
+    vision: str | Path,
+    llm: str | Path,
+    scales: Sequence[int] | None = None,
+    vision_feature_layer: int = -2,
+    projector_type: str = "mlp2x_gelu",
+) -> tuple[Llama3MedForConditionalGeneration, Llama3MedProcessor]:
+    """A fresh Llama3-Med from a vision tower (SigLIP/CLIP dir) and a causal LM dir; projector untrained.
+
+    `scales` defaults to 1x, 2x and 3x the tower's resolution (384/768/1152 for so400m-384), as in the
+    paper. The tokenizer gains an `<image>` token when it has none, and the LM's embeddings grow by it.
+    """
+    vision_full = AutoModel.from_pretrained(vision)
+    vision_model = getattr(vision_full, "vision_model", vision_full)
+    vision_config = vision_model.config
+    if vision_config.model_type not in DEFAULT_IMAGE_STATS:
+        raise ValueError(f"{vision}: vision tower type {vision_config.model_type!r} is not SigLIP or CLIP")
+    base = vision_config.image_size
+    scales = list(scales) if scales else [base, 2 * base, 3 * base]
+
+    tokenizer = AutoTokenizer.from_pretrained(llm)
+    language_model = AutoModelForCausalLM.from_pretrained(llm, dtype="auto")
+    if IMAGE_PLACEHOLDER not in tokenizer.get_vocab():
+        tokenizer.add_tokens([IMAGE_PLACEHOLDER], special_tokens=True)
+    if len(tokenizer) > language_model.get_input_embeddings().weight.shape[0]:
+        language_model.resize_token_embeddings(len(tokenizer))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    config = Llama3MedConfig(
+        vision_config=vision_config.to_dict(),
+        text_config=language_model.config.to_dict(),
+        scales=scales,
+        vision_feature_layer=vision_feature_layer,
+        projector_type=projector_type,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
+    )
+    model = Llama3MedForConditionalGeneration.from_components(config, vision_model, language_model)
+    _set_stop_tokens(model, tokenizer)
+    mean, std = image_stats(vision, vision_config.model_type)
+    return model, make_processor(tokenizer, config, mean, std)
+
+
+def convert_llava(llava_dir: str | Path) -> tuple[Llama3MedForConditionalGeneration, Llama3MedProcessor]:
+    """Import a transformers `LlavaForConditionalGeneration` checkpoint as a single-scale Llama3-Med.
+
+    With one scale the S2 encoder reduces to LLaVA's own encoding, so the converted model computes the
+    same logits as the original.
+    """
+    llava = LlavaForConditionalGeneration.from_pretrained(llava_dir, dtype="auto")
+    lc = llava.config
+    if not isinstance(lc.vision_feature_layer, int):
+        raise ValueError(f"{llava_dir}: several vision feature layers {lc.vision_feature_layer} are not supported")
+    has_cls = lc.vision_config.model_type == "clip_vision_model"
+    if has_cls and lc.vision_feature_select_strategy == "full":
+        raise ValueError(f"{llava_dir}: a CLIP tower with the 'full' strategy keeps the CLS token; unsupported")
+    if lc.projector_hidden_act != "gelu" or not lc.multimodal_projector_bias:
+        raise ValueError(f"{llava_dir}: only a biased Linear-GELU-Linear projector converts to mlp2x_gelu")
+    config = Llama3MedConfig(
+        vision_config=lc.vision_config.to_dict(),
+        text_config=lc.text_config.to_dict(),
+        scales=[lc.vision_config.image_size],
+        vision_feature_layer=lc.vision_feature_layer,
+        projector_type="mlp2x_gelu",
+        image_token_id=lc.image_token_id,
+    )
+    with torch.device("meta"):
+        language_model = AutoModelForCausalLM.from_config(config.text_config)
+    language_model.model = llava.model.language_model
+    language_model.lm_head = llava.lm_head
+    language_model.generation_config = llava.generation_config
+    model = Llama3MedForConditionalGeneration.from_components(config, llava.model.vision_tower, language_model)
+    model.multi_modal_projector.load_state_dict(llava.model.multi_modal_projector.state_dict())
+    _check_materialised(model)
+
+    tokenizer = AutoTokenizer.from_pretrained(llava_dir)
+    if tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER) != lc.image_token_id:
+        raise ValueError(f"{llava_dir}: the tokenizer's <image> id differs from image_token_id {lc.image_token_id}")
+    mean, std = image_stats(llava_dir, lc.vision_config.model_type)
+    return model, make_processor(tokenizer, config, mean, std)
+
+
+def _set_stop_tokens(model: PreTrainedModel, tokenizer) -> None:
+    """Stop on the LM's own end tokens and the tokenizer's end-of-turn token; pad with its pad token."""
+    eos = model.generation_config.eos_token_id
+    eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.append(tokenizer.eos_token_id)
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def _check_materialised(model: torch.nn.Module) -> None:
+    leftovers = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftovers:
+        raise RuntimeError(f"weights left unset after assembly: {leftovers[:3]}")
+
+
+def save(model: PreTrainedModel, processor: Llama3MedProcessor, out: str | Path, max_shard_size: str = "5GB") -> None:
+    """Write a directory that `from_pretrained` (ours and the Auto classes) loads: safetensors shards."""
+    model.save_pretrained(out, max_shard_size=max_shard_size)
+    processor.save_pretrained(out)
+
+
+def load(
+    model_dir: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str = "auto"
+) -> tuple[Llama3MedForConditionalGeneration, Llama3MedProcessor]:
+    """Model and processor of a Llama3-Med directory, checked to agree on image size and token count."""
+    path = Path(model_dir)
+    if path.exists() and not (path / "config.json").is_file():
+        raise ValueError(f"{model_dir}: not a model directory (no config.json)")
+    config = AutoConfig.from_pretrained(model_dir)
+    if not isinstance(config, Llama3MedConfig):
+        raise ValueError(f"{model_dir}: a {config.model_type!r} checkpoint; run `llama3med convert` first")
+    model = Llama3MedForConditionalGeneration.from_pretrained(model_dir, dtype=dtype)
+    processor = Llama3MedProcessor.from_pretrained(model_dir)
+    if processor.num_image_tokens != config.num_image_tokens or processor.image_size != config.max_image_size:
+        raise ValueError(
+            f"{model_dir}: processor ({processor.image_size} px, {processor.num_image_tokens} tokens) does not "
+            f"match the model ({config.max_image_size} px, {config.num_image_tokens} tokens)"
+        )
+    if device is not None:
+        model.to(device)
+    return model.eval(), processor

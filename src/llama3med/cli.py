@@ -1,0 +1,120 @@
+"""`llama3med`: one command, one subcommand per job. Errors in the user's input end in one line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _scales(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"scales must be comma-separated integers, got {text!r}") from None
+
+
+def _window(text: str):
+    from .processing import CT_WINDOWS
+
+    if text in CT_WINDOWS:
+        return text
+    try:
+        centre, width = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"window must be CENTRE,WIDTH or one of {', '.join(CT_WINDOWS)}, got {text!r}"
+        ) from None
+    return centre, width
+
+
+def cmd_build(args: argparse.Namespace) -> None:
+    from .checkpoints import build, save
+
+    model, processor = build(
+        args.vision,
+        args.llm,
+        scales=args.scales,
+        vision_feature_layer=args.vision_feature_layer,
+        projector_type=args.projector_type,
+    )
+    save(model, processor, args.out, max_shard_size=args.max_shard_size)
+    config = model.config
+    print(
+        f"built {args.out}: scales {config.scales}, {config.num_image_tokens} image tokens, "
+        f"projector {config.image_feature_size} -> {config.text_config.hidden_size}"
+    )
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from .checkpoints import convert_llava, save
+
+    model, processor = convert_llava(args.llava)
+    save(model, processor, args.out, max_shard_size=args.max_shard_size)
+    print(f"converted {args.llava} -> {args.out}")
+
+
+def cmd_ask(args: argparse.Namespace) -> None:
+    from .checkpoints import load
+    from .inference import answer, best_device
+    from .processing import load_image
+
+    image = load_image(args.image, window=args.window)  # fail on a bad image before loading the model
+    model, processor = load(args.model, device=best_device())
+    print(
+        answer(
+            model,
+            processor,
+            image,
+            args.question,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+        )
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llama3med", description="Llama3-Med: high-resolution biomedical vision-language assistants."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("build", help="assemble a new model from a local vision tower and LLM")
+    p.add_argument("--vision", required=True, help="SigLIP/CLIP model dir (or hub id)")
+    p.add_argument("--llm", required=True, help="causal LM dir (or hub id), e.g. Llama-3-8B-Instruct")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--scales", type=_scales, default=None, help="e.g. 384,768,1152 (default: 1x,2x,3x the tower's)")
+    p.add_argument("--vision-feature-layer", type=int, default=-2)
+    p.add_argument("--projector-type", choices=["mlp2x_gelu", "linear"], default="mlp2x_gelu")
+    p.add_argument("--max-shard-size", default="5GB")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("convert", help="import a transformers LLaVA checkpoint (single scale)")
+    p.add_argument("--llava", required=True, help="LlavaForConditionalGeneration dir")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--max-shard-size", default="5GB")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("ask", help="answer a question about one image (DICOM, PNG, JPEG, ...)")
+    p.add_argument("question", help="the question, e.g. 'Is there a lesion?'")
+    p.add_argument("--image", required=True, help="image file")
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--window", type=_window, default=None, help="DICOM window: CENTRE,WIDTH or a CT preset")
+    p.set_defaults(func=cmd_ask)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, OSError, RuntimeError) as err:
+        print(f"llama3med: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Llama3-Med: S2 multi-scale vision tower -> MLP projector -> causal LM (Llama-3-8B-Instruct).
+
+Shapes for the paper's configuration (so400m at 384/768/1152 px, Llama-3-8B):
+    pixel_values     (B, 3, 1152, 1152)
+    tower tiles      (B * (1 + 4 + 9), 3, 384, 384) -> (B * 14, 729, 1152)
+    image features   (B, 729, 1152 * 3)  after stitching, area pooling and channel concat
+    projected        (B, 729, 4096)      scattered over the 729 `<image>` tokens of each prompt
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+
+from ..config import Llama3MedConfig
+from .multiscale import encode_multiscale
+from .projector import MultiModalProjector
+from .vision_tower import VisionTower
+
+Stage = Literal["pretrain", "finetune"]
+
+
+class Llama3MedPreTrainedModel(PreTrainedModel):
+    config: Llama3MedConfig
+    config_class = Llama3MedConfig
+    base_model_prefix = ""
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+
+class Llama3MedForConditionalGeneration(Llama3MedPreTrainedModel, GenerationMixin):
+    def __init__(self, config: Llama3MedConfig):
+        super().__init__(config)
+        self.vision_tower = VisionTower(config.vision_config, config.vision_feature_layer)
+        self.multi_modal_projector = MultiModalProjector(config)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`(B, 3, S_max, S_max)` -> `(B, num_image_tokens, text_hidden)`, ready to replace `<image>` tokens."""
+        tower_dtype = self.vision_tower.vision_model.dtype
+        features = encode_multiscale(
+            self.vision_tower,
+            pixel_values.to(tower_dtype),
+            self.config.scales,
+            self.config.base_image_size,
+            self.config.image_grid,
+        )
+        return self.multi_modal_projector(features.to(self.multi_modal_projector.linear_1.weight.dtype))
+
+    def embed_inputs(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with the projected image features written over the `<image>` positions."""
+        embeds = self.get_input_embeddings()(input_ids)
+        image_mask = input_ids == self.config.image_token_id
+        n_tokens = int(image_mask.sum())
+        n_features = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
+        if n_tokens != n_features:
+            raise ValueError(
+                f"input_ids hold {n_tokens} <image> tokens but the images give {n_features} features "
+                f"({self.config.num_image_tokens} per image)"
+            )
+        if image_features is None:
+            return embeds
+        mask = image_mask.unsqueeze(-1).expand_as(embeds)
+        return embeds.masked_scatter(mask, image_features.to(embeds.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs,
+    ):
+        """Like HF LLaVA: images are encoded when `pixel_values` is given (the prefill); decode steps only
+        carry new text tokens and the KV cache (`cache`/`past_key_values`, passed through to the LM)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            image_features = self.encode_images(pixel_values) if pixel_values is not None else None
+            inputs_embeds = self.embed_inputs(input_ids, image_features)
+        return self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            labels=labels,
+            **kwargs,
+        )
+
+    @classmethod
+    def from_components(
+        cls,
+        config: Llama3MedConfig,
+        vision_model: PreTrainedModel,
+        language_model: PreTrainedModel,
+    ) -> Llama3MedForConditionalGeneration:
+        """Assemble a model around an existing vision model and LM without allocating them twice.
+
+        The LM is used as is (not copied); the tower's kept layers are copied from `vision_model`; the
+        projector is freshly initialised. This is how a run starts from SigLIP and Llama-3 checkpoints.
+        """
+        with torch.device("meta"):
+            model = cls(config)
+        model.language_model = language_model
+        model.vision_tower = VisionTower(config.vision_config, config.vision_feature_layer)
+        model.vision_tower.load_from_hf_tower(vision_model)
+        model.multi_modal_projector = MultiModalProjector(config)
+        model.multi_modal_projector.apply(model._init_weights)
+        model.generation_config = language_model.generation_config
+        return model.to(language_model.dtype)
+
+    def set_trainable(self, stage: Stage, train_vision_tower: bool = False) -> None:
+        """The paper's stages: `pretrain` trains the projector only; `finetune` the projector and the LM.
+        The vision tower stays frozen unless `train_vision_tower`."""
+        if stage not in ("pretrain", "finetune"):
+            raise ValueError(f"stage must be 'pretrain' or 'finetune', got {stage!r}")
+        self.multi_modal_projector.requires_grad_(True)
+        self.language_model.requires_grad_(stage == "finetune")
+        self.vision_tower.requires_grad_(train_vision_tower)

@@ -1,0 +1,50 @@
+"""The frozen ViT (SigLIP or CLIP), cut at the feature layer LLaVA reads.
+
+Only the layers up to `vision_feature_layer` are built, so the layers after it are neither computed nor
+kept in memory, and the tower is never asked for all its hidden states. The pooling head and the final
+layer norm, which LLaVA-style models do not read, are dropped too.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
+
+from ..config import kept_vision_layers
+
+
+class VisionTower(nn.Module):
+    """Patch features of base-size tiles: `(tiles, 3, S, S) -> (tiles, grid * grid, hidden)`."""
+
+    def __init__(self, vision_config: PreTrainedConfig, feature_layer: int):
+        super().__init__()
+        truncated = copy.deepcopy(vision_config)
+        truncated.num_hidden_layers = kept_vision_layers(vision_config.num_hidden_layers, feature_layer)
+        if hasattr(truncated, "vision_use_head"):
+            truncated.vision_use_head = False
+        self.vision_model = AutoModel.from_config(truncated)
+        # The last hidden state is read before the final norm (as `hidden_states[k]` is).
+        self.vision_model.post_layernorm = nn.Identity()
+        self.grid = vision_config.image_size // vision_config.patch_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.vision_model.config.num_hidden_layers
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden = self.vision_model(pixel_values=pixel_values).last_hidden_state  # (tiles, prefix + g*g, C)
+        num_prefix = hidden.shape[1] - self.grid**2  # CLIP's CLS token; SigLIP has none
+        return hidden[:, num_prefix:]
+
+    def load_from_hf_tower(self, tower: PreTrainedModel) -> None:
+        """Copy the weights of a full HF vision model (or a CLIP/SigLIP model's vision part)."""
+        tower = getattr(tower, "vision_model", tower)
+        wanted = self.vision_model.state_dict()
+        source = {k: v for k, v in tower.state_dict().items() if k in wanted}
+        missing = sorted(set(wanted) - set(source))
+        if missing:
+            raise ValueError(f"the vision tower checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
+        self.vision_model.load_state_dict(source)

@@ -1,0 +1,20 @@
+from .chat import IMAGE_PLACEHOLDER, LLAMA3_CHAT_TEMPLATE, llava_to_messages
+from .images import CT_WINDOWS, ImageLoadError, dicom_to_uint8, load_image, window_values
+from .processor import IGNORE_INDEX, Llama3MedProcessor, SampleTooLongError, pad_sequences
+from .tokenizer import train_bpe_tokenizer
+
+__all__ = [
+    "CT_WINDOWS",
+    "IGNORE_INDEX",
+    "IMAGE_PLACEHOLDER",
+    "LLAMA3_CHAT_TEMPLATE",
+    "ImageLoadError",
+    "Llama3MedProcessor",
+    "SampleTooLongError",
+    "dicom_to_uint8",
+    "llava_to_messages",
+    "load_image",
+    "pad_sequences",
+    "train_bpe_tokenizer",
+    "window_values",
+]

@@ -1,0 +1,210 @@
+"""`Llama3MedProcessor`: files and chats in, model tensors out.
+
+Images are loaded (DICOM included), padded to a square with the tower's mean colour (LLaVA's
+convention), resized to the largest S2 scale and normalised with the tower's mean and std. Text goes
+through the tokenizer's chat template (Llama-3's); each `<image>` placeholder becomes the model's
+`num_image_tokens` image tokens, and training labels keep only the assistant turns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import BatchFeature, ProcessorMixin
+
+from .chat import IMAGE_PLACEHOLDER, LLAMA3_CHAT_TEMPLATE
+from .images import DEFAULT_MAX_PIXELS, ImageSource, Window, load_image
+
+IGNORE_INDEX = -100
+IMAGE_FITS = ("pad", "resize")
+
+
+class SampleTooLongError(ValueError):
+    """A sample whose tokens (image tokens included) exceed the allowed length; never cut."""
+
+
+class Llama3MedProcessor(ProcessorMixin):
+    """Image loader + tokenizer for Llama3-Med.
+
+    Args:
+        tokenizer: the LM's tokenizer; must know `image_token` as one token.
+        image_size: side the images are resized to (the config's largest scale).
+        image_mean, image_std: the vision tower's normalisation.
+        image_fit: `pad` (to a square with the mean colour, then resize) or `resize` (stretch).
+        num_image_tokens: tokens per image in the LM (the config's `num_image_tokens`).
+        image_token: the placeholder written in prompts and expanded here.
+        max_pixels: images with more pixels are refused before decoding.
+    """
+
+    def __init__(
+        self,
+        tokenizer=None,
+        image_size: int = 1152,
+        image_mean: Sequence[float] = (0.5, 0.5, 0.5),
+        image_std: Sequence[float] = (0.5, 0.5, 0.5),
+        image_fit: str = "pad",
+        num_image_tokens: int = 729,
+        image_token: str = IMAGE_PLACEHOLDER,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        **kwargs,
+    ):
+        if image_fit not in IMAGE_FITS:
+            raise ValueError(f"image_fit must be one of {IMAGE_FITS}, got {image_fit!r}")
+        self.image_size = int(image_size)
+        self.image_mean = [float(x) for x in image_mean]
+        self.image_std = [float(x) for x in image_std]
+        self.image_fit = image_fit
+        self.num_image_tokens = int(num_image_tokens)
+        self.image_token = image_token
+        self.max_pixels = int(max_pixels)
+        super().__init__(tokenizer=tokenizer, **kwargs)
+        if tokenizer.chat_template is None:
+            tokenizer.chat_template = LLAMA3_CHAT_TEMPLATE
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no {image_token!r} token (add it as a special token)")
+
+    # ---- images -------------------------------------------------------------------------------
+
+    def preprocess_image(self, image: ImageSource, window: Window = None) -> torch.Tensor:
+        """One image -> `(3, image_size, image_size)` normalised float tensor."""
+        rgb = load_image(image, window=window, max_pixels=self.max_pixels)
+        if self.image_fit == "pad":
+            rgb = pad_to_square(rgb, tuple(int(m * 255) for m in self.image_mean))
+        rgb = rgb.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+        pixels = torch.from_numpy(np.array(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        mean = torch.tensor(self.image_mean).view(3, 1, 1)
+        std = torch.tensor(self.image_std).view(3, 1, 1)
+        return (pixels - mean) / std
+
+    # ---- text ---------------------------------------------------------------------------------
+
+    def chat_prompt(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """Messages (`role`, `content`) rendered with the tokenizer's chat template."""
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def encode_text(self, text: str, num_images: int, max_length: int | None = None) -> list[int]:
+        """Token ids of a rendered prompt, with its `<image>` placeholder expanded."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._expand_image_tokens(ids, None, num_images, max_length)[0]
+
+    def encode_conversation(
+        self,
+        messages: list[dict[str, str]],
+        num_images: int = 1,
+        max_length: int | None = None,
+        add_generation_prompt: bool = False,
+    ) -> dict[str, list[int]]:
+        """`input_ids` and `labels` of a chat for training: labels supervise the assistant turns only
+        (their text and end-of-turn token) and are `-100` elsewhere, image tokens included."""
+        text = self.chat_prompt(messages, add_generation_prompt=add_generation_prompt)
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            start = len(self.chat_prompt(messages[:i], add_generation_prompt=True))
+            end = len(self.chat_prompt(messages[: i + 1], add_generation_prompt=False))
+            spans.append((start, end))
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        labels = [
+            token if any(s <= begin < e for s, e in spans) else IGNORE_INDEX
+            for token, (begin, _) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)
+        ]
+        input_ids, labels = self._expand_image_tokens(encoded["input_ids"], labels, num_images, max_length)
+        return {"input_ids": input_ids, "labels": labels}
+
+    def _expand_image_tokens(
+        self, ids: list[int], labels: list[int] | None, num_images: int, max_length: int | None
+    ) -> tuple[list[int], list[int] | None]:
+        found = ids.count(self.image_token_id)
+        if found != num_images:
+            raise ValueError(
+                f"prompt has {found} {self.image_token!r} placeholders for {num_images} image(s); "
+                f"write the placeholder exactly once per image"
+            )
+        out_ids: list[int] = []
+        out_labels: list[int] = []
+        for i, token in enumerate(ids):
+            if token == self.image_token_id:
+                out_ids.extend([token] * self.num_image_tokens)
+                out_labels.extend([IGNORE_INDEX] * self.num_image_tokens)
+            else:
+                out_ids.append(token)
+                out_labels.append(labels[i] if labels is not None else IGNORE_INDEX)
+        limit = max_length if max_length is not None else self.tokenizer.model_max_length
+        if len(out_ids) > limit:
+            raise SampleTooLongError(
+                f"sample has {len(out_ids)} tokens ({self.num_image_tokens} per image) but at most {limit} "
+                f"are allowed; it is not truncated, since a cut could fall inside the image tokens"
+            )
+        return out_ids, (out_labels if labels is not None else None)
+
+    # ---- batches ------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        text: str | list[str],
+        images: ImageSource | Sequence[ImageSource] | None = None,
+        window: Window = None,
+        padding_side: str = "left",
+        max_length: int | None = None,
+        **kwargs,
+    ) -> BatchFeature:
+        """Rendered prompts (one `<image>` each when `images` are given, one image per prompt) ->
+        padded `input_ids`, `attention_mask` and `pixel_values`. Left padding suits generation."""
+        texts = [text] if isinstance(text, str) else list(text)
+        if images is None:
+            image_list = []
+        elif isinstance(images, (str, bytes, Image.Image)) or not isinstance(images, Sequence):
+            image_list = [images]
+        else:
+            image_list = list(images)
+        if image_list and len(image_list) != len(texts):
+            raise ValueError(f"got {len(image_list)} images for {len(texts)} prompts; give one image per prompt")
+        per_prompt = 1 if image_list else 0
+        sequences = [self.encode_text(t, per_prompt, max_length) for t in texts]
+        input_ids, attention_mask = pad_sequences(sequences, self.tokenizer.pad_token_id, padding_side)
+        data = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if image_list:
+            data["pixel_values"] = torch.stack([self.preprocess_image(img, window) for img in image_list])
+        return BatchFeature(data)
+
+    def decode(self, token_ids, skip_special_tokens: bool = True, **kwargs) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = True, **kwargs) -> list[str]:
+        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
+
+
+def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """Centre the image on a square canvas of its longer side (LLaVA's `expand2square`)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), fill)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def pad_sequences(
+    sequences: list[list[int]], pad_value: int, side: str = "right"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token lists to one length: `(B, L)` ids and the matching attention mask."""
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        span = slice(length - len(seq), length) if side == "left" else slice(0, len(seq))
+        ids[row, span] = torch.tensor(seq, dtype=torch.long)
+        mask[row, span] = 1
+    return ids, mask

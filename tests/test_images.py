@@ -1,0 +1,140 @@
+"""Image loading: DICOM windowing by the standard, and every kind of bad input named in its error."""
+
+import io
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from conftest import write_dicom
+from llama3med.processing import ImageLoadError, load_image, window_values
+
+
+def dicom_window(values, centre, width):
+    """PS3.3 C.11.2.1.2.1, written out case by case."""
+    out = []
+    for x in np.asarray(values, dtype=float).ravel():
+        if x <= centre - 0.5 - (width - 1) / 2:
+            out.append(0)
+        elif x > centre - 0.5 + (width - 1) / 2:
+            out.append(255)
+        else:
+            out.append(round(((x - (centre - 0.5)) / (width - 1) + 0.5) * 255))
+    return np.array(out, dtype=np.uint8).reshape(np.shape(values))
+
+
+def test_ct_window_applies_rescale_then_the_files_window(tmp_path):
+    stored = np.array([[0, 1000], [1024, 1064], [1224, 1500], [2000, 4000]], dtype=np.uint16)
+    path = write_dicom(tmp_path / "ct.dcm", stored, slope=1.0, intercept=-1024.0, window=(40.0, 400.0))
+    hounsfield = stored.astype(float) - 1024.0
+    got = np.asarray(load_image(path))[..., 0]
+    np.testing.assert_array_equal(got, dicom_window(hounsfield, 40.0, 400.0))
+    assert got[0, 0] == 0 and got[3, 1] == 255  # air is black, dense bone is white
+
+
+def test_caller_window_and_presets_override_the_file(tmp_path):
+    stored = np.array([[0, 400], [424, 1024]], dtype=np.uint16)
+    path = write_dicom(tmp_path / "ct.dcm", stored, slope=1.0, intercept=-1024.0, window=(40.0, 400.0))
+    hounsfield = stored.astype(float) - 1024.0
+    lung = np.asarray(load_image(path, window="lung"))[..., 0]
+    np.testing.assert_array_equal(lung, dicom_window(hounsfield, -600.0, 1500.0))
+    custom = np.asarray(load_image(path, window=(-500, 1000)))[..., 0]
+    np.testing.assert_array_equal(custom, dicom_window(hounsfield, -500.0, 1000.0))
+
+
+def test_without_window_tags_the_full_range_is_stretched(tmp_path):
+    stored = np.array([[100, 200], [300, 100]], dtype=np.uint16)
+    got = np.asarray(load_image(write_dicom(tmp_path / "mr.dcm", stored)))[..., 0]
+    np.testing.assert_array_equal(got, [[0, 128], [255, 0]])
+
+
+def test_monochrome1_is_inverted(tmp_path):
+    stored = np.array([[0, 255]], dtype=np.uint8)
+    got = np.asarray(load_image(write_dicom(tmp_path / "xr.dcm", stored, photometric="MONOCHROME1")))[..., 0]
+    np.testing.assert_array_equal(got, [[255, 0]])
+
+
+def test_multiframe_takes_the_middle_frame_or_the_chosen_one(tmp_path):
+    frames = np.stack([np.full((4, 4), 10 * (i + 1), dtype=np.uint16) for i in range(5)])
+    path = write_dicom(tmp_path / "multi.dcm", frames, window=(30.0, 41.0))
+    middle = np.asarray(load_image(path))[..., 0]
+    np.testing.assert_array_equal(middle, dicom_window(np.full((4, 4), 30.0), 30.0, 41.0))
+    first = np.asarray(load_image(path, frame=0))[..., 0]
+    np.testing.assert_array_equal(first, dicom_window(np.full((4, 4), 10.0), 30.0, 41.0))
+    with pytest.raises(ImageLoadError, match="frame 7 requested but the DICOM has 5 frames"):
+        load_image(path, frame=7)
+
+
+def test_pydicoms_real_ct_and_mr_slices_load():
+    for name in ("CT_small.dcm", "MR_small.dcm"):
+        image = load_image(pydicom.data.get_testdata_file(name))
+        assert image.mode == "RGB" and image.size in ((128, 128), (64, 64))
+        assert np.asarray(image).std() > 10  # real anatomy, not a blank frame
+
+
+def test_dicom_is_recognised_by_content_without_a_suffix(tmp_path):
+    path = write_dicom(tmp_path / "scan", np.array([[0, 1000]], dtype=np.uint16))
+    assert load_image(path.read_bytes()).size == (2, 1)
+
+
+def test_window_width_below_one_is_refused():
+    with pytest.raises(ValueError, match="window width"):
+        window_values(np.zeros(2), 0, 0.5)
+
+
+def test_16_bit_png_is_stretched_to_8_bits(tmp_path):
+    path = tmp_path / "xray16.png"
+    Image.fromarray(np.array([[0, 1000], [2000, 4000]], dtype=np.uint16)).save(path)
+    got = np.asarray(load_image(path))[..., 0]
+    np.testing.assert_array_equal(got, [[0, 64], [128, 255]])
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda p: p, "file not found"),
+        (lambda p: (p.write_bytes(b""), p)[1], "file is empty"),
+        (lambda p: (p.write_text("this is a report, not an image"), p)[1], "not an image"),
+    ],
+)
+def test_missing_empty_and_non_image_files_are_named(tmp_path, make, reason):
+    path = make(tmp_path / "scan.png")
+    with pytest.raises(ImageLoadError, match=reason) as err:
+        load_image(path)
+    assert str(path) in str(err.value)
+
+
+def test_truncated_png_is_refused(tmp_path):
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, "PNG")
+    path = tmp_path / "cut.png"
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    with pytest.raises(ImageLoadError, match="corrupt or truncated"):
+        load_image(path)
+
+
+def test_decompression_bomb_is_refused_before_decoding(tmp_path):
+    path = tmp_path / "bomb.png"
+    Image.new("L", (4000, 4000)).save(path)  # 16 M pixels in a few kilobytes
+    assert path.stat().st_size < 100_000
+    with pytest.raises(ImageLoadError, match="exceed the limit"):
+        load_image(path, max_pixels=1_000_000)
+
+
+def test_dicom_without_pixel_data_is_refused(tmp_path):
+    path = write_dicom(tmp_path / "nopix.dcm", np.zeros((4, 4), dtype=np.uint16), with_pixels=False)
+    with pytest.raises(ImageLoadError, match="no pixel data"):
+        load_image(path)
+
+
+def test_dicom_bomb_is_refused_from_its_header(tmp_path):
+    path = write_dicom(tmp_path / "big.dcm", np.zeros((64, 64), dtype=np.uint16))
+    with pytest.raises(ImageLoadError, match="exceed the limit"):
+        load_image(path, max_pixels=1000)
+
+
+def test_unknown_window_preset_is_named(tmp_path):
+    path = write_dicom(tmp_path / "ct.dcm", np.zeros((2, 2), dtype=np.uint16))
+    with pytest.raises(ImageLoadError, match="unknown window preset 'liver'"):
+        load_image(path, window="liver")

@@ -1,0 +1,117 @@
+"""The processor: chat template, image-token expansion, assistant-only labels, pixels, round trip."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor
+
+from conftest import write_dicom
+from llama3med import Llama3MedProcessor
+from llama3med.processing import IGNORE_INDEX, SampleTooLongError, llava_to_messages
+
+CHAT = [
+    {"from": "human", "value": "<image>\nIs there a lesion in the liver?"},
+    {"from": "gpt", "value": "Yes, there is one small lesion."},
+    {"from": "human", "value": "Which side is the lesion on?"},
+    {"from": "gpt", "value": "The left side."},
+]
+
+
+@pytest.fixture()
+def processor(tokenizer):
+    return Llama3MedProcessor(tokenizer=tokenizer, image_size=96, num_image_tokens=16)
+
+
+def test_labels_supervise_exactly_the_assistant_turns_and_their_end_tokens(processor, tokenizer):
+    encoded = processor.encode_conversation(llava_to_messages(CHAT))
+    supervised = [t for t, label in zip(encoded["input_ids"], encoded["labels"]) if label != IGNORE_INDEX]
+    expected = tokenizer("Yes, there is one small lesion.<|eot_id|>The left side.<|eot_id|>", add_special_tokens=False)
+    assert tokenizer.decode(supervised) == tokenizer.decode(expected["input_ids"])
+    for token, label in zip(encoded["input_ids"], encoded["labels"]):
+        assert label in (IGNORE_INDEX, token)
+
+
+def test_the_image_placeholder_becomes_num_image_tokens_image_tokens(processor):
+    encoded = processor.encode_conversation(llava_to_messages(CHAT))
+    image_positions = [i for i, t in enumerate(encoded["input_ids"]) if t == processor.image_token_id]
+    assert len(image_positions) == 16
+    assert image_positions == list(range(image_positions[0], image_positions[0] + 16))  # contiguous
+    assert all(encoded["labels"][i] == IGNORE_INDEX for i in image_positions)
+
+
+def test_the_prompt_uses_the_llama3_chat_template(processor):
+    prompt = processor.chat_prompt([{"role": "user", "content": "<image>\nWhat is shown?"}])
+    assert prompt == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is shown?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+
+
+@pytest.mark.parametrize("text, found", [("What is shown?", 0), ("<image><image>\nWhat is shown?", 2)])
+def test_a_prompt_needs_exactly_one_placeholder_per_image(processor, text, found):
+    messages = [{"role": "user", "content": text}, {"role": "assistant", "content": "A CT."}]
+    with pytest.raises(ValueError, match=f"prompt has {found} '<image>' placeholders for 1 image"):
+        processor.encode_conversation(messages)
+
+
+def test_a_sample_too_long_is_refused_not_cut(processor):
+    with pytest.raises(SampleTooLongError, match="not truncated"):
+        processor.encode_conversation(llava_to_messages(CHAT), max_length=20)
+
+
+def test_malformed_llava_records_name_the_turn():
+    with pytest.raises(ValueError, match="rec-7: turn 1 has unknown role 'bot'"):
+        llava_to_messages([{"from": "human", "value": "hi"}, {"from": "bot", "value": "x"}], record="rec-7")
+    with pytest.raises(ValueError, match="non-empty list"):
+        llava_to_messages([], record="rec-8")
+
+
+def test_non_square_images_are_padded_with_the_mean_colour_then_resized(tokenizer):
+    processor = Llama3MedProcessor(
+        tokenizer=tokenizer, image_size=32, image_mean=(0.2, 0.4, 0.6), image_std=(0.5, 0.5, 0.5)
+    )
+    wide = Image.new("RGB", (64, 16), (255, 255, 255))
+    pixels = processor.preprocess_image(wide)
+    assert pixels.shape == (3, 32, 32)
+    white = (1.0 - torch.tensor([0.2, 0.4, 0.6])) / 0.5
+    padding = (torch.tensor([51, 102, 153]) / 255.0 - torch.tensor([0.2, 0.4, 0.6])) / 0.5
+    torch.testing.assert_close(pixels[:, 16, 16], white, atol=1e-5, rtol=0)
+    torch.testing.assert_close(pixels[:, 1, 16], padding, atol=1e-5, rtol=0)
+    stretched = Llama3MedProcessor(tokenizer=tokenizer, image_size=32, image_fit="resize").preprocess_image(wide)
+    assert torch.allclose(stretched, torch.ones_like(stretched))
+
+
+def test_a_batch_is_left_padded_with_one_image_per_prompt(processor, tmp_path):
+    dicom = write_dicom(tmp_path / "ct.dcm", np.arange(64, dtype=np.uint16).reshape(8, 8))
+    prompts = [
+        processor.chat_prompt([{"role": "user", "content": "<image>\nIs there a lesion?"}]),
+        processor.chat_prompt([{"role": "user", "content": "<image>\nWhich side is the lesion on, left or right?"}]),
+    ]
+    batch = processor(prompts, images=[dicom, Image.new("RGB", (20, 30))])
+    assert batch["pixel_values"].shape == (2, 3, 96, 96)
+    assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][1].all()
+    assert batch["input_ids"].shape == batch["attention_mask"].shape
+    with pytest.raises(ValueError, match="got 1 images for 2 prompts"):
+        processor(prompts, images=[dicom])
+
+
+def test_save_and_load_round_trip(processor, tmp_path):
+    processor.save_pretrained(tmp_path)
+    for loaded in (Llama3MedProcessor.from_pretrained(tmp_path), AutoProcessor.from_pretrained(tmp_path)):
+        assert isinstance(loaded, Llama3MedProcessor)
+        assert (loaded.image_size, loaded.num_image_tokens, loaded.image_mean) == (96, 16, [0.5] * 3)
+        assert loaded.encode_conversation(llava_to_messages(CHAT)) == processor.encode_conversation(
+            llava_to_messages(CHAT)
+        )
+
+
+def test_a_tokenizer_without_the_image_token_is_refused():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    bare = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="a")
+    with pytest.raises(ValueError, match="no '<image>' token"):
+        Llama3MedProcessor(tokenizer=bare)
