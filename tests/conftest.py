@@ -11,7 +11,7 @@ import pytest
 import torch
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from transformers import AutoModel, AutoModelForCausalLM, AutoConfig
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from llama3med import Llama3MedConfig
 from llama3med.processing import train_bpe_tokenizer
@@ -67,9 +67,10 @@ def tiny_config(tokenizer) -> Llama3MedConfig:
 
 
 @pytest.fixture(scope="session")
-def component_dirs(tmp_path_factory, tokenizer) -> tuple[Path, Path]:
-    """A SigLIP tower dir and a Llama LM dir (with the tokenizer, no <image> token), as users have them."""
+def component_dirs(tmp_path_factory) -> tuple[Path, Path]:
+    """A SigLIP tower dir and a Llama LM dir with a text-only tokenizer, as users have them."""
     root = tmp_path_factory.mktemp("components")
+    tokenizer = train_bpe_tokenizer(CORPUS * 4, vocab_size=320, model_max_length=512, image_token=False)
     torch.manual_seed(0)
     vision = AutoModel.from_config(AutoConfig.for_model(**TINY_SIGLIP))
     vision.save_pretrained(root / "siglip")

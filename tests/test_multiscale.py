@@ -89,7 +89,9 @@ def test_one_call_equals_a_scale_by_scale_reference_on_a_real_tower():
         fast = encode_multiscale(tower, images, scales, BASE, GRID)
         reference = []
         for scale in scales:  # the S2 reference: one tower call per tile, full hidden states
-            level = F.interpolate(images, size=(scale, scale), mode="bilinear", antialias=True) if scale < 96 else images
+            level = (
+                F.interpolate(images, size=(scale, scale), mode="bilinear", antialias=True) if scale < 96 else images
+            )
             n = scale // BASE
             rows = []
             for i in range(n):

@@ -25,10 +25,10 @@ def processor(tokenizer):
 
 def test_labels_supervise_exactly_the_assistant_turns_and_their_end_tokens(processor, tokenizer):
     encoded = processor.encode_conversation(llava_to_messages(CHAT))
-    supervised = [t for t, label in zip(encoded["input_ids"], encoded["labels"]) if label != IGNORE_INDEX]
+    supervised = [t for t, label in zip(encoded["input_ids"], encoded["labels"], strict=True) if label != IGNORE_INDEX]
     expected = tokenizer("Yes, there is one small lesion.<|eot_id|>The left side.<|eot_id|>", add_special_tokens=False)
     assert tokenizer.decode(supervised) == tokenizer.decode(expected["input_ids"])
-    for token, label in zip(encoded["input_ids"], encoded["labels"]):
+    for token, label in zip(encoded["input_ids"], encoded["labels"], strict=True):
         assert label in (IGNORE_INDEX, token)
 
 

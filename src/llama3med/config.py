@@ -45,9 +45,7 @@ def kept_vision_layers(num_hidden_layers: int, feature_layer: int) -> int:
     """
     kept = feature_layer if feature_layer >= 0 else num_hidden_layers + 1 + feature_layer
     if not 1 <= kept <= num_hidden_layers:
-        raise ValueError(
-            f"vision_feature_layer={feature_layer} is outside a tower of {num_hidden_layers} layers"
-        )
+        raise ValueError(f"vision_feature_layer={feature_layer} is outside a tower of {num_hidden_layers} layers")
     return kept
 
 

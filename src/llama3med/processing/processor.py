@@ -86,9 +86,7 @@ class Llama3MedProcessor(ProcessorMixin):
 
     def chat_prompt(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """Messages (`role`, `content`) rendered with the tokenizer's chat template."""
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def encode_text(self, text: str, num_images: int, max_length: int | None = None) -> list[int]:
         """Token ids of a rendered prompt, with its `<image>` placeholder expanded."""
@@ -194,9 +192,7 @@ def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image
     return canvas
 
 
-def pad_sequences(
-    sequences: list[list[int]], pad_value: int, side: str = "right"
-) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_sequences(sequences: list[list[int]], pad_value: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
     """Pad token lists to one length: `(B, L)` ids and the matching attention mask."""
     if side not in ("left", "right"):
         raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")

@@ -16,10 +16,11 @@ from .chat import IMAGE_PLACEHOLDER, LLAMA3_CHAT_TEMPLATE, LLAMA3_SPECIAL_TOKENS
 
 
 def train_bpe_tokenizer(
-    texts: Iterable[str], vocab_size: int = 1024, model_max_length: int = 4096
+    texts: Iterable[str], vocab_size: int = 1024, model_max_length: int = 4096, image_token: bool = True
 ) -> PreTrainedTokenizerFast:
-    """Train a Llama-3-style tokenizer on `texts`."""
-    special = [*LLAMA3_SPECIAL_TOKENS, IMAGE_PLACEHOLDER]
+    """Train a Llama-3-style tokenizer on `texts`; `image_token=False` gives a text-only one, like
+    Meta's, to which `llama3med build` adds `<image>`."""
+    special = [*LLAMA3_SPECIAL_TOKENS, *([IMAGE_PLACEHOLDER] if image_token else [])]
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -35,7 +36,7 @@ def train_bpe_tokenizer(
         bos_token="<|begin_of_text|>",
         eos_token="<|eot_id|>",
         pad_token="<|end_of_text|>",
-        extra_special_tokens={"image_token": IMAGE_PLACEHOLDER},
+        extra_special_tokens={"image_token": IMAGE_PLACEHOLDER} if image_token else None,
         chat_template=LLAMA3_CHAT_TEMPLATE,
         model_max_length=model_max_length,
     )

@@ -1,0 +1,62 @@
+"""The `llama3med` command as a user runs it: answers from DICOM, one readable line on bad input."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pydicom
+import pytest
+
+from conftest import write_dicom
+from llama3med.cli import main
+
+
+def run_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "llama3med.cli", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_ask_answers_about_a_dicom_file(built_model_dir):
+    ct = pydicom.data.get_testdata_file("CT_small.dcm")
+    result = run_cli("ask", "--model", built_model_dir, "--image", ct, "--max-new-tokens", "5", "Is there a lesion?")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()  # a random tiny model says something; the pipeline ran end to end
+
+
+def test_ask_is_deterministic_when_greedy_and_takes_a_window(built_model_dir, tmp_path, capsys):
+    ct = write_dicom(tmp_path / "ct.dcm", np.arange(256, dtype=np.uint16).reshape(16, 16) * 8, slope=1, intercept=-1024)
+    args = ["ask", "--model", str(built_model_dir), "--image", str(ct), "--max-new-tokens", "4", "Is it normal?"]
+    assert main(args) == 0 and main(args) == 0
+    first, second = capsys.readouterr().out.splitlines()
+    assert first == second
+    assert main([*args, "--window", "lung"]) == 0
+    assert main([*args, "--window=-600,1500"]) == 0
+
+
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (lambda p: p / "missing.dcm", "missing.dcm: file not found"),
+        (lambda p: (p / "notes.png").write_text("not an image") and p / "notes.png", "not an image"),
+        (lambda p: write_dicom(p / "nopix.dcm", np.zeros((2, 2), np.uint16), with_pixels=False), "no pixel data"),
+    ],
+)
+def test_bad_images_end_in_one_readable_line_and_a_non_zero_exit(built_model_dir, tmp_path, make, expected):
+    image = make(tmp_path)
+    result = run_cli("ask", "--model", built_model_dir, "--image", image, "Is there a lesion?")
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("llama3med: error:") and expected in result.stderr
+
+
+def test_a_question_with_its_own_placeholder_is_refused(built_model_dir, capsys):
+    ct = pydicom.data.get_testdata_file("CT_small.dcm")
+    assert main(["ask", "--model", str(built_model_dir), "--image", ct, "<image> what?"]) == 1
+    assert "must not contain <image>" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["build", "convert", "ask"])
+def test_every_subcommand_has_help(command):
+    result = run_cli(command, "--help")
+    assert result.returncode == 0 and "usage: llama3med" in result.stdout
