@@ -93,3 +93,5 @@ def test_build_defaults_to_one_two_and_three_times_the_towers_resolution(compone
 def test_load_refuses_a_directory_that_is_not_a_model(tmp_path):
     with pytest.raises(ValueError, match="not a model directory"):
         load(tmp_path)
+    with pytest.raises(ValueError, match="model directory not found"):
+        load(tmp_path / "missing")

@@ -1,7 +1,9 @@
 """The `llama3med` command as a user runs it: answers from DICOM, one readable line on bad input."""
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -10,11 +12,13 @@ import pytest
 from conftest import write_dicom
 from llama3med.cli import main
 
+SRC = Path(__file__).resolve().parents[1] / "src"
+
 
 def run_cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "llama3med.cli", *map(str, args)], capture_output=True, text=True, timeout=300
-    )
+    env = {**os.environ, "PYTHONPATH": str(SRC)}  # this checkout's code, whatever is installed
+    command = [sys.executable, "-m", "llama3med.cli", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_ask_answers_about_a_dicom_file(built_model_dir):

@@ -83,6 +83,15 @@ def test_window_width_below_one_is_refused():
         window_values(np.zeros(2), 0, 0.5)
 
 
+@pytest.mark.parametrize("suffix", ["png", "jpg", "tif", "bmp"])
+def test_common_formats_load_as_8_bit_rgb(tmp_path, suffix):
+    path = tmp_path / f"slide.{suffix}"
+    Image.new("L", (12, 8), 200).save(path)
+    image = load_image(path)
+    assert image.mode == "RGB" and image.size == (12, 8)
+    assert abs(int(np.asarray(image)[4, 6, 0]) - 200) <= 2  # JPEG is lossy
+
+
 def test_16_bit_png_is_stretched_to_8_bits(tmp_path):
     path = tmp_path / "xray16.png"
     Image.fromarray(np.array([[0, 1000], [2000, 4000]], dtype=np.uint16)).save(path)

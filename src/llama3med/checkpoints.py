@@ -164,6 +164,9 @@ def load(
 ) -> tuple[Llama3MedForConditionalGeneration, Llama3MedProcessor]:
     """Model and processor of a Llama3-Med directory, checked to agree on image size and token count."""
     path = Path(model_dir)
+    looks_like_hub_id = not path.is_absolute() and str(model_dir).count("/") == 1 and not str(model_dir).startswith(".")
+    if not path.exists() and not looks_like_hub_id:
+        raise ValueError(f"{model_dir}: model directory not found")
     if path.exists() and not (path / "config.json").is_file():
         raise ValueError(f"{model_dir}: not a model directory (no config.json)")
     config = AutoConfig.from_pretrained(model_dir)

@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.func(args)
     except (ValueError, OSError, RuntimeError) as err:
-        print(f"llama3med: error: {err}", file=sys.stderr)
+        print(f"llama3med: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 1
     return 0
 
