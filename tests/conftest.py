@@ -9,11 +9,10 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from llama3med import Llama3MedConfig
+from llama3med.data.dicom import save_dicom
 from llama3med.processing import train_bpe_tokenizer
 
 CORPUS = [
@@ -91,40 +90,11 @@ def built_model_dir(tmp_path_factory, component_dirs) -> Path:
     return out
 
 
-def write_dicom(
-    path: Path,
-    pixels: np.ndarray,
-    *,
-    photometric: str = "MONOCHROME2",
-    slope: float | None = None,
-    intercept: float | None = None,
-    window: tuple[float, float] | None = None,
-    with_pixels: bool = True,
-) -> Path:
-    """A real DICOM Part 10 file of unsigned 16-bit (or 8-bit) greyscale pixels; 3-D arrays are frames."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = pydicom.uid.CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CT"
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.Rows, ds.Columns = pixels.shape[-2:]
-    bits = 8 if pixels.dtype == np.uint8 else 16
-    ds.BitsAllocated = ds.BitsStored = bits
-    ds.HighBit = bits - 1
-    ds.PixelRepresentation = 0
-    if pixels.ndim == 3:
-        ds.NumberOfFrames = pixels.shape[0]
-    if slope is not None:
-        ds.RescaleSlope = slope
-        ds.RescaleIntercept = intercept or 0
-    if window is not None:
-        ds.WindowCenter, ds.WindowWidth = window
-    if with_pixels:
-        ds.PixelData = np.ascontiguousarray(pixels).tobytes()
-    ds.save_as(path, enforce_file_format=True)
+def write_dicom(path: Path, pixels: np.ndarray, *, with_pixels: bool = True, **tags) -> Path:
+    """A real DICOM file (see `save_dicom`); `with_pixels=False` strips its pixel data afterwards."""
+    save_dicom(path, pixels, **tags)
+    if not with_pixels:
+        ds = pydicom.dcmread(path)
+        del ds.PixelData
+        ds.save_as(path)
     return path

@@ -73,6 +73,20 @@ def cmd_ask(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_data_phantoms(args: argparse.Namespace) -> None:
+    from .data.phantoms import write_phantom_set
+
+    counts = write_phantom_set(args.out, args.n, args.seed, size=args.size, image_format=args.format)
+    print(f"wrote {args.out}: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llama3med", description="Llama3-Med: high-resolution biomedical vision-language assistants."
@@ -103,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--window", type=_window, default=None, help="DICOM window: CENTRE,WIDTH or a CT preset")
     p.set_defaults(func=cmd_ask)
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True, metavar="WHAT")
+    p = data.add_parser("phantoms", help="synthetic CT/MR phantoms with lesions, captions and VQA")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--n", type=_positive, default=100, help="number of images")
+    p.add_argument("--seed", type=int, default=0, help="a test set should use another seed than training")
+    p.add_argument("--size", type=_positive, default=1152, help="image side in pixels")
+    p.add_argument("--format", choices=["dcm", "png"], default="dcm")
+    p.set_defaults(func=cmd_data_phantoms)
     return parser
 
 

@@ -1,0 +1,88 @@
+"""The phantom VQA generator: deterministic, realistic values, lesions where the answers say they are."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from llama3med.cli import main
+from llama3med.data.phantoms import SIZE_CLASSES, make_phantom, phantom_uint8, write_phantom_set
+from llama3med.processing import llava_to_messages, load_image
+
+
+def digest(directory):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_the_same_seed_gives_the_same_files_and_another_seed_other_images(tmp_path):
+    write_phantom_set(tmp_path / "a", 6, seed=3, size=256, image_format="png")
+    write_phantom_set(tmp_path / "b", 6, seed=3, size=256, image_format="png")
+    write_phantom_set(tmp_path / "c", 6, seed=4, size=256, image_format="png")
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
+    a = {v for k, v in digest(tmp_path / "a").items() if k.endswith(".png")}
+    c = {v for k, v in digest(tmp_path / "c").items() if k.endswith(".png")}
+    assert not a & c
+
+
+def test_ct_values_are_in_hounsfield_units():
+    phantom = next(p for p in (make_phantom(0, i, 256) for i in range(20)) if p.modality == "CT")
+    corner = phantom.values[:10, :10]
+    assert -1050 < corner.mean() < -950  # air
+    assert phantom.values.max() > 600  # bone
+
+
+def test_lesions_lie_inside_their_organ_and_are_darker_than_it_on_ct():
+    found = 0
+    for index in range(30):
+        phantom = make_phantom(1, index, 512)
+        if phantom.modality != "CT":
+            continue
+        for lesion in phantom.lesions:
+            row, col = int(lesion.y * 512), int(lesion.x * 512)
+            assert phantom.values[row - 1 : row + 2, col - 1 : col + 2].mean() < 30  # lesion ~5 HU, organs 35-60
+            low, high = SIZE_CLASSES[lesion.size_class]
+            assert low <= lesion.radius <= high
+            found += 1
+    assert found >= 5
+
+
+def test_small_lesions_are_a_few_pixels_across_at_1152_px():
+    radii = [lesion.radius * 1152 for i in range(40) for lesion in make_phantom(2, i, 64).lesions]
+    small = [r for r in radii if r <= SIZE_CLASSES["small"][1] * 1152]
+    assert small and all(2 <= 2 * r <= 10 for r in small)  # 2-10 px across at 1152, under 4 px at 384
+
+
+def test_the_written_sets_are_in_llava_and_llava_med_formats(tmp_path):
+    counts = write_phantom_set(tmp_path, 8, seed=5, size=128)
+    captions = json.loads((tmp_path / "captions.json").read_text())
+    conversations = json.loads((tmp_path / "conversations.json").read_text())
+    tests = json.loads((tmp_path / "test.json").read_text())
+    assert counts == {"images": 8, "captions": 8, "conversations": 8, "questions": len(tests)}
+    for record in captions + conversations:
+        messages = llava_to_messages(record["conversations"], record=record["id"])
+        assert messages[0]["content"].startswith("<image>\n")
+        assert sum(m["content"].count("<image>") for m in messages) == 1
+        assert (tmp_path / "images" / record["image"]).is_file()
+    assert {t["answer_type"] for t in tests} == {"OPEN", "CLOSED"}
+    assert all(t["conversations"][1]["value"] in ("yes", "no") for t in tests if t["answer_type"] == "CLOSED")
+    truth = [json.loads(line) for line in (tmp_path / "phantoms.jsonl").read_text().splitlines()]
+    for record in truth:
+        count = next(t for t in tests if t["id"].startswith(record["id"]) and t["question_type"] == "count")
+        assert count["conversations"][1]["value"] == str(len(record["lesions"]))
+
+
+def test_dicom_phantoms_load_with_their_soft_tissue_window(tmp_path):
+    write_phantom_set(tmp_path, 4, seed=0, size=128)
+    truth = [json.loads(line) for line in (tmp_path / "phantoms.jsonl").read_text().splitlines()]
+    ct = next(r for r in truth if r["modality"] == "CT")
+    shown = np.asarray(load_image(tmp_path / "images" / ct["image"]))[..., 0]
+    phantom = make_phantom(0, int(ct["id"].rsplit("-", 1)[1]), 128)
+    assert np.abs(shown.astype(int) - phantom_uint8(phantom).astype(int)).max() <= 1  # stored values are rounded
+
+
+def test_the_cli_writes_a_set(tmp_path, capsys):
+    assert main(["data", "phantoms", "--out", str(tmp_path), "--n", "3", "--seed", "9", "--size", "64"]) == 0
+    assert "3 images" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["data", "phantoms", "--out", str(tmp_path), "--n", "0"])
