@@ -1,0 +1,162 @@
+"""Training data: LLaVA conversation files mixed with ratios, validated up front, images loaded lazily.
+
+Every record is checked when the dataset is built (structure, placeholder, token length, image file
+present), so a bad record is skipped and counted, or with `strict` stops the run naming it, before the
+first step rather than hours into a run. Images are read only when a sample is drawn.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from ..processing import (
+    IGNORE_INDEX,
+    IMAGE_PLACEHOLDER,
+    ImageLoadError,
+    Llama3MedProcessor,
+    SampleTooLongError,
+    llava_to_messages,
+    pad_sequences,
+)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One conversation file, its image folder, and how much of it to draw (2.0 = twice, 0.5 = half)."""
+
+    path: Path
+    image_root: Path
+    ratio: float = 1.0
+
+
+@dataclass(frozen=True)
+class Sample:
+    source: int
+    record_id: str
+    image: Path | None
+    input_ids: list[int]
+    labels: list[int]
+
+
+def read_records(path: Path) -> list[dict]:
+    """A JSON list or JSON lines of records; malformed input names the file and line."""
+    text = Path(path).read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from None
+    else:
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{number}: invalid JSON: {err.msg}") from None
+    if not all(isinstance(r, dict) for r in records):
+        raise ValueError(f"{path}: every record must be a JSON object")
+    return records
+
+
+def draw(records: list[dict], ratio: float, rng: random.Random) -> list[dict]:
+    """`ratio` copies of `records`: whole repeats, then a random part for the fraction."""
+    if ratio < 0:
+        raise ValueError(f"sampling ratio must be >= 0, got {ratio}")
+    whole, fraction = int(ratio), ratio - int(ratio)
+    return records * whole + rng.sample(records, math.floor(fraction * len(records)))
+
+
+class ConversationDataset(Dataset):
+    """Samples of `input_ids`, `labels` (assistant turns only) and `pixel_values` for training."""
+
+    def __init__(
+        self,
+        sources: list[Source],
+        processor: Llama3MedProcessor,
+        max_length: int,
+        seed: int = 0,
+        strict: bool = False,
+    ):
+        self.processor = processor
+        self.strict = strict
+        self.skipped: Counter[str] = Counter()
+        self.samples: list[Sample] = []
+        rng = random.Random(seed)
+        for number, source in enumerate(sources):
+            for position, record in enumerate(draw(read_records(source.path), source.ratio, rng)):
+                name = f"{source.path}: record {record.get('id', f'#{position}')}"
+                try:
+                    self.samples.append(self._encode(number, source, record, name, max_length))
+                except (ValueError, ImageLoadError) as err:
+                    self._skip(name, err)
+
+    def _encode(self, number: int, source: Source, record: dict, name: str, max_length: int) -> Sample:
+        messages = llava_to_messages(record.get("conversations"), record=name)
+        image = record.get("image")
+        if image is not None:
+            image = source.image_root / image
+            if not image.is_file():
+                raise ImageLoadError(image, "file not found")
+            if IMAGE_PLACEHOLDER not in messages[0]["content"]:
+                messages[0]["content"] = f"{IMAGE_PLACEHOLDER}\n{messages[0]['content']}"
+        if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+            raise ValueError(f"{name}: no assistant answer to learn from")
+        encoded = self.processor.encode_conversation(messages, num_images=int(image is not None), max_length=max_length)
+        return Sample(number, str(record.get("id", "")), image, encoded["input_ids"], encoded["labels"])
+
+    def _skip(self, name: str, err: Exception) -> None:
+        if self.strict:
+            raise ValueError(f"{name}: {err}") from None
+        if isinstance(err, ImageLoadError):
+            self.skipped["bad image"] += 1
+        elif isinstance(err, SampleTooLongError):
+            self.skipped["too long"] += 1
+        else:
+            self.skipped["malformed"] += 1
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def lengths(self) -> list[int]:
+        """Token counts, for grouping samples of similar length into batches."""
+        return [len(s.input_ids) for s in self.samples]
+
+    def __getitem__(self, index: int) -> dict | None:
+        sample = self.samples[index]
+        item = {"input_ids": sample.input_ids, "labels": sample.labels}
+        if sample.image is not None:
+            try:
+                item["pixel_values"] = self.processor.preprocess_image(sample.image)
+            except ImageLoadError as err:  # unreadable only now (e.g. truncated): skip, do not crash the run
+                self._skip(f"record {sample.record_id}", err)
+                return None
+        return item
+
+
+class ConversationCollator:
+    """Right-pads a batch; drops samples whose image failed to load; stacks the images there are."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items: list[dict | None]) -> dict[str, torch.Tensor]:
+        items = [item for item in items if item is not None]
+        if not items:
+            raise ValueError("every sample of the batch was skipped")
+        input_ids, attention_mask = pad_sequences([i["input_ids"] for i in items], self.pad_token_id, "right")
+        labels, _ = pad_sequences([i["labels"] for i in items], IGNORE_INDEX, "right")
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        images = [i["pixel_values"] for i in items if "pixel_values" in i]
+        if images:
+            batch["pixel_values"] = torch.stack(images)
+        return batch

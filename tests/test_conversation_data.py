@@ -1,0 +1,85 @@
+"""Training data: mixing with ratios, bad records skipped and counted (or fatal with --strict), padding."""
+
+import json
+
+import pytest
+import torch
+
+from llama3med import Llama3MedProcessor
+from llama3med.data.conversations import ConversationCollator, ConversationDataset, Source
+from llama3med.data.phantoms import write_phantom_set
+from llama3med.processing import IGNORE_INDEX
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phantoms")
+    write_phantom_set(root, 6, seed=0, size=96, image_format="png")
+    return root
+
+
+@pytest.fixture()
+def processor(tokenizer):
+    return Llama3MedProcessor(tokenizer=tokenizer, image_size=96, num_image_tokens=16)
+
+
+def bad_records_file(tmp_path, phantoms):
+    good = json.loads((phantoms / "conversations.json").read_text())[0]
+    (tmp_path / "cut.png").write_bytes((phantoms / "images" / good["image"]).read_bytes()[:200])
+    records = [
+        good,
+        {**good, "id": "no-image", "image": "missing.png"},
+        {**good, "id": "bad-role", "conversations": [{"from": "robot", "value": "hi"}]},
+        {**good, "id": "empty", "conversations": []},
+        {**good, "id": "no-answer", "conversations": [{"from": "human", "value": "<image>\nHi"}]},
+        {**good, "id": "long", "conversations": [good["conversations"][0], {"from": "gpt", "value": "big " * 500}]},
+        {**good, "id": "truncated", "image": str(tmp_path / "cut.png")},
+    ]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_bad_records_are_skipped_and_counted(tmp_path, phantoms, processor):
+    dataset = ConversationDataset([Source(bad_records_file(tmp_path, phantoms), phantoms / "images")], processor, 400)
+    assert dataset.skipped == {"bad image": 1, "malformed": 3, "too long": 1}
+    assert len(dataset) == 2  # the good record, and the truncated image found only when loaded
+    items = [dataset[0], dataset[1]]
+    assert items[1] is None and dataset.skipped["bad image"] == 2
+    batch = ConversationCollator(processor.tokenizer.pad_token_id)(items)
+    assert batch["input_ids"].shape[0] == 1 and batch["pixel_values"].shape == (1, 3, 96, 96)
+
+
+def test_strict_fails_naming_the_record(tmp_path, phantoms, processor):
+    with pytest.raises(ValueError, match="record no-image: .*missing.png: file not found"):
+        ConversationDataset(
+            [Source(bad_records_file(tmp_path, phantoms), phantoms / "images")], processor, 400, strict=True
+        )
+
+
+def test_sources_mix_with_ratios_deterministically(phantoms, processor):
+    sources = [
+        Source(phantoms / "conversations.json", phantoms / "images", ratio=2.0),
+        Source(phantoms / "captions.json", phantoms / "images", ratio=0.5),
+    ]
+    first = ConversationDataset(sources, processor, 512, seed=1)
+    again = ConversationDataset(sources, processor, 512, seed=1)
+    assert [s.source for s in first.samples].count(0) == 12
+    assert [s.source for s in first.samples].count(1) == 3
+    assert [s.record_id for s in first.samples] == [s.record_id for s in again.samples]
+
+
+def test_images_are_not_loaded_until_drawn(phantoms, processor):
+    dataset = ConversationDataset([Source(phantoms / "captions.json", phantoms / "images")], processor, 512)
+    assert all(sample.image.suffix == ".png" for sample in dataset.samples)
+    assert dataset[0]["pixel_values"].shape == (3, 96, 96)
+
+
+def test_the_collator_pads_right_and_masks_padding_in_labels(phantoms, processor):
+    dataset = ConversationDataset([Source(phantoms / "conversations.json", phantoms / "images")], processor, 512)
+    batch = ConversationCollator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(3)])
+    lengths = batch["attention_mask"].sum(1)
+    assert lengths.tolist() == dataset.lengths[:3]
+    for row, length in enumerate(lengths):
+        assert (batch["labels"][row, length:] == IGNORE_INDEX).all()
+        assert (batch["input_ids"][row, :length] == torch.tensor(dataset.samples[row].input_ids)).all()
