@@ -52,11 +52,17 @@ def test_all_tiles_of_all_scales_and_images_go_through_the_tower_in_one_call():
     assert calls == [3 * (1 + 4 + 9)]
 
 
-def test_siglip_tower_stops_at_the_feature_layer_and_matches_hidden_states():
+def hf_and_truncated_tower(config: dict):
+    """A randomly initialised HF vision model and our tower cut at layer -2, sharing its weights."""
     torch.manual_seed(0)
-    full = AutoModel.from_config(AutoConfig.for_model(**TINY_SIGLIP)).eval()
+    full = AutoModel.from_config(AutoConfig.for_model(**config)).eval()
     tower = VisionTower(full.config, feature_layer=-2).eval()
     tower.load_from_hf_tower(full)
+    return full, tower
+
+
+def test_siglip_tower_stops_at_the_feature_layer_and_matches_hidden_states():
+    full, tower = hf_and_truncated_tower(TINY_SIGLIP)
     assert tower.num_layers == TINY_SIGLIP["num_hidden_layers"] - 1  # the last layer is not built
     assert not any(".layers.2." in name for name in tower.state_dict())
     tiles = torch.randn(5, 3, BASE, BASE)
@@ -66,10 +72,7 @@ def test_siglip_tower_stops_at_the_feature_layer_and_matches_hidden_states():
 
 
 def test_clip_tower_drops_the_cls_token():
-    torch.manual_seed(0)
-    full = AutoModel.from_config(AutoConfig.for_model(**TINY_CLIP)).eval()
-    tower = VisionTower(full.config, feature_layer=-2).eval()
-    tower.load_from_hf_tower(full)
+    full, tower = hf_and_truncated_tower(TINY_CLIP)
     tiles = torch.randn(2, 3, BASE, BASE)
     with torch.no_grad():
         reference = full(pixel_values=tiles, output_hidden_states=True).hidden_states[-2][:, 1:]
@@ -79,10 +82,7 @@ def test_clip_tower_drops_the_cls_token():
 
 
 def test_one_call_equals_a_scale_by_scale_reference_on_a_real_tower():
-    torch.manual_seed(0)
-    full = AutoModel.from_config(AutoConfig.for_model(**TINY_SIGLIP)).eval()
-    tower = VisionTower(full.config, feature_layer=-2).eval()
-    tower.load_from_hf_tower(full)
+    full, tower = hf_and_truncated_tower(TINY_SIGLIP)
     images = torch.randn(2, 3, 96, 96)
     scales = [32, 64, 96]
     with torch.no_grad():
@@ -107,10 +107,7 @@ def test_one_call_equals_a_scale_by_scale_reference_on_a_real_tower():
 
 
 def test_a_single_scale_is_plain_llava_encoding():
-    torch.manual_seed(0)
-    full = AutoModel.from_config(AutoConfig.for_model(**TINY_SIGLIP)).eval()
-    tower = VisionTower(full.config, feature_layer=-2).eval()
-    tower.load_from_hf_tower(full)
+    full, tower = hf_and_truncated_tower(TINY_SIGLIP)
     images = torch.randn(3, 3, BASE, BASE)
     with torch.no_grad():
         single = encode_multiscale(tower, images, [BASE], BASE, GRID)
