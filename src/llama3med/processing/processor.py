@@ -153,10 +153,12 @@ class Llama3MedProcessor(ProcessorMixin):
         window: Window = None,
         padding_side: str = "left",
         max_length: int | None = None,
-        **kwargs,
+        return_tensors: str = "pt",
     ) -> BatchFeature:
         """Rendered prompts (one `<image>` each when `images` are given, one image per prompt) ->
         padded `input_ids`, `attention_mask` and `pixel_values`. Left padding suits generation."""
+        if return_tensors != "pt":
+            raise ValueError(f"only PyTorch tensors are returned (return_tensors='pt'), got {return_tensors!r}")
         texts = [text] if isinstance(text, str) else list(text)
         if images is None:
             image_list = []
