@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..processing.chat import IMAGE_PLACEHOLDER
 from ..processing.images import window_values
 from .dicom import save_dicom
 
@@ -56,8 +57,8 @@ class Phantom:
     lesions: list[Lesion]
 
     @property
-    def largest_size_class(self) -> str | None:
-        return max(self.lesions, key=lambda lesion: lesion.radius).size_class if self.lesions else None
+    def largest_lesion(self) -> Lesion | None:
+        return max(self.lesions, key=lambda lesion: lesion.radius) if self.lesions else None
 
 
 def _ellipse(size: int, cx: float, cy: float, ax: float, ay: float, angle: float = 0.0) -> np.ndarray:
@@ -166,8 +167,7 @@ def questions(phantom: Phantom) -> list[dict]:
         ("modality", "OPEN", "What imaging modality is this?", modality_name),
         ("modality", "CLOSED", "Is this a CT scan?", "yes" if phantom.modality == "CT" else "no"),
     ]
-    if lesions:
-        largest = max(lesions, key=lambda lesion: lesion.radius)
+    if largest := phantom.largest_lesion:
         qa += [
             ("size", "OPEN", "How large is the largest lesion: small, medium or large?", largest.size_class),
             ("organ", "OPEN", "Which organ contains the largest lesion?", largest.organ),
@@ -201,7 +201,7 @@ def write_phantom_set(out: str | Path, n: int, seed: int, size: int = 1152, imag
                 "id": phantom.id,
                 "image": image,
                 "conversations": [
-                    {"from": "human", "value": "<image>\nDescribe the image."},
+                    {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\nDescribe the image."},
                     {"from": "gpt", "value": describe(phantom)},
                 ],
             }
@@ -209,17 +209,17 @@ def write_phantom_set(out: str | Path, n: int, seed: int, size: int = 1152, imag
         qa = questions(phantom)
         turns = []
         for i, item in enumerate(qa):
-            prefix = "<image>\n" if i == 0 else ""
+            prefix = f"{IMAGE_PLACEHOLDER}\n" if i == 0 else ""
             turns += [{"from": "human", "value": prefix + item["question"]}, {"from": "gpt", "value": item["answer"]}]
         conversations.append({"id": phantom.id, "image": image, "conversations": turns})
-        size_class = phantom.largest_size_class or "none"
+        size_class = phantom.largest_lesion.size_class if phantom.lesions else "none"
         for i, item in enumerate(qa):
             tests.append(
                 {
                     "id": f"{phantom.id}-q{i}",
                     "image": image,
                     "conversations": [
-                        {"from": "human", "value": "<image>\n" + item["question"]},
+                        {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{item['question']}"},
                         {"from": "gpt", "value": item["answer"]},
                     ],
                     "answer_type": item["answer_type"],
