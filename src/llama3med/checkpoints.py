@@ -61,6 +61,7 @@ def build(
     scales: Sequence[int] | None = None,
     vision_feature_layer: int = -2,
     projector_type: str = "mlp2x_gelu",
+    dtype: str | torch.dtype = "auto",
 ) -> tuple[Llama3MedForConditionalGeneration, Llama3MedProcessor]:
     """A fresh Llama3-Med from a vision tower (SigLIP/CLIP dir) and a causal LM dir; projector untrained.
 
@@ -76,7 +77,7 @@ def build(
     scales = list(scales) if scales else [base, 2 * base, 3 * base]
 
     tokenizer = AutoTokenizer.from_pretrained(llm)
-    language_model = AutoModelForCausalLM.from_pretrained(llm, dtype="auto")
+    language_model = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype)
     if IMAGE_PLACEHOLDER not in tokenizer.get_vocab():
         tokenizer.add_tokens([IMAGE_PLACEHOLDER], special_tokens=True)
     if len(tokenizer) > language_model.get_input_embeddings().weight.shape[0]:
@@ -96,6 +97,40 @@ def build(
     _set_stop_tokens(model, tokenizer)
     mean, std = image_stats(vision, vision_config.model_type)
     return model, make_processor(tokenizer, config, mean, std)
+
+
+def build_scratch(
+    vision_config: dict,
+    text_config: dict,
+    tokenizer,
+    scales: Sequence[int] | None = None,
+    vision_feature_layer: int = -1,
+    projector_type: str = "mlp2x_gelu",
+    image_mean: Sequence[float] = (0.5, 0.5, 0.5),
+    image_std: Sequence[float] = (0.5, 0.5, 0.5),
+) -> tuple[Llama3MedForConditionalGeneration, Llama3MedProcessor]:
+    """A randomly initialised Llama3-Med from config dicts, for the demo model and tests; the LM's
+    vocabulary is the tokenizer's, which must already hold `<image>`."""
+    if IMAGE_PLACEHOLDER not in tokenizer.get_vocab():
+        raise ValueError(f"the tokenizer has no {IMAGE_PLACEHOLDER} token")
+    base = vision_config.get("image_size", 384)
+    config = Llama3MedConfig(
+        vision_config=vision_config,
+        text_config={
+            **text_config,
+            "vocab_size": len(tokenizer),
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        scales=list(scales) if scales else [base, 2 * base, 3 * base],
+        vision_feature_layer=vision_feature_layer,
+        projector_type=projector_type,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
+    )
+    model = Llama3MedForConditionalGeneration(config)
+    _set_stop_tokens(model, tokenizer)
+    return model, make_processor(tokenizer, config, image_mean, image_std)
 
 
 def convert_llava(llava_dir: str | Path) -> tuple[Llama3MedForConditionalGeneration, Llama3MedProcessor]:

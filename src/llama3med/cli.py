@@ -73,6 +73,15 @@ def cmd_ask(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from .train import load_recipe, train
+
+    recipe = load_recipe(args.recipe, args.set)
+    if args.strict:
+        recipe.strict = True
+    train(recipe, resume=args.resume)
+
+
 def cmd_data_phantoms(args: argparse.Namespace) -> None:
     from .data.phantoms import write_phantom_set
 
@@ -117,6 +126,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--window", type=_window, default=None, help="DICOM window: CENTRE,WIDTH or a CT preset")
     p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("train", help="run a training stage from a recipe (pretrain or finetune)")
+    p.add_argument("recipe", help="recipe YAML, e.g. recipes/llama3med-8b/pretrain.yaml")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value, e.g. training.learning_rate=1e-4",
+    )
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="CHECKPOINT",
+        help="continue from the latest checkpoint in the output directory (or the one given)",
+    )
+    p.add_argument("--strict", action="store_true", help="fail on the first bad record instead of skipping it")
+    p.set_defaults(func=cmd_train)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True, metavar="WHAT")
     p = data.add_parser("phantoms", help="synthetic CT/MR phantoms with lesions, captions and VQA")

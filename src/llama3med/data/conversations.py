@@ -8,6 +8,7 @@ first step rather than hours into a run. Images are read only when a sample is d
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 from collections import Counter
@@ -26,6 +27,8 @@ from ..processing import (
     llava_to_messages,
     pad_sequences,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,7 @@ class ConversationDataset(Dataset):
                 item["pixel_values"] = self.processor.preprocess_image(sample.image)
             except ImageLoadError as err:  # unreadable only now (e.g. truncated): skip, do not crash the run
                 self._skip(f"record {sample.record_id}", err)
+                logger.warning("skipped record %s: %s", sample.record_id, err)  # visible from dataloader workers
                 return None
         return item
 

@@ -130,11 +130,16 @@ class Llama3MedForConditionalGeneration(Llama3MedPreTrainedModel, GenerationMixi
         model.generation_config = language_model.generation_config
         return model.to(language_model.dtype)
 
-    def set_trainable(self, stage: Stage, train_vision_tower: bool = False) -> None:
+    def set_trainable(
+        self, stage: Stage, train_vision_tower: bool = False, train_language_model: bool | None = None
+    ) -> None:
         """The paper's stages: `pretrain` trains the projector only; `finetune` the projector and the LM.
-        The vision tower stays frozen unless `train_vision_tower`."""
+        The vision tower stays frozen unless `train_vision_tower`; `train_language_model` overrides the
+        stage's choice for the LM (a model trained from scratch has no pretrained LM to keep frozen)."""
         if stage not in ("pretrain", "finetune"):
             raise ValueError(f"stage must be 'pretrain' or 'finetune', got {stage!r}")
+        if train_language_model is None:
+            train_language_model = stage == "finetune"
         self.multi_modal_projector.requires_grad_(True)
-        self.language_model.requires_grad_(stage == "finetune")
+        self.language_model.requires_grad_(train_language_model)
         self.vision_tower.requires_grad_(train_vision_tower)

@@ -1,0 +1,114 @@
+"""Training recipes: one YAML file per stage, overridable from the command line with `--set key=value`.
+
+A recipe names the stage, where the model comes from, the data mixture and the output directory; its
+`training:` mapping goes unchanged to `transformers.TrainingArguments`, so every option of the HF Trainer
+(batch size, schedule, bf16, gradient checkpointing, FSDP, DeepSpeed, ...) is available under its own name.
+Relative paths are relative to the working directory, as for any command-line tool.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..data.conversations import Source
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """YAML as people write it in configs: `1e-4` is a number (plain YAML 1.1 reads it as a string)."""
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=RecipeLoader)
+
+
+@dataclass
+class Recipe:
+    stage: str  # "pretrain" (projector alignment on captions) or "finetune" (instruction tuning)
+    model: str | dict  # a Llama3-Med directory, {vision, llm, ...} to build, or {scratch: {...}}
+    data: list[dict]  # [{path, image_root, ratio}]
+    output_dir: str
+    max_length: int = 2048
+    dtype: str = "auto"  # weights' dtype when loading: auto, float32, bfloat16, float16
+    train_vision_tower: bool = False
+    train_language_model: bool | None = None  # None: the stage decides (pretrain: frozen, finetune: trained)
+    lora: dict | None = None  # {r, alpha, dropout, target_modules}: LoRA on the LM through peft
+    strict: bool = False  # fail on the first bad record instead of skipping it
+    seed: int = 0
+    training: dict = field(default_factory=dict)  # transformers.TrainingArguments
+
+    def __post_init__(self) -> None:
+        if self.stage not in ("pretrain", "finetune"):
+            raise ValueError(f"recipe: stage must be 'pretrain' or 'finetune', got {self.stage!r}")
+        if not isinstance(self.data, list) or not self.data:
+            raise ValueError("recipe: data must be a non-empty list of {path, image_root, ratio}")
+        for i, entry in enumerate(self.data):
+            if not isinstance(entry, dict) or "path" not in entry:
+                raise ValueError(f"recipe: data[{i}] needs a 'path'")
+            unknown = set(entry) - {"path", "image_root", "ratio"}
+            if unknown:
+                raise ValueError(f"recipe: data[{i}] has unknown keys {sorted(unknown)}")
+        if "output_dir" in self.training:
+            raise ValueError("recipe: set output_dir at the top level, not under training")
+
+    @property
+    def sources(self) -> list[Source]:
+        return [
+            Source(Path(d["path"]), Path(d.get("image_root", Path(d["path"]).parent)), float(d.get("ratio", 1.0)))
+            for d in self.data
+        ]
+
+
+def set_value(tree: dict, dotted_key: str, value: Any) -> None:
+    """Set `a.b.0.c` in nested dicts and lists, creating dicts on the way."""
+    *parents, last = dotted_key.split(".")
+    node: Any = tree
+    for part in parents:
+        if isinstance(node, list):
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read a recipe and apply `key=value` overrides (values parsed as YAML: `1e-4`, `true`, `[1, 2]`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: recipe not found")
+    try:
+        tree = parse_yaml(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: invalid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise ValueError(f"{path}: a recipe is a mapping of keys to values")
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects key=value, got {override!r}")
+        try:
+            set_value(tree, key.strip(), parse_yaml(text))
+        except (IndexError, ValueError, TypeError, AttributeError):
+            raise ValueError(f"--set {override}: no such place in the recipe") from None
+    known = {f.name for f in fields(Recipe)}
+    unknown = set(tree) - known
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    missing = {"stage", "model", "data", "output_dir"} - set(tree)
+    if missing:
+        raise ValueError(f"{path}: missing keys {sorted(missing)}")
+    return Recipe(**tree)

@@ -1,0 +1,221 @@
+"""`llama3med train`: the paper's two stages on the HF Trainer, so one command runs on a CPU, a GPU, or
+many under torchrun/accelerate with DDP, FSDP or DeepSpeed, and resumes exactly from its checkpoints.
+
+Stage `pretrain` aligns the projector on image-caption pairs; stage `finetune` trains the projector and
+the LM (fully, or with LoRA) on conversations. The output directory ends up holding a model that
+`llama3med ask` loads, beside the Trainer's `checkpoint-N` folders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from transformers import ProgressCallback, Trainer, TrainingArguments
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from .. import checkpoints
+from ..data.conversations import ConversationCollator, ConversationDataset, read_records
+from ..processing import train_bpe_tokenizer
+from .recipe import Recipe
+
+logger = logging.getLogger(__name__)
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class EpochSeededLengthSampler(LengthGroupedSampler):
+    """Groups samples of similar length into batches; the shuffle depends only on (seed, epoch), so a
+    resumed run draws the same order as the run it continues."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator.manual_seed(self.seed + self.epoch)
+        return super().__iter__()
+
+
+class Llama3MedTrainer(Trainer):
+    """The HF Trainer, with length grouping read from the dataset's token counts instead of by loading
+    every sample (which would decode every image)."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and isinstance(dataset, ConversationDataset):
+            batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            return EpochSeededLengthSampler(dataset.lengths, batch, self.args.data_seed or self.args.seed)
+        return super()._get_train_sampler(train_dataset)
+
+
+class ProgressLog(ProgressCallback):
+    """The Trainer's progress bar (steps, ETA), with each log written as one readable line."""
+
+    def __init__(self):
+        super().__init__()
+        self.last = (0, time.perf_counter())
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or self.training_bar is None or not logs:
+            return
+        step, now = state.global_step, time.perf_counter()
+        global_batch = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
+        rate = (step - self.last[0]) * global_batch / max(now - self.last[1], 1e-9)
+        self.last = (step, now)
+        parts = [f"step {step}/{state.max_steps}"]
+        if "loss" in logs:
+            parts += [f"loss {logs['loss']:.4f}", f"lr {logs.get('learning_rate', 0.0):.2e}", f"{rate:.1f} samples/s"]
+        else:
+            parts += [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in logs.items()]
+        self.training_bar.write(" | ".join(parts))
+
+
+def corpus_texts(recipe: Recipe) -> list[str]:
+    """Every turn of every data file, to train a from-scratch model's tokenizer on."""
+    texts = []
+    for source in recipe.sources:
+        for record in read_records(source.path):
+            turns = record.get("conversations") or []
+            texts += [str(turn.get("value", "")) for turn in turns if isinstance(turn, dict)]
+    return texts
+
+
+def prepare_model(recipe: Recipe):
+    """Model and processor the recipe starts from: a checkpoint, components to build, or a scratch spec."""
+    spec = recipe.model
+    if isinstance(spec, str):
+        return checkpoints.load(spec, dtype=recipe.dtype)
+    if not isinstance(spec, dict):
+        raise ValueError("recipe: model must be a directory or a mapping")
+    if "scratch" in spec:
+        scratch = dict(spec["scratch"])
+        tokenizer = train_bpe_tokenizer(
+            corpus_texts(recipe), vocab_size=scratch.pop("vocab_size", 1024), model_max_length=recipe.max_length
+        )
+        torch.manual_seed(recipe.seed)
+        return checkpoints.build_scratch(
+            scratch.pop("vision"), scratch.pop("text"), tokenizer, scales=scratch.pop("scales", None), **scratch
+        )
+    if {"vision", "llm"} <= set(spec):
+        torch.manual_seed(recipe.seed)
+        return checkpoints.build(**spec, dtype=recipe.dtype)
+    raise ValueError("recipe: model needs {vision, llm} to build, {scratch: ...}, or a model directory")
+
+
+def apply_lora(model, spec: dict, train_vision_tower: bool):
+    """LoRA adapters on the LM's linear layers; the projector (and the tower if trained) train fully."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise RuntimeError("LoRA needs peft: pip install 'llama3med[train]'") from None
+    unknown = set(spec) - {"r", "alpha", "dropout", "target_modules"}
+    if unknown:
+        raise ValueError(f"recipe: lora has unknown keys {sorted(unknown)}")
+    targets = "|".join(spec.get("target_modules", LORA_TARGETS))
+    config = LoraConfig(
+        r=int(spec.get("r", 16)),
+        lora_alpha=float(spec.get("alpha", 32)),
+        lora_dropout=float(spec.get("dropout", 0.05)),
+        target_modules=rf"language_model\..*\.({targets})",
+        modules_to_save=["multi_modal_projector", *(["vision_tower"] if train_vision_tower else [])],
+    )
+    return get_peft_model(model, config)
+
+
+def training_arguments(recipe: Recipe) -> TrainingArguments:
+    options = {
+        "logging_steps": 10,
+        "save_strategy": "steps",
+        "save_steps": 500,
+        "report_to": "tensorboard" if importlib.util.find_spec("tensorboard") else "none",
+        "dataloader_pin_memory": torch.cuda.is_available(),
+        "use_cpu": not torch.cuda.is_available(),  # so torchrun on CPUs runs DDP over gloo
+        **recipe.training,
+        "output_dir": recipe.output_dir,
+        "seed": recipe.seed,
+        "remove_unused_columns": False,  # the collator's keys are the model's inputs
+    }
+    if options.get("gradient_checkpointing"):
+        options.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
+    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"recipe: training has options TrainingArguments does not know: {unknown}")
+    return TrainingArguments(**options)
+
+
+def skipped_text(dataset: ConversationDataset) -> str:
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(dataset.skipped.items())) or "none"
+
+
+def count_parameters(model) -> tuple[int, int]:
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def train(recipe: Recipe, resume: bool | str = False) -> Path:
+    """Run one stage; returns the output directory holding the final model."""
+    args = training_arguments(recipe)  # first: it sets up the process group under torchrun
+    model, processor = prepare_model(recipe)
+    dataset = ConversationDataset(recipe.sources, processor, recipe.max_length, recipe.seed, recipe.strict)
+    if not len(dataset):
+        files = ", ".join(str(s.path) for s in recipe.sources)
+        raise ValueError(f"no usable record in {files} (skipped: {skipped_text(dataset)})")
+    model.set_trainable(recipe.stage, recipe.train_vision_tower, recipe.train_language_model)
+    if recipe.lora is not None:
+        model = apply_lora(model, recipe.lora, recipe.train_vision_tower)
+    for parameter in model.parameters():  # the optimizer updates float32 master weights; bf16 is for compute
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
+    trainable, total = count_parameters(model)
+    if args.process_index == 0:
+        print(
+            f"{recipe.stage}: {len(dataset)} samples (skipped: {skipped_text(dataset)}); "
+            f"training {trainable:,} of {total:,} parameters"
+        )
+
+    trainer = Llama3MedTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=ConversationCollator(processor.tokenizer.pad_token_id),
+        processing_class=processor,
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(ProgressLog())
+    result = trainer.train(resume_from_checkpoint=resume or None)
+
+    out = Path(recipe.output_dir)
+    if recipe.lora is not None:
+        if args.process_index == 0:
+            trainer.model.save_pretrained(out / "adapter")
+        final = trainer.model.merge_and_unload()
+        if args.process_index == 0:
+            checkpoints.save(final, processor, out)
+    else:
+        trainer.save_model(str(out))
+    if args.process_index == 0:
+        summary = {
+            "stage": recipe.stage,
+            "samples": len(dataset),
+            "skipped": dict(dataset.skipped),
+            "steps": result.global_step,
+            "train_loss": result.training_loss,
+            "losses": [(log["step"], log["loss"]) for log in trainer.state.log_history if "loss" in log],
+            "trainable_parameters": trainable,
+        }
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
+        print(
+            f"saved {out}: {result.global_step} steps, mean loss {result.training_loss:.4f}, "
+            f"skipped records: {skipped_text(dataset)}"
+        )
+    return out

@@ -1,0 +1,222 @@
+"""`llama3med train`: both stages on a tiny model over phantom data, exact resume, two processes under
+torchrun equal to one, bad records skipped or fatal with --strict, and recipes that load."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import TINY_SIGLIP, tiny_llama
+from llama3med import Llama3MedForConditionalGeneration
+from llama3med.checkpoints import load
+from llama3med.cli import main
+from llama3med.data.phantoms import write_phantom_set
+from llama3med.inference import answer
+from llama3med.processing import load_image
+from llama3med.train import load_recipe
+from llama3med.train.trainer import EpochSeededLengthSampler, apply_lora
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRATCH = {
+    "vision": dict(TINY_SIGLIP, num_hidden_layers=2),
+    "text": {k: v for k, v in tiny_llama(0).items() if k != "vocab_size"},
+    "scales": [32, 64, 96],
+    "vocab_size": 300,
+}
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("phantoms")
+    write_phantom_set(out, n=24, seed=1, size=96, image_format="png")
+    return out
+
+
+def write_recipe(path: Path, **fields) -> Path:
+    path.write_text(yaml.safe_dump(fields))
+    return path
+
+
+def pretrain_recipe(tmp_path: Path, phantoms: Path, **training) -> Path:
+    return write_recipe(
+        tmp_path / "pretrain.yaml",
+        stage="pretrain",
+        model={"scratch": SCRATCH},
+        data=[{"path": str(phantoms / "captions.json"), "image_root": str(phantoms / "images")}],
+        output_dir=str(tmp_path / "pretrain"),
+        max_length=512,
+        train_language_model=True,  # a scratch LM has nothing to keep frozen
+        training={
+            "per_device_train_batch_size": 4,
+            "max_steps": 12,
+            "learning_rate": 3e-3,
+            "lr_scheduler_type": "cosine",
+            "warmup_steps": 0.03,
+            "logging_steps": 1,
+            "save_steps": 4,
+            "disable_tqdm": True,
+            **training,
+        },
+    )
+
+
+def weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(directory / "model.safetensors")
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def summary(directory: Path) -> dict:
+    return json.loads((directory / "train_summary.json").read_text())
+
+
+def test_pretrain_then_finetune_lowers_the_loss_and_the_output_answers(tmp_path, phantoms):
+    assert main(["train", str(pretrain_recipe(tmp_path, phantoms, max_steps=24))]) == 0
+    finetune = write_recipe(
+        tmp_path / "finetune.yaml",
+        stage="finetune",
+        model=str(tmp_path / "pretrain"),
+        data=[{"path": str(phantoms / "conversations.json"), "image_root": str(phantoms / "images")}],
+        output_dir=str(tmp_path / "finetune"),
+        max_length=512,
+        training={"per_device_train_batch_size": 4, "max_steps": 24, "learning_rate": 3e-3, "disable_tqdm": True},
+    )
+    assert main(["train", str(finetune), "--set", "training.logging_steps=1"]) == 0
+
+    for stage in ("pretrain", "finetune"):
+        losses = [loss for _, loss in summary(tmp_path / stage)["losses"]]
+        assert len(losses) == 24
+        assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, (stage, losses)
+    model, processor = load(tmp_path / "finetune")
+    image = load_image(phantoms / "images" / "phantom-1-000000.png")
+    assert answer(model, processor, image, "Is this a CT scan?", max_new_tokens=4).strip()
+
+
+def test_each_stage_trains_only_its_parameters(tiny_config):
+    ids = torch.tensor([[1] + [tiny_config.image_token_id] * tiny_config.num_image_tokens + [100, 101, 102]])
+    pixels = torch.randn(1, 3, 96, 96)
+
+    def trained(model) -> set[str]:
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, pixel_values=pixels, labels=ids).loss.backward()
+        return {name for name, p in model.named_parameters() if p.grad is not None}
+
+    def parts(names: set[str]) -> set[str]:
+        return {name.split(".")[0] for name in names}
+
+    torch.manual_seed(0)
+    model = Llama3MedForConditionalGeneration(tiny_config)
+    model.set_trainable("pretrain")
+    assert parts(trained(model)) == {"multi_modal_projector"}
+    model.set_trainable("finetune")
+    assert parts(trained(model)) == {"multi_modal_projector", "language_model"}
+    model.set_trainable("finetune", train_vision_tower=True)
+    assert parts(trained(model)) == {"multi_modal_projector", "language_model", "vision_tower"}
+
+    model.set_trainable("finetune")
+    with_grad = trained(apply_lora(model, {"r": 4}, train_vision_tower=False))
+    assert all("lora_" in name or "multi_modal_projector" in name for name in with_grad)
+    assert any("language_model" in name and "lora_A" in name for name in with_grad)
+    assert any("multi_modal_projector" in name for name in with_grad)
+
+
+def test_resume_after_an_interruption_gives_the_same_weights(tmp_path, phantoms):
+    # 24 samples in batches of 4: 6 steps per epoch, so the resumed part crosses an epoch boundary,
+    # and length grouping exercises the project's own sampler.
+    recipe = pretrain_recipe(tmp_path, phantoms, max_steps=10, train_sampling_strategy="group_by_length")
+    assert main(["train", str(recipe)]) == 0
+    full = tmp_path / "pretrain"
+    interrupted = tmp_path / "interrupted"
+    interrupted.mkdir()
+    shutil.copytree(full / "checkpoint-4", interrupted / "checkpoint-4")  # what a run killed at step 5 leaves
+    assert main(["train", str(recipe), "--set", f"output_dir={interrupted}", "--resume"]) == 0
+    assert summary(interrupted)["steps"] == 10
+    assert max_difference(weights(full), weights(interrupted)) == 0.0
+
+
+def test_two_processes_under_torchrun_train_like_one_with_the_same_global_batch(tmp_path, phantoms):
+    recipe = pretrain_recipe(tmp_path, phantoms, max_steps=6)
+    assert main(["train", str(recipe)]) == 0
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    command = [
+        *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"),
+        *("-m", "llama3med.cli", "train", str(recipe)),
+        *("--set", f"output_dir={tmp_path / 'ddp'}", "--set", "training.per_device_train_batch_size=2"),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert summary(tmp_path / "ddp")["steps"] == 6
+    assert max_difference(weights(tmp_path / "pretrain"), weights(tmp_path / "ddp")) < 1e-5
+
+
+def test_bad_records_are_skipped_and_counted_and_strict_names_the_first(tmp_path, phantoms, capsys):
+    good = json.loads((phantoms / "captions.json").read_text())[:8]
+    bad = [
+        {"id": "no-image-file", "image": "missing.png", "conversations": good[0]["conversations"]},
+        {"id": "empty", "image": good[0]["image"], "conversations": []},
+        {"id": "no-answer", "image": good[0]["image"], "conversations": [{"from": "human", "value": "<image>\nHi"}]},
+        {"id": "too-long", "image": good[0]["image"], "conversations": [
+            {"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "liver " * 600}]},
+    ]  # fmt: skip
+    (tmp_path / "mixed.json").write_text(json.dumps(good + bad))
+    recipe = pretrain_recipe(tmp_path, phantoms, max_steps=2)
+    data = f"data=[{{path: {tmp_path / 'mixed.json'}, image_root: {phantoms / 'images'}}}]"
+    assert main(["train", str(recipe), "--set", data]) == 0
+    assert summary(tmp_path / "pretrain")["skipped"] == {"bad image": 1, "malformed": 2, "too long": 1}
+    assert "skipped records: 1 bad image, 2 malformed, 1 too long" in capsys.readouterr().out
+
+    assert main(["train", str(recipe), "--set", data, "--strict"]) == 1
+    error = capsys.readouterr().err
+    assert "record no-image-file" in error and "file not found" in error and len(error.strip().splitlines()) == 1
+
+
+def test_recipes_take_overrides_and_refuse_unknown_keys(tmp_path, phantoms):
+    recipe = load_recipe(
+        pretrain_recipe(tmp_path, phantoms), ["training.learning_rate=1e-4", "data.0.ratio=2", "lora={r: 8}"]
+    )
+    assert recipe.training["learning_rate"] == 1e-4 and recipe.sources[0].ratio == 2.0 and recipe.lora == {"r": 8}
+    with pytest.raises(ValueError, match="unknown keys \\['epochs'\\]"):
+        load_recipe(pretrain_recipe(tmp_path, phantoms), ["epochs=3"])
+    bad_option = pretrain_recipe(tmp_path, phantoms, warmup_ratio=0.03)
+    assert main(["train", str(bad_option)]) == 1
+
+
+@pytest.mark.parametrize("name", ["pretrain", "finetune"])
+def test_the_shipped_8b_recipes_are_the_papers(name):
+    recipe = load_recipe(ROOT / "recipes" / "llama3med-8b" / f"{name}.yaml")
+    assert recipe.stage == name
+    training = recipe.training
+    assert training["lr_scheduler_type"] == "cosine" and training["warmup_steps"] == 0.03
+    global_batch = training["per_device_train_batch_size"] * training["gradient_accumulation_steps"] * 8  # 8 GPUs
+    assert (global_batch, training["learning_rate"]) == ((256, 1e-3) if name == "pretrain" else (128, 2e-5))
+    if name == "pretrain":
+        assert recipe.model["scales"] == [384, 768, 1152]
+    else:
+        assert recipe.max_length == 4096 and training["gradient_checkpointing"] and training["bf16"]
+
+
+@pytest.mark.parametrize("name,stage", [("ds_zero2", 2), ("ds_zero3", 3)])
+def test_the_shipped_deepspeed_configs_leave_batch_and_precision_to_the_recipe(name, stage):
+    config = json.loads((ROOT / "recipes" / "engines" / f"{name}.json").read_text())
+    assert config["zero_optimization"]["stage"] == stage
+    assert config["train_micro_batch_size_per_gpu"] == config["bf16"]["enabled"] == "auto"
+
+
+def test_length_grouping_is_deterministic_per_epoch_and_groups_similar_lengths():
+    lengths = [10, 500, 12, 480, 11, 490, 13, 510] * 50
+    sampler = EpochSeededLengthSampler(lengths, batch_size=4, seed=7)
+    first, again = list(sampler), list(sampler)
+    sampler.set_epoch(1)
+    assert first == again and sorted(first) == list(range(400)) and list(sampler) != first
+    batches = [[lengths[i] for i in first[k : k + 4]] for k in range(0, 400, 4)]
+    assert sum(max(b) - min(b) < 100 for b in batches) >= 90  # batches hold one kind of length
