@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _scales(text: str) -> list[int]:
@@ -82,6 +83,62 @@ def cmd_train(args: argparse.Namespace) -> None:
     train(recipe, resume=args.resume)
 
 
+def _format_scores(scores: dict, baseline: float | None = None) -> str:
+    lines = [f"{'group':<28} {'closed':>8} {'open':>8} {'n closed':>9} {'n open':>7}"]
+    for name, group in scores.items():
+        closed = f"{group['closed_accuracy']:.4f}" if "closed_accuracy" in group else "-"
+        recall = f"{group['open_recall']:.4f}" if "open_recall" in group else "-"
+        lines.append(f"{name:<28} {closed:>8} {recall:>8} {group['n_closed']:>9} {group['n_open']:>7}")
+    if baseline is not None:
+        lines.append(f"majority-answer baseline, closed: {baseline:.4f}")
+    return "\n".join(lines)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from .checkpoints import load
+    from .data.benchmarks import load_llava_med
+    from .eval import majority_baseline, run, score
+    from .inference import best_device
+
+    records = load_llava_med(args.data, args.image_root, dataset=args.benchmark)
+    if args.limit:
+        records = records[: args.limit]
+    model, processor = load(args.model, device=best_device())
+    out = Path(args.out)
+    answers = run(
+        model,
+        processor,
+        records,
+        out / "answers.jsonl",
+        model_id=Path(args.model).name,
+        prompt_style=args.prompt,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+    )
+    scores = score(records, answers)
+    baseline = majority_baseline(records)
+    report = {"benchmark": args.benchmark, "model": str(args.model), "prompt": args.prompt, "scores": scores}
+    report["majority_closed_baseline"] = baseline
+    (out / "scores.json").write_text(json.dumps(report, indent=1))
+    print(_format_scores(scores, baseline))
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    import json
+
+    from .data.benchmarks import load_llava_med
+    from .eval import score
+    from .eval.runner import read_answers
+
+    records = load_llava_med(args.gt, args.image_root)
+    answers = {qid: row["text"] for qid, row in read_answers(Path(args.pred)).items()}
+    scores = score(records, answers, strict=args.strict)
+    print(json.dumps(scores, indent=1) if args.json else _format_scores(scores))
+
+
 def cmd_data_phantoms(args: argparse.Namespace) -> None:
     from .data.phantoms import write_phantom_set
 
@@ -146,6 +203,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--strict", action="store_true", help="fail on the first bad record instead of skipping it")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="zero-shot VQA with the LLaVA-Med protocol; resumable")
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--benchmark", choices=["llava-med"], default="llava-med", help="data layout")
+    p.add_argument("--data", required=True, help="test file (LLaVA-Med format: test.json)")
+    p.add_argument("--image-root", default=None, help="image folder (default: the data file's images/ or folder)")
+    p.add_argument("--out", required=True, help="output directory: answers.jsonl, scores.json")
+    p.add_argument("--prompt", choices=["plain", "short"], default="plain", help="question wording")
+    p.add_argument("--batch-size", type=_positive, default=16)
+    p.add_argument("--max-new-tokens", type=_positive, default=64)
+    p.add_argument("--limit", type=_positive, default=None, help="first N questions only")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("score", help="score an answers.jsonl against references (LLaVA-Med protocol)")
+    p.add_argument("--gt", required=True, help="reference file (LLaVA-Med format)")
+    p.add_argument("--pred", required=True, help="answers.jsonl")
+    p.add_argument("--image-root", default=None)
+    p.add_argument("--strict", action="store_true", help="closed: compare the first yes/no word only")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_score)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True, metavar="WHAT")
     p = data.add_parser("phantoms", help="synthetic CT/MR phantoms with lesions, captions and VQA")

@@ -12,6 +12,7 @@ with another seed shares no images with a training set.
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -208,7 +209,8 @@ def write_phantom_set(out: str | Path, n: int, seed: int, size: int = 1152, imag
         )
         qa = questions(phantom)
         turns = []
-        for i, item in enumerate(qa):
+        # Each conversation asks in its own order, so no answer is learnt only from the turns before it.
+        for i, item in enumerate(random.Random(f"{seed}-{index}").sample(qa, len(qa))):
             prefix = f"{IMAGE_PLACEHOLDER}\n" if i == 0 else ""
             turns += [{"from": "human", "value": prefix + item["question"]}, {"from": "gpt", "value": item["answer"]}]
         conversations.append({"id": phantom.id, "image": image, "conversations": turns})

@@ -1,0 +1,119 @@
+"""Zero-shot VQA runs: batched greedy answers, each image encoded once, appended to `answers.jsonl` as
+they come so an interrupted run resumes where it stopped.
+
+The answers file has LLaVA-Med's fields (`question_id`, `prompt`, `text`, `answer_id`, `model_id`), so
+its own evaluator reads it too.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..data.benchmarks import VQARecord
+from ..inference import question_messages
+from ..model import Llama3MedForConditionalGeneration
+from ..processing import Llama3MedProcessor, pad_sequences
+
+PROMPT_STYLES = {
+    "plain": "{question}",
+    "short": "{question}\nAnswer the question using a single word or phrase.",
+}
+
+
+def prompt_text(record: VQARecord, style: str) -> str:
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"prompt style must be one of {sorted(PROMPT_STYLES)}, got {style!r}")
+    return PROMPT_STYLES[style].format(question=record.question)
+
+
+def read_answers(path: Path) -> dict[str, dict]:
+    """Answers already written, by question id; a line cut by a crash is ignored (and rewritten)."""
+    answers = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            answers[str(row["question_id"])] = row
+    return answers
+
+
+@torch.inference_mode()
+def generate_answers(
+    model: Llama3MedForConditionalGeneration,
+    processor: Llama3MedProcessor,
+    records: Sequence[VQARecord],
+    prompt_style: str = "plain",
+    batch_size: int = 16,
+    max_new_tokens: int = 64,
+) -> Iterator[tuple[VQARecord, str, str]]:
+    """Yield `(record, prompt, answer)` in image order. Questions about one image share its encoding:
+    records are sorted by image, and features are kept while the next batch still needs them."""
+    device = model.device
+    ordered = sorted(records, key=lambda r: str(r.image))
+    features: dict[Path, torch.Tensor] = {}
+    for start in range(0, len(ordered), batch_size):
+        batch = ordered[start : start + batch_size]
+        images = list(dict.fromkeys(r.image for r in batch))
+        new = [image for image in images if image not in features]
+        features = {image: features[image] for image in images if image in features}
+        if new:
+            pixels = torch.stack([processor.preprocess_image(image) for image in new]).to(device)
+            features.update(zip(new, model.encode_images(pixels), strict=True))  # each (num_image_tokens, D)
+        prompts = [processor.chat_prompt(question_messages(prompt_text(r, prompt_style))) for r in batch]
+        input_ids, attention_mask = pad_sequences(
+            [processor.encode_text(p, num_images=1) for p in prompts], processor.tokenizer.pad_token_id, "left"
+        )
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        embeds = model.embed_inputs(input_ids, torch.stack([features[r.image] for r in batch]))
+        output = model.generate(
+            inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False
+        )
+        for record, prompt, text in zip(batch, prompts, processor.batch_decode(output), strict=True):
+            yield record, prompt, text.strip()
+
+
+def run(
+    model: Llama3MedForConditionalGeneration,
+    processor: Llama3MedProcessor,
+    records: Sequence[VQARecord],
+    answers_path: str | Path,
+    model_id: str,
+    prompt_style: str = "plain",
+    batch_size: int = 16,
+    max_new_tokens: int = 64,
+) -> dict[str, str]:
+    """Answer every record not yet in `answers_path`, appending line by line; returns all answers."""
+    answers_path = Path(answers_path)
+    answers_path.parent.mkdir(parents=True, exist_ok=True)
+    done = read_answers(answers_path)
+    pending = [r for r in records if r.id not in done]
+    if done:  # rewrite without a possibly cut last line before appending
+        answers_path.write_text("".join(json.dumps(row) + "\n" for row in done.values()), encoding="utf-8")
+    with (
+        answers_path.open("a", encoding="utf-8") as out,
+        tqdm(total=len(records), initial=len(records) - len(pending), unit="q", desc="answering") as bar,
+    ):
+        for record, prompt, text in generate_answers(
+            model, processor, pending, prompt_style, batch_size, max_new_tokens
+        ):
+            row = {
+                "question_id": record.id,
+                "prompt": prompt,
+                "text": text,
+                "answer_id": uuid.uuid4().hex,
+                "model_id": model_id,
+                "metadata": {},
+            }
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+            done[record.id] = row
+            bar.update()
+    return {qid: row["text"] for qid, row in done.items()}

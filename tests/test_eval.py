@@ -1,0 +1,109 @@
+"""Evaluation: the LLaVA-Med scoring rules (quirks included), batched answers equal to one-by-one answers,
+each image encoded once, and an interrupted run that resumes without repeating or losing answers."""
+
+import json
+
+import pytest
+
+from llama3med.checkpoints import load
+from llama3med.cli import main
+from llama3med.data.benchmarks import VQARecord, load_llava_med
+from llama3med.data.phantoms import write_phantom_set
+from llama3med.eval import closed_hit, majority_baseline, normalize_answer, run, score, token_scores
+from llama3med.eval.runner import generate_answers
+
+
+@pytest.fixture(scope="module")
+def test_set(tmp_path_factory):
+    out = tmp_path_factory.mktemp("phantom-test")
+    write_phantom_set(out, n=3, seed=5, size=96, image_format="dcm")
+    return out / "test.json"
+
+
+@pytest.fixture(scope="module")
+def model_and_processor(built_model_dir):
+    return load(built_model_dir)
+
+
+def test_answers_are_normalised_like_the_vqa_evaluator():
+    assert normalize_answer("The Liver.") == "liver"
+    assert normalize_answer("Two lesions, left side") == "2 lesions left side"
+    assert normalize_answer("none") == "0"
+    assert normalize_answer("T2-weighted") == "t2 weighted"
+    assert normalize_answer("3.5 cm") == "3.5 cm"
+
+
+def test_closed_questions_follow_the_llava_med_rule_and_its_quirk():
+    assert closed_hit("No, there is none.", "no")
+    assert not closed_hit("Yes.", "no")
+    assert not closed_hit("Maybe", "no")  # neither yes nor no
+    assert closed_hit("There is a nodule", "no")  # "no" inside "nodule": the published evaluator counts it
+    assert not closed_hit("There is a nodule", "no", strict=True)
+    assert closed_hit("no, not yes", "no", strict=True) and not closed_hit("yes or no", "no", strict=True)
+
+
+def test_open_questions_score_tokens_with_the_predictions_counts():
+    assert token_scores("left kidney", "left kidney") == (1.0, 1.0, 1.0)
+    f1, precision, recall = token_scores("the liver lesion", "liver")
+    assert (precision, recall) == (0.5, 1.0) and f1 == pytest.approx(2 / 3)
+    assert token_scores("left left kidney", "left kidney")[2] == 1.0  # tp counts "left" twice, as published
+    assert token_scores("", "liver") == (0.0, 0.0, 0.0)
+
+
+def test_scores_need_one_prediction_per_question(tmp_path):
+    records = [VQARecord("q1", tmp_path, "Is there a lesion?", "yes", "CLOSED", "x", question_type="presence")]
+    with pytest.raises(ValueError, match=r"missing \['q1'\], extra \['q9'\]"):
+        score(records, {"q9": "yes"})
+    scores = score(records, {"q1": "yes, one"})
+    assert scores["all"]["closed_accuracy"] == 1.0 and scores["question_type=presence"]["n_closed"] == 1
+
+
+def test_batched_answers_equal_one_by_one_answers_and_each_image_is_encoded_once(model_and_processor, test_set):
+    model, processor = model_and_processor
+    records = load_llava_med(test_set)
+    encoded = []
+    original = model.encode_images
+    model.encode_images = lambda pixels: encoded.append(pixels.shape[0]) or original(pixels)
+    try:
+        batched = {r.id: text for r, _, text in generate_answers(model, processor, records, batch_size=5)}
+    finally:
+        del model.encode_images
+    assert sum(encoded) == len({r.image for r in records}) == 3
+    single = {r.id: text for r, _, text in generate_answers(model, processor, records[:4], batch_size=1)}
+    assert all(batched[qid] == text for qid, text in single.items())
+
+
+def test_an_interrupted_run_resumes_without_repeating_or_losing_answers(model_and_processor, test_set, tmp_path):
+    model, processor = model_and_processor
+    records = load_llava_med(test_set)
+    path = tmp_path / "answers.jsonl"
+    first = run(model, processor, records[:3], path, model_id="m", batch_size=2)
+    kept = path.read_text().splitlines()
+    path.write_text("\n".join(kept) + '\n{"question_id": "cut-off li')  # killed mid-line
+    answers = run(model, processor, records, path, model_id="m", batch_size=2)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [row["question_id"] for row in rows[:3]] == list(first) and rows[:3] == [json.loads(k) for k in kept]
+    assert sorted(row["question_id"] for row in rows) == sorted(r.id for r in records) == sorted(answers)
+
+
+def test_eval_and_score_commands_use_the_llava_med_answer_format(built_model_dir, test_set, tmp_path, capsys):
+    out = tmp_path / "eval"
+    args = ["--model", str(built_model_dir), "--data", str(test_set), "--out", str(out), "--max-new-tokens", "3"]
+    assert main(["eval", *args]) == 0
+    report = json.loads((out / "scores.json").read_text())
+    records = load_llava_med(test_set)
+    assert report["scores"]["all"]["n_closed"] + report["scores"]["all"]["n_open"] == len(records)
+    assert report["majority_closed_baseline"] == majority_baseline(records)
+    row = json.loads((out / "answers.jsonl").read_text().splitlines()[0])
+    assert set(row) >= {"question_id", "prompt", "text", "answer_id", "model_id"}
+    capsys.readouterr()
+    assert main(["score", "--gt", str(test_set), "--pred", str(out / "answers.jsonl"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == report["scores"]
+
+
+def test_malformed_benchmark_records_are_refused_by_name(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    bad = [{"id": "q7", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat?"}]}]
+    (tmp_path / "test.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="record q7: needs conversations with a question and an answer"):
+        load_llava_med(tmp_path / "test.json")
