@@ -56,12 +56,18 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_ask(args: argparse.Namespace) -> None:
-    from .checkpoints import load
+    from .checkpoints import DEMO_MODEL_DIR, load
     from .inference import answer, best_device
     from .processing import load_image
 
     image = load_image(args.image, window=args.window)  # fail on a bad image before loading the model
-    model, processor = load(args.model, device=best_device())
+    model_dir = args.model
+    if model_dir is None:
+        if not (DEMO_MODEL_DIR / "config.json").is_file():
+            raise ValueError("no --model given and the built-in demo model is not installed")
+        print("(demo model trained on synthetic phantoms; a research toy, not for diagnosis)", file=sys.stderr)
+        model_dir = DEMO_MODEL_DIR
+    model, processor = load(model_dir, device=best_device())
     print(
         answer(
             model,
@@ -96,14 +102,13 @@ def _format_scores(scores: dict, baseline: float | None = None) -> str:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     import json
-    from pathlib import Path
 
     from .checkpoints import load
-    from .data.benchmarks import load_llava_med
+    from .data.benchmarks import load_benchmark
     from .eval import majority_baseline, run, score
     from .inference import best_device
 
-    records = load_llava_med(args.data, args.image_root, dataset=args.benchmark)
+    records = load_benchmark(args.benchmark, args.data, args.split, args.image_root)
     if args.limit:
         records = records[: args.limit]
     model, processor = load(args.model, device=best_device())
@@ -129,11 +134,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_score(args: argparse.Namespace) -> None:
     import json
 
-    from .data.benchmarks import load_llava_med
+    from .data.benchmarks import load_benchmark
     from .eval import score
     from .eval.runner import read_answers
 
-    records = load_llava_med(args.gt, args.image_root)
+    records = load_benchmark(args.benchmark, args.gt, args.split, args.image_root)
     answers = {qid: row["text"] for qid, row in read_answers(Path(args.pred)).items()}
     scores = score(records, answers, strict=args.strict)
     print(json.dumps(scores, indent=1) if args.json else _format_scores(scores))
@@ -154,6 +159,8 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .data.benchmarks import BENCHMARKS
+
     parser = argparse.ArgumentParser(
         prog="llama3med", description="Llama3-Med: high-resolution biomedical vision-language assistants."
     )
@@ -178,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ask", help="answer a question about one image (DICOM, PNG, JPEG, ...)")
     p.add_argument("question", help="the question, e.g. 'Is there a lesion?'")
     p.add_argument("--image", required=True, help="image file")
-    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--model", default=None, help="model directory (default: the built-in phantom demo model)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--window", type=_window, default=None, help="DICOM window: CENTRE,WIDTH or a CT preset")
@@ -206,8 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="zero-shot VQA with the LLaVA-Med protocol; resumable")
     p.add_argument("--model", required=True, help="model directory")
-    p.add_argument("--benchmark", choices=["llava-med"], default="llava-med", help="data layout")
-    p.add_argument("--data", required=True, help="test file (LLaVA-Med format: test.json)")
+    p.add_argument("--benchmark", choices=BENCHMARKS, default="llava-med", help="dataset and its layout")
+    p.add_argument("--data", required=True, help="the dataset's file or folder as released (see docs/evaluation.md)")
+    p.add_argument("--split", default="test")
     p.add_argument("--image-root", default=None, help="image folder (default: the data file's images/ or folder)")
     p.add_argument("--out", required=True, help="output directory: answers.jsonl, scores.json")
     p.add_argument("--prompt", choices=["plain", "short"], default="plain", help="question wording")
@@ -217,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("score", help="score an answers.jsonl against references (LLaVA-Med protocol)")
-    p.add_argument("--gt", required=True, help="reference file (LLaVA-Med format)")
+    p.add_argument("--gt", required=True, help="the benchmark's file or folder")
+    p.add_argument("--benchmark", choices=BENCHMARKS, default="llava-med")
+    p.add_argument("--split", default="test")
     p.add_argument("--pred", required=True, help="answers.jsonl")
     p.add_argument("--image-root", default=None)
     p.add_argument("--strict", action="store_true", help="closed: compare the first yes/no word only")

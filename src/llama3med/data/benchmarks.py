@@ -7,30 +7,73 @@ over a silently shrunken test set would not be comparable.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import io
+import json
+import pickle
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..processing import IMAGE_PLACEHOLDER
 from .conversations import read_records
 
 ANSWER_TYPES = ("OPEN", "CLOSED")
+BENCHMARKS = ("vqa-rad", "slake", "pathvqa", "llava-med")
 
 
 @dataclass(frozen=True)
 class VQARecord:
     id: str
-    image: Path
+    image: Path | bytes  # a file, or the encoded bytes embedded in a parquet file
     question: str
     answer: str
     answer_type: str  # OPEN or CLOSED
     dataset: str
     split: str = "test"
     question_type: str | None = None
+    image_key: str = field(default="", compare=False)  # identifies the image, for encoding it once
+
+    def __post_init__(self) -> None:
+        if not self.image_key:
+            key = hashlib.sha1(self.image).hexdigest() if isinstance(self.image, bytes) else str(self.image)
+            object.__setattr__(self, "image_key", key)
 
 
 def answer_type_of(answer: str) -> str:
     """Where a dataset gives no type: yes/no answers are closed, everything else open."""
     return "CLOSED" if answer.strip().lower() in ("yes", "no") else "OPEN"
+
+
+def _text(value, name: str, what: str) -> str:
+    text = "" if value is None else str(value).strip()
+    if not text:
+        raise ValueError(f"{name}: empty {what}")
+    return text
+
+
+def _answer_type(value, answer: str, name: str) -> str:
+    answer_type = str(value).upper() if value else answer_type_of(answer)
+    if answer_type not in ANSWER_TYPES:
+        raise ValueError(f"{name}: answer_type must be OPEN or CLOSED, got {value!r}")
+    return answer_type
+
+
+def _image_file(root: Path, relative, name: str) -> Path:
+    image = root / _text(relative, name, "image name")
+    if not image.is_file():
+        raise ValueError(f"{name}: image {image} not found")
+    return image
+
+
+def _unique(records: list[VQARecord], source: Path) -> list[VQARecord]:
+    seen = set()
+    for record in records:
+        if record.id in seen:
+            raise ValueError(f"{source}: record {record.id}: duplicate id")
+        seen.add(record.id)
+    if not records:
+        raise ValueError(f"{source}: no records")
+    return records
 
 
 def load_llava_med(
@@ -46,35 +89,178 @@ def load_llava_med(
         raise ValueError(f"{path}: benchmark file not found")
     if image_root is None:
         image_root = path.parent / "images" if (path.parent / "images").is_dir() else path.parent
-    image_root = Path(image_root)
-    records, seen = [], set()
+    records = []
     for position, raw in enumerate(read_records(path)):
         name = f"{path}: record {raw.get('id', f'#{position}')}"
         turns = raw.get("conversations") or raw.get("conversatons")  # a typo some released files carry
         if not isinstance(turns, list) or len(turns) < 2 or not all(isinstance(t, dict) for t in turns[:2]):
             raise ValueError(f"{name}: needs conversations with a question and an answer")
-        question = str(turns[0].get("value", "")).replace(IMAGE_PLACEHOLDER, "").strip()
-        answer = str(turns[1].get("value", "")).strip()
-        if not question or not answer:
-            raise ValueError(f"{name}: empty question or answer")
-        if "id" not in raw or "image" not in raw:
-            raise ValueError(f"{name}: needs 'id' and 'image'")
-        record_id = str(raw["id"])
-        if record_id in seen:
-            raise ValueError(f"{name}: duplicate id")
-        seen.add(record_id)
-        answer_type = str(raw.get("answer_type") or answer_type_of(answer)).upper()
-        if answer_type not in ANSWER_TYPES:
-            raise ValueError(f"{name}: answer_type must be OPEN or CLOSED, got {raw.get('answer_type')!r}")
-        image = image_root / str(raw["image"])
-        if not image.is_file():
-            raise ValueError(f"{name}: image {image} not found")
-        question_type = raw.get("question_type")
+        question = _text(str(turns[0].get("value", "")).replace(IMAGE_PLACEHOLDER, ""), name, "question")
+        answer = _text(turns[1].get("value"), name, "answer")
+        if "id" not in raw:
+            raise ValueError(f"{name}: needs an 'id'")
+        question_type = str(raw["question_type"]) if raw.get("question_type") else None
         records.append(
             VQARecord(
-                record_id, image, question, answer, answer_type, dataset, "test", question_type and str(question_type)
+                str(raw["id"]),
+                _image_file(Path(image_root), raw.get("image"), name),
+                question,
+                answer,
+                _answer_type(raw.get("answer_type"), answer, name),
+                dataset,
+                "test",
+                question_type,
             )
         )
-    if not records:
-        raise ValueError(f"{path}: no records")
-    return records
+    return _unique(records, path)
+
+
+def load_vqa_rad(path: str | Path, split: str = "test", image_root: str | Path | None = None) -> list[VQARecord]:
+    """VQA-RAD: the official `VQA_RAD Dataset Public.json` (test = rows whose `phrase_type` starts with
+    "test"; images in `VQA_RAD Image Folder/` beside it), or the Hugging Face parquet layout."""
+    path = Path(path)
+    if path.is_dir() and (path / "data").is_dir():
+        return _load_parquet(path, split, "vqa-rad")
+    if path.is_dir():
+        path = path / "VQA_RAD Dataset Public.json"
+    if not path.is_file():
+        raise ValueError(f"{path}: VQA-RAD file not found (the official JSON or a parquet folder with data/)")
+    image_root = Path(image_root) if image_root else path.parent / "VQA_RAD Image Folder"
+    rows = json.loads(path.read_text(encoding="utf-8"))
+    records = []
+    for position, raw in enumerate(rows):
+        name = f"{path}: record {raw.get('qid', f'#{position}')}"
+        is_test = str(raw.get("phrase_type", "")).startswith("test")
+        if is_test != (split == "test"):
+            continue
+        answer = _text(raw.get("answer"), name, "answer")
+        records.append(
+            VQARecord(
+                str(raw.get("qid", position)),
+                _image_file(image_root, raw.get("image_name"), name),
+                _text(raw.get("question"), name, "question"),
+                answer,
+                _answer_type(raw.get("answer_type"), answer, name),
+                "vqa-rad",
+                split,
+                raw.get("question_type") and str(raw["question_type"]),
+            )
+        )
+    return _unique(records, path)
+
+
+def load_slake(path: str | Path, split: str = "test", language: str | None = "en") -> list[VQARecord]:
+    """SLAKE 1.0 (`train.json`/`validate.json`/`test.json` and `imgs/`); English questions by default
+    (`language=None` keeps both)."""
+    root = Path(path)
+    file = root / f"{split}.json" if root.is_dir() else root
+    root = file.parent
+    if not file.is_file():
+        raise ValueError(f"{file}: SLAKE split file not found")
+    records = []
+    for position, raw in enumerate(json.loads(file.read_text(encoding="utf-8"))):
+        name = f"{file}: record {raw.get('qid', f'#{position}')}"
+        if language is not None and raw.get("q_lang") != language:
+            continue
+        answer = _text(raw.get("answer"), name, "answer")
+        records.append(
+            VQARecord(
+                str(raw.get("qid", position)),
+                _image_file(root / "imgs", raw.get("img_name"), name),
+                _text(raw.get("question"), name, "question"),
+                answer,
+                _answer_type(raw.get("answer_type"), answer, name),
+                "slake",
+                split,
+                raw.get("content_type") and str(raw["content_type"]),
+            )
+        )
+    return _unique(records, file)
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Question pickles hold lists of dicts of strings; refusing every class keeps a tampered file from
+    running code."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only plain data is expected")
+
+
+def load_pathvqa(path: str | Path, split: str = "test", image_root: str | Path | None = None) -> list[VQARecord]:
+    """PathVQA: the Hugging Face parquet layout (a folder with `data/`), or the original release's question
+    pickle (`qas/test/test_qa.pkl`, records `{image, question, answer}`, images `images/test/<image>.jpg`)."""
+    path = Path(path)
+    if path.is_dir() and (path / "data").is_dir():
+        return _load_parquet(path, split, "pathvqa")
+    if path.is_dir():
+        path = path / "qas" / split / f"{split}_qa.pkl"
+    if not path.is_file():
+        raise ValueError(f"{path}: PathVQA file not found (a question pickle or a parquet folder with data/)")
+    try:
+        rows = _PlainDataUnpickler(io.BytesIO(path.read_bytes())).load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as err:
+        raise ValueError(f"{path}: not a PathVQA question pickle: {err}") from None
+    if image_root is None:
+        image_root = path.parents[2] / "images" / split if len(path.parents) > 2 else path.parent
+    records = []
+    for position, raw in enumerate(rows):
+        name = f"{path}: record #{position}"
+        if not isinstance(raw, dict):
+            raise ValueError(f"{name}: expected a dict with image, question, answer")
+        image = _text(raw.get("image"), name, "image name")
+        answer = _text(raw.get("answer"), name, "answer")
+        records.append(
+            VQARecord(
+                f"{split}-{position:06d}",
+                _image_file(Path(image_root), image if Path(image).suffix else f"{image}.jpg", name),
+                _text(raw.get("question"), name, "question"),
+                answer,
+                answer_type_of(answer),
+                "pathvqa",
+                split,
+            )
+        )
+    return _unique(records, path)
+
+
+def _load_parquet(root: Path, split: str, dataset: str) -> list[VQARecord]:
+    """The Hugging Face layout: `data/<split>-*.parquet` with `image` ({bytes, path}), `question`, `answer`."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise RuntimeError("reading parquet needs pyarrow: pip install 'llama3med[eval]'") from None
+    files = sorted((root / "data").glob(f"{split}-*.parquet"))
+    if not files:
+        raise ValueError(f"{root}: no data/{split}-*.parquet files")
+    records = []
+    for file in files:
+        table = pq.read_table(file)
+        missing = {"image", "question", "answer"} - set(table.column_names)
+        if missing:
+            raise ValueError(f"{file}: missing columns {sorted(missing)}")
+        for position, row in enumerate(table.to_pylist()):
+            name = f"{file}: row {position}"
+            image = row["image"]
+            data = image.get("bytes") if isinstance(image, dict) else image
+            if not data:
+                raise ValueError(f"{name}: no image bytes")
+            answer = _text(row["answer"], name, "answer")
+            question = _text(row["question"], name, "question")
+            record_id = f"{split}-{len(records):06d}"
+            records.append(VQARecord(record_id, bytes(data), question, answer, answer_type_of(answer), dataset, split))
+    return _unique(records, root)
+
+
+def load_benchmark(
+    name: str, path: str | Path, split: str = "test", image_root: str | Path | None = None
+) -> list[VQARecord]:
+    """Records of benchmark `name` (vqa-rad, slake, pathvqa, llava-med) from `path`."""
+    if name == "llava-med":
+        return load_llava_med(path, image_root)
+    if name == "slake":
+        return load_slake(path, split)
+    if name == "vqa-rad":
+        return load_vqa_rad(path, split, image_root)
+    if name == "pathvqa":
+        return load_pathvqa(path, split, image_root)
+    raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")

@@ -57,22 +57,22 @@ def generate_answers(
     """Yield `(record, prompt, answer)` in image order. Questions about one image share its encoding:
     records are sorted by image, and features are kept while the next batch still needs them."""
     device = model.device
-    ordered = sorted(records, key=lambda r: str(r.image))
-    features: dict[Path, torch.Tensor] = {}
+    ordered = sorted(records, key=lambda r: r.image_key)
+    features: dict[str, torch.Tensor] = {}
     for start in range(0, len(ordered), batch_size):
         batch = ordered[start : start + batch_size]
-        images = list(dict.fromkeys(r.image for r in batch))
-        new = [image for image in images if image not in features]
-        features = {image: features[image] for image in images if image in features}
+        images = {r.image_key: r.image for r in batch}
+        new = [key for key in images if key not in features]
+        features = {key: features[key] for key in images if key in features}
         if new:
-            pixels = torch.stack([processor.preprocess_image(image) for image in new]).to(device)
+            pixels = torch.stack([processor.preprocess_image(images[key]) for key in new]).to(device)
             features.update(zip(new, model.encode_images(pixels), strict=True))  # each (num_image_tokens, D)
         prompts = [processor.chat_prompt(question_messages(prompt_text(r, prompt_style))) for r in batch]
         input_ids, attention_mask = pad_sequences(
             [processor.encode_text(p, num_images=1) for p in prompts], processor.tokenizer.pad_token_id, "left"
         )
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        embeds = model.embed_inputs(input_ids, torch.stack([features[r.image] for r in batch]))
+        embeds = model.embed_inputs(input_ids, torch.stack([features[r.image_key] for r in batch]))
         output = model.generate(
             inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False
         )
