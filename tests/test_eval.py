@@ -2,6 +2,7 @@
 each image encoded once, and an interrupted run that resumes without repeating or losing answers."""
 
 import json
+import math
 
 import pytest
 
@@ -11,6 +12,7 @@ from llama3med.data.benchmarks import VQARecord, load_llava_med
 from llama3med.data.phantoms import write_phantom_set
 from llama3med.eval import closed_hit, majority_baseline, normalize_answer, run, score, token_scores
 from llama3med.eval.runner import generate_answers
+from llama3med.eval.scoring import bleu, closest_candidate
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +50,16 @@ def test_open_questions_score_tokens_with_the_predictions_counts():
     assert (precision, recall) == (0.5, 1.0) and f1 == pytest.approx(2 / 3)
     assert token_scores("left left kidney", "left kidney")[2] == 1.0  # tp counts "left" twice, as published
     assert token_scores("", "liver") == (0.0, 0.0, 0.0)
+
+
+def test_bleu_and_the_candidate_set_accuracy():
+    assert bleu("liver lesion", "liver lesion", 2) == 1.0
+    assert bleu("liver", "liver lesion", 1) == pytest.approx(math.exp(-1))  # brevity penalty
+    assert bleu("lesion liver", "liver lesion", 2) == 0.0  # no shared bigram, no smoothing
+    candidates = ["liver", "kidney", "left kidney", "spleen"]
+    assert closest_candidate("The lesion is in the liver.", candidates) == "liver"
+    assert closest_candidate("left kidney", candidates) == "left kidney"
+    assert closest_candidate("unsure", candidates) is None
 
 
 def test_scores_need_one_prediction_per_question(tmp_path):
@@ -90,7 +102,8 @@ def test_eval_and_score_commands_use_the_llava_med_answer_format(built_model_dir
     out = tmp_path / "eval"
     args = ["--model", str(built_model_dir), "--data", str(test_set), "--out", str(out), "--max-new-tokens", "3"]
     assert main(["eval", *args]) == 0
-    report = json.loads((out / "scores.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    assert "| all |" in (out / "report.md").read_text()
     records = load_llava_med(test_set)
     assert report["scores"]["all"]["n_closed"] + report["scores"]["all"]["n_open"] == len(records)
     assert report["majority_closed_baseline"] == majority_baseline(records)

@@ -24,6 +24,9 @@ from .config import Llama3MedConfig
 from .model import Llama3MedForConditionalGeneration
 from .processing import IMAGE_PLACEHOLDER, Llama3MedProcessor
 
+# The demo model that ships inside the package (trained on synthetic phantoms by recipes/demo/).
+DEMO_MODEL_DIR = Path(__file__).parent / "demo_model"
+
 # Normalisation of towers whose directory has no preprocessor_config.json.
 DEFAULT_IMAGE_STATS = {
     "siglip_vision_model": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),

@@ -89,23 +89,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     train(recipe, resume=args.resume)
 
 
-def _format_scores(scores: dict, baseline: float | None = None) -> str:
-    lines = [f"{'group':<28} {'closed':>8} {'open':>8} {'n closed':>9} {'n open':>7}"]
-    for name, group in scores.items():
-        closed = f"{group['closed_accuracy']:.4f}" if "closed_accuracy" in group else "-"
-        recall = f"{group['open_recall']:.4f}" if "open_recall" in group else "-"
-        lines.append(f"{name:<28} {closed:>8} {recall:>8} {group['n_closed']:>9} {group['n_open']:>7}")
-    if baseline is not None:
-        lines.append(f"majority-answer baseline, closed: {baseline:.4f}")
-    return "\n".join(lines)
-
-
 def cmd_eval(args: argparse.Namespace) -> None:
-    import json
-
     from .checkpoints import load
     from .data.benchmarks import load_benchmark
     from .eval import majority_baseline, run, score
+    from .eval.report import format_table, write_report
     from .inference import best_device
 
     records = load_benchmark(args.benchmark, args.data, args.split, args.image_root)
@@ -127,8 +115,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     baseline = majority_baseline(records)
     report = {"benchmark": args.benchmark, "model": str(args.model), "prompt": args.prompt, "scores": scores}
     report["majority_closed_baseline"] = baseline
-    (out / "scores.json").write_text(json.dumps(report, indent=1))
-    print(_format_scores(scores, baseline))
+    write_report(out, report)
+    print(format_table(scores, baseline))
 
 
 def cmd_score(args: argparse.Namespace) -> None:
@@ -136,12 +124,13 @@ def cmd_score(args: argparse.Namespace) -> None:
 
     from .data.benchmarks import load_benchmark
     from .eval import score
+    from .eval.report import format_table
     from .eval.runner import read_answers
 
     records = load_benchmark(args.benchmark, args.gt, args.split, args.image_root)
     answers = {qid: row["text"] for qid, row in read_answers(Path(args.pred)).items()}
     scores = score(records, answers, strict=args.strict)
-    print(json.dumps(scores, indent=1) if args.json else _format_scores(scores))
+    print(json.dumps(scores, indent=1) if args.json else format_table(scores))
 
 
 def cmd_data_phantoms(args: argparse.Namespace) -> None:
@@ -217,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="the dataset's file or folder as released (see docs/evaluation.md)")
     p.add_argument("--split", default="test")
     p.add_argument("--image-root", default=None, help="image folder (default: the data file's images/ or folder)")
-    p.add_argument("--out", required=True, help="output directory: answers.jsonl, scores.json")
+    p.add_argument("--out", required=True, help="output directory: answers.jsonl, report.md, report.json")
     p.add_argument("--prompt", choices=["plain", "short"], default="plain", help="question wording")
     p.add_argument("--batch-size", type=_positive, default=16)
     p.add_argument("--max-new-tokens", type=_positive, default=64)

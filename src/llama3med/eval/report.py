@@ -1,0 +1,58 @@
+"""Reports of an evaluation run: a table for the terminal, `report.md` and `report.json`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+COLUMNS = (
+    ("closed", "closed_accuracy"),
+    ("open (recall)", "open_recall"),
+    ("open F1", "open_f1"),
+    ("open exact", "open_exact_match"),
+    ("open cand.", "open_candidate_accuracy"),
+    ("BLEU-1", "open_bleu1"),
+)
+
+
+def table_rows(scores: dict) -> list[list[str]]:
+    rows = []
+    for group, values in scores.items():
+        cells = [f"{100 * values[key]:.2f}" if key in values else "-" for _, key in COLUMNS]
+        rows.append([group, *cells, str(values["n_closed"]), str(values["n_open"])])
+    return rows
+
+
+def format_table(scores: dict, baseline: float | None = None) -> str:
+    """A plain-text table (percentages) of every group's scores."""
+    header = ["group", *(name for name, _ in COLUMNS), "n closed", "n open"]
+    rows = [header, *table_rows(scores)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
+    if baseline is not None:
+        lines.append(f"majority-answer baseline, closed: {100 * baseline:.2f}")
+    return "\n".join(lines)
+
+
+def write_report(out: Path, report: dict) -> None:
+    """`report.json` (everything) and `report.md` (the table, with what was run)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    header = ["group", *(name for name, _ in COLUMNS), "n closed", "n open"]
+    lines = [
+        f"# {report['benchmark']}: {report['model']}",
+        "",
+        f"Prompt `{report['prompt']}`, greedy decoding, LLaVA-Med scoring (percent).",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(row) + " |" for row in table_rows(report["scores"])),
+    ]
+    if report.get("majority_closed_baseline") is not None:
+        lines += ["", f"Majority-answer baseline on closed questions: {100 * report['majority_closed_baseline']:.2f}"]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
