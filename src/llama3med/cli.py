@@ -133,6 +133,78 @@ def cmd_score(args: argparse.Namespace) -> None:
     print(json.dumps(scores, indent=1) if args.json else format_table(scores))
 
 
+def _teacher_spec(text: str) -> tuple[str, float]:
+    kind, _, weight = text.partition(":")
+    try:
+        return kind, float(weight) if weight else 1.0
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"teacher must be KIND or KIND:WEIGHT, got {text!r}") from None
+
+
+def _is_local(url: str | None) -> bool:
+    from urllib.parse import urlparse
+
+    return url is not None and urlparse(url).hostname in ("localhost", "127.0.0.1", "::1")
+
+
+def cmd_datagen(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from .datagen import RetryPolicy, generate, load_prompt, make_teacher, read_captions
+    from .datagen.pipeline import estimate_cost, read_done, rejects_path
+    from .datagen.teachers import PRICES
+
+    if not args.input or not args.out:
+        raise ValueError("datagen needs --input and --out (or the 'mix' subcommand)")
+    records = read_captions(args.input)
+    if args.limit:
+        records = records[: args.limit]
+    prompt = load_prompt(args.prompt)
+    teachers = []
+    for kind, weight in args.teacher or [("anthropic", 1.0)]:
+        model = args.anthropic_model if kind == "anthropic" else args.openai_model
+        base_url = args.anthropic_base_url if kind == "anthropic" else args.base_url
+        teachers.append((make_teacher(kind, model=model, api_key=args.api_key, base_url=base_url), weight))
+    out = Path(args.out)
+    pending = [r for r in records if r["id"] not in read_done(out, rejects_path(out))]
+    paid = any(t.name == "anthropic" or not _is_local(args.base_url) for t, _ in teachers)
+    for teacher, _ in teachers:
+        tokens, dollars = estimate_cost(pending, prompt, teacher.model, PRICES)
+        cost = f"about ${dollars:,.2f}" if dollars is not None else "price unknown"
+        print(
+            f"{len(pending)} of {len(records)} records to do with {teacher.model}: ~{tokens:,} tokens, {cost} at most"
+        )
+    if pending and paid and not args.yes:
+        if not sys.stdin.isatty():
+            raise ValueError("a paid run needs confirmation: pass --yes")
+        if input("Proceed? [y/N] ").strip().lower() not in ("y", "yes"):
+            raise ValueError("cancelled")
+    policy = RetryPolicy(max_retries=args.max_retries)
+    stats = asyncio.run(
+        generate(records, out, teachers, prompt, args.concurrency, policy, args.max_requests, args.seed)
+    )
+    print(
+        f"wrote {stats.written} conversations to {out}; rejected {dict(stats.rejected)}, failed {dict(stats.failed)}, "
+        f"{stats.retries} retries, {stats.requests} requests, {stats.input_tokens + stats.output_tokens:,} tokens"
+    )
+
+
+def cmd_datagen_mix(args: argparse.Namespace) -> None:
+    import json
+
+    from .datagen import mix
+
+    sources = []
+    for text in args.source:
+        path, _, ratio = text.rpartition(":") if ":" in text else (text, "", "1")
+        try:
+            sources.append((Path(path), float(ratio)))
+        except ValueError:
+            raise ValueError(f"--source must be FILE or FILE:RATIO, got {text!r}") from None
+    stats = mix(sources, args.out, seed=args.seed)
+    print(json.dumps(stats, indent=1))
+
+
 def cmd_data_phantoms(args: argparse.Namespace) -> None:
     from .data.phantoms import write_phantom_set
 
@@ -222,6 +294,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="closed: compare the first yes/no word only")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("datagen", help="turn figure captions into conversations with teacher LLMs")
+    p.add_argument("--input", help="captions: PMC-15M style JSONL or LLaVA caption JSON")
+    p.add_argument("--out", help="output JSONL (appended; rejects go to OUT.rejected.jsonl)")
+    p.add_argument(
+        "--teacher", type=_teacher_spec, action="append", help="anthropic or openai, optionally :WEIGHT; repeat to mix"
+    )
+    p.add_argument("--anthropic-model", default=None, help="default: claude-3-opus-20240229")
+    p.add_argument("--openai-model", default=None, help="default: meta-llama/Meta-Llama-3-70B-Instruct")
+    p.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
+    p.add_argument("--anthropic-base-url", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--api-key", default=None, help="default: ANTHROPIC_API_KEY / OPENAI_API_KEY")
+    p.add_argument("--prompt", choices=["conversation", "vqa", "description"], default="conversation")
+    p.add_argument("--concurrency", type=_positive, default=8)
+    p.add_argument("--max-retries", type=int, default=5)
+    p.add_argument("--max-requests", type=_positive, default=None, help="request budget for this run")
+    p.add_argument("--limit", type=_positive, default=None, help="first N records only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--yes", action="store_true", help="skip the confirmation before a paid run")
+    p.set_defaults(func=cmd_datagen)
+    datagen = p.add_subparsers(dest="datagen_command", required=False, metavar="[mix]")
+    p = datagen.add_parser("mix", help="mix conversation sets by ratio into one finetune set, with stats")
+    p.add_argument("--source", action="append", required=True, help="FILE[:RATIO], repeatable")
+    p.add_argument("--out", required=True, help="output JSON")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_datagen_mix)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True, metavar="WHAT")
     p = data.add_parser("phantoms", help="synthetic CT/MR phantoms with lesions, captions and VQA")

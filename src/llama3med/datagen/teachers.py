@@ -1,0 +1,119 @@
+"""Teacher LLMs behind one small interface: Claude through the Anthropic Messages API, and any
+OpenAI-compatible chat endpoint (Llama-3-70B-Instruct under vLLM, SGLang, TGI, Ollama, a hosted API, or
+`llama3med serve`).
+
+The SDKs' own retries are switched off: the pipeline retries with its own bounded, jittered back-off
+that honours `retry-after`, and counts what it does. API keys come from the environment or the caller
+and are never logged or written.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+DEFAULT_MODELS = {"anthropic": "claude-3-opus-20240229", "openai": "meta-llama/Meta-Llama-3-70B-Instruct"}
+# US$ per million input and output tokens, for the estimate printed before a paid run.
+PRICES = {"claude-3-opus-20240229": (15.0, 75.0)}
+
+
+class TransientError(Exception):
+    """Worth retrying (429, 5xx, timeout, connection); `retry_after` in seconds when the server said."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PermanentError(Exception):
+    """Not worth retrying (bad request, authentication, not found)."""
+
+
+@dataclass
+class Reply:
+    text: str
+    input_tokens: int
+    output_tokens: int
+
+
+def _retry_after(response) -> float | None:
+    value = getattr(response, "headers", {}).get("retry-after") if response is not None else None
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _classify(err: Exception, sdk) -> Exception:
+    """The SDK's exception as TransientError or PermanentError (both SDKs share these class names)."""
+    if isinstance(err, (sdk.APITimeoutError, sdk.APIConnectionError)):
+        return TransientError(type(err).__name__)
+    if isinstance(err, sdk.APIStatusError):
+        status = err.status_code
+        if status in (408, 409, 429) or status >= 500:
+            return TransientError(f"HTTP {status}", _retry_after(err.response))
+        return PermanentError(f"HTTP {status}: {type(err).__name__}")
+    return err
+
+
+class AnthropicTeacher:
+    name = "anthropic"
+
+    def __init__(
+        self, model: str | None = None, api_key: str | None = None, base_url: str | None = None, timeout: float = 120.0
+    ):
+        import anthropic
+
+        self.sdk = anthropic
+        self.model = model or DEFAULT_MODELS["anthropic"]
+        key = api_key or os.environ.get("ANTHROPIC_API_KEY")
+        if not key:
+            raise ValueError("the anthropic teacher needs ANTHROPIC_API_KEY (or --api-key)")
+        self.client = anthropic.AsyncAnthropic(api_key=key, base_url=base_url, timeout=timeout, max_retries=0)
+
+    async def complete(self, system: str, messages: list[dict[str, str]], max_tokens: int) -> Reply:
+        try:
+            response = await self.client.messages.create(
+                model=self.model, system=system, messages=messages, max_tokens=max_tokens
+            )
+        except self.sdk.AnthropicError as err:
+            raise _classify(err, self.sdk) from None
+        text = "".join(block.text for block in response.content if getattr(block, "type", "") == "text")
+        return Reply(text, response.usage.input_tokens, response.usage.output_tokens)
+
+
+class OpenAITeacher:
+    name = "openai"
+
+    def __init__(
+        self, model: str | None = None, api_key: str | None = None, base_url: str | None = None, timeout: float = 120.0
+    ):
+        import openai
+
+        self.sdk = openai
+        self.model = model or DEFAULT_MODELS["openai"]
+        key = api_key or os.environ.get("OPENAI_API_KEY") or "none"  # local servers take any key
+        self.client = openai.AsyncOpenAI(api_key=key, base_url=base_url, timeout=timeout, max_retries=0)
+
+    async def complete(self, system: str, messages: list[dict[str, str]], max_tokens: int) -> Reply:
+        try:
+            response = await self.client.chat.completions.create(
+                model=self.model,
+                messages=[{"role": "system", "content": system}, *messages],
+                max_tokens=max_tokens,
+                temperature=0.7,
+            )
+        except self.sdk.OpenAIError as err:
+            raise _classify(err, self.sdk) from None
+        usage = response.usage
+        text = response.choices[0].message.content or ""
+        return Reply(text, usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0)
+
+
+TEACHERS = {"anthropic": AnthropicTeacher, "openai": OpenAITeacher}
+
+
+def make_teacher(kind: str, model: str | None = None, api_key: str | None = None, base_url: str | None = None):
+    if kind not in TEACHERS:
+        raise ValueError(f"teacher must be one of {', '.join(TEACHERS)}, got {kind!r}")
+    return TEACHERS[kind](model=model, api_key=api_key, base_url=base_url)
