@@ -56,18 +56,12 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_ask(args: argparse.Namespace) -> None:
-    from .checkpoints import DEMO_MODEL_DIR, load
+    from .checkpoints import load
     from .inference import answer, best_device
     from .processing import load_image
 
     image = load_image(args.image, window=args.window)  # fail on a bad image before loading the model
-    model_dir = args.model
-    if model_dir is None:
-        if not (DEMO_MODEL_DIR / "config.json").is_file():
-            raise ValueError("no --model given and the built-in demo model is not installed")
-        print("(demo model trained on synthetic phantoms; a research toy, not for diagnosis)", file=sys.stderr)
-        model_dir = DEMO_MODEL_DIR
-    model, processor = load(model_dir, device=best_device())
+    model, processor = load(_model_dir(args.model), device=best_device())
     print(
         answer(
             model,
@@ -205,6 +199,43 @@ def cmd_datagen_mix(args: argparse.Namespace) -> None:
     print(json.dumps(stats, indent=1))
 
 
+def _model_dir(model: str | None):
+    from .checkpoints import DEMO_MODEL_DIR
+
+    if model is not None:
+        return model
+    if not (DEMO_MODEL_DIR / "config.json").is_file():
+        raise ValueError("no --model given and the built-in demo model is not installed")
+    print("(demo model trained on synthetic phantoms; a research toy, not for diagnosis)", file=sys.stderr)
+    return DEMO_MODEL_DIR
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import logging
+
+    import uvicorn
+
+    from .checkpoints import load
+    from .inference import best_device
+    from .serve import Engine, Settings, create_app
+
+    model_dir = _model_dir(args.model)
+    model, processor = load(model_dir, device=best_device())
+    settings = Settings(
+        model_id=args.model_id or Path(model_dir).name,
+        api_key=args.api_key,
+        allow_dirs=[Path(d).resolve() for d in args.allow_dir],
+        allow_remote=args.allow_remote,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        max_tokens=args.max_tokens,
+        request_timeout=args.request_timeout,
+    )
+    engine = Engine(model, processor, max_batch=args.max_batch, max_queue=args.max_queue)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    print(f"serving {settings.model_id} on http://{args.host}:{args.port} (web page at /, API at /v1)", file=sys.stderr)
+    uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, access_log=False, log_level="warning")
+
+
 def cmd_data_phantoms(args: argparse.Namespace) -> None:
     from .data.phantoms import write_phantom_set
 
@@ -320,6 +351,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output JSON")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_datagen_mix)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible API and web page for asking about images")
+    p.add_argument("--model", default=None, help="model directory (default: the built-in phantom demo model)")
+    p.add_argument("--model-id", default=None, help="name clients use (default: the directory's name)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (all but /health and the page)")
+    p.add_argument("--allow-dir", action="append", default=[], help="directory file:// images may come from")
+    p.add_argument("--allow-remote", action="store_true", help="fetch http(s) image URLs")
+    p.add_argument("--max-batch", type=_positive, default=8, help="requests sharing one forward pass")
+    p.add_argument("--max-queue", type=_positive, default=32, help="queued+running requests before 429")
+    p.add_argument("--max-tokens", type=_positive, default=512, help="cap on max_tokens")
+    p.add_argument("--max-body-mb", type=float, default=20.0)
+    p.add_argument("--request-timeout", type=float, default=120.0, help="seconds")
+    p.set_defaults(func=cmd_serve)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True, metavar="WHAT")
     p = data.add_parser("phantoms", help="synthetic CT/MR phantoms with lesions, captions and VQA")

@@ -1,0 +1,438 @@
+"""`llama3med serve`: an OpenAI-compatible chat API with images, and a web page, safe under load and
+bad input.
+
+Every refusal is a 4xx with OpenAI's error JSON naming what is wrong; the server keeps serving others.
+Uploaded images and prompts are never written to disk or logs: logs carry request ids, sizes, token
+counts and timings only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..processing import IMAGE_PLACEHOLDER, ImageLoadError, SampleTooLongError, load_image
+from ..processing.images import CT_WINDOWS
+from .engine import Engine, Job, QueueFull
+
+logger = logging.getLogger("llama3med.serve")
+
+
+@dataclass
+class Settings:
+    model_id: str = "llama3med"
+    api_key: str | None = None
+    allow_dirs: list[Path] = field(default_factory=list)
+    allow_remote: bool = False
+    max_body_bytes: int = 20 * 2**20
+    max_image_pixels: int = 40_000_000
+    max_images: int = 1
+    max_tokens: int = 512
+    request_timeout: float = 120.0
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None, headers=None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+
+# ---- the OpenAI request format ---------------------------------------------------------------------
+
+
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: ImageURL | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str | list[ContentPart]
+    name: str | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+
+# ---- images ------------------------------------------------------------------------------------------
+
+
+def read_image_url(url: str, settings: Settings) -> bytes:
+    """Bytes of a data: URL, an allowed file:// path, or (only with allow_remote) an http(s) URL."""
+    if url.startswith("data:"):
+        header, _, payload = url.partition(",")
+        if ";base64" not in header:
+            raise ApiError(400, "image data URLs must be base64-encoded", "image_url")
+        try:
+            return base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(400, "image data URL holds invalid base64", "image_url") from None
+    if url.startswith("file://"):
+        path = Path(url.removeprefix("file://")).resolve()  # follows symlinks and '..'
+        if not any(path.is_relative_to(root) for root in settings.allow_dirs):
+            raise ApiError(403, "file:// images are only read under the directories the server allows", "image_url")
+        if not path.is_file():
+            raise ApiError(400, "file:// image not found", "image_url")
+        if path.stat().st_size > settings.max_body_bytes:
+            raise ApiError(413, "image file too large", "image_url")
+        return path.read_bytes()
+    if url.startswith(("http://", "https://")):
+        if not settings.allow_remote:
+            raise ApiError(400, "remote image URLs are disabled on this server; send a data: URL", "image_url")
+        import httpx
+
+        with httpx.Client(timeout=20.0, follow_redirects=False) as client:
+            response = client.get(url)
+        if response.status_code != 200 or len(response.content) > settings.max_body_bytes:
+            raise ApiError(400, f"could not fetch the image (HTTP {response.status_code})", "image_url")
+        return response.content
+    raise ApiError(400, "image_url must be a data:, file:// or http(s) URL", "image_url")
+
+
+def build_prompt(request: ChatRequest, engine: Engine, settings: Settings) -> tuple[list[int], torch.Tensor | None]:
+    """Token ids (images expanded) and pixel values of a chat; images go before their message's text."""
+    processor = engine.processor
+    messages, images = [], []
+    for message in request.messages:
+        if isinstance(message.content, str):
+            text = message.content
+        else:
+            texts = []
+            for part in message.content:
+                if part.type == "text":
+                    texts.append(part.text or "")
+                elif message.role != "user":
+                    raise ApiError(400, "images are only accepted in user messages", "messages")
+                else:
+                    if part.image_url is None:
+                        raise ApiError(400, "an image_url part needs an image_url", "messages")
+                    images.append(read_image_url(part.image_url.url, settings))
+                    texts.insert(0, IMAGE_PLACEHOLDER)
+            text = "\n".join(texts)
+        if IMAGE_PLACEHOLDER in text and isinstance(message.content, str):
+            raise ApiError(400, f"send images as image_url parts, not as {IMAGE_PLACEHOLDER} in the text", "messages")
+        messages.append({"role": message.role, "content": text})
+    if len(images) > settings.max_images:
+        raise ApiError(400, f"{len(images)} images sent; this server takes at most {settings.max_images}", "messages")
+    pixels = []
+    for data in images:
+        try:
+            pixels.append(processor.preprocess_image(load_image(data, max_pixels=settings.max_image_pixels)))
+        except ImageLoadError as err:
+            raise ApiError(400, f"unreadable image: {err.reason}", "image_url") from None
+    prompt = processor.chat_prompt(messages)
+    context = engine.model.config.text_config.max_position_embeddings
+    try:
+        input_ids = processor.encode_text(prompt, num_images=len(images), max_length=context - 1)
+    except SampleTooLongError as err:
+        raise ApiError(
+            400, f"the prompt is too long for the model's context: {err}", "messages", "context_length_exceeded"
+        ) from None
+    return input_ids, torch.stack(pixels) if pixels else None
+
+
+# ---- metrics -----------------------------------------------------------------------------------------
+
+
+class Metrics:
+    def __init__(self):
+        self.requests: dict[str, int] = {}
+        self.prompt_tokens = self.completion_tokens = 0
+        self.latency_sum = 0.0
+        self.latency_count = 0
+
+    def observe(self, status: int, latency: float, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
+        self.requests[str(status)] = self.requests.get(str(status), 0) + 1
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
+        self.latency_sum += latency
+        self.latency_count += 1
+
+    def render(self, queue_depth: int, finished: dict[str, int]) -> str:
+        lines = ["# TYPE llama3med_requests_total counter"]
+        lines += [f'llama3med_requests_total{{status="{s}"}} {n}' for s, n in sorted(self.requests.items())]
+        lines += [
+            "# TYPE llama3med_prompt_tokens_total counter",
+            f"llama3med_prompt_tokens_total {self.prompt_tokens}",
+            "# TYPE llama3med_completion_tokens_total counter",
+            f"llama3med_completion_tokens_total {self.completion_tokens}",
+            "# TYPE llama3med_request_latency_seconds summary",
+            f"llama3med_request_latency_seconds_sum {self.latency_sum:.6f}",
+            f"llama3med_request_latency_seconds_count {self.latency_count}",
+            "# TYPE llama3med_queue_depth gauge",
+            f"llama3med_queue_depth {queue_depth}",
+            "# TYPE llama3med_finished_total counter",
+            *(f'llama3med_finished_total{{reason="{r}"}} {n}' for r, n in sorted(finished.items())),
+        ]
+        return "\n".join(lines) + "\n"
+
+
+# ---- the app -----------------------------------------------------------------------------------------
+
+
+def error_response(err: ApiError) -> JSONResponse:
+    kind = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}.get(
+        err.status, "invalid_request_error"
+    )
+    if err.status >= 500:
+        kind = "server_error"
+    body = {"error": {"message": err.message, "type": kind, "param": err.param, "code": err.code}}
+    return JSONResponse(body, status_code=err.status, headers=err.headers)
+
+
+def create_app(engine: Engine, settings: Settings) -> FastAPI:
+    metrics = Metrics()
+    state = {"ready": False}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        task = asyncio.create_task(engine.run())
+        state["ready"] = True
+        yield
+        task.cancel()
+
+    app = FastAPI(title="llama3med", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, err: ApiError) -> JSONResponse:
+        return error_response(err)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        started = time.monotonic()
+        if request.url.path not in ("/health", "/") and settings.api_key:
+            if request.headers.get("authorization") != f"Bearer {settings.api_key}":
+                return error_response(ApiError(401, "missing or wrong API key (Authorization: Bearer ...)"))
+        length = request.headers.get("content-length")
+        if length is not None and int(length) > settings.max_body_bytes:
+            return error_response(ApiError(413, f"request body over {settings.max_body_bytes} bytes"))
+        response = await call_next(request)
+        if request.url.path.startswith("/v1/chat") and response.status_code != 200:
+            metrics.observe(response.status_code, time.monotonic() - started)
+        logger.info(
+            "%s %s %d %.3fs", request.method, request.url.path, response.status_code, time.monotonic() - started
+        )
+        return response
+
+    @app.get("/health")
+    async def health():
+        if not state["ready"]:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return {"status": "ok", "model": settings.model_id}
+
+    @app.get("/metrics")
+    async def prometheus():
+        text = metrics.render(engine.queue_depth, engine.finished)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        return {
+            "object": "list",
+            "data": [{"id": settings.model_id, "object": "model", "created": 0, "owned_by": "llama3med"}],
+        }
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return HTMLResponse((resources.files("llama3med.serve") / "static" / "index.html").read_text(encoding="utf-8"))
+
+    @app.post("/v1/render")
+    async def render(request: Request):
+        """The image as the model sees it, as PNG: lets the page show DICOM files with a CT window."""
+        body = await _read_body(request, settings)
+        window = request.query_params.get("window") or None
+        if window is not None and window not in CT_WINDOWS:
+            raise ApiError(400, f"window must be one of {', '.join(CT_WINDOWS)}", "window")
+        try:
+            image = load_image(body, window=window, max_pixels=settings.max_image_pixels)
+        except ImageLoadError as err:
+            raise ApiError(400, f"unreadable image: {err.reason}", "image") from None
+        import io
+
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return Response(buffer.getvalue(), media_type="image/png")
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        started = time.monotonic()
+        body = await _read_body(request, settings)
+        try:
+            chat_request = ChatRequest.model_validate_json(body)
+        except ValidationError as err:
+            first = err.errors()[0]
+            param = ".".join(str(p) for p in first["loc"])
+            raise ApiError(400, f"{param}: {first['msg']}", param) from None
+        if chat_request.n != 1:
+            raise ApiError(400, "only n=1 is supported", "n")
+        if chat_request.model != settings.model_id:
+            raise ApiError(
+                404,
+                f"model {chat_request.model!r} is not served here; try {settings.model_id!r}",
+                "model",
+                "model_not_found",
+            )
+        input_ids, pixels = await asyncio.to_thread(build_prompt, chat_request, engine, settings)
+        stop = [chat_request.stop] if isinstance(chat_request.stop, str) else list(chat_request.stop or [])
+        job = Job(
+            input_ids=input_ids,
+            pixel_values=pixels,
+            max_new_tokens=min(
+                chat_request.max_completion_tokens or chat_request.max_tokens or settings.max_tokens,
+                settings.max_tokens,
+            ),
+            temperature=chat_request.temperature,
+            top_p=chat_request.top_p,
+            seed=chat_request.seed,
+            stop=stop,
+            deadline=time.monotonic() + settings.request_timeout,
+        )
+        try:
+            events = engine.submit(job)
+        except QueueFull as err:
+            raise ApiError(
+                429, f"server busy: {err}; retry shortly", code="queue_full", headers={"retry-after": "1"}
+            ) from None
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        if chat_request.stream:
+            include_usage = bool(chat_request.stream_options and chat_request.stream_options.include_usage)
+            stream = _stream(job, events, completion_id, created, settings.model_id, include_usage, metrics, started)
+            return StreamingResponse(stream, media_type="text/event-stream", headers={"cache-control": "no-cache"})
+        kind, value = await _wait_done(job, events, request)
+        if kind == "error":
+            raise ApiError(500, "generation failed") from value
+        if job.finish_reason in ("timeout", "cancelled"):
+            raise ApiError(504 if job.finish_reason == "timeout" else 499, f"request {job.finish_reason}")
+        usage = _usage(job)
+        metrics.observe(200, time.monotonic() - started, usage["prompt_tokens"], usage["completion_tokens"])
+        return {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": settings.model_id,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": job.text},
+                    "finish_reason": job.finish_reason,
+                    "logprobs": None,
+                }
+            ],
+            "usage": usage,
+        }
+
+    return app
+
+
+async def _read_body(request: Request, settings: Settings) -> bytes:
+    """The body, refused once it passes the limit even without a content-length header."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > settings.max_body_bytes:
+            raise ApiError(413, f"request body over {settings.max_body_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _usage(job: Job) -> dict:
+    prompt = len(job.input_ids)
+    return {"prompt_tokens": prompt, "completion_tokens": len(job.tokens), "total_tokens": prompt + len(job.tokens)}
+
+
+async def _wait_done(job: Job, events: asyncio.Queue, request: Request):
+    """The final event; a client that disconnects meanwhile cancels its job."""
+    while True:
+        try:
+            kind, value = await asyncio.wait_for(events.get(), timeout=0.5)
+        except TimeoutError:
+            if await request.is_disconnected():
+                job.cancelled = True
+            continue
+        if kind != "delta":
+            return kind, value
+
+
+async def _stream(job, events, completion_id, created, model_id, include_usage, metrics, started):
+    """Server-sent events as OpenAI sends them: a role chunk, content deltas, a finish chunk, [DONE]."""
+
+    def chunk(delta: dict, finish_reason=None, usage=None) -> str:
+        choices = (
+            []
+            if usage is not None
+            else [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
+        )
+        body = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model_id,
+            "choices": choices,
+        }
+        if usage is not None:
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n"
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        while True:
+            kind, value = await events.get()
+            if kind == "delta":
+                yield chunk({"content": value})
+                continue
+            if kind == "error" or job.finish_reason in ("timeout", "cancelled"):
+                message = "generation failed" if kind == "error" else f"request {job.finish_reason}"
+                yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error'}})}\n\n"
+            else:
+                yield chunk({}, job.finish_reason)
+                usage = _usage(job)
+                if include_usage:
+                    yield chunk({}, usage=usage)
+                metrics.observe(200, time.monotonic() - started, usage["prompt_tokens"], usage["completion_tokens"])
+            yield "data: [DONE]\n\n"
+            return
+    finally:
+        job.cancelled = job.finish_reason is None  # the client left before the end: free its row

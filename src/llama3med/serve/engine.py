@@ -1,0 +1,205 @@
+"""The serving engine: requests that arrive together share one batched `generate`, each request's images
+are encoded once, tokens stream back per request, and a bounded queue refuses work it cannot take.
+
+One generation runs at a time on a worker thread while the next batch gathers. Requests in a batch share
+their sampling settings (greedy, or the same temperature and top-p); each keeps its own token budget,
+stop strings, deadline and cancellation, enforced row by row through a stopping criterion, so a client
+that leaves frees its row at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from ..model import Llama3MedForConditionalGeneration
+from ..processing import Llama3MedProcessor, pad_sequences
+
+
+class QueueFull(Exception):
+    """The engine holds as many requests as it may; the client should retry later."""
+
+
+@dataclass
+class Job:
+    input_ids: list[int]
+    pixel_values: torch.Tensor | None  # (images, 3, H, W) or None
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    deadline: float = float("inf")  # time.monotonic() by which it must finish
+    id: int = field(default_factory=itertools.count().__next__)
+    cancelled: bool = False
+    # filled by the engine
+    events: asyncio.Queue | None = None
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+
+    @property
+    def sampling(self) -> tuple:
+        """Jobs with equal keys can share a generate call; a seeded job runs alone to be reproducible."""
+        if self.seed is not None:
+            return ("seeded", self.id)
+        return ("greedy",) if self.temperature <= 0 else ("sample", self.temperature, self.top_p)
+
+
+class _Rows(StoppingCriteria):
+    """Per-row stop: finished by the streamer, cancelled, past its deadline, or out of tokens."""
+
+    def __init__(self, jobs: list[Job]):
+        self.jobs = jobs
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        now = time.monotonic()
+        for job in self.jobs:
+            if job.finish_reason is None and (job.cancelled or now > job.deadline):
+                job.finish_reason = "cancelled" if job.cancelled else "timeout"
+        return torch.tensor([job.finish_reason is not None for job in self.jobs], device=input_ids.device)
+
+
+class _Streamer:
+    """Receives each step's tokens for the whole batch and sends every row its new text."""
+
+    def __init__(self, jobs: list[Job], processor: Llama3MedProcessor, eos: set[int], loop):
+        self.jobs, self.processor, self.eos, self.loop = jobs, processor, eos, loop
+        self.started = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.started:  # the first call carries the prompt (empty with inputs_embeds)
+            self.started = True
+            if value.dim() == 2:
+                return
+        for job, token in zip(self.jobs, value.view(-1).tolist(), strict=True):
+            if job.finish_reason is not None:
+                continue
+            if token in self.eos:
+                job.finish_reason = "stop"
+                continue
+            job.tokens.append(token)
+            text = self.processor.decode(job.tokens)
+            if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+                continue
+            for stop in job.stop:
+                if stop in text:
+                    text, job.finish_reason = text[: text.index(stop)], "stop"
+                    break
+            if len(job.tokens) >= job.max_new_tokens and job.finish_reason is None:
+                job.finish_reason = "length"
+            delta, job.text = text[len(job.text) :], text
+            if delta:
+                self.loop.call_soon_threadsafe(job.events.put_nowait, ("delta", delta))
+
+    def end(self) -> None:
+        pass
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Llama3MedForConditionalGeneration,
+        processor: Llama3MedProcessor,
+        max_batch: int = 8,
+        max_queue: int = 32,
+        batch_window: float = 0.01,
+    ):
+        self.model, self.processor = model, processor
+        self.max_batch, self.max_queue, self.batch_window = max_batch, max_queue, batch_window
+        self.pending: deque[Job] = deque()
+        self.running = 0
+        self.wakeup: asyncio.Event | None = None
+        self.lock = threading.Lock()  # one generate at a time
+        eos = model.generation_config.eos_token_id
+        self.eos = set([eos] if isinstance(eos, int) else (eos or []))
+        self.batches = 0
+        self.finished: Counter[str] = Counter()  # finish reasons, for /metrics
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.pending) + self.running
+
+    def submit(self, job: Job) -> asyncio.Queue:
+        """Queue a job; its events are ("delta", text) ... then ("done", job) or ("error", exception)."""
+        if self.queue_depth >= self.max_queue:
+            raise QueueFull(f"{self.queue_depth} requests queued or running")
+        job.events = asyncio.Queue()
+        self.pending.append(job)
+        self.wakeup.set()
+        return job.events
+
+    async def run(self) -> None:
+        """The batching loop; start it once as a task on the server's event loop."""
+        self.wakeup = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        while True:
+            await self.wakeup.wait()
+            await asyncio.sleep(self.batch_window)  # let requests that arrive together meet
+            self.wakeup.clear()
+            while self.pending:
+                batch = self._take_batch()
+                if not batch:
+                    continue
+                self.running = len(batch)
+                try:
+                    await loop.run_in_executor(None, self._generate, batch, loop)
+                except Exception as err:  # the batch fails; the server keeps serving others
+                    for job in batch:
+                        job.events.put_nowait(("error", err))
+                else:
+                    for job in batch:
+                        self.finished[job.finish_reason] += 1
+                        job.events.put_nowait(("done", job))
+                finally:
+                    self.running = 0
+
+    def _take_batch(self) -> list[Job]:
+        now = time.monotonic()
+        first = self.pending.popleft()
+        if first.cancelled or now > first.deadline:
+            first.finish_reason = "cancelled" if first.cancelled else "timeout"
+            self.finished[first.finish_reason] += 1
+            first.events.put_nowait(("done", first))
+            return []
+        batch, kept = [first], deque()
+        while self.pending and len(batch) < self.max_batch:
+            job = self.pending.popleft()
+            (batch if job.sampling == first.sampling and not job.cancelled else kept).append(job)
+        self.pending.extendleft(reversed(kept))
+        return batch
+
+    @torch.inference_mode()
+    def _generate(self, jobs: list[Job], loop) -> None:
+        with self.lock:
+            self.batches += 1
+            device = self.model.device
+            images = [job.pixel_values for job in jobs if job.pixel_values is not None]
+            features = self.model.encode_images(torch.cat(images).to(device)) if images else None
+            input_ids, attention_mask = pad_sequences(
+                [job.input_ids for job in jobs], self.processor.tokenizer.pad_token_id, "left"
+            )
+            embeds = self.model.embed_inputs(input_ids.to(device), features)
+            first = jobs[0]
+            sampling = {"do_sample": False}
+            if first.temperature > 0:
+                sampling = {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p}
+                if first.seed is not None:
+                    torch.manual_seed(first.seed)
+            self.model.generate(
+                inputs_embeds=embeds,
+                attention_mask=attention_mask.to(device),
+                max_new_tokens=max(job.max_new_tokens for job in jobs),
+                stopping_criteria=StoppingCriteriaList([_Rows(jobs)]),
+                streamer=_Streamer(jobs, self.processor, self.eos, loop),
+                **sampling,
+            )
+            for job in jobs:
+                job.finish_reason = job.finish_reason or "length"

@@ -1,0 +1,252 @@
+"""`llama3med serve` as clients see it: the official openai client with images (PNG and DICOM), streaming
+exactly like OpenAI, batching of concurrent requests, a bounded queue, disconnects, auth, and a 4xx with
+an OpenAI error for every kind of bad input while the server keeps serving."""
+
+import asyncio
+import base64
+import io
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import openai
+import pydicom
+import pytest
+import uvicorn
+from PIL import Image
+
+from conftest import write_dicom
+from llama3med.checkpoints import load
+from llama3med.serve import Engine, Settings, create_app
+
+KEY = "test-key"
+
+
+class Server:
+    def __init__(self, model_dir, **settings):
+        model, processor = load(model_dir)
+        self.engine = Engine(model, processor, max_batch=8, max_queue=settings.pop("max_queue", 32), batch_window=0.05)
+        self.settings = Settings(model_id="tiny", **settings)
+        config = uvicorn.Config(create_app(self.engine, self.settings), host="127.0.0.1", port=0, log_level="error")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(built_model_dir, tmp_path_factory):
+    allowed = tmp_path_factory.mktemp("allowed")
+    server = Server(built_model_dir, allow_dirs=[allowed.resolve()], max_body_bytes=2_000_000)
+    server.allowed = allowed
+    yield server
+    server.stop()
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def png(value: int = 128, size: int = 40) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((size, size, 3), value, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def ask(url: str, question: str = "Is there a lesion?") -> list[dict]:
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}],
+        }
+    ]
+
+
+def test_the_openai_client_asks_about_an_image_and_streams_the_same_answer(server):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    messages = ask(data_url(png()))
+    reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0)
+    text = reply.choices[0].message.content
+    assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens <= 6
+    assert reply.usage.prompt_tokens > 16  # the 16 image tokens are counted
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert chunks[-2].choices[0].finish_reason == reply.choices[0].finish_reason
+    assert chunks[-1].usage.total_tokens == reply.usage.total_tokens
+
+
+def test_dicom_images_are_accepted_and_rendered_with_a_window(server, tmp_path):
+    ct = open(pydicom.data.get_testdata_file("CT_small.dcm"), "rb").read()
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    reply = client.chat.completions.create(model="tiny", messages=ask(data_url(ct, "application/dicom")), max_tokens=3)
+    assert reply.choices[0].message.content is not None
+    rendered = httpx.post(f"{server.url}/v1/render?window=lung", content=ct)
+    assert rendered.status_code == 200 and Image.open(io.BytesIO(rendered.content)).size == (128, 128)
+    (server.allowed / "scan.png").write_bytes(png(90))
+    reply = client.chat.completions.create(
+        model="tiny", messages=ask(f"file://{server.allowed / 'scan.png'}"), max_tokens=2
+    )
+    assert reply.choices[0].message.content is not None
+
+
+def bad_requests(server, tmp_path):
+    no_pixels = write_dicom(tmp_path / "empty.dcm", np.zeros((8, 8), np.uint16), with_pixels=False).read_bytes()
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(png())
+    link = server.allowed / "link.png"
+    if not link.exists():
+        link.symlink_to(outside)
+    base = {"model": "tiny", "max_tokens": 2}
+    two_images = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(png())}}] * 2}]
+    return [
+        ({**base, "messages": ask("data:image/png;base64,@@@not-base64")}, 400, "invalid base64"),
+        ({**base, "messages": ask(data_url(b"just some text, not an image"))}, 400, "unreadable image"),
+        ({**base, "messages": ask(data_url(no_pixels, "application/dicom"))}, 400, "no pixel data"),
+        ({**base, "messages": two_images}, 400, "at most 1"),
+        ({**base, "messages": ask(data_url(png())), "frequency_boost": 2}, 400, "frequency_boost"),
+        ({**base, "messages": [{"role": "user", "content": "lesion " * 600}]}, 400, "too long"),
+        ({**base, "messages": ask("https://example.org/x.png")}, 400, "remote image URLs are disabled"),
+        (
+            {**base, "messages": ask(f"file://{server.allowed}/../{outside.parent.name}/secret.png")},
+            403,
+            "only read under",
+        ),
+        ({**base, "messages": ask(f"file://{link}")}, 403, "only read under"),
+        ({**base, "messages": ask(data_url(png())), "n": 2}, 400, "n=1"),
+        ({**base, "model": "gpt-4o", "messages": ask(data_url(png()))}, 404, "not served here"),
+        ({**base, "messages": ask(data_url(bytes(2_000_000)))}, 413, "over 2000000 bytes"),
+    ]
+
+
+def test_every_kind_of_bad_input_gets_a_4xx_openai_error_and_the_server_keeps_serving(server, tmp_path):
+    for body, status, message in bad_requests(server, tmp_path):
+        response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30)
+        assert response.status_code == status, (message, response.text)
+        error = response.json()["error"]
+        assert message in error["message"] and {"type", "param", "code"} <= set(error)
+    bomb = Image.new("L", (8000, 8000))  # 64 M pixels in a tiny PNG: refused from the header, never decoded
+    buffer = io.BytesIO()
+    bomb.save(buffer, format="PNG")
+    response = httpx.post(
+        f"{server.url}/v1/chat/completions", json={"model": "tiny", "messages": ask(data_url(buffer.getvalue()))}
+    )
+    assert response.status_code == 400 and "pixels" in response.json()["error"]["message"]
+    ok = httpx.post(
+        f"{server.url}/v1/chat/completions", json={"model": "tiny", "messages": ask(data_url(png())), "max_tokens": 2}
+    )
+    assert ok.status_code == 200
+
+
+def test_concurrent_requests_share_forward_passes_and_get_their_own_answers(server):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    questions = [
+        "Is there a lesion?",
+        "What modality is this?",
+        "Which side is the lesion on?",
+        "Is the kidney normal?",
+    ]
+
+    def one(question):
+        reply = client.chat.completions.create(
+            model="tiny", messages=ask(data_url(png(60)), question), max_tokens=5, temperature=0
+        )
+        return reply.choices[0].message.content
+
+    alone = [one(q) for q in questions]
+    before = server.engine.batches
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(one, questions))
+    assert together == alone
+    assert server.engine.batches - before < len(questions)
+
+
+def test_a_full_queue_answers_429_with_retry_after(built_model_dir):
+    server = Server(built_model_dir, max_queue=2)
+    body = {"model": "tiny", "messages": ask(data_url(png())), "max_tokens": 2}
+    try:
+        server.engine.lock.acquire()  # hold generation so the queue fills
+        with ThreadPoolExecutor(2) as pool:
+            held = [
+                pool.submit(httpx.post, f"{server.url}/v1/chat/completions", json=body, timeout=30) for _ in range(2)
+            ]
+            while server.engine.queue_depth < 2:
+                time.sleep(0.02)
+            refused = httpx.post(f"{server.url}/v1/chat/completions", json=body)
+            server.engine.lock.release()
+            assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+            assert refused.json()["error"]["code"] == "queue_full"
+            assert [f.result().status_code for f in held] == [200, 200]
+        assert 'llama3med_requests_total{status="429"} 1' in httpx.get(f"{server.url}/metrics").text
+    finally:
+        server.stop()
+
+
+def test_a_client_that_disconnects_frees_its_slot(server):
+    body = {"model": "tiny", "messages": ask(data_url(png())), "max_tokens": 500, "stream": True}
+    before = server.engine.finished["cancelled"]
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body) as response:
+        next(response.iter_lines())  # the first event arrives, then the client leaves
+    deadline = time.time() + 10
+    while server.engine.queue_depth and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.engine.queue_depth == 0
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert "llama3med_queue_depth 0" in metrics
+    assert server.engine.finished["cancelled"] == before + 1  # stopped early, not run to its 500 tokens
+
+
+def test_with_an_api_key_every_endpoint_but_health_needs_it(built_model_dir):
+    server = Server(built_model_dir, api_key=KEY, request_timeout=0.0001)
+    try:
+        assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+        assert httpx.get(f"{server.url}/v1/models").status_code == 401
+        assert httpx.get(f"{server.url}/metrics").status_code == 401
+        headers = {"Authorization": f"Bearer {KEY}"}
+        assert httpx.get(f"{server.url}/v1/models", headers=headers).status_code == 200
+        body = {"model": "tiny", "messages": ask(data_url(png())), "max_tokens": 2}
+        timed_out = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=headers)
+        assert timed_out.status_code == 504 and "timeout" in timed_out.json()["error"]["message"]
+        page = httpx.get(f"{server.url}/")
+        assert page.status_code == 200 and "not for diagnosis" in page.text and "https://" not in page.text  # no CDN
+    finally:
+        server.stop()
+
+
+def test_no_prompt_or_image_reaches_the_logs(server, caplog):
+    secret = "PATIENT-NAME-4242"
+    with caplog.at_level("DEBUG"):
+        httpx.post(
+            f"{server.url}/v1/chat/completions",
+            json={"model": "tiny", "messages": ask(data_url(png()), secret), "max_tokens": 2},
+        )
+    assert secret not in caplog.text and "base64" not in caplog.text
+    assert json.dumps(caplog.text)  # something was logged, without content
+
+
+def test_the_datagen_teacher_client_talks_to_this_server(server):
+    from llama3med.datagen import OpenAITeacher
+
+    teacher = OpenAITeacher(model="tiny", api_key="unused", base_url=f"{server.url}/v1")
+    messages = [{"role": "user", "content": "Legend: a CT."}]
+    reply = asyncio.run(teacher.complete("You write data.", messages, max_tokens=4))
+    assert isinstance(reply.text, str) and 0 < reply.output_tokens <= 4 and reply.input_tokens > 0
