@@ -14,3 +14,6 @@ llama3med train recipes/demo/finetune.yaml --set model="$RUNS/pretrain" --set ou
 # A test set the model never saw (another seed), in DICOM as users will ask about it.
 llama3med data phantoms --out "$RUNS/data/test" --n 300 --seed 1000 --size 384 --format dcm
 llama3med eval --model "$RUNS/finetune" --benchmark llava-med --data "$RUNS/data/test/test.json" --out "$RUNS/eval"
+
+# Export the final model into the package (weights, tokenizer, processor; no optimizer state).
+python -c "from llama3med.checkpoints import DEMO_MODEL_DIR, load, save; save(*load('$RUNS/finetune', dtype='float32'), DEMO_MODEL_DIR)"

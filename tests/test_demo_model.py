@@ -1,0 +1,49 @@
+"""The demo model that ships in the package: small, answers `llama3med ask` without --model, and reads
+the modality off phantom images it never saw.
+
+It does not reliably find lesions (see the README's measured figures); these tests assert what it does.
+"""
+
+from pathlib import Path
+
+import pytest
+
+from llama3med.checkpoints import DEMO_MODEL_DIR, load
+from llama3med.cli import main
+from llama3med.data.benchmarks import load_llava_med
+from llama3med.data.phantoms import write_phantom_set
+from llama3med.eval import generate_answers, score
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def test_the_demo_model_ships_inside_the_package_and_is_small():
+    files = {p.name: p.stat().st_size for p in DEMO_MODEL_DIR.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json"} <= set(files)
+    assert sum(files.values()) < 30 * 2**20
+
+
+@pytest.mark.parametrize(
+    "image,question,expected",
+    [
+        ("phantom_ct_lesion.dcm", "What imaging modality is this?", "CT"),
+        ("phantom_mr_normal.dcm", "What imaging modality is this?", "MRI"),
+        ("phantom_mr_normal.dcm", "Is this a CT scan?", "no"),
+    ],
+)
+def test_ask_without_a_model_answers_from_the_demo(image, question, expected, capsys):
+    assert main(["ask", "--image", str(EXAMPLES / image), question]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == expected
+    assert "not for diagnosis" in captured.err
+
+
+def test_the_demo_model_reads_the_modality_of_unseen_phantoms(tmp_path):
+    write_phantom_set(tmp_path, n=40, seed=4242, size=384, image_format="dcm")  # training used seed 0
+    records = [r for r in load_llava_med(tmp_path / "test.json") if r.question_type == "modality"]
+    model, processor = load(DEMO_MODEL_DIR)
+    answers = {
+        r.id: text for r, _, text in generate_answers(model, processor, records, batch_size=40, max_new_tokens=4)
+    }
+    scores = score(records, answers)["all"]
+    assert scores["closed_accuracy"] == 1.0 and scores["open_exact_match"] == 1.0
