@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from llama3med.cli import main
 from llama3med.datagen import (
@@ -298,3 +299,22 @@ def test_a_paid_run_needs_confirmation_and_mix_reports_its_sources(tmp_path, cap
         "2 question(s)": 2,
     }
     assert len(json.loads((tmp_path / "mixed.json").read_text())) == 6
+
+
+def test_the_output_trains_as_it_is(server, tmp_path, tokenizer):
+    from llama3med.data.conversations import ConversationDataset, Source
+    from llama3med.datagen import read_captions
+    from llama3med.processing import Llama3MedProcessor
+
+    records = read_captions(captions(tmp_path / "captions.jsonl", ["good"] * 3))
+    for record in records:
+        Image.new("RGB", (40, 40), (90, 90, 90)).save(tmp_path / record["image"])
+    teacher = OpenAITeacher(api_key=SECRET, base_url=f"{server.url}/v1")
+    asyncio.run(
+        generate(records, tmp_path / "out.jsonl", [(teacher, 1.0)], load_prompt("conversation"), progress=False)
+    )
+    processor = Llama3MedProcessor(
+        tokenizer, image_size=32, image_mean=[0.5] * 3, image_std=[0.5] * 3, num_image_tokens=16
+    )
+    dataset = ConversationDataset([Source(tmp_path / "out.jsonl", tmp_path)], processor, max_length=512, strict=True)
+    assert len(dataset) == 3 and dataset[0]["pixel_values"].shape == (3, 32, 32)

@@ -246,7 +246,7 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
             if request.headers.get("authorization") != f"Bearer {settings.api_key}":
                 return error_response(ApiError(401, "missing or wrong API key (Authorization: Bearer ...)"))
         length = request.headers.get("content-length")
-        if length is not None and int(length) > settings.max_body_bytes:
+        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
             return error_response(ApiError(413, f"request body over {settings.max_body_bytes} bytes"))
         response = await call_next(request)
         if request.url.path.startswith("/v1/chat") and response.status_code != 200:
