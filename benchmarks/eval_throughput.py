@@ -1,0 +1,61 @@
+"""Questions per second of `llama3med eval` against the reference way of running a VQA benchmark: one
+question at a time, re-encoding the image for every question.
+
+Data: phantom test questions (4-8 per image, like SLAKE's many questions per image). Model: the shipped
+demo model unless --model is given. Both ways must give the same answers; the ratio is printed.
+
+    python benchmarks/eval_throughput.py [--model DIR] [--images 40] [--batch-size 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+
+from llama3med.checkpoints import DEMO_MODEL_DIR, load
+from llama3med.data.benchmarks import load_llava_med
+from llama3med.data.phantoms import write_phantom_set
+from llama3med.eval import generate_answers
+from llama3med.inference import answer, best_device
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(DEMO_MODEL_DIR))
+    parser.add_argument("--images", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=8)
+    args = parser.parse_args()
+
+    model, processor = load(args.model, device=best_device())
+    with tempfile.TemporaryDirectory() as tmp:
+        write_phantom_set(tmp, n=args.images, seed=31337, size=processor.image_size, image_format="dcm")
+        records = load_llava_med(f"{tmp}/test.json")
+        print(f"{len(records)} questions about {args.images} images, device {model.device}, torch {torch.__version__}")
+
+        start = time.perf_counter()
+        reference = {
+            r.id: answer(model, processor, r.image, r.question, max_new_tokens=args.max_new_tokens) for r in records
+        }
+        reference_rate = len(records) / (time.perf_counter() - start)
+
+        start = time.perf_counter()
+        batched = {
+            r.id: text
+            for r, _, text in generate_answers(
+                model, processor, records, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens
+            )
+        }
+        batched_rate = len(records) / (time.perf_counter() - start)
+
+    same = sum(reference[k] == batched[k] for k in reference)
+    print(f"one at a time, image re-encoded: {reference_rate:8.2f} questions/s")
+    print(f"llama3med eval (batch {args.batch_size}):        {batched_rate:8.2f} questions/s")
+    print(f"speed-up: {batched_rate / reference_rate:.2f}x; identical answers: {same}/{len(records)}")
+
+
+if __name__ == "__main__":
+    main()
