@@ -6,9 +6,13 @@ import asyncio
 import base64
 import io
 import json
+import re
+import shutil
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -250,3 +254,19 @@ def test_the_datagen_teacher_client_talks_to_this_server(server):
     messages = [{"role": "user", "content": "Legend: a CT."}]
     reply = asyncio.run(teacher.complete("You write data.", messages, max_tokens=4))
     assert isinstance(reply.text, str) and 0 < reply.output_tokens <= 4 and reply.input_tokens > 0
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs Node.js to run the page's script")
+def test_the_web_page_renders_a_dicom_and_streams_an_answer(server, tmp_path):
+    script = re.search(r"<script>(.*)</script>", httpx.get(f"{server.url}/").text, re.S).group(1)
+    (tmp_path / "page.js").write_text(script)
+    ct = pydicom.data.get_testdata_file("CT_small.dcm")
+    harness = Path(__file__).parent / "web" / "page_harness.js"
+    command = ["node", str(harness), str(tmp_path / "page.js"), server.url, ct, "Is there a lesion?"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["preview"].startswith("blob:") and shown["image"] == "data:image/png;base64"
+    assert [m["cls"] for m in shown["log"]] == ["msg user", "msg assistant"]
+    assert shown["history"][0]["content"][0]["type"] == "image_url"
+    assert shown["history"][1] == {"role": "assistant", "content": shown["log"][1]["text"]}

@@ -222,7 +222,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     model_dir = _model_dir(args.model)
     model, processor = load(model_dir, device=best_device())
     settings = Settings(
-        model_id=args.model_id or Path(model_dir).name,
+        model_id=args.model_id or ("llama3med-demo" if args.model is None else Path(model_dir).name),
         api_key=args.api_key,
         allow_dirs=[Path(d).resolve() for d in args.allow_dir],
         allow_remote=args.allow_remote,
