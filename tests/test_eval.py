@@ -96,6 +96,7 @@ def test_an_interrupted_run_resumes_without_repeating_or_losing_answers(model_an
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert [row["question_id"] for row in rows[:3]] == list(first) and rows[:3] == [json.loads(k) for k in kept]
     assert sorted(row["question_id"] for row in rows) == sorted(r.id for r in records) == sorted(answers)
+    assert answers == run(model, processor, records, tmp_path / "uninterrupted.jsonl", model_id="m", batch_size=2)
 
 
 def test_eval_and_score_commands_use_the_llava_med_answer_format(built_model_dir, test_set, tmp_path, capsys):
