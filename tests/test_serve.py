@@ -270,3 +270,20 @@ def test_the_web_page_renders_a_dicom_and_streams_an_answer(server, tmp_path):
     assert [m["cls"] for m in shown["log"]] == ["msg user", "msg assistant"]
     assert shown["history"][0]["content"][0]["type"] == "image_url"
     assert shown["history"][1] == {"role": "assistant", "content": shown["log"][1]["text"]}
+
+
+def test_seeded_sampling_repeats_and_stop_strings_cut_the_answer(server):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    messages = ask(data_url(png(200)), "Describe the image.")
+
+    def text(**options):
+        reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, **options)
+        return reply.choices[0].message.content, reply.choices[0].finish_reason
+
+    sampled = text(temperature=1.0, top_p=0.9, seed=7)
+    assert sampled == text(temperature=1.0, top_p=0.9, seed=7)
+    greedy, _ = text(temperature=0)
+    assert len(greedy) > 2
+    stop = greedy[len(greedy) // 2 :][:2]
+    cut, reason = text(temperature=0, stop=[stop])
+    assert reason == "stop" and stop not in cut and greedy.startswith(cut)
