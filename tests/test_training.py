@@ -220,3 +220,28 @@ def test_length_grouping_is_deterministic_per_epoch_and_groups_similar_lengths()
     assert first == again and sorted(first) == list(range(400)) and list(sampler) != first
     batches = [[lengths[i] for i in first[k : k + 4]] for k in range(0, 400, 4)]
     assert sum(max(b) - min(b) < 100 for b in batches) >= 90  # batches hold one kind of length
+
+
+def test_lora_finetuning_saves_a_merged_model_and_its_adapter(tmp_path, phantoms):
+    assert main(["train", str(pretrain_recipe(tmp_path, phantoms, max_steps=2))]) == 0
+    finetune = write_recipe(
+        tmp_path / "lora.yaml",
+        stage="finetune",
+        model=str(tmp_path / "pretrain"),
+        data=[{"path": str(phantoms / "conversations.json"), "image_root": str(phantoms / "images")}],
+        output_dir=str(tmp_path / "lora"),
+        max_length=512,
+        lora={"r": 4, "alpha": 8, "dropout": 0.0},
+        training={"per_device_train_batch_size": 4, "max_steps": 4, "learning_rate": 1e-2, "disable_tqdm": True},
+    )
+    assert main(["train", str(finetune)]) == 0
+    before, after = weights(tmp_path / "pretrain"), weights(tmp_path / "lora")
+    assert before.keys() == after.keys()  # a plain model again: no LoRA or wrapper names
+    assert (tmp_path / "lora" / "adapter" / "adapter_config.json").is_file()
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"language_model", "multi_modal_projector"}
+    assert not torch.equal(
+        before["language_model.model.layers.0.self_attn.q_proj.weight"],
+        after["language_model.model.layers.0.self_attn.q_proj.weight"],
+    )
+    load(tmp_path / "lora")
