@@ -67,6 +67,19 @@ def pretrain_recipe(tmp_path: Path, phantoms: Path, **training) -> Path:
     )
 
 
+def finetune_recipe(tmp_path: Path, phantoms: Path, name: str, **fields) -> Path:
+    """A finetune stage from the pretrain output, on the phantom conversations, into `tmp_path/name`."""
+    return write_recipe(
+        tmp_path / f"{name}.yaml",
+        stage="finetune",
+        model=str(tmp_path / "pretrain"),
+        data=[{"path": str(phantoms / "conversations.json"), "image_root": str(phantoms / "images")}],
+        output_dir=str(tmp_path / name),
+        max_length=512,
+        **fields,
+    )
+
+
 def weights(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(directory / "model.safetensors")
 
@@ -82,13 +95,10 @@ def summary(directory: Path) -> dict:
 
 def test_pretrain_then_finetune_lowers_the_loss_and_the_output_answers(tmp_path, phantoms):
     assert main(["train", str(pretrain_recipe(tmp_path, phantoms, max_steps=24))]) == 0
-    finetune = write_recipe(
-        tmp_path / "finetune.yaml",
-        stage="finetune",
-        model=str(tmp_path / "pretrain"),
-        data=[{"path": str(phantoms / "conversations.json"), "image_root": str(phantoms / "images")}],
-        output_dir=str(tmp_path / "finetune"),
-        max_length=512,
+    finetune = finetune_recipe(
+        tmp_path,
+        phantoms,
+        "finetune",
         training={"per_device_train_batch_size": 4, "max_steps": 24, "learning_rate": 3e-3, "disable_tqdm": True},
     )
     assert main(["train", str(finetune), "--set", "training.logging_steps=1"]) == 0
@@ -224,13 +234,10 @@ def test_length_grouping_is_deterministic_per_epoch_and_groups_similar_lengths()
 
 def test_lora_finetuning_saves_a_merged_model_and_its_adapter(tmp_path, phantoms):
     assert main(["train", str(pretrain_recipe(tmp_path, phantoms, max_steps=2))]) == 0
-    finetune = write_recipe(
-        tmp_path / "lora.yaml",
-        stage="finetune",
-        model=str(tmp_path / "pretrain"),
-        data=[{"path": str(phantoms / "conversations.json"), "image_root": str(phantoms / "images")}],
-        output_dir=str(tmp_path / "lora"),
-        max_length=512,
+    finetune = finetune_recipe(
+        tmp_path,
+        phantoms,
+        "lora",
         lora={"r": 4, "alpha": 8, "dropout": 0.0},
         training={"per_device_train_batch_size": 4, "max_steps": 4, "learning_rate": 1e-2, "disable_tqdm": True},
     )

@@ -70,6 +70,26 @@ def read_records(path: Path) -> list[dict]:
     return records
 
 
+def read_appended_rows(path: Path) -> list[dict]:
+    """Complete rows of a JSONL file written line by line; a line cut by a crash is skipped."""
+    rows = []
+    if Path(path).is_file():
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def repair_appended_rows(path: Path) -> list[dict]:
+    """Like `read_appended_rows`, and rewrites the file without the cut line, so appending can resume."""
+    rows = read_appended_rows(path)
+    if Path(path).is_file():
+        Path(path).write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return rows
+
+
 def draw(records: list[dict], ratio: float, rng: random.Random) -> list[dict]:
     """`ratio` copies of `records`: whole repeats, then a random part for the fraction."""
     if ratio < 0:

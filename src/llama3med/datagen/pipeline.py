@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from ..data.conversations import read_records
+from ..data.conversations import read_records, repair_appended_rows
 from .cleaning import BadReply, clean_conversation, parse_reply
 from .teachers import PermanentError, TransientError
 
@@ -118,19 +118,7 @@ def rejects_path(out: Path) -> Path:
 
 def read_done(*paths: Path) -> set[str]:
     """Ids already in the output or rejects files; a line cut by a kill is dropped from its file."""
-    done = set()
-    for path in paths:
-        if not path.is_file():
-            continue
-        rows = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-        done |= {str(row["id"]) for row in rows}
-    return done
+    return {str(row["id"]) for path in paths for row in repair_appended_rows(path)}
 
 
 @dataclass

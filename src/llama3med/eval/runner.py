@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from ..data.benchmarks import VQARecord
+from ..data.conversations import read_appended_rows, repair_appended_rows
 from ..inference import question_messages
 from ..model import Llama3MedForConditionalGeneration
 from ..processing import Llama3MedProcessor, pad_sequences
@@ -33,16 +34,8 @@ def prompt_text(record: VQARecord, style: str) -> str:
 
 
 def read_answers(path: Path) -> dict[str, dict]:
-    """Answers already written, by question id; a line cut by a crash is ignored (and rewritten)."""
-    answers = {}
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            answers[str(row["question_id"])] = row
-    return answers
+    """Answers already written, by question id; a line cut by a crash is ignored."""
+    return {str(row["question_id"]): row for row in read_appended_rows(path)}
 
 
 @torch.inference_mode()
@@ -93,10 +86,8 @@ def run(
     """Answer every record not yet in `answers_path`, appending line by line; returns all answers."""
     answers_path = Path(answers_path)
     answers_path.parent.mkdir(parents=True, exist_ok=True)
-    done = read_answers(answers_path)
+    done = {str(row["question_id"]): row for row in repair_appended_rows(answers_path)}
     pending = [r for r in records if r.id not in done]
-    if done:  # rewrite without a possibly cut last line before appending
-        answers_path.write_text("".join(json.dumps(row) + "\n" for row in done.values()), encoding="utf-8")
     with (
         answers_path.open("a", encoding="utf-8") as out,
         tqdm(total=len(records), initial=len(records) - len(pending), unit="q", desc="answering") as bar,
