@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from llama3med.data.benchmarks import load_benchmark, load_pathvqa, load_slake, load_vqa_rad
+from llama3med.data.benchmarks import load_benchmark, load_candidate_answers, load_pathvqa, load_slake, load_vqa_rad
 
 
 def png_bytes(value: int) -> bytes:
@@ -109,3 +109,6 @@ def test_malformed_records_are_named(tmp_path):
         load_vqa_rad(tmp_path)
     with pytest.raises(ValueError, match="unknown benchmark 'medqa'"):
         load_benchmark("medqa", tmp_path)
+    (tmp_path / "train_open_answers.json").write_text('{"1": ["liver"]}')
+    with pytest.raises(ValueError, match=r"train_open_answers.json: expected a JSON list"):
+        load_candidate_answers(tmp_path / "train_open_answers.json")

@@ -3,6 +3,8 @@ each image encoded once, and an interrupted run that resumes without repeating o
 
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,7 +14,9 @@ from llama3med.data.benchmarks import VQARecord, load_llava_med
 from llama3med.data.phantoms import write_phantom_set
 from llama3med.eval import closed_hit, majority_baseline, normalize_answer, run, score, token_scores
 from llama3med.eval.runner import generate_answers
-from llama3med.eval.scoring import bleu, closest_candidate
+from llama3med.eval.scoring import bleu, closest_candidate, exact_match
+
+PARITY = Path(__file__).parent / "fixtures" / "llava_med_parity"
 
 
 @pytest.fixture(scope="module")
@@ -52,14 +56,35 @@ def test_open_questions_score_tokens_with_the_predictions_counts():
     assert token_scores("", "liver") == (0.0, 0.0, 0.0)
 
 
-def test_bleu_and_the_candidate_set_accuracy():
-    assert bleu("liver lesion", "liver lesion", 2) == 1.0
-    assert bleu("liver", "liver lesion", 1) == pytest.approx(math.exp(-1))  # brevity penalty
-    assert bleu("lesion liver", "liver lesion", 2) == 0.0  # no shared bigram, no smoothing
+def test_exact_match_bleu_and_candidates_are_the_evaluators_definitions():
+    assert exact_match("liver", "liver") == 1.0
+    assert exact_match("The liver is enlarged", "liver") == pytest.approx(1 / 3)  # a share, not equality
+    assert bleu("liver lesion", "liver lesion", (0.5, 0.5)) == 1.0
+    assert bleu("liver", "liver lesion", (1, 0, 0, 0)) == pytest.approx(math.exp(-1))  # brevity penalty
+    assert 0 < bleu("lesion liver", "liver lesion", (0, 1, 0, 0)) < 1e-300  # NLTK without smoothing
+    assert bleu("kidney", "liver", (1, 0, 0, 0)) == 0.0
     candidates = ["liver", "kidney", "left kidney", "spleen"]
     assert closest_candidate("The lesion is in the liver.", candidates) == "liver"
-    assert closest_candidate("left kidney", candidates) == "left kidney"
-    assert closest_candidate("unsure", candidates) is None
+    assert closest_candidate("left kidney", candidates) == "kidney"  # both cover fully: the first wins
+    assert closest_candidate("unsure", candidates) == "liver"  # nothing matches: the first candidate
+
+
+def test_a_prepared_answers_file_scores_as_llava_meds_evaluator_scores_it(capsys):
+    """`expected.json` was computed by LLaVA-Med's own evaluator on the answers in the same folder."""
+    expected = json.loads((PARITY / "expected.json").read_text())
+    files = ["--gt", str(PARITY / "test.json"), "--pred", str(PARITY / "answers.jsonl")]
+    assert main(["score", *files, "--candidates", str(PARITY / "train_open_answers.json"), "--json"]) == 0
+    ours = json.loads(capsys.readouterr().out)["all"]
+    for metric, value in expected["scores"].items():
+        assert ours[metric] == pytest.approx(value, rel=1e-12, abs=sys.float_info.min), metric
+    # As published, run_eval.py leaves wrong yes/no answers out of the denominator; ours counts them.
+    records = load_llava_med(PARITY / "test.json", check_images=False)
+    predictions = {row["question_id"]: row["text"] for row in map(json.loads, open(PARITY / "answers.jsonl"))}
+    closed = [r for r in records if r.answer_type == "CLOSED"]
+    hits = sum(closed_hit(predictions[r.id], r.answer) for r in closed)
+    answers = [normalize_answer(predictions[r.id]) for r in closed]
+    without_yes_no = sum("yes" not in answer and "no" not in answer for answer in answers)
+    assert hits / (hits + without_yes_no) == pytest.approx(expected["closed_accuracy_as_published"])
 
 
 def test_scores_need_one_prediction_per_question(tmp_path):

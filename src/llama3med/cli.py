@@ -85,12 +85,13 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from .checkpoints import load
-    from .data.benchmarks import load_benchmark
+    from .data.benchmarks import load_benchmark, load_candidate_answers
     from .eval import majority_baseline, run, score
     from .eval.report import format_table, write_report
     from .inference import best_device
 
     records = load_benchmark(args.benchmark, args.data, args.split, args.image_root)
+    candidates = load_candidate_answers(args.candidates) if args.candidates else None
     if args.limit:
         records = records[: args.limit]
     model, processor = load(args.model, device=best_device())
@@ -105,7 +106,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
     )
-    scores = score(records, answers)
+    scores = score(records, answers, candidates=candidates)
     baseline = majority_baseline(records)
     report = {"benchmark": args.benchmark, "model": str(args.model), "prompt": args.prompt, "scores": scores}
     report["majority_closed_baseline"] = baseline
@@ -116,14 +117,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_score(args: argparse.Namespace) -> None:
     import json
 
-    from .data.benchmarks import load_benchmark
+    from .data.benchmarks import load_benchmark, load_candidate_answers
     from .eval import score
     from .eval.report import format_table
     from .eval.runner import read_answers
 
-    records = load_benchmark(args.benchmark, args.gt, args.split, args.image_root)
+    records = load_benchmark(args.benchmark, args.gt, args.split, args.image_root, check_images=False)
+    candidates = load_candidate_answers(args.candidates) if args.candidates else None
     answers = {qid: row["text"] for qid, row in read_answers(Path(args.pred)).items()}
-    scores = score(records, answers, strict=args.strict)
+    scores = score(records, answers, strict=args.strict, candidates=candidates)
     print(json.dumps(scores, indent=1) if args.json else format_table(scores))
 
 
@@ -314,6 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive, default=16)
     p.add_argument("--max-new-tokens", type=_positive, default=64)
     p.add_argument("--limit", type=_positive, default=None, help="first N questions only")
+    p.add_argument(
+        "--candidates",
+        default=None,
+        help="open-answer set for the candidate accuracy, e.g. LLaVA-Med's train_open_answers.json "
+        "(default: the test set's own open answers)",
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("score", help="score an answers.jsonl against references (LLaVA-Med protocol)")
@@ -323,6 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pred", required=True, help="answers.jsonl")
     p.add_argument("--image-root", default=None)
     p.add_argument("--strict", action="store_true", help="closed: compare the first yes/no word only")
+    p.add_argument(
+        "--candidates",
+        default=None,
+        help="open-answer set for the candidate accuracy, e.g. LLaVA-Med's train_open_answers.json "
+        "(default: the test set's own open answers)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_score)
 

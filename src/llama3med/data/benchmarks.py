@@ -58,9 +58,9 @@ def _answer_type(value, answer: str, name: str) -> str:
     return answer_type
 
 
-def _image_file(root: Path, relative, name: str) -> Path:
+def _image_file(root: Path, relative, name: str, check: bool) -> Path:
     image = root / _text(relative, name, "image name")
-    if not image.is_file():
+    if check and not image.is_file():
         raise ValueError(f"{name}: image {image} not found")
     return image
 
@@ -77,7 +77,7 @@ def _unique(records: list[VQARecord], source: Path) -> list[VQARecord]:
 
 
 def load_llava_med(
-    path: str | Path, image_root: str | Path | None = None, dataset: str = "llava-med"
+    path: str | Path, image_root: str | Path | None = None, dataset: str = "llava-med", check_images: bool = True
 ) -> list[VQARecord]:
     """LLaVA-Med's evaluation format: `[{id, image, conversations: [human, gpt], answer_type}]`.
 
@@ -103,7 +103,7 @@ def load_llava_med(
         records.append(
             VQARecord(
                 str(raw["id"]),
-                _image_file(Path(image_root), raw.get("image"), name),
+                _image_file(Path(image_root), raw.get("image"), name, check_images),
                 question,
                 answer,
                 _answer_type(raw.get("answer_type"), answer, name),
@@ -115,7 +115,9 @@ def load_llava_med(
     return _unique(records, path)
 
 
-def load_vqa_rad(path: str | Path, split: str = "test", image_root: str | Path | None = None) -> list[VQARecord]:
+def load_vqa_rad(
+    path: str | Path, split: str = "test", image_root: str | Path | None = None, check_images: bool = True
+) -> list[VQARecord]:
     """VQA-RAD: the official `VQA_RAD Dataset Public.json` (test = rows whose `phrase_type` starts with
     "test"; images in `VQA_RAD Image Folder/` beside it), or the Hugging Face parquet layout."""
     path = Path(path)
@@ -137,7 +139,7 @@ def load_vqa_rad(path: str | Path, split: str = "test", image_root: str | Path |
         records.append(
             VQARecord(
                 str(raw.get("qid", position)),
-                _image_file(image_root, raw.get("image_name"), name),
+                _image_file(image_root, raw.get("image_name"), name, check_images),
                 _text(raw.get("question"), name, "question"),
                 answer,
                 _answer_type(raw.get("answer_type"), answer, name),
@@ -149,7 +151,9 @@ def load_vqa_rad(path: str | Path, split: str = "test", image_root: str | Path |
     return _unique(records, path)
 
 
-def load_slake(path: str | Path, split: str = "test", language: str | None = "en") -> list[VQARecord]:
+def load_slake(
+    path: str | Path, split: str = "test", language: str | None = "en", check_images: bool = True
+) -> list[VQARecord]:
     """SLAKE 1.0 (`train.json`/`validate.json`/`test.json` and `imgs/`); English questions by default
     (`language=None` keeps both)."""
     root = Path(path)
@@ -166,7 +170,7 @@ def load_slake(path: str | Path, split: str = "test", language: str | None = "en
         records.append(
             VQARecord(
                 str(raw.get("qid", position)),
-                _image_file(root / "imgs", raw.get("img_name"), name),
+                _image_file(root / "imgs", raw.get("img_name"), name, check_images),
                 _text(raw.get("question"), name, "question"),
                 answer,
                 _answer_type(raw.get("answer_type"), answer, name),
@@ -186,7 +190,9 @@ class _PlainDataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only plain data is expected")
 
 
-def load_pathvqa(path: str | Path, split: str = "test", image_root: str | Path | None = None) -> list[VQARecord]:
+def load_pathvqa(
+    path: str | Path, split: str = "test", image_root: str | Path | None = None, check_images: bool = True
+) -> list[VQARecord]:
     """PathVQA: the Hugging Face parquet layout (a folder with `data/`), or the original release's question
     pickle (`qas/test/test_qa.pkl`, records `{image, question, answer}`, images `images/test/<image>.jpg`)."""
     path = Path(path)
@@ -212,7 +218,7 @@ def load_pathvqa(path: str | Path, split: str = "test", image_root: str | Path |
         records.append(
             VQARecord(
                 f"{split}-{position:06d}",
-                _image_file(Path(image_root), image if Path(image).suffix else f"{image}.jpg", name),
+                _image_file(Path(image_root), image if Path(image).suffix else f"{image}.jpg", name, check_images),
                 _text(raw.get("question"), name, "question"),
                 answer,
                 answer_type_of(answer),
@@ -252,15 +258,29 @@ def _load_parquet(root: Path, split: str, dataset: str) -> list[VQARecord]:
 
 
 def load_benchmark(
-    name: str, path: str | Path, split: str = "test", image_root: str | Path | None = None
+    name: str, path: str | Path, split: str = "test", image_root: str | Path | None = None, check_images: bool = True
 ) -> list[VQARecord]:
-    """Records of benchmark `name` (vqa-rad, slake, pathvqa, llava-med) from `path`."""
+    """Records of benchmark `name` (vqa-rad, slake, pathvqa, llava-med) from `path`. Scoring needs no
+    images, so `check_images=False` reads the questions and answers alone."""
     if name == "llava-med":
-        return load_llava_med(path, image_root)
+        return load_llava_med(path, image_root, check_images=check_images)
     if name == "slake":
-        return load_slake(path, split)
+        return load_slake(path, split, check_images=check_images)
     if name == "vqa-rad":
-        return load_vqa_rad(path, split, image_root)
+        return load_vqa_rad(path, split, image_root, check_images=check_images)
     if name == "pathvqa":
-        return load_pathvqa(path, split, image_root)
+        return load_pathvqa(path, split, image_root, check_images=check_images)
     raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
+
+
+def load_candidate_answers(path: str | Path) -> list[str]:
+    """The open-answer set of the candidate "accuracy": LLaVA-Med's `train_open_answers.json`
+    (`{"0": [answers]}`) or a plain JSON list, in the file's order."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: candidate answers file not found")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    answers = data.get("0") if isinstance(data, dict) else data
+    if not isinstance(answers, list) or not answers:
+        raise ValueError(f'{path}: expected a JSON list of answers or {{"0": [answers]}}')
+    return [str(answer) for answer in answers]

@@ -1,18 +1,22 @@
-"""The LLaVA-Med VQA protocol, computed the way its evaluator computes it, so numbers compare with the
-published ones.
+"""The LLaVA-Med VQA protocol, computed the way its evaluator (`llava/eval/run_eval.py` and
+`eval_metrics/`) computes it, so numbers compare with the published ones.
 
 Answers and references are lower-cased and normalised as in the VQA-v2 evaluation that LLaVA-Med reuses
-(punctuation, periods, number words, articles, contractions, commas). A closed question is a hit when the prediction
-contains "yes" or "no" anywhere and contains the reference as a substring (so "no" inside "not" or
-"nodule" counts: the evaluator's quirk, kept on purpose; `strict=True` instead compares the first
-yes/no word). Open questions get token precision, recall and F1 with counts (the papers' "open"
-column is the mean recall), exact match, BLEU-1/2/3, and the candidate-set accuracy.
+(punctuation, periods, number words, articles, contractions, commas). A closed question is a hit when the
+prediction contains "yes" or "no" anywhere and contains the reference as a substring (so "no" inside
+"not" or "nodule" counts: the evaluator's quirk, kept on purpose; `strict=True` instead compares the
+first yes/no word). Every closed question counts: `run_eval.py` as published silently drops wrong yes/no
+answers from the denominator (an `else` is missing), which LLaVA-Med's `run_eval_batch.py` restores.
+Open questions get token precision, recall and F1 with counts (the papers' "open" column is the mean
+recall), the evaluator's "exact match" and sentence BLEU (NLTK's, unsmoothed), and the candidate-set
+accuracy. `tests/test_eval.py` checks every number against the evaluator on a prepared answers file.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import sys
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from statistics import fmean as mean
@@ -21,6 +25,7 @@ from ..data.benchmarks import VQARecord
 
 PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
 PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")  # the evaluator's pattern, look-behind typo and all
+PERIODS_STRIPPED = 32  # the evaluator passes `re.UNICODE` (32) where `re.sub` takes its count
 COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
 NUMBER_WORDS = {
     "none": "0",
@@ -73,7 +78,7 @@ def normalize_answer(text: str) -> str:
             out = out.replace(mark, "")
         else:
             out = out.replace(mark, " ")
-    out = PERIOD_STRIP.sub("", out)
+    out = PERIOD_STRIP.sub("", out, count=PERIODS_STRIPPED)
     words = [NUMBER_WORDS.get(word, word) for word in out.split()]
     words = [CONTRACTIONS.get(word, word) for word in words if word not in ARTICLES]
     return " ".join(words).replace(",", "")
@@ -103,47 +108,66 @@ def token_scores(prediction: str, reference: str) -> tuple[float, float, float]:
     return 2 * precision * recall / (precision + recall), precision, recall
 
 
-def bleu(prediction: str, reference: str, max_n: int) -> float:
-    """Sentence BLEU against one reference, uniform weights over 1..max_n-grams, no smoothing (a
-    missing n-gram order gives 0), with the brevity penalty."""
+def exact_match(prediction: str, reference: str) -> float:
+    """The evaluator's "exact match score": the reference's distinct words found in the prediction,
+    divided by the prediction's word count (1.0 for an identical answer, less for a wordy one)."""
+    candidate, gold = normalize_answer(prediction).split(), set(normalize_answer(reference).split())
+    return sum(word in candidate for word in gold) / len(candidate) if candidate else 0.0
+
+
+BLEU_WEIGHTS = {"open_bleu": (0.25, 0.25, 0.25, 0.25), "open_bleu1": (1, 0, 0, 0), "open_bleu2": (0, 1, 0, 0)}
+BLEU_WEIGHTS["open_bleu3"] = (0, 0, 1, 0)  # BLEU-n is the n-gram order alone, as the evaluator weights it
+
+
+def bleu(prediction: str, reference: str, weights: Sequence[float]) -> float:
+    """NLTK's `sentence_bleu` against one reference, as the evaluator calls it: no smoothing, so an order
+    without a match contributes `log(sys.float_info.min)` times its weight, and no unigram match gives 0."""
     candidate, gold = normalize_answer(prediction).split(), normalize_answer(reference).split()
-    if not candidate:
-        return 0.0
-    log_precision = 0.0
-    for n in range(1, max_n + 1):
+    precisions = []
+    for n in range(1, len(weights) + 1):
         grams = Counter(tuple(candidate[i : i + n]) for i in range(len(candidate) - n + 1))
         gold_grams = Counter(tuple(gold[i : i + n]) for i in range(len(gold) - n + 1))
         clipped = sum(min(count, gold_grams[gram]) for gram, count in grams.items())
-        if clipped == 0:
-            return 0.0
-        log_precision += math.log(clipped / sum(grams.values())) / max_n
+        precisions.append(clipped / max(1, sum(grams.values())) if clipped else sys.float_info.min)
+    if precisions[0] == sys.float_info.min:
+        return 0.0
     brevity = 1.0 if len(candidate) > len(gold) else math.exp(1 - len(gold) / len(candidate))
-    return brevity * math.exp(log_precision)
+    return brevity * math.exp(math.fsum(w * math.log(p) for w, p in zip(weights, precisions, strict=True)))
 
 
-def closest_candidate(prediction: str, candidates: Sequence[str]) -> str | None:
-    """The candidate answer whose tokens the prediction covers best (ties: the longer candidate), so a
-    verbose but right answer ("the lesion is in the liver") maps to the dataset's "liver"."""
+def closest_candidate(prediction: str, candidates: Sequence[str]) -> str:
+    """The candidate answer with the largest share of its distinct words in the prediction, the first one
+    on ties (even when nothing matches), so a verbose answer ("the lesion is in the liver") maps to
+    "liver". This is the evaluator's open "accuracy"; `candidates` are normalised, in the file's order."""
     words = set(normalize_answer(prediction).split())
-    best, best_key = None, (0.0, 0)
-    for candidate in candidates:
-        tokens = candidate.split()
-        key = (sum(token in words for token in tokens) / len(tokens), len(tokens)) if tokens else (0.0, 0)
-        if key[0] > 0 and key > best_key:
-            best, best_key = candidate, key
-    return best
+    shares = [len(words & set(c.split())) / len(set(c.split())) if c.split() else 0.0 for c in candidates]
+    return candidates[shares.index(max(shares))]
 
 
-def score(records: Sequence[VQARecord], predictions: Mapping[str, str], strict: bool = False) -> dict:
+def candidate_answers(answers: Sequence[str]) -> list[str]:
+    """Normalised candidate answers in their first-appearance order, duplicates dropped."""
+    return list(dict.fromkeys(normalize_answer(str(answer)) for answer in answers))
+
+
+def score(
+    records: Sequence[VQARecord],
+    predictions: Mapping[str, str],
+    strict: bool = False,
+    candidates: Sequence[str] | None = None,
+) -> dict:
     """Scores of `predictions` (question id -> text) against `records`, overall and by question type.
 
+    `candidates` is the answer set of the open "accuracy" (LLaVA-Med uses the training split's open
+    answers, `train_open_answers.json`); by default, the open answers of `records` themselves.
     Every record needs a prediction and every prediction a record; otherwise the ids are named.
     """
     ids = {r.id for r in records}
     missing, extra = sorted(ids - predictions.keys()), sorted(predictions.keys() - ids)
     if missing or extra:
         raise ValueError(f"predictions do not match the references: missing {missing[:5]}, extra {extra[:5]}")
-    candidates = sorted({normalize_answer(r.answer) for r in records if r.answer_type == "OPEN"})
+    if candidates is None:
+        candidates = [r.answer for r in records if r.answer_type == "OPEN"]
+    candidates = candidate_answers(candidates)
     groups: dict[str, list[VQARecord]] = defaultdict(list)
     for record in records:
         groups["all"].append(record)
@@ -166,11 +190,12 @@ def _group_scores(
         result["open_recall"] = mean(recall)
         result["open_precision"] = mean(precision)
         result["open_f1"] = mean(f1)
-        result["open_exact_match"] = mean(normalize_answer(p) == normalize_answer(r) for p, r in pairs)
-        for n in (1, 2, 3):
-            result[f"open_bleu{n}"] = mean(bleu(p, r, n) for p, r in pairs)
-        hits = [closest_candidate(p, candidates) == normalize_answer(r) for p, r in pairs]
-        result["open_candidate_accuracy"] = mean(hits)
+        result["open_exact_match"] = mean(exact_match(p, r) for p, r in pairs)
+        for name, weights in BLEU_WEIGHTS.items():
+            result[name] = mean(bleu(p, r, weights) for p, r in pairs)
+        if candidates:
+            hits = [closest_candidate(p, candidates) == normalize_answer(r) for p, r in pairs]
+            result["open_candidate_accuracy"] = mean(hits)
     return result
 
 
