@@ -13,6 +13,7 @@ from llama3med.cli import main
 from llama3med.data.benchmarks import VQARecord, load_llava_med
 from llama3med.data.phantoms import write_phantom_set
 from llama3med.eval import closed_hit, majority_baseline, normalize_answer, run, score, token_scores
+from llama3med.eval.report import load_published
 from llama3med.eval.runner import generate_answers
 from llama3med.eval.scoring import bleu, closest_candidate, exact_match
 
@@ -70,14 +71,14 @@ def test_exact_match_bleu_and_candidates_are_the_evaluators_definitions():
 
 
 def test_a_prepared_answers_file_scores_as_llava_meds_evaluator_scores_it(capsys):
-    """`expected.json` was computed by LLaVA-Med's own evaluator on the answers in the same folder."""
+    """`expected.json` was computed by the paper's own evaluator on the answers in the same folder."""
     expected = json.loads((PARITY / "expected.json").read_text())
     files = ["--gt", str(PARITY / "test.json"), "--pred", str(PARITY / "answers.jsonl")]
     assert main(["score", *files, "--candidates", str(PARITY / "train_open_answers.json"), "--json"]) == 0
     ours = json.loads(capsys.readouterr().out)["all"]
     for metric, value in expected["scores"].items():
         assert ours[metric] == pytest.approx(value, rel=1e-12, abs=sys.float_info.min), metric
-    # As published, run_eval.py leaves wrong yes/no answers out of the denominator; ours counts them.
+    # LLaVA-Med's run_eval.py leaves wrong yes/no answers out of the denominator; the paper's and ours count them.
     records = load_llava_med(PARITY / "test.json", check_images=False)
     predictions = {row["question_id"]: row["text"] for row in map(json.loads, open(PARITY / "answers.jsonl"))}
     closed = [r for r in records if r.answer_type == "CLOSED"]
@@ -126,10 +127,18 @@ def test_an_interrupted_run_resumes_without_repeating_or_losing_answers(model_an
 
 def test_eval_and_score_commands_use_the_llava_med_answer_format(built_model_dir, test_set, tmp_path, capsys):
     out = tmp_path / "eval"
+    published = tmp_path / "published.yaml"
+    published.write_text(
+        "source: a test's own table\nrows:\n"
+        "  - {model: model A, benchmark: llava-med, open: 12.5, closed: 50}\n"
+        "  - {model: model B, benchmark: slake, open: 40, closed: 60}\n"
+    )
     args = ["--model", str(built_model_dir), "--data", str(test_set), "--out", str(out), "--max-new-tokens", "3"]
-    assert main(["eval", *args]) == 0
+    assert main(["eval", *args, "--compare", str(published)]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert "| all |" in (out / "report.md").read_text()
+    markdown = (out / "report.md").read_text()
+    assert "| all |" in markdown and "Source: a test's own table" in markdown
+    assert "| model A | 12.50 | 50.00 |" in markdown and "model B" not in markdown  # another benchmark
     records = load_llava_med(test_set)
     assert report["scores"]["all"]["n_closed"] + report["scores"]["all"]["n_open"] == len(records)
     assert report["majority_closed_baseline"] == majority_baseline(records)
@@ -138,6 +147,13 @@ def test_eval_and_score_commands_use_the_llava_med_answer_format(built_model_dir
     capsys.readouterr()
     assert main(["score", "--gt", str(test_set), "--pred", str(out / "answers.jsonl"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == report["scores"]
+
+
+def test_a_published_results_file_is_checked_row_by_row(tmp_path):
+    published = tmp_path / "published.yaml"
+    published.write_text("source: paper\nrows:\n  - {model: m, benchmark: slake, open: high, closed: 1}\n")
+    with pytest.raises(ValueError, match="published.yaml: row 0: 'open' is missing or not a number"):
+        load_published(published)
 
 
 def test_malformed_benchmark_records_are_refused_by_name(tmp_path):

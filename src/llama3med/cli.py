@@ -87,11 +87,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .checkpoints import load
     from .data.benchmarks import load_benchmark, load_candidate_answers
     from .eval import majority_baseline, run, score
-    from .eval.report import format_table, write_report
+    from .eval.report import comparison_rows, format_table, load_published, write_report
     from .inference import best_device
 
     records = load_benchmark(args.benchmark, args.data, args.split, args.image_root)
     candidates = load_candidate_answers(args.candidates) if args.candidates else None
+    published = load_published(args.compare) if args.compare else None
     if args.limit:
         records = records[: args.limit]
     model, processor = load(args.model, device=best_device())
@@ -110,8 +111,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
     baseline = majority_baseline(records)
     report = {"benchmark": args.benchmark, "model": str(args.model), "prompt": args.prompt, "scores": scores}
     report["majority_closed_baseline"] = baseline
+    if published:
+        report["published"] = published
     write_report(out, report)
     print(format_table(scores, baseline))
+    if published:
+        print(f"\nbeside published results ({published['source']}):")
+        print("\n".join("  ".join(row) for row in comparison_rows(report, published)))
 
 
 def cmd_score(args: argparse.Namespace) -> None:
@@ -316,6 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive, default=16)
     p.add_argument("--max-new-tokens", type=_positive, default=64)
     p.add_argument("--limit", type=_positive, default=None, help="first N questions only")
+    p.add_argument(
+        "--compare",
+        default=None,
+        metavar="FILE",
+        help="published results (YAML/JSON: source, rows of model, benchmark, open, closed) to print beside ours",
+    )
     p.add_argument(
         "--candidates",
         default=None,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import yaml
+
 COLUMNS = (
     ("closed", "closed_accuracy"),
     ("open (recall)", "open_recall"),
@@ -39,6 +41,34 @@ def format_table(scores: dict, baseline: float | None = None) -> str:
     return "\n".join(lines)
 
 
+def load_published(path: str | Path) -> dict:
+    """Published results to print beside ours: YAML or JSON with a `source` and `rows` of `model`,
+    `benchmark`, `open` (recall, percent) and `closed` (accuracy, percent); see docs/evaluation.md."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: published results file not found")
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or not isinstance(data.get("source"), str) or not isinstance(data.get("rows"), list):
+        raise ValueError(f"{path}: expected a mapping with 'source' (text) and 'rows' (a list)")
+    for number, row in enumerate(data["rows"]):
+        for key, kind in (("model", str), ("benchmark", str), ("open", (int, float)), ("closed", (int, float))):
+            if not isinstance(row, dict) or not isinstance(row.get(key), kind):
+                expected = "text" if kind is str else "number (percent)"
+                raise ValueError(f"{path}: row {number}: '{key}' is missing or not a {expected}")
+    return data
+
+
+def comparison_rows(report: dict, published: dict) -> list[list[str]]:
+    """`[model, open recall, closed]` rows in percent: this run first, then the published rows of its benchmark."""
+    ours = report["scores"]["all"]
+    cells = [f"{100 * ours[k]:.2f}" if k in ours else "-" for k in ("open_recall", "closed_accuracy")]
+    rows = [[f"this run ({report['model']})", *cells]]
+    for row in published["rows"]:
+        if row["benchmark"] == report["benchmark"]:
+            rows.append([row["model"], f"{row['open']:.2f}", f"{row['closed']:.2f}"])
+    return rows
+
+
 def write_report(out: Path, report: dict) -> None:
     """`report.json` (everything) and `report.md` (the table, with what was run)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -55,4 +85,8 @@ def write_report(out: Path, report: dict) -> None:
     ]
     if report.get("majority_closed_baseline") is not None:
         lines += ["", f"Majority-answer baseline on closed questions: {100 * report['majority_closed_baseline']:.2f}"]
+    if published := report.get("published"):
+        lines += ["", "## Beside published results", "", f"Source: {published['source']}", ""]
+        lines += ["| model | open (recall) | closed |", "|---|---|---|"]
+        lines += ["| " + " | ".join(row) + " |" for row in comparison_rows(report, published)]
     (out / "report.md").write_text("\n".join(lines) + "\n")

@@ -1,12 +1,12 @@
-"""The LLaVA-Med VQA protocol, computed the way its evaluator (`llava/eval/run_eval.py` and
-`eval_metrics/`) computes it, so numbers compare with the published ones.
+"""The LLaVA-Med VQA protocol, computed the way the Llama3-Med paper's evaluator (LLaVA-Med's
+`run_eval.py` and `eval_metrics/`, one fix applied) computes it, so numbers compare with published ones.
 
 Answers and references are lower-cased and normalised as in the VQA-v2 evaluation that LLaVA-Med reuses
 (punctuation, periods, number words, articles, contractions, commas). A closed question is a hit when the
 prediction contains "yes" or "no" anywhere and contains the reference as a substring (so "no" inside
 "not" or "nodule" counts: the evaluator's quirk, kept on purpose; `strict=True` instead compares the
-first yes/no word). Every closed question counts: `run_eval.py` as published silently drops wrong yes/no
-answers from the denominator (an `else` is missing), which LLaVA-Med's `run_eval_batch.py` restores.
+first yes/no word). Every closed question counts, as in the Llama3-Med evaluator; LLaVA-Med's
+`run_eval.py` silently drops wrong yes/no answers from the denominator (an `else` is missing).
 Open questions get token precision, recall and F1 with counts (the papers' "open" column is the mean
 recall), the evaluator's "exact match" and sentence BLEU (NLTK's, unsmoothed), and the candidate-set
 accuracy. `tests/test_eval.py` checks every number against the evaluator on a prepared answers file.
