@@ -1,15 +1,17 @@
 """Questions per second of `llama3med eval` against the reference way of running a VQA benchmark: one
 question at a time, re-encoding the image for every question.
 
-Data: phantom test questions (4-8 per image, like SLAKE's many questions per image). Model: the shipped
-demo model unless --model is given. Both ways must give the same answers; the ratio is printed.
+Data: phantom test questions, 4-8 per image; `--slake-like` also asks each in LLaVA-1.5's short-answer
+wording, about 11 per image as in SLAKE's English test set (1,061 questions, 96 images). Model: the
+shipped demo model unless --model is given. Both ways must give the same answers; the ratio is printed.
 
-    python benchmarks/eval_throughput.py [--model DIR] [--images 40] [--batch-size 32]
+    python benchmarks/eval_throughput.py [--model DIR] [--images 40] [--batch-size 32] [--slake-like]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 
@@ -19,6 +21,7 @@ from llama3med.checkpoints import DEMO_MODEL_DIR, load
 from llama3med.data.benchmarks import load_llava_med
 from llama3med.data.phantoms import write_phantom_set
 from llama3med.eval import generate_answers
+from llama3med.eval.runner import PROMPT_STYLES
 from llama3med.inference import answer, best_device
 
 
@@ -28,12 +31,18 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--slake-like", action="store_true", help="each question also in short-answer wording")
     args = parser.parse_args()
 
     model, processor = load(args.model, device=best_device())
     with tempfile.TemporaryDirectory() as tmp:
         write_phantom_set(tmp, n=args.images, seed=31337, size=processor.image_size, image_format="dcm")
         records = load_llava_med(f"{tmp}/test.json")
+        if args.slake_like:
+            short = PROMPT_STYLES["short"]
+            records += [
+                dataclasses.replace(r, id=f"{r.id}-short", question=short.format(question=r.question)) for r in records
+            ]
         print(f"{len(records)} questions about {args.images} images, device {model.device}, torch {torch.__version__}")
 
         start = time.perf_counter()

@@ -16,6 +16,7 @@ from llama3med.eval import closed_hit, majority_baseline, normalize_answer, run,
 from llama3med.eval.report import load_published
 from llama3med.eval.runner import generate_answers
 from llama3med.eval.scoring import bleu, closest_candidate, exact_match
+from llama3med.inference import answer
 
 PARITY = Path(__file__).parent / "fixtures" / "llava_med_parity"
 
@@ -109,6 +110,10 @@ def test_batched_answers_equal_one_by_one_answers_and_each_image_is_encoded_once
     assert sum(encoded) == len({r.image for r in records}) == 3
     single = {r.id: text for r, _, text in generate_answers(model, processor, records[:4], batch_size=1)}
     assert all(batched[qid] == text for qid, text in single.items())
+    # The shared image prefix and the padding between it and each question change no answer: the same
+    # prompt run whole, without a cache, answers the same.
+    for record in records[:6]:
+        assert batched[record.id] == answer(model, processor, record.image, record.question, max_new_tokens=64)
 
 
 def test_an_interrupted_run_resumes_without_repeating_or_losing_answers(model_and_processor, test_set, tmp_path):

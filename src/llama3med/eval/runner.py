@@ -1,5 +1,9 @@
-"""Zero-shot VQA runs: batched greedy answers, each image encoded once, appended to `answers.jsonl` as
-they come so an interrupted run resumes where it stopped.
+"""Zero-shot VQA runs: batched greedy answers, appended to `answers.jsonl` as they come so an interrupted
+run resumes where it stopped.
+
+Questions about one image share its work: the image is encoded once, and the prompt up to its last image
+token (the chat template's start and the image tokens, most of a short VQA prompt) goes through the LM
+once per image; each question's own tokens continue from that cached prefix.
 
 The answers file has LLaVA-Med's fields (`question_id`, `prompt`, `text`, `answer_id`, `model_id`), so
 its own evaluator reads it too.
@@ -14,6 +18,7 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from transformers import DynamicCache
 
 from ..data.benchmarks import VQARecord
 from ..data.conversations import read_appended_rows, repair_appended_rows
@@ -47,8 +52,8 @@ def generate_answers(
     batch_size: int = 16,
     max_new_tokens: int = 64,
 ) -> Iterator[tuple[VQARecord, str, str]]:
-    """Yield `(record, prompt, answer)` in image order. Questions about one image share its encoding:
-    records are sorted by image, and features are kept while the next batch still needs them."""
+    """Yield `(record, prompt, answer)` in image order. Records are sorted by image, and an image's
+    features are kept while the next batch still needs them."""
     device = model.device
     ordered = sorted(records, key=lambda r: r.image_key)
     features: dict[str, torch.Tensor] = {}
@@ -61,16 +66,53 @@ def generate_answers(
             pixels = torch.stack([processor.preprocess_image(images[key]) for key in new]).to(device)
             features.update(zip(new, model.encode_images(pixels), strict=True))  # each (num_image_tokens, D)
         prompts = [processor.chat_prompt(question_messages(prompt_text(r, prompt_style))) for r in batch]
-        input_ids, attention_mask = pad_sequences(
-            [processor.encode_text(p, num_images=1) for p in prompts], processor.tokenizer.pad_token_id, "left"
-        )
+        token_ids = [processor.encode_text(p, num_images=1) for p in prompts]
+        texts = _answer_batch(model, processor, token_ids, [features[r.image_key] for r in batch], max_new_tokens)
+        for record, prompt, text in zip(batch, prompts, texts, strict=True):
+            yield record, prompt, text.strip()
+
+
+def _answer_batch(
+    model: Llama3MedForConditionalGeneration,
+    processor: Llama3MedProcessor,
+    token_ids: list[list[int]],
+    features: list[torch.Tensor],
+    max_new_tokens: int,
+) -> list[str]:
+    """Greedy answers to prompts that each hold one image. The prefix up to the image's last token is run
+    once per distinct image into a KV cache, the cache rows are repeated for the questions, and the
+    questions' own tokens follow after left padding placed between prefix and question (positions come
+    from the attention mask, so each question sees the positions it would have alone)."""
+    device = model.device
+    pad = processor.tokenizer.pad_token_id
+    prefix_len = max(i for i, t in enumerate(token_ids[0]) if t == model.config.image_token_id) + 1
+    prefix = token_ids[0][:prefix_len]
+    if any(ids[:prefix_len] != prefix for ids in token_ids):  # a template that puts text before the image
+        input_ids, attention_mask = pad_sequences(token_ids, pad, "left")
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        embeds = model.embed_inputs(input_ids, torch.stack([features[r.image_key] for r in batch]))
+        embeds = model.embed_inputs(input_ids, torch.stack(features))
         output = model.generate(
             inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False
         )
-        for record, prompt, text in zip(batch, prompts, processor.batch_decode(output), strict=True):
-            yield record, prompt, text.strip()
+        return processor.batch_decode(output)
+    distinct = list({id(f): f for f in features}.values())
+    row_of_image = torch.tensor([next(i for i, d in enumerate(distinct) if d is f) for f in features], device=device)
+    prefix_ids = torch.tensor([prefix], device=device)
+    cache = DynamicCache(config=model.config.text_config)
+    prefix_embeds = model.embed_inputs(prefix_ids.expand(len(distinct), -1), torch.stack(distinct))
+    model.language_model(inputs_embeds=prefix_embeds, cache=cache, use_cache=True)
+    cache.reorder_cache(row_of_image)  # (images, ...) -> (questions, ...)
+    question_ids, question_mask = pad_sequences([ids[prefix_len:] for ids in token_ids], pad, "left")
+    input_ids = torch.cat([prefix_ids.expand(len(token_ids), -1), question_ids.to(device)], dim=1)
+    attention_mask = torch.cat([torch.ones_like(input_ids[:, :prefix_len]), question_mask.to(device)], dim=1)
+    output = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        cache=cache,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+    )
+    return processor.batch_decode(output[:, input_ids.shape[1] :])
 
 
 def run(
