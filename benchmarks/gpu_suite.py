@@ -1,0 +1,257 @@
+"""One GPU, one run, well under ten minutes: the device's ceilings, the S2 encoder and greedy decoding at
+the real sizes (SigLIP-so400m at 384/768/1152 px, Llama-3-8B; random weights, bf16), and the peak memory
+of inference and of a LoRA finetune step. Every fast path is checked against its reference (max abs diff
+of features, identical greedy tokens) before it is timed. Prints its table last; `--json` writes the
+figures. Installs nothing; LoRA needs peft, and is skipped with a note where peft is missing.
+
+    python benchmarks/gpu_suite.py --json gpu_figures.json     # one GPU
+    python benchmarks/gpu_suite.py --tiny                      # small shapes on any device: a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from encoder_throughput import SIZES, rate, reference_encode
+from transformers import AutoConfig, AutoModel, LlamaConfig, LlamaForCausalLM
+
+from llama3med.model.multiscale import encode_multiscale
+from llama3med.model.vision_tower import VisionTower
+
+LLAMA3_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+)
+TINY_LLAMA = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=512,
+    max_position_embeddings=8192,
+)
+TINY_SIGLIP = dict(
+    image_size=32, patch_size=8, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4
+)
+
+
+class Device:
+    def __init__(self) -> None:
+        self.cuda = torch.cuda.is_available()
+        self.torch = torch.device("cuda" if self.cuda else "cpu")
+        self.dtype = torch.bfloat16 if self.cuda else torch.float32
+        self.name = torch.cuda.get_device_name() if self.cuda else "cpu"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def seconds(self, fn: Callable[[], object], repeats: int) -> float:
+        fn()
+        self.sync()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        self.sync()
+        return (time.perf_counter() - start) / repeats
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_gib(self) -> float | None:
+        return torch.cuda.max_memory_allocated() / 2**30 if self.cuda else None
+
+
+def ceilings(dev: Device, tiny: bool) -> dict:
+    """bf16 matmul TFLOP/s and device copy bandwidth, the references every other figure is read against."""
+    n = 512 if tiny else 8192
+    a, b = (torch.randn(n, n, device=dev.torch, dtype=dev.dtype) for _ in range(2))
+    matmul = dev.seconds(lambda: a @ b, 3 if tiny else 20)
+    block = torch.empty(2**22 if tiny else 2**30, dtype=torch.uint8, device=dev.torch)
+    target = torch.empty_like(block)
+    copy = dev.seconds(lambda: target.copy_(block), 3 if tiny else 20)
+    return {"matmul_tflops": 2 * n**3 / matmul / 1e12, "copy_tb_per_s": 2 * block.numel() / copy / 1e12}
+
+
+def tower_flops_per_image(config, scales: list[int], kept_layers: int) -> float:
+    """Matmul FLOPs of one image's tiles up to the feature layer (patch embedding, attention, MLP)."""
+    tokens, width, inner = (config.image_size // config.patch_size) ** 2, config.hidden_size, config.intermediate_size
+    per_layer = 2 * tokens * (4 * width * width + 2 * width * inner) + 4 * tokens * tokens * width
+    embed = 2 * tokens * 3 * config.patch_size**2 * width
+    tiles = sum((scale // config.image_size) ** 2 for scale in scales)
+    return tiles * (embed + kept_layers * per_layer)
+
+
+def encoder(dev: Device, tiny: bool, ceiling_tflops: float) -> dict:
+    config = AutoConfig.for_model("siglip_vision_model", **(TINY_SIGLIP if tiny else SIZES["so400m"]))
+    base, grid, layer = config.image_size, config.image_size // config.patch_size, -2
+    scales = [base, 2 * base, 3 * base]
+    torch.manual_seed(0)
+    full = AutoModel.from_config(config).to(dev.torch, dev.dtype).eval()
+    tower = VisionTower(config, feature_layer=layer)
+    tower.load_from_hf_tower(full)
+    tower = tower.to(dev.torch, dev.dtype).eval()
+    flops = tower_flops_per_image(config, scales, tower.num_layers)
+    batch, repeats = (2, 2) if tiny else (8, 10)
+
+    def s2(encode_tiles):
+        return lambda x: encode_multiscale(encode_tiles, x, scales, base, grid)
+
+    paths = {
+        "reference (a call per scale, hidden states), batch 1": (
+            lambda x: reference_encode(full, x, scales, base, grid, layer),
+            1,
+        ),
+        "ours (truncated, one call), batch 1": (s2(tower), 1),
+        f"ours, batch {batch}": (s2(tower), batch),
+    }
+    if dev.cuda:  # compiling on a CPU needs a compiler toolchain and minutes; the GPU is where it pays
+        paths[f"ours + torch.compile, batch {batch}"] = (s2(torch.compile(tower, dynamic=False)), batch)
+    rows, max_diff = {}, 0.0
+    with torch.inference_mode():
+        for name, (encode, n) in paths.items():
+            pixels = torch.randn(n, 3, scales[-1], scales[-1], device=dev.torch, dtype=dev.dtype)
+            reference = reference_encode(full, pixels, scales, base, grid, layer)
+            max_diff = max(max_diff, (encode(pixels).float() - reference.float()).abs().max().item())
+            images_per_s = rate(partial(encode, pixels), n, repeats, dev.sync)
+            rows[name] = {"images_per_s": images_per_s, "ceiling_share": images_per_s * flops / 1e12 / ceiling_tflops}
+    return {"tflop_per_image": flops / 1e12, "max_abs_diff": max_diff, "paths": rows}
+
+
+def build_llama(dev: Device, tiny: bool) -> LlamaForCausalLM:
+    config = LlamaConfig(**(TINY_LLAMA if tiny else LLAMA3_8B))
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dev.dtype)
+    try:
+        with dev.torch:
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
+
+
+def decoding(dev: Device, tiny: bool, model: LlamaForCausalLM, copy_tb_per_s: float) -> dict:
+    """Greedy new tokens/s at batch 1 and 16; the batch-1 floor reads every weight once per token."""
+    new_tokens = 8 if tiny else 64
+    rows, identical = {}, {}
+    for batch in (1, 16):
+        prompt = torch.randint(10, model.config.vocab_size, (batch, 32), generator=torch.Generator().manual_seed(batch))
+        inputs = {"input_ids": prompt.to(dev.torch), "attention_mask": torch.ones_like(prompt, device=dev.torch)}
+        settings = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
+        runs = {"HF generate, dynamic cache": {}}
+        if dev.cuda:
+            runs["HF generate, static cache + compile"] = {"cache_implementation": "static"}
+        outputs = {}
+        for name, extra in runs.items():
+            generate = partial(model.generate, **inputs, **settings, **extra)
+            with torch.inference_mode():
+                outputs[name] = generate()
+                seconds = dev.seconds(generate, 1 if tiny else 3)
+            rows[f"{name}, batch {batch}"] = {"new_tokens_per_s": batch * new_tokens / seconds}
+        reference = outputs["HF generate, dynamic cache"]
+        for name, output in outputs.items():
+            identical[f"{name}, batch {batch}"] = bool(torch.equal(output, reference))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"paths": rows, "identical_tokens": identical, "batch1_floor_tokens_per_s": copy_tb_per_s * 1e12 / weights}
+
+
+def memory(dev: Device, tiny: bool, model: LlamaForCausalLM) -> dict:
+    """Peak memory of batch-16 greedy decoding and of one LoRA training step at the finetune recipe's
+    sequence length with gradient checkpointing (the 8B stage must fit one 80 GB GPU)."""
+    figures = {}
+    dev.reset_peak()
+    prompt = torch.randint(10, model.config.vocab_size, (16, 32), device=dev.torch)
+    with torch.inference_mode():
+        model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8 if tiny else 64, do_sample=False
+        )
+    figures["inference_batch16_peak_gib"] = dev.peak_gib()
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        figures["lora_step"] = "skipped: peft is not installed"
+        return figures
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    lora = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets))
+    lora.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora.enable_input_require_grads()
+    lora.train()
+    length = 64 if tiny else 4096
+    ids = torch.randint(10, model.config.vocab_size, (1, length), device=dev.torch)
+    dev.reset_peak()
+    start = time.perf_counter()
+    with torch.autocast(dev.torch.type, dtype=torch.bfloat16, enabled=dev.cuda):
+        loss = lora(input_ids=ids, labels=ids).loss
+    loss.backward()
+    dev.sync()
+    figures["lora_step"] = {
+        "sequence_length": length,
+        "seconds": time.perf_counter() - start,
+        "peak_gib": dev.peak_gib(),
+        "loss_is_finite": math.isfinite(loss.item()),
+    }
+    return figures
+
+
+def table(figures: dict) -> str:
+    lines = [f"device: {figures['device']}", ""]
+    c = figures["ceilings"]
+    lines.append(f"matmul ceiling {c['matmul_tflops']:.1f} TFLOP/s, copy bandwidth {c['copy_tb_per_s']:.2f} TB/s")
+    e = figures["encoder"]
+    lines += ["", f"S2 encoder ({e['tflop_per_image']:.2f} TFLOP/image, max abs diff {e['max_abs_diff']:.2e})"]
+    reference = next(iter(e["paths"].values()))["images_per_s"]
+    for name, row in e["paths"].items():
+        ratio = row["images_per_s"] / reference
+        lines.append(f"  {name:<55} {row['images_per_s']:9.2f} img/s {100 * row['ceiling_share']:5.1f} % {ratio:5.2f}x")
+    d = figures["decoding"]
+    lines += [
+        "",
+        f"greedy decoding (new tokens/s, identical tokens?); batch-1 floor {d['batch1_floor_tokens_per_s']:.0f}",
+    ]
+    for name, row in d["paths"].items():
+        lines.append(f"  {name:<55} {row['new_tokens_per_s']:9.1f}  {d['identical_tokens'][name]}")
+    m = figures["memory"]
+    lines += [
+        "",
+        f"peak memory, decoding batch 16: {m['inference_batch16_peak_gib']} GiB",
+        f"LoRA step: {m['lora_step']}",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="small shapes: checks the script on any device")
+    parser.add_argument("--json", default=None, help="write the figures here")
+    args = parser.parse_args()
+    dev = Device()
+    figures = {"device": dev.name, "torch": torch.__version__, "tiny": args.tiny}
+    figures["ceilings"] = ceilings(dev, args.tiny)
+    figures["encoder"] = encoder(dev, args.tiny, figures["ceilings"]["matmul_tflops"])
+    model = build_llama(dev, args.tiny)
+    figures["decoding"] = decoding(dev, args.tiny, model, figures["ceilings"]["copy_tb_per_s"])
+    figures["memory"] = memory(dev, args.tiny, model)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(figures, handle, indent=1)
+    print(table(figures))
+
+
+if __name__ == "__main__":
+    main()
