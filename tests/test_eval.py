@@ -3,6 +3,8 @@ each image encoded once, and an interrupted run that resumes without repeating o
 
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +20,8 @@ from llama3med.eval.runner import generate_answers
 from llama3med.eval.scoring import bleu, closest_candidate, exact_match
 from llama3med.inference import answer
 
-PARITY = Path(__file__).parent / "fixtures" / "llava_med_parity"
+ROOT = Path(__file__).parents[1]
+PARITY = ROOT / "tests" / "fixtures" / "llava_med_parity"
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +155,39 @@ def test_eval_and_score_commands_use_the_llava_med_answer_format(built_model_dir
     capsys.readouterr()
     assert main(["score", "--gt", str(test_set), "--pred", str(out / "answers.jsonl"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == report["scores"]
+
+
+def test_two_processes_under_torchrun_share_the_images_and_write_one_file_in_benchmark_order(
+    built_model_dir, test_set, tmp_path
+):
+    args = ["eval", "--model", str(built_model_dir), "--data", str(test_set), "--max-new-tokens", "4"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "llama3med.cli", *args, "--out", str(tmp_path / "two")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def answers(name):
+        return [(row["question_id"], row["text"]) for row in map(json.loads, open(tmp_path / name / "answers.jsonl"))]
+
+    assert answers("two") == answers("one")
+    assert [qid for qid, _ in answers("one")] == [r.id for r in load_llava_med(test_set)]  # LLaVA-Med's order
+    assert not list((tmp_path / "two").glob("answers.part*"))
+    assert (tmp_path / "two" / "report.json").read_text() == (tmp_path / "one" / "report.json").read_text()
+
+
+def test_a_run_resumes_from_the_parts_an_interrupted_sharded_run_left(built_model_dir, test_set, tmp_path):
+    args = ["eval", "--model", str(built_model_dir), "--data", str(test_set), "--max-new-tokens", "4"]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    whole = (tmp_path / "whole" / "answers.jsonl").read_text().splitlines()
+    (tmp_path / "resumed").mkdir()
+    (tmp_path / "resumed" / "answers.part1.jsonl").write_text("\n".join(whole[:3]) + '\n{"question_id": "cut')
+    assert main([*args, "--out", str(tmp_path / "resumed")]) == 0
+    resumed = (tmp_path / "resumed" / "answers.jsonl").read_text().splitlines()
+    assert resumed[:3] == whole[:3]  # kept as written, not answered again
+    assert [json.loads(line)["text"] for line in resumed] == [json.loads(line)["text"] for line in whole]
+    assert not list((tmp_path / "resumed").glob("answers.part*"))
 
 
 def test_a_published_results_file_is_checked_row_by_row(tmp_path):

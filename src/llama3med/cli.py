@@ -84,10 +84,16 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    import os
+
+    import torch
+    import torch.distributed as dist
+
     from .checkpoints import load
     from .data.benchmarks import load_benchmark, load_candidate_answers
     from .eval import majority_baseline, run, score
     from .eval.report import comparison_rows, format_table, load_published, write_report
+    from .eval.runner import answered_ids, merge_answers, shard_by_image
     from .inference import best_device
 
     records = load_benchmark(args.benchmark, args.data, args.split, args.image_root)
@@ -95,29 +101,45 @@ def cmd_eval(args: argparse.Namespace) -> None:
     published = load_published(args.compare) if args.compare else None
     if args.limit:
         records = records[: args.limit]
-    model, processor = load(args.model, device=best_device())
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = best_device()
+    if world_size > 1:  # under torchrun: each process answers whole images, rank 0 merges and reports
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     out = Path(args.out)
-    answers = run(
+    answers_path = out / "answers.jsonl"
+    pending = [r for r in records if r.id not in answered_ids(answers_path)]
+    model, processor = load(args.model, device=device)
+    run(
         model,
         processor,
-        records,
-        out / "answers.jsonl",
+        shard_by_image(pending, rank, world_size),
+        answers_path if world_size == 1 else out / f"answers.part{rank}.jsonl",
         model_id=Path(args.model).name,
         prompt_style=args.prompt,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
     )
-    scores = score(records, answers, candidates=candidates)
-    baseline = majority_baseline(records)
-    report = {"benchmark": args.benchmark, "model": str(args.model), "prompt": args.prompt, "scores": scores}
-    report["majority_closed_baseline"] = baseline
-    if published:
-        report["published"] = published
-    write_report(out, report)
-    print(format_table(scores, baseline))
-    if published:
-        print(f"\nbeside published results ({published['source']}):")
-        print("\n".join("  ".join(row) for row in comparison_rows(report, published)))
+    if world_size > 1:
+        dist.barrier()
+    if rank == 0:
+        answers = merge_answers(answers_path, records)
+        scores = score(records, answers, candidates=candidates)
+        baseline = majority_baseline(records)
+        report = {"benchmark": args.benchmark, "model": str(args.model), "prompt": args.prompt, "scores": scores}
+        report["majority_closed_baseline"] = baseline
+        if published:
+            report["published"] = published
+        write_report(out, report)
+        print(format_table(scores, baseline))
+        if published:
+            print(f"\nbeside published results ({published['source']}):")
+            print("\n".join("  ".join(row) for row in comparison_rows(report, published)))
+    if world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def cmd_score(args: argparse.Namespace) -> None:

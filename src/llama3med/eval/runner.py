@@ -5,13 +5,16 @@ Questions about one image share its work: the image is encoded once, and the pro
 token (the chat template's start and the image tokens, most of a short VQA prompt) goes through the LM
 once per image; each question's own tokens continue from that cached prefix.
 
-The answers file has LLaVA-Med's fields (`question_id`, `prompt`, `text`, `answer_id`, `model_id`), so
-its own evaluator reads it too.
+The answers file has LLaVA-Med's fields (`question_id`, `prompt`, `text`, `answer_id`, `model_id`) and,
+once a run is complete, the benchmark's question order, so its own evaluator (which asserts that order)
+reads it too. Under torchrun each process answers its share of the images into `answers.partN.jsonl`;
+`merge_answers` folds the parts into `answers.jsonl`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -41,6 +44,40 @@ def prompt_text(record: VQARecord, style: str) -> str:
 def read_answers(path: Path) -> dict[str, dict]:
     """Answers already written, by question id; a line cut by a crash is ignored."""
     return {str(row["question_id"]): row for row in read_appended_rows(path)}
+
+
+def answer_parts(answers_path: Path) -> list[Path]:
+    """The per-process files of a sharded run beside `answers.jsonl`."""
+    return sorted(answers_path.parent.glob(f"{answers_path.stem}.part*{answers_path.suffix}"))
+
+
+def answered_ids(answers_path: Path) -> set[str]:
+    """Question ids answered in `answers.jsonl` or in any part of a sharded run."""
+    return {qid for path in (answers_path, *answer_parts(answers_path)) for qid in read_answers(path)}
+
+
+def shard_by_image(records: Sequence[VQARecord], rank: int, world_size: int) -> list[VQARecord]:
+    """Process `rank`'s share: whole images (so each is encoded once), dealt round-robin."""
+    images = sorted({r.image_key for r in records})
+    mine = set(images[rank::world_size])
+    return [r for r in records if r.image_key in mine]
+
+
+def merge_answers(answers_path: Path, records: Sequence[VQARecord]) -> dict[str, str]:
+    """Rewrite `answers.jsonl` with every answer (its own and the parts') in the benchmark's order, then
+    delete the parts. The new file replaces the old in one step, so a crash loses nothing."""
+    rows: dict[str, dict] = {}
+    for path in (answers_path, *answer_parts(answers_path)):
+        rows.update(read_answers(path))
+    missing = [r.id for r in records if r.id not in rows]
+    if missing:
+        raise ValueError(f"{answers_path}: {len(missing)} questions have no answer yet, e.g. {missing[:3]}")
+    temporary = answers_path.with_suffix(".tmp")
+    temporary.write_text("".join(json.dumps(rows[r.id]) + "\n" for r in records), encoding="utf-8")
+    os.replace(temporary, answers_path)
+    for part in answer_parts(answers_path):
+        part.unlink()
+    return {r.id: rows[r.id]["text"] for r in records}
 
 
 @torch.inference_mode()
