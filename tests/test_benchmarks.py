@@ -12,7 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from llama3med.data.benchmarks import load_benchmark, load_candidate_answers, load_pathvqa, load_slake, load_vqa_rad
+from llama3med.data.benchmarks import (
+    load_benchmark,
+    load_candidate_answers,
+    load_pathvqa,
+    load_slake,
+    load_vqa_rad,
+    train_open_answers,
+)
 
 
 def png_bytes(value: int) -> bytes:
@@ -40,6 +47,7 @@ def test_vqa_rad_official_json_keeps_the_test_phrase_types(tmp_path):
     row = {"image_name": "synpic1.jpg", "answer_type": "CLOSED", "question_type": "PRES", "answer": "Yes"}
     rows = [
         {**row, "qid": 1, "phrase_type": "freeform", "question": "Is there a mass?"},
+        {**row, "qid": 4, "phrase_type": "para", "question": "Where?", "answer": "Liver", "answer_type": "OPEN"},
         {**row, "qid": 2, "phrase_type": "test_freeform", "question": "Is there a mass?"},
         {
             **row,
@@ -56,8 +64,11 @@ def test_vqa_rad_official_json_keeps_the_test_phrase_types(tmp_path):
         ("2", "Yes", "CLOSED", "PRES"),
         ("3", "2", "OPEN", "PRES"),
     ]
-    assert [r.id for r in load_vqa_rad(tmp_path, split="train")] == ["1"]
+    assert [r.id for r in load_vqa_rad(tmp_path, split="train")] == ["1", "4"]
     assert records[0].image_key == records[1].image_key  # one image, encoded once
+    # The candidate set of the open "accuracy" is the train split's open answers, as in LLaVA-Med.
+    assert train_open_answers("vqa-rad", tmp_path, records) == ["Liver"]
+    assert train_open_answers("llava-med", tmp_path, records) is None
 
 
 def test_parquet_layouts_embed_the_images_and_type_yes_no_answers_as_closed(tmp_path):

@@ -90,14 +90,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from .checkpoints import load
-    from .data.benchmarks import load_benchmark, load_candidate_answers
+    from .data.benchmarks import load_benchmark
     from .eval import majority_baseline, run, score
     from .eval.report import comparison_rows, format_table, load_published, write_report
     from .eval.runner import answered_ids, merge_answers, shard_by_image
     from .inference import best_device
 
     records = load_benchmark(args.benchmark, args.data, args.split, args.image_root)
-    candidates = load_candidate_answers(args.candidates) if args.candidates else None
+    candidates, candidates_source = _candidate_answers(args, args.data, records)
     published = load_published(args.compare) if args.compare else None
     if args.limit:
         records = records[: args.limit]
@@ -130,6 +130,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         baseline = majority_baseline(records)
         report = {"benchmark": args.benchmark, "model": str(args.model), "prompt": args.prompt, "scores": scores}
         report["majority_closed_baseline"] = baseline
+        report["candidates"] = candidates_source
         if published:
             report["published"] = published
         write_report(out, report)
@@ -142,16 +143,28 @@ def cmd_eval(args: argparse.Namespace) -> None:
         dist.destroy_process_group()
 
 
+def _candidate_answers(args: argparse.Namespace, data: str, records: list) -> tuple[list[str] | None, str]:
+    """The candidate accuracy's answer set, and where it came from: `--candidates`, else the release's
+    train split (as LLaVA-Med does), else the test set's own open answers."""
+    from .data.benchmarks import load_candidate_answers, train_open_answers
+
+    if args.candidates:
+        return load_candidate_answers(args.candidates), f"file {args.candidates}"
+    if answers := train_open_answers(args.benchmark, data, records, args.image_root):
+        return answers, f"the train split's open answers ({len(set(answers))} distinct)"
+    return None, "the test set's own open answers"
+
+
 def cmd_score(args: argparse.Namespace) -> None:
     import json
 
-    from .data.benchmarks import load_benchmark, load_candidate_answers
+    from .data.benchmarks import load_benchmark
     from .eval import score
     from .eval.report import format_table
     from .eval.runner import read_answers
 
     records = load_benchmark(args.benchmark, args.gt, args.split, args.image_root, check_images=False)
-    candidates = load_candidate_answers(args.candidates) if args.candidates else None
+    candidates, _ = _candidate_answers(args, args.gt, records)
     answers = {qid: row["text"] for qid, row in read_answers(Path(args.pred)).items()}
     scores = score(records, answers, strict=args.strict, candidates=candidates)
     print(json.dumps(scores, indent=1) if args.json else format_table(scores))

@@ -284,3 +284,19 @@ def load_candidate_answers(path: str | Path) -> list[str]:
     if not isinstance(answers, list) or not answers:
         raise ValueError(f'{path}: expected a JSON list of answers or {{"0": [answers]}}')
     return [str(answer) for answer in answers]
+
+
+def train_open_answers(
+    name: str, path: str | Path, test_records: list[VQARecord], image_root: str | Path | None = None
+) -> list[str] | None:
+    """The open answers of the benchmark's train split (LLaVA-Med's candidate set), when the release
+    at `path` holds one; None for the LLaVA-Med format or a lone test file."""
+    if name == "llava-med":
+        return None
+    try:
+        train = load_benchmark(name, path, "train", image_root, check_images=False)
+    except ValueError:
+        return None
+    test_ids = {r.id for r in test_records}
+    answers = [r.answer for r in train if r.answer_type == "OPEN" and r.id not in test_ids]
+    return answers or None

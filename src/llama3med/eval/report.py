@@ -85,6 +85,8 @@ def write_report(out: Path, report: dict) -> None:
     ]
     if report.get("majority_closed_baseline") is not None:
         lines += ["", f"Majority-answer baseline on closed questions: {100 * report['majority_closed_baseline']:.2f}"]
+    if report.get("candidates"):
+        lines += ["", f"Candidate accuracy maps answers onto {report['candidates']}."]
     if published := report.get("published"):
         lines += ["", "## Beside published results", "", f"Source: {published['source']}", ""]
         lines += ["| model | open (recall) | closed |", "|---|---|---|"]
