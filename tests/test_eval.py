@@ -177,6 +177,17 @@ def test_two_processes_under_torchrun_share_the_images_and_write_one_file_in_ben
     assert (tmp_path / "two" / "report.json").read_text() == (tmp_path / "one" / "report.json").read_text()
 
 
+def test_a_compiled_language_model_answers_the_same(built_model_dir, test_set, tmp_path):
+    args = ["eval", "--model", str(built_model_dir), "--data", str(test_set), "--max-new-tokens", "6"]
+    assert main([*args, "--out", str(tmp_path / "eager")]) == 0
+    assert main([*args, "--out", str(tmp_path / "compiled"), "--compile"]) == 0
+
+    def texts(name):
+        return [json.loads(line)["text"] for line in open(tmp_path / name / "answers.jsonl")]
+
+    assert texts("compiled") == texts("eager")
+
+
 def test_a_run_resumes_from_the_parts_an_interrupted_sharded_run_left(built_model_dir, test_set, tmp_path):
     args = ["eval", "--model", str(built_model_dir), "--data", str(test_set), "--max-new-tokens", "4"]
     assert main([*args, "--out", str(tmp_path / "whole")]) == 0
