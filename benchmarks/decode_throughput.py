@@ -1,5 +1,5 @@
-"""New tokens per second of `llama3med ask`-style greedy answers with the LM compiled (`--compile` of
-`serve` and `eval`) against plain HF `generate`, same model, same prompts, in one run. The tokens must be
+"""New tokens per second of `llama3med ask`-style greedy answers with the model compiled (`--compile` of
+`serve` and `eval`: tower and LM) against plain HF `generate`, same model, same prompts, in one run. The tokens must be
 identical; the compile time is reported apart and not counted.
 
     python benchmarks/decode_throughput.py [--model DIR] [--new-tokens 32] [--repeats 5]
@@ -13,7 +13,7 @@ import time
 import torch
 
 from llama3med.checkpoints import DEMO_MODEL_DIR, load
-from llama3med.inference import best_device, compile_language_model, question_messages
+from llama3med.inference import best_device, compile_model, question_messages
 
 QUESTIONS = ["Is there a lesion in this image?", "What imaging modality is this?", "Describe the image."]
 
@@ -42,7 +42,7 @@ def main() -> None:
 
     reference = answer_all()
     reference_rate = tokens_per_s()
-    compile_language_model(model)
+    compile_model(model)
     start = time.perf_counter()
     compiled = answer_all()
     compile_seconds = time.perf_counter() - start
@@ -50,7 +50,7 @@ def main() -> None:
     same = sum(torch.equal(a, b) for a, b in zip(reference, compiled, strict=True))
     print(f"{len(inputs)} prompts, {args.new_tokens} new tokens each, batch 1, device {model.device}")
     print(f"HF generate:               {reference_rate:8.1f} new tokens/s")
-    print(f"HF generate, LM compiled:  {compiled_rate:8.1f} new tokens/s (compile {compile_seconds:.0f} s, once)")
+    print(f"model compiled:           {compiled_rate:8.1f} new tokens/s (compile {compile_seconds:.0f} s, once)")
     print(f"speed-up: {compiled_rate / reference_rate:.2f}x; identical tokens: {same}/{len(inputs)}")
 
 

@@ -94,7 +94,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .eval import majority_baseline, run, score
     from .eval.report import comparison_rows, format_table, load_published, write_report
     from .eval.runner import answered_ids, merge_answers, shard_by_image
-    from .inference import best_device, compile_language_model
+    from .inference import best_device, compile_model
 
     records = load_benchmark(args.benchmark, args.data, args.split, args.image_root)
     candidates, candidates_source = _candidate_answers(args, args.data, records)
@@ -113,7 +113,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     pending = [r for r in records if r.id not in answered_ids(answers_path)]
     model, processor = load(args.model, device=device)
     if args.compile:
-        compile_language_model(model)
+        compile_model(model)
     run(
         model,
         processor,
@@ -261,13 +261,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from .checkpoints import load
-    from .inference import best_device, compile_language_model
+    from .inference import best_device, compile_model
     from .serve import Engine, Settings, create_app
 
     model_dir = _model_dir(args.model)
     model, processor = load(model_dir, device=best_device())
     if args.compile:
-        compile_language_model(model)
+        compile_model(model)
     settings = Settings(
         model_id=args.model_id or ("llama3med-demo" if args.model is None else Path(model_dir).name),
         api_key=args.api_key,
@@ -364,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the LM: faster decoding after a one-time compile (tens of seconds)",
+        help="torch.compile the tower and the LM: faster after a one-time compile (tens of seconds)",
     )
     p.add_argument(
         "--compare",
@@ -438,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the LM: faster decoding after a one-time compile (tens of seconds)",
+        help="torch.compile the tower and the LM: faster after a one-time compile (tens of seconds)",
     )
     p.set_defaults(func=cmd_serve)
 
