@@ -104,7 +104,7 @@ def generate_answers(
             features.update(zip(new, model.encode_images(pixels), strict=True))  # each (num_image_tokens, D)
         prompts = [processor.chat_prompt(question_messages(prompt_text(r, prompt_style))) for r in batch]
         token_ids = [processor.encode_text(p, num_images=1) for p in prompts]
-        texts = _answer_batch(model, processor, token_ids, [features[r.image_key] for r in batch], max_new_tokens)
+        texts = _answer_batch(model, processor, token_ids, [r.image_key for r in batch], features, max_new_tokens)
         for record, prompt, text in zip(batch, prompts, texts, strict=True):
             yield record, prompt, text.strip()
 
@@ -113,7 +113,8 @@ def _answer_batch(
     model: Llama3MedForConditionalGeneration,
     processor: Llama3MedProcessor,
     token_ids: list[list[int]],
-    features: list[torch.Tensor],
+    image_keys: list[str],
+    features: dict[str, torch.Tensor],
     max_new_tokens: int,
 ) -> list[str]:
     """Greedy answers to prompts that each hold one image. The prefix up to the image's last token is run
@@ -124,19 +125,14 @@ def _answer_batch(
     pad = processor.tokenizer.pad_token_id
     prefix_len = max(i for i, t in enumerate(token_ids[0]) if t == model.config.image_token_id) + 1
     prefix = token_ids[0][:prefix_len]
-    if any(ids[:prefix_len] != prefix for ids in token_ids):  # a template that puts text before the image
-        input_ids, attention_mask = pad_sequences(token_ids, pad, "left")
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        embeds = model.embed_inputs(input_ids, torch.stack(features))
-        output = model.generate(
-            inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False
-        )
-        return processor.batch_decode(output)
-    distinct = list({id(f): f for f in features}.values())
-    row_of_image = torch.tensor([next(i for i, d in enumerate(distinct) if d is f) for f in features], device=device)
+    if any(ids[:prefix_len] != prefix for ids in token_ids):
+        raise ValueError("the prompts differ before their image tokens; the chat template must put the image first")
+    distinct = list(dict.fromkeys(image_keys))
+    row_of_image = torch.tensor([distinct.index(key) for key in image_keys], device=device)
     prefix_ids = torch.tensor([prefix], device=device)
     cache = DynamicCache(config=model.config.text_config)
-    prefix_embeds = model.embed_inputs(prefix_ids.expand(len(distinct), -1), torch.stack(distinct))
+    image_features = torch.stack([features[key] for key in distinct])
+    prefix_embeds = model.embed_inputs(prefix_ids.expand(len(distinct), -1), image_features)
     model.language_model(inputs_embeds=prefix_embeds, cache=cache, use_cache=True)
     cache.reorder_cache(row_of_image)  # (images, ...) -> (questions, ...)
     question_ids, question_mask = pad_sequences([ids[prefix_len:] for ids in token_ids], pad, "left")
