@@ -205,7 +205,8 @@ def cmd_datagen(args: argparse.Namespace) -> None:
         base_url = args.anthropic_base_url if kind == "anthropic" else args.base_url
         teachers.append((make_teacher(kind, model=model, api_key=args.api_key, base_url=base_url), weight))
     out = Path(args.out)
-    pending = [r for r in records if r["id"] not in read_done(out, rejects_path(out))]
+    done = read_done(out, rejects_path(out))
+    pending = [r for r in records if r["id"] not in done]
     paid = any(t.name == "anthropic" or not _is_local(args.base_url) for t, _ in teachers)
     for teacher, _ in teachers:
         tokens, dollars = estimate_cost(pending, prompt, teacher.model, PRICES)
@@ -220,7 +221,7 @@ def cmd_datagen(args: argparse.Namespace) -> None:
             raise ValueError("cancelled")
     policy = RetryPolicy(max_retries=args.max_retries)
     stats = asyncio.run(
-        generate(records, out, teachers, prompt, args.concurrency, policy, args.max_requests, args.seed)
+        generate(records, out, teachers, prompt, args.concurrency, policy, args.max_requests, args.seed, done=done)
     )
     print(
         f"wrote {stats.written} conversations to {out}; rejected {dict(stats.rejected)}, failed {dict(stats.failed)}, "

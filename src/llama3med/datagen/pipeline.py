@@ -161,12 +161,15 @@ async def generate(
     max_requests: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    done: set[str] | None = None,
 ) -> Stats:
-    """Generate conversations for every record not yet done; returns what happened."""
+    """Generate conversations for every record not yet done (`done`: ids the caller already read from the
+    output and rejects files, which are repaired then; read here when not given); returns what happened."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rejects = rejects_path(out)
-    done = read_done(out, rejects)
+    if done is None:
+        done = read_done(out, rejects)
     pending = [r for r in records if r["id"] not in done]
     retry = retry or RetryPolicy()
     stats, rng = Stats(), random.Random(seed)
