@@ -291,7 +291,7 @@ def train_open_answers(
 ) -> list[str] | None:
     """The open answers of the benchmark's train split (LLaVA-Med's candidate set), when the release
     at `path` holds one; None for the LLaVA-Med format or a lone test file."""
-    if name == "llava-med":
+    if name == "llava-med" or (Path(path).is_file() and name != "vqa-rad"):  # one file, one split (but VQA-RAD's)
         return None
     try:
         train = load_benchmark(name, path, "train", image_root, check_images=False)
