@@ -95,7 +95,8 @@ def test_slake_keeps_english_questions_by_default(tmp_path):
     (tmp_path / "test.json").write_text(json.dumps(rows, ensure_ascii=False))
     assert [(r.id, r.question_type) for r in load_slake(tmp_path)] == [("10", "Organ")]
     assert len(load_slake(tmp_path, language=None)) == 2
-    (tmp_path / "train.json").write_text(json.dumps([{**base, "qid": 1, "q_lang": "en", "question": "Q", "answer": "Heart"}]))
+    train = [{**base, "qid": 1, "q_lang": "en", "question": "Which organ is this?", "answer": "Heart"}]
+    (tmp_path / "train.json").write_text(json.dumps(train))
     test = load_slake(tmp_path)
     assert train_open_answers("slake", tmp_path, test) == ["Heart"]  # the release folder has the train split
     assert train_open_answers("slake", tmp_path / "test.json", test) is None  # a lone split file has not
