@@ -18,11 +18,45 @@ import time
 import torch
 
 from llama3med.checkpoints import DEMO_MODEL_DIR, load
-from llama3med.data.benchmarks import load_llava_med
+from llama3med.data.benchmarks import VQARecord, load_llava_med
 from llama3med.data.phantoms import write_phantom_set
 from llama3med.eval import generate_answers
 from llama3med.eval.runner import PROMPT_STYLES
 from llama3med.inference import answer, best_device
+
+
+def phantom_questions(folder: str, images: int, size: int, slake_like: bool) -> list[VQARecord]:
+    """Phantom test questions about `images` DICOM slices; `slake_like` adds each in short-answer wording."""
+    write_phantom_set(folder, n=images, seed=31337, size=size, image_format="dcm")
+    records = load_llava_med(f"{folder}/test.json")
+    if slake_like:
+        short = PROMPT_STYLES["short"]
+        records += [
+            dataclasses.replace(r, id=f"{r.id}-short", question=short.format(question=r.question)) for r in records
+        ]
+    return records
+
+
+def compare(model, processor, records: list[VQARecord], batch_size: int, max_new_tokens: int) -> dict:
+    """Questions/s of the one-question loop and of `llama3med eval`'s path, and how many answers agree."""
+    start = time.perf_counter()
+    reference = {r.id: answer(model, processor, r.image, r.question, max_new_tokens=max_new_tokens) for r in records}
+    reference_rate = len(records) / (time.perf_counter() - start)
+    start = time.perf_counter()
+    batched = {
+        r.id: text
+        for r, _, text in generate_answers(
+            model, processor, records, batch_size=batch_size, max_new_tokens=max_new_tokens
+        )
+    }
+    batched_rate = len(records) / (time.perf_counter() - start)
+    return {
+        "questions": len(records),
+        "reference_questions_per_s": reference_rate,
+        "ours_questions_per_s": batched_rate,
+        "speedup": batched_rate / reference_rate,
+        "identical_answers": sum(reference[k] == batched[k] for k in reference),
+    }
 
 
 def main() -> None:
@@ -36,34 +70,12 @@ def main() -> None:
 
     model, processor = load(args.model, device=best_device())
     with tempfile.TemporaryDirectory() as tmp:
-        write_phantom_set(tmp, n=args.images, seed=31337, size=processor.image_size, image_format="dcm")
-        records = load_llava_med(f"{tmp}/test.json")
-        if args.slake_like:
-            short = PROMPT_STYLES["short"]
-            records += [
-                dataclasses.replace(r, id=f"{r.id}-short", question=short.format(question=r.question)) for r in records
-            ]
+        records = phantom_questions(tmp, args.images, processor.image_size, args.slake_like)
         print(f"{len(records)} questions about {args.images} images, device {model.device}, torch {torch.__version__}")
-
-        start = time.perf_counter()
-        reference = {
-            r.id: answer(model, processor, r.image, r.question, max_new_tokens=args.max_new_tokens) for r in records
-        }
-        reference_rate = len(records) / (time.perf_counter() - start)
-
-        start = time.perf_counter()
-        batched = {
-            r.id: text
-            for r, _, text in generate_answers(
-                model, processor, records, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens
-            )
-        }
-        batched_rate = len(records) / (time.perf_counter() - start)
-
-    same = sum(reference[k] == batched[k] for k in reference)
-    print(f"one at a time, image re-encoded: {reference_rate:8.2f} questions/s")
-    print(f"llama3med eval (batch {args.batch_size}):        {batched_rate:8.2f} questions/s")
-    print(f"speed-up: {batched_rate / reference_rate:.2f}x; identical answers: {same}/{len(records)}")
+        result = compare(model, processor, records, args.batch_size, args.max_new_tokens)
+    print(f"one at a time, image re-encoded: {result['reference_questions_per_s']:8.2f} questions/s")
+    print(f"llama3med eval (batch {args.batch_size}):        {result['ours_questions_per_s']:8.2f} questions/s")
+    print(f"speed-up: {result['speedup']:.2f}x; identical answers: {result['identical_answers']}/{len(records)}")
 
 
 if __name__ == "__main__":

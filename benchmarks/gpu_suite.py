@@ -1,8 +1,9 @@
 """One GPU, one run, well under ten minutes: the device's ceilings, the S2 encoder and greedy decoding at
-the real sizes (SigLIP-so400m at 384/768/1152 px, Llama-3-8B; random weights, bf16), and the peak memory
-of inference and of a LoRA finetune step. Every fast path is checked against its reference (max abs diff
-of features, identical greedy tokens) before it is timed. Prints its table last; `--json` writes the
-figures. Installs nothing; LoRA needs peft, and is skipped with a note where peft is missing.
+the real sizes (SigLIP-so400m at 384/768/1152 px, Llama-3-8B; random weights, bf16), a SLAKE-shaped
+evaluation with the whole model, and the peak memory of inference and of a LoRA finetune step. Every
+fast path is checked against its reference (max abs diff of features, identical greedy tokens or answers)
+before it is timed. Prints its table last; `--json` writes the figures. Installs nothing; LoRA needs
+peft, and is skipped with a note where peft is missing.
 
     python benchmarks/gpu_suite.py --json gpu_figures.json     # one GPU
     python benchmarks/gpu_suite.py --tiny                      # small shapes on any device: a smoke run
@@ -13,16 +14,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 
 import torch
 from encoder_throughput import SIZES, rate, reference_encode
+from eval_throughput import compare, phantom_questions
 from transformers import AutoConfig, AutoModel, LlamaConfig, LlamaForCausalLM
 
+from llama3med.checkpoints import build_scratch
 from llama3med.model.multiscale import encode_multiscale
 from llama3med.model.vision_tower import VisionTower
+from llama3med.processing import train_bpe_tokenizer
 
 LLAMA3_8B = dict(
     hidden_size=4096,
@@ -133,17 +139,43 @@ def encoder(dev: Device, tiny: bool, ceiling_tflops: float) -> dict:
     return {"tflop_per_image": flops / 1e12, "max_abs_diff": max_diff, "paths": rows}
 
 
-def build_llama(dev: Device, tiny: bool) -> LlamaForCausalLM:
-    config = LlamaConfig(**(TINY_LLAMA if tiny else LLAMA3_8B))
-    torch.manual_seed(0)
+@contextmanager
+def on_device(dev: Device) -> Iterator[None]:
+    """Build weights directly on the device in its dtype: an 8B model is never materialised on the host."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(dev.dtype)
     try:
         with dev.torch:
-            model = LlamaForCausalLM(config)
+            yield
     finally:
         torch.set_default_dtype(default)
+
+
+def build_llama(dev: Device, tiny: bool) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    with on_device(dev):
+        model = LlamaForCausalLM(LlamaConfig(**(TINY_LLAMA if tiny else LLAMA3_8B)))
     return model.eval()
+
+
+def evaluation(dev: Device, tiny: bool, images: int) -> dict:
+    """A SLAKE-shaped run (about 11 questions per image) of the whole model at the real sizes: `llama3med
+    eval`'s path (batched, each image encoded once, its prompt prefix cached once) against the loop that
+    answers one question at a time and re-encodes the image. The vocabulary is a small BPE trained on the
+    questions, so the LM head is smaller than Llama-3's; everything else is at size."""
+    vision = {"model_type": "siglip_vision_model", **(TINY_SIGLIP if tiny else SIZES["so400m"])}
+    text = {"model_type": "llama", **(TINY_LLAMA if tiny else LLAMA3_8B)}
+    base = vision["image_size"]
+    with tempfile.TemporaryDirectory() as folder:
+        records = phantom_questions(folder, images, 3 * base, slake_like=True)
+        tokenizer = train_bpe_tokenizer([f"{r.question} {r.answer}" for r in records] * 4, vocab_size=400)
+        torch.manual_seed(0)
+        with on_device(dev):
+            model, processor = build_scratch(vision, text, tokenizer, scales=[base, 2 * base, 3 * base])
+        result = compare(model.eval(), processor, records, batch_size=16, max_new_tokens=8)
+    del model
+    dev.reset_peak()
+    return result
 
 
 def decoding(dev: Device, tiny: bool, model: LlamaForCausalLM, copy_tb_per_s: float) -> dict:
@@ -226,6 +258,13 @@ def table(figures: dict) -> str:
     ]
     for name, row in d["paths"].items():
         lines.append(f"  {name:<55} {row['new_tokens_per_s']:9.1f}  {d['identical_tokens'][name]}")
+    v = figures["evaluation"]
+    lines += [
+        "",
+        f"SLAKE-shaped evaluation, {v['questions']} questions: one at a time {v['reference_questions_per_s']:.2f} q/s, "
+        f"llama3med eval {v['ours_questions_per_s']:.2f} q/s, {v['speedup']:.2f}x, "
+        f"identical answers {v['identical_answers']}/{v['questions']}",
+    ]
     m = figures["memory"]
     lines += [
         "",
@@ -247,6 +286,8 @@ def main() -> None:
     model = build_llama(dev, args.tiny)
     figures["decoding"] = decoding(dev, args.tiny, model, figures["ceilings"]["copy_tb_per_s"])
     figures["memory"] = memory(dev, args.tiny, model)
+    del model
+    figures["evaluation"] = evaluation(dev, args.tiny, images=3 if args.tiny else 10)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(figures, handle, indent=1)

@@ -1,6 +1,7 @@
 """Checkpoints: parity with HF LLaVA through `llama3med convert`, and `llama3med build` from local parts."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,3 +96,17 @@ def test_load_refuses_a_directory_that_is_not_a_model(tmp_path):
         load(tmp_path)
     with pytest.raises(ValueError, match="model directory not found"):
         load(tmp_path / "missing")
+
+
+def test_generation_never_picks_the_input_only_image_token(built_model_dir):
+    model, processor = load(built_model_dir)
+    prompt = processor.chat_prompt([{"role": "user", "content": "<image>\nWhat is it?"}])
+    inputs = processor(prompt, images=Path(__file__).parents[1] / "examples" / "phantom_ct_lesion.dcm")
+    image_id = model.config.image_token_id
+    with torch.no_grad():  # make <image> the top-ranked next token by far
+        hidden = model(**inputs, output_hidden_states=True).hidden_states[-1][0, -1]
+        head = model.get_output_embeddings().weight
+        head.zero_()
+        head[image_id] = 100 * hidden / hidden.norm()
+        output = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert image_id not in output[0, inputs["input_ids"].shape[1] :].tolist()

@@ -176,7 +176,9 @@ def convert_llava(llava_dir: str | Path) -> tuple[Llama3MedForConditionalGenerat
 
 
 def _set_stop_tokens(model: PreTrainedModel, tokenizer) -> None:
-    """Stop on the LM's own end tokens and the tokenizer's end-of-turn token; pad with its pad token."""
+    """Stop on the LM's own end tokens and the tokenizer's end-of-turn token; pad with its pad token;
+    never generate `<image>` (see `_suppress_image_token`)."""
+    _suppress_image_token(model)
     eos = model.generation_config.eos_token_id
     eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
@@ -195,6 +197,14 @@ def save(model: PreTrainedModel, processor: Llama3MedProcessor, out: str | Path,
     """Write a directory that `from_pretrained` (ours and the Auto classes) loads: safetensors shards."""
     model.save_pretrained(out, max_shard_size=max_shard_size)
     processor.save_pretrained(out)
+
+
+def _suppress_image_token(model: PreTrainedModel) -> None:
+    """`<image>` is an input-only token: an answer that produced it would have no image features for it at
+    the next step. Untrained or small models can rank it first, so generation never picks it."""
+    suppressed = list(model.generation_config.suppress_tokens or [])
+    if model.config.image_token_id not in suppressed:
+        model.generation_config.suppress_tokens = [*suppressed, model.config.image_token_id]
 
 
 def load(
@@ -217,6 +227,7 @@ def load(
             f"{model_dir}: processor ({processor.image_size} px, {processor.num_image_tokens} tokens) does not "
             f"match the model ({config.max_image_size} px, {config.num_image_tokens} tokens)"
         )
+    _suppress_image_token(model)  # also for checkpoints saved before this default existed
     if device is not None:
         model.to(device)
     return model.eval(), processor
