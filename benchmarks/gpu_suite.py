@@ -241,37 +241,39 @@ def memory(dev: Device, tiny: bool, model: LlamaForCausalLM) -> dict:
     return figures
 
 
-def table(figures: dict) -> str:
-    lines = [f"device: {figures['device']}", ""]
-    c = figures["ceilings"]
-    lines.append(f"matmul ceiling {c['matmul_tflops']:.1f} TFLOP/s, copy bandwidth {c['copy_tb_per_s']:.2f} TB/s")
-    e = figures["encoder"]
-    lines += ["", f"S2 encoder ({e['tflop_per_image']:.2f} TFLOP/image, max abs diff {e['max_abs_diff']:.2e})"]
-    reference = next(iter(e["paths"].values()))["images_per_s"]
-    for name, row in e["paths"].items():
-        ratio = row["images_per_s"] / reference
-        lines.append(f"  {name:<55} {row['images_per_s']:9.2f} img/s {100 * row['ceiling_share']:5.1f} % {ratio:5.2f}x")
-    d = figures["decoding"]
-    lines += [
-        "",
-        f"greedy decoding (new tokens/s, identical tokens?); batch-1 floor {d['batch1_floor_tokens_per_s']:.0f}",
+def table_lines(name: str, section: dict) -> list[str]:
+    """One section of the table; a section that failed shows its error."""
+    if "error" in section:
+        return [f"{name}: failed: {section['error']}"]
+    if name == "ceilings":
+        return [
+            f"matmul ceiling {section['matmul_tflops']:.1f} TFLOP/s, copy bandwidth {section['copy_tb_per_s']:.2f} TB/s"
+        ]
+    if name == "encoder":
+        lines = [
+            f"S2 encoder ({section['tflop_per_image']:.2f} TFLOP/image, max abs diff {section['max_abs_diff']:.2e})"
+        ]
+        reference = next(iter(section["paths"].values()))["images_per_s"]
+        for path, row in section["paths"].items():
+            share, ratio = 100 * row["ceiling_share"], row["images_per_s"] / reference
+            lines.append(f"  {path:<55} {row['images_per_s']:9.2f} img/s {share:5.1f} % {ratio:5.2f}x")
+        return lines
+    if name == "decoding":
+        floor = section["batch1_floor_tokens_per_s"]
+        lines = [f"greedy decoding (new tokens/s, identical tokens?); batch-1 floor {floor:.0f}"]
+        for path, row in section["paths"].items():
+            lines.append(f"  {path:<55} {row['new_tokens_per_s']:9.1f}  {section['identical_tokens'][path]}")
+        return lines
+    if name == "memory":
+        return [
+            f"peak memory, decoding batch 16: {section['inference_batch16_peak_gib']} GiB",
+            f"LoRA step: {section['lora_step']}",
+        ]
+    return [
+        f"SLAKE-shaped evaluation, {section['questions']} questions: one at a time "
+        f"{section['reference_questions_per_s']:.2f} q/s, llama3med eval {section['ours_questions_per_s']:.2f} q/s, "
+        f"{section['speedup']:.2f}x, identical answers {section['identical_answers']}/{section['questions']}"
     ]
-    for name, row in d["paths"].items():
-        lines.append(f"  {name:<55} {row['new_tokens_per_s']:9.1f}  {d['identical_tokens'][name]}")
-    v = figures["evaluation"]
-    lines += [
-        "",
-        f"SLAKE-shaped evaluation, {v['questions']} questions: one at a time {v['reference_questions_per_s']:.2f} q/s, "
-        f"llama3med eval {v['ours_questions_per_s']:.2f} q/s, {v['speedup']:.2f}x, "
-        f"identical answers {v['identical_answers']}/{v['questions']}",
-    ]
-    m = figures["memory"]
-    lines += [
-        "",
-        f"peak memory, decoding batch 16: {m['inference_batch16_peak_gib']} GiB",
-        f"LoRA step: {m['lora_step']}",
-    ]
-    return "\n".join(lines)
 
 
 def main() -> None:
@@ -281,17 +283,32 @@ def main() -> None:
     args = parser.parse_args()
     dev = Device()
     figures = {"device": dev.name, "torch": torch.__version__, "tiny": args.tiny}
-    figures["ceilings"] = ceilings(dev, args.tiny)
-    figures["encoder"] = encoder(dev, args.tiny, figures["ceilings"]["matmul_tflops"])
+
+    def measure(name: str, fn: Callable[[], dict]) -> None:
+        """One section; a failure is recorded and the run goes on, so one error costs no other figure."""
+        try:
+            figures[name] = fn()
+        except Exception as err:  # noqa: BLE001 - reported in the table and the JSON
+            figures[name] = {"error": f"{type(err).__name__}: {err}"}
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump(figures, handle, indent=1)
+
+    measure("ceilings", lambda: ceilings(dev, args.tiny))
+    ceiling = figures["ceilings"].get("matmul_tflops", float("nan"))
+    measure("encoder", lambda: encoder(dev, args.tiny, ceiling))
     model = build_llama(dev, args.tiny)
-    figures["decoding"] = decoding(dev, args.tiny, model, figures["ceilings"]["copy_tb_per_s"])
-    figures["memory"] = memory(dev, args.tiny, model)
+    bandwidth = figures["ceilings"].get("copy_tb_per_s", float("nan"))
+    measure("decoding", partial(decoding, dev, args.tiny, model, bandwidth))
+    measure("memory", partial(memory, dev, args.tiny, model))
     del model
-    figures["evaluation"] = evaluation(dev, args.tiny, images=3 if args.tiny else 10)
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(figures, handle, indent=1)
-    print(table(figures))
+    measure("evaluation", lambda: evaluation(dev, args.tiny, images=3 if args.tiny else 10))
+    sections = ("ceilings", "encoder", "decoding", "evaluation", "memory")
+    print(
+        "\n".join(
+            [f"device: {dev.name}", *(line for name in sections for line in ["", *table_lines(name, figures[name])])]
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -15,8 +15,10 @@ def test_the_gpu_suite_runs_its_checks_at_small_shapes(tmp_path):
     run = subprocess.run([sys.executable, str(script), "--tiny", "--json", str(out)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     figures = json.loads(out.read_text())
+    assert [name for name, section in figures.items() if isinstance(section, dict) and "error" in section] == []
     assert figures["ceilings"]["matmul_tflops"] > 0 and figures["ceilings"]["copy_tb_per_s"] > 0
     assert figures["encoder"]["max_abs_diff"] < 1e-5 and len(figures["encoder"]["paths"]) >= 3
     assert all(figures["decoding"]["identical_tokens"].values())
     assert figures["memory"]["lora_step"]["loss_is_finite"]
+    assert figures["evaluation"]["identical_answers"] == figures["evaluation"]["questions"]
     assert run.stdout.rstrip().splitlines()[-1].startswith("LoRA step:")  # the table comes last
