@@ -14,6 +14,7 @@ accuracy. `tests/test_eval.py` checks every number against the evaluator on a pr
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import sys
@@ -115,8 +116,12 @@ def exact_match(prediction: str, reference: str) -> float:
     return sum(word in candidate for word in gold) / len(candidate) if candidate else 0.0
 
 
-BLEU_WEIGHTS = {"open_bleu": (0.25, 0.25, 0.25, 0.25), "open_bleu1": (1, 0, 0, 0), "open_bleu2": (0, 1, 0, 0)}
-BLEU_WEIGHTS["open_bleu3"] = (0, 0, 1, 0)  # BLEU-n is the n-gram order alone, as the evaluator weights it
+BLEU_WEIGHTS = {  # BLEU-n is the n-gram order alone, as the evaluator weights it
+    "open_bleu": (0.25, 0.25, 0.25, 0.25),
+    "open_bleu1": (1, 0, 0, 0),
+    "open_bleu2": (0, 1, 0, 0),
+    "open_bleu3": (0, 0, 1, 0),
+}
 
 
 def bleu(prediction: str, reference: str, weights: Sequence[float]) -> float:
@@ -140,8 +145,14 @@ def closest_candidate(prediction: str, candidates: Sequence[str]) -> str:
     on ties (even when nothing matches), so a verbose answer ("the lesion is in the liver") maps to
     "liver". This is the evaluator's open "accuracy"; `candidates` are normalised, in the file's order."""
     words = set(normalize_answer(prediction).split())
-    shares = [len(words & set(c.split())) / len(set(c.split())) if c.split() else 0.0 for c in candidates]
+    shares = [len(words & c) / len(c) if c else 0.0 for c in map(_distinct_words, candidates)]
     return candidates[shares.index(max(shares))]
+
+
+@functools.lru_cache(maxsize=65536)
+def _distinct_words(answer: str) -> frozenset[str]:
+    """A candidate's words, split once however many predictions are compared with it."""
+    return frozenset(answer.split())
 
 
 def candidate_answers(answers: Sequence[str]) -> list[str]:
