@@ -298,6 +298,23 @@ def _positive(text: str) -> int:
     return value
 
 
+def _add_candidates_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--candidates",
+        default=None,
+        help="open-answer set for the candidate accuracy, e.g. LLaVA-Med's train_open_answers.json "
+        "(default: the release's train-split open answers, else the test set's own)",
+    )
+
+
+def _add_compile_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the tower and the LM: faster after a one-time compile (tens of seconds)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .data.benchmarks import BENCHMARKS
 
@@ -362,23 +379,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive, default=16)
     p.add_argument("--max-new-tokens", type=_positive, default=64)
     p.add_argument("--limit", type=_positive, default=None, help="first N questions only")
-    p.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the tower and the LM: faster after a one-time compile (tens of seconds)",
-    )
+    _add_compile_option(p)
     p.add_argument(
         "--compare",
         default=None,
         metavar="FILE",
         help="published results (YAML/JSON: source, rows of model, benchmark, open, closed) to print beside ours",
     )
-    p.add_argument(
-        "--candidates",
-        default=None,
-        help="open-answer set for the candidate accuracy, e.g. LLaVA-Med's train_open_answers.json "
-        "(default: the test set's own open answers)",
-    )
+    _add_candidates_option(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("score", help="score an answers.jsonl against references (LLaVA-Med protocol)")
@@ -388,12 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pred", required=True, help="answers.jsonl")
     p.add_argument("--image-root", default=None)
     p.add_argument("--strict", action="store_true", help="closed: compare the first yes/no word only")
-    p.add_argument(
-        "--candidates",
-        default=None,
-        help="open-answer set for the candidate accuracy, e.g. LLaVA-Med's train_open_answers.json "
-        "(default: the test set's own open answers)",
-    )
+    _add_candidates_option(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_score)
 
@@ -436,11 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=_positive, default=512, help="cap on max_tokens")
     p.add_argument("--max-body-mb", type=float, default=20.0)
     p.add_argument("--request-timeout", type=float, default=120.0, help="seconds")
-    p.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the tower and the LM: faster after a one-time compile (tens of seconds)",
-    )
+    _add_compile_option(p)
     p.set_defaults(func=cmd_serve)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True, metavar="WHAT")
