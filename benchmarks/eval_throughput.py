@@ -3,9 +3,12 @@ question at a time, re-encoding the image for every question.
 
 Data: phantom test questions, 4-8 per image; `--slake-like` also asks each in LLaVA-1.5's short-answer
 wording, about 11 per image as in SLAKE's English test set (1,061 questions, 96 images). Model: the
-shipped demo model unless --model is given. Both ways must give the same answers; the ratio is printed.
+shipped demo model unless --model is given; `--paper-layout` builds a random-weight model with the
+paper's token layout instead (384 px tiles of 14 px patches at 384/768/1152 px: 729 image tokens per
+prompt) at small widths, so the image prefix weighs in the prompt as it does for Llama3-Med-8B. Both
+ways must give the same answers; the ratio is printed.
 
-    python benchmarks/eval_throughput.py [--model DIR] [--images 40] [--batch-size 32] [--slake-like]
+    python benchmarks/eval_throughput.py [--model DIR | --paper-layout] [--images 40] [--batch-size 32] [--slake-like]
 """
 
 from __future__ import annotations
@@ -17,12 +20,21 @@ import time
 
 import torch
 
-from llama3med.checkpoints import DEMO_MODEL_DIR, load
+from llama3med.checkpoints import DEMO_MODEL_DIR, build_scratch, load
 from llama3med.data.benchmarks import VQARecord, load_llava_med
 from llama3med.data.phantoms import write_phantom_set
 from llama3med.eval import generate_answers
 from llama3med.eval.runner import PROMPT_STYLES
 from llama3med.inference import answer, best_device
+from llama3med.processing import train_bpe_tokenizer
+
+# SigLIP-so400m-patch14-384's image geometry (729 tokens per 384 px tile) at small widths, with a small Llama.
+PAPER_LAYOUT_VISION = dict(
+    image_size=384, patch_size=14, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4
+)
+PAPER_LAYOUT_TEXT = dict(
+    hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2
+)
 
 
 def phantom_questions(folder: str, images: int, size: int, slake_like: bool) -> list[VQARecord]:
@@ -35,6 +47,21 @@ def phantom_questions(folder: str, images: int, size: int, slake_like: bool) -> 
             dataclasses.replace(r, id=f"{r.id}-short", question=short.format(question=r.question)) for r in records
         ]
     return records
+
+
+def random_model(vision: dict, text: dict, records: list[VQARecord]):
+    """A random-weight model with S2 scales 1x/2x/3x the tower's input and a small BPE trained on the
+    questions (so the LM head is small; everything else is as `vision` and `text` say)."""
+    tokenizer = train_bpe_tokenizer([f"{r.question} {r.answer}" for r in records] * 4, vocab_size=400)
+    base = vision["image_size"]
+    torch.manual_seed(0)
+    model, processor = build_scratch(
+        {"model_type": "siglip_vision_model", **vision},
+        {"model_type": "llama", "max_position_embeddings": 8192, **text},
+        tokenizer,
+        scales=[base, 2 * base, 3 * base],
+    )
+    return model.eval(), processor
 
 
 def compare(model, processor, records: list[VQARecord], batch_size: int, max_new_tokens: int) -> dict:
@@ -62,16 +89,25 @@ def compare(model, processor, records: list[VQARecord], batch_size: int, max_new
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(DEMO_MODEL_DIR))
+    parser.add_argument("--paper-layout", action="store_true", help="random weights, 729 image tokens per prompt")
     parser.add_argument("--images", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--slake-like", action="store_true", help="each question also in short-answer wording")
     args = parser.parse_args()
 
-    model, processor = load(args.model, device=best_device())
     with tempfile.TemporaryDirectory() as tmp:
-        records = phantom_questions(tmp, args.images, processor.image_size, args.slake_like)
-        print(f"{len(records)} questions about {args.images} images, device {model.device}, torch {torch.__version__}")
+        if args.paper_layout:
+            records = phantom_questions(tmp, args.images, 3 * PAPER_LAYOUT_VISION["image_size"], args.slake_like)
+            model, processor = random_model(PAPER_LAYOUT_VISION, PAPER_LAYOUT_TEXT, records)
+            model.to(best_device())
+        else:
+            model, processor = load(args.model, device=best_device())
+            records = phantom_questions(tmp, args.images, processor.image_size, args.slake_like)
+        print(
+            f"{len(records)} questions about {args.images} images, {model.config.num_image_tokens} image tokens "
+            f"per prompt, device {model.device}, torch {torch.__version__}"
+        )
         result = compare(model, processor, records, args.batch_size, args.max_new_tokens)
     print(f"one at a time, image re-encoded: {result['reference_questions_per_s']:8.2f} questions/s")
     print(f"llama3med eval (batch {args.batch_size}):        {result['ours_questions_per_s']:8.2f} questions/s")

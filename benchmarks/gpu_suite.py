@@ -22,13 +22,11 @@ from functools import partial
 
 import torch
 from encoder_throughput import SIZES, rate, reference_encode
-from eval_throughput import compare, phantom_questions
+from eval_throughput import compare, phantom_questions, random_model
 from transformers import AutoConfig, AutoModel, LlamaConfig, LlamaForCausalLM
 
-from llama3med.checkpoints import build_scratch
 from llama3med.model.multiscale import encode_multiscale
 from llama3med.model.vision_tower import VisionTower
-from llama3med.processing import train_bpe_tokenizer
 
 LLAMA3_8B = dict(
     hidden_size=4096,
@@ -158,16 +156,12 @@ def evaluation(dev: Device, tiny: bool, images: int) -> dict:
     eval`'s path (batched, each image encoded once, its prompt prefix cached once) against the loop that
     answers one question at a time and re-encodes the image. The vocabulary is a small BPE trained on the
     questions, so the LM head is smaller than Llama-3's; everything else is at size."""
-    vision = {"model_type": "siglip_vision_model", **(TINY_SIGLIP if tiny else SIZES["so400m"])}
-    text = {"model_type": "llama", **(TINY_LLAMA if tiny else LLAMA3_8B)}
-    base = vision["image_size"]
+    vision = TINY_SIGLIP if tiny else SIZES["so400m"]
     with tempfile.TemporaryDirectory() as folder:
-        records = phantom_questions(folder, images, 3 * base, slake_like=True)
-        tokenizer = train_bpe_tokenizer([f"{r.question} {r.answer}" for r in records] * 4, vocab_size=400)
-        torch.manual_seed(0)
+        records = phantom_questions(folder, images, 3 * vision["image_size"], slake_like=True)
         with on_device(dev):
-            model, processor = build_scratch(vision, text, tokenizer, scales=[base, 2 * base, 3 * base])
-        result = compare(model.eval(), processor, records, batch_size=16, max_new_tokens=8)
+            model, processor = random_model(vision, TINY_LLAMA if tiny else LLAMA3_8B, records)
+        result = compare(model, processor, records, batch_size=16, max_new_tokens=8)
     del model
     dev.reset_peak()
     return result
