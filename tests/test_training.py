@@ -8,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import TINY_SIGLIP, tiny_llama
@@ -110,6 +112,56 @@ def test_pretrain_then_finetune_lowers_the_loss_and_the_output_answers(tmp_path,
     model, processor = load(tmp_path / "finetune")
     image = load_image(phantoms / "images" / "phantom-1-000000.png")
     assert answer(model, processor, image, "Is this a CT scan?", max_new_tokens=4).strip()
+
+
+def write_marked_images(folder: Path, n: int, seed: int) -> list[dict]:
+    """Noisy grey PNGs, every other one with a bright square somewhere, and the question whether it has one."""
+    rng = np.random.default_rng(seed)
+    (folder / "images").mkdir(parents=True)
+    records = []
+    for i in range(n):
+        pixels = rng.normal(60, 8, (96, 96))
+        marked = i % 2 == 0
+        if marked:
+            x, y = rng.integers(0, 96 - 20, 2)
+            pixels[y : y + 20, x : x + 20] = 220
+        name = f"{seed}-{i}.png"
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / "images" / name)
+        turns = [
+            {"from": "human", "value": "<image>\nIs there a bright square?"},
+            {"from": "gpt", "value": "yes" if marked else "no"},
+        ]
+        records.append({"id": name, "image": name, "conversations": turns})
+    (folder / "data.json").write_text(json.dumps(records))
+    return records
+
+
+def test_a_trained_model_answers_from_the_image(tmp_path):
+    """The question is the same for every image, so only the image can tell the answer: training must
+    carry the pixels through tower, pyramid and projector into the LM, and generation must read them."""
+    write_marked_images(tmp_path / "train", 64, seed=0)
+    held_out = write_marked_images(tmp_path / "test", 16, seed=1)
+    recipe = write_recipe(
+        tmp_path / "squares.yaml",
+        stage="finetune",
+        model={"scratch": SCRATCH},
+        data=[{"path": str(tmp_path / "train" / "data.json"), "image_root": str(tmp_path / "train" / "images")}],
+        output_dir=str(tmp_path / "out"),
+        max_length=512,
+        train_vision_tower=True,
+        training={"per_device_train_batch_size": 8, "max_steps": 300, "learning_rate": 3e-3, "disable_tqdm": True},
+    )
+    assert main(["train", str(recipe), "--set", "training.save_steps=1000"]) == 0
+
+    model, processor = load(tmp_path / "out")
+    answers = [
+        answer(
+            model, processor, tmp_path / "test" / "images" / r["image"], "Is there a bright square?", max_new_tokens=3
+        )
+        for r in held_out
+    ]
+    pairs = list(zip(answers, [r["conversations"][1]["value"] for r in held_out], strict=True))
+    assert sum(a == truth for a, truth in pairs) >= 15, pairs
 
 
 def test_each_stage_trains_only_its_parameters(tiny_config):
