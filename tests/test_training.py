@@ -192,6 +192,33 @@ def test_each_stage_trains_only_its_parameters(tiny_config):
     assert any("multi_modal_projector" in name for name in with_grad)
 
 
+def test_a_part_given_its_own_learning_rate_trains_at_that_rate(tmp_path, phantoms, capsys):
+    assert main(["train", str(pretrain_recipe(tmp_path, phantoms, max_steps=2))]) == 0
+    start = weights(tmp_path / "pretrain")
+    recipe = finetune_recipe(
+        tmp_path,
+        phantoms,
+        "finetune",
+        train_vision_tower=True,
+        learning_rates={"vision_tower": 1e-12, "multi_modal_projector": 1e-2},
+        training={"per_device_train_batch_size": 4, "max_steps": 3, "learning_rate": 1e-3, "disable_tqdm": True},
+    )
+    assert main(["train", str(recipe)]) == 0
+    end = weights(tmp_path / "finetune")
+
+    def moved(part: str) -> float:
+        return max_difference(
+            {k: v for k, v in start.items() if k.startswith(part)}, {k: v for k, v in end.items() if k.startswith(part)}
+        )
+
+    assert moved("vision_tower") < 1e-9  # Adam's steps are about lr in size
+    assert moved("multi_modal_projector") > 5 * moved("language_model") > 0
+
+    frozen_tower = finetune_recipe(tmp_path, phantoms, "frozen", learning_rates={"vision_tower": 1e-5})
+    assert main(["train", str(frozen_tower), "--set", "training.max_steps=1"]) != 0
+    assert "learning_rates names ['vision_tower'], which have no trainable parameter" in capsys.readouterr().err
+
+
 def test_resume_after_an_interruption_gives_the_same_weights(tmp_path, phantoms):
     # 24 samples in batches of 4: 6 steps per epoch, so the resumed part crosses an epoch boundary,
     # and length grouping exercises the project's own sampler.

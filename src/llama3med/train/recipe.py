@@ -33,6 +33,11 @@ def parse_yaml(text: str):
     return yaml.load(text, Loader=RecipeLoader)
 
 
+# The model's trainable parts, as named in its state dict; `learning_rates` may give each its own rate
+# (as LLaVA-NeXT's mm_vision_tower_lr and mm_projector_lr do).
+MODEL_PARTS = ("vision_tower", "multi_modal_projector", "language_model")
+
+
 @dataclass
 class Recipe:
     stage: str  # "pretrain" (projector alignment on captions) or "finetune" (instruction tuning)
@@ -44,6 +49,7 @@ class Recipe:
     train_vision_tower: bool = False
     train_language_model: bool | None = None  # None: the stage decides (pretrain: frozen, finetune: trained)
     lora: dict | None = None  # {r, alpha, dropout, target_modules}: LoRA on the LM through peft
+    learning_rates: dict = field(default_factory=dict)  # {part: lr} overriding training.learning_rate
     strict: bool = False  # fail on the first bad record instead of skipping it
     seed: int = 0
     training: dict = field(default_factory=dict)  # transformers.TrainingArguments
@@ -59,6 +65,12 @@ class Recipe:
             unknown = set(entry) - {"path", "image_root", "ratio"}
             if unknown:
                 raise ValueError(f"recipe: data[{i}] has unknown keys {sorted(unknown)}")
+        unknown = set(self.learning_rates) - set(MODEL_PARTS)
+        if unknown:
+            raise ValueError(f"recipe: learning_rates has unknown parts {sorted(unknown)}; known: {list(MODEL_PARTS)}")
+        for part, rate in self.learning_rates.items():
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or rate <= 0:
+                raise ValueError(f"recipe: learning_rates.{part} must be a positive number, got {rate!r}")
         if "output_dir" in self.training:
             raise ValueError("recipe: set output_dir at the top level, not under training")
 

@@ -22,7 +22,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from .. import checkpoints
 from ..data.conversations import ConversationCollator, ConversationDataset, read_records
 from ..processing import train_bpe_tokenizer
-from .recipe import Recipe
+from .recipe import MODEL_PARTS, Recipe
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,35 @@ class EpochSeededLengthSampler(LengthGroupedSampler):
 
 class Llama3MedTrainer(Trainer):
     """The HF Trainer, with length grouping read from the dataset's token counts instead of by loading
-    every sample (which would decode every image)."""
+    every sample (which would decode every image), and a learning rate per model part where the recipe
+    gives one."""
+
+    def __init__(self, *args, learning_rates: dict[str, float] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.learning_rates = learning_rates or {}
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer (its weight-decay groups, its optimizer class), with each group split
+        by model part so that a part named in `learning_rates` gets its own rate; the schedule scales
+        every group alike."""
+        optimizer = super().create_optimizer(model)
+        if not self.learning_rates:
+            return optimizer
+        part_of = {id(p): model_part(name) for name, p in (model or self.model).named_parameters()}
+        groups = []
+        for group in optimizer.param_groups:
+            by_part: dict[str | None, list] = {}
+            for parameter in group["params"]:
+                by_part.setdefault(part_of.get(id(parameter)), []).append(parameter)
+            groups += [
+                {**group, "params": params, "lr": self.learning_rates.get(part, group["lr"])}
+                for part, params in by_part.items()
+            ]
+        idle = set(self.learning_rates) - {part_of.get(id(p)) for group in groups for p in group["params"]}
+        if idle:
+            raise ValueError(f"recipe: learning_rates names {sorted(idle)}, which have no trainable parameter here")
+        optimizer.param_groups = groups
+        return optimizer
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -157,6 +185,12 @@ def skipped_text(dataset: ConversationDataset) -> str:
     return ", ".join(f"{n} {kind}" for kind, n in sorted(dataset.skipped.items())) or "none"
 
 
+def model_part(parameter_name: str) -> str | None:
+    """Which of `MODEL_PARTS` a parameter belongs to (peft's and DDP's prefixes allowed)."""
+    components = parameter_name.split(".")
+    return next((part for part in MODEL_PARTS if part in components), None)
+
+
 def count_parameters(model) -> tuple[int, int]:
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
@@ -189,6 +223,7 @@ def train(recipe: Recipe, resume: bool | str = False) -> Path:
         train_dataset=dataset,
         data_collator=ConversationCollator(processor.tokenizer.pad_token_id),
         processing_class=processor,
+        learning_rates=recipe.learning_rates,
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ProgressLog())
