@@ -65,6 +65,9 @@ class Recipe:
             unknown = set(entry) - {"path", "image_root", "ratio"}
             if unknown:
                 raise ValueError(f"recipe: data[{i}] has unknown keys {sorted(unknown)}")
+        self.learning_rates = self.learning_rates or {}
+        if not isinstance(self.learning_rates, dict):
+            raise ValueError(f"recipe: learning_rates must map parts to rates, got {self.learning_rates!r}")
         unknown = set(self.learning_rates) - set(MODEL_PARTS)
         if unknown:
             raise ValueError(f"recipe: learning_rates has unknown parts {sorted(unknown)}; known: {list(MODEL_PARTS)}")
