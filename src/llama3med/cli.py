@@ -110,7 +110,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     out = Path(args.out)
     answers_path = out / "answers.jsonl"
-    pending = [r for r in records if r.id not in answered_ids(answers_path)]
+    answered = answered_ids(answers_path)
+    pending = [r for r in records if r.id not in answered]
     model, processor = load(args.model, device=device)
     if args.compile:
         compile_model(model)
