@@ -23,7 +23,7 @@ from llama3med.data.phantoms import write_phantom_set
 from llama3med.inference import answer
 from llama3med.processing import load_image
 from llama3med.train import load_recipe
-from llama3med.train.trainer import EpochSeededLengthSampler, apply_lora
+from llama3med.train.trainer import EpochSeededLengthSampler, apply_lora, prepare_model, training_arguments
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRATCH = {
@@ -333,3 +333,48 @@ def test_lora_finetuning_saves_a_merged_model_and_its_adapter(tmp_path, phantoms
         after["language_model.model.layers.0.self_attn.q_proj.weight"],
     )
     load(tmp_path / "lora")
+
+
+def test_qlora_trains_adapters_over_a_4_bit_lm_and_merges_them_at_full_precision(tmp_path, phantoms):
+    pytest.importorskip("bitsandbytes")
+    from bitsandbytes.nn import Linear4bit
+
+    assert main(["train", str(pretrain_recipe(tmp_path, phantoms, max_steps=2))]) == 0
+    finetune = finetune_recipe(
+        tmp_path,
+        phantoms,
+        "qlora",
+        lora={"r": 4, "alpha": 8, "dropout": 0.0, "bits": 4},
+        training={"per_device_train_batch_size": 4, "max_steps": 4, "learning_rate": 1e-2, "disable_tqdm": True},
+    )
+    recipe = load_recipe(finetune)
+    model, _ = prepare_model(recipe, training_arguments(recipe))
+    lm = model.language_model
+    assert isinstance(lm.model.layers[0].self_attn.q_proj, Linear4bit)
+    assert not isinstance(lm.lm_head, Linear4bit) and lm.lm_head.weight.dtype == torch.float32
+    unquantized = [*model.vision_tower.modules(), *model.multi_modal_projector.modules()]
+    assert not any(isinstance(module, Linear4bit) for module in unquantized)
+
+    assert main(["train", str(finetune)]) == 0
+    before, after = weights(tmp_path / "pretrain"), weights(tmp_path / "qlora")
+    assert before.keys() == after.keys() and all(t.dtype == torch.float32 for t in after.values())
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert {k.split(".")[0] for k in changed} == {"language_model", "multi_modal_projector"}
+    assert all(k.endswith("proj.weight") for k in changed if k.startswith("language_model"))
+    # Folded into the full-precision base, each update is the adapter's rank-4 product B @ A; folded into
+    # the 4-bit copies it would carry their rounding error, a full-rank matrix.
+    key = "language_model.model.layers.0.self_attn.q_proj.weight"
+    singular_values = torch.linalg.svdvals(after[key] - before[key])
+    assert singular_values[0] > 0 and singular_values[4] < 1e-4 * singular_values[0]
+    assert (tmp_path / "qlora" / "adapter" / "adapter_config.json").is_file()
+    load(tmp_path / "qlora")
+
+
+def test_qlora_is_refused_by_name_when_bits_or_the_start_are_wrong(tmp_path, phantoms):
+    with pytest.raises(ValueError, match="lora.bits must be 4"):
+        load_recipe(pretrain_recipe(tmp_path, phantoms), ["lora={r: 8, bits: 8}"])
+    with pytest.raises(ValueError, match="lora has unknown keys \\['rank'\\]"):
+        load_recipe(pretrain_recipe(tmp_path, phantoms), ["lora={rank: 8}"])
+    recipe = load_recipe(pretrain_recipe(tmp_path, phantoms), ["lora={r: 8, bits: 4}"])
+    with pytest.raises(ValueError, match="QLoRA .* starts from a Llama3-Med directory"):
+        prepare_model(recipe, training_arguments(recipe))

@@ -208,9 +208,13 @@ def _suppress_image_token(model: PreTrainedModel) -> None:
 
 
 def load(
-    model_dir: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str = "auto"
+    model_dir: str | Path,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str = "auto",
+    quantization_config=None,
 ) -> tuple[Llama3MedForConditionalGeneration, Llama3MedProcessor]:
-    """Model and processor of a Llama3-Med directory, checked to agree on image size and token count."""
+    """Model and processor of a Llama3-Med directory, checked to agree on image size and token count.
+    A `quantization_config` (transformers') loads the weights quantized, straight onto `device`."""
     path = Path(model_dir)
     looks_like_hub_id = not path.is_absolute() and str(model_dir).count("/") == 1 and not str(model_dir).startswith(".")
     if not path.exists() and not looks_like_hub_id:
@@ -220,7 +224,10 @@ def load(
     config = AutoConfig.from_pretrained(model_dir)
     if not isinstance(config, Llama3MedConfig):
         raise ValueError(f"{model_dir}: a {config.model_type!r} checkpoint; run `llama3med convert` first")
-    model = Llama3MedForConditionalGeneration.from_pretrained(model_dir, dtype=dtype)
+    placed = {} if quantization_config is None else {"device_map": {"": device or "cpu"}}
+    model = Llama3MedForConditionalGeneration.from_pretrained(
+        model_dir, dtype=dtype, quantization_config=quantization_config, **placed
+    )
     processor = Llama3MedProcessor.from_pretrained(model_dir)
     if processor.num_image_tokens != config.num_image_tokens or processor.image_size != config.max_image_size:
         raise ValueError(
@@ -228,6 +235,6 @@ def load(
             f"match the model ({config.max_image_size} px, {config.num_image_tokens} tokens)"
         )
     _suppress_image_token(model)  # also for checkpoints saved before this default existed
-    if device is not None:
+    if device is not None and quantization_config is None:
         model.to(device)
     return model.eval(), processor

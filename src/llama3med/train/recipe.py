@@ -36,6 +36,7 @@ def parse_yaml(text: str):
 # The model's trainable parts, as named in its state dict; `learning_rates` may give each its own rate
 # (as LLaVA-NeXT's mm_vision_tower_lr and mm_projector_lr do).
 MODEL_PARTS = ("vision_tower", "multi_modal_projector", "language_model")
+LORA_KEYS = {"r", "alpha", "dropout", "target_modules", "bits"}
 
 
 @dataclass
@@ -48,7 +49,7 @@ class Recipe:
     dtype: str = "auto"  # weights' dtype when loading: auto, float32, bfloat16, float16
     train_vision_tower: bool = False
     train_language_model: bool | None = None  # None: the stage decides (pretrain: frozen, finetune: trained)
-    lora: dict | None = None  # {r, alpha, dropout, target_modules}: LoRA on the LM through peft
+    lora: dict | None = None  # {r, alpha, dropout, target_modules, bits}: LoRA on the LM (bits: 4 is QLoRA)
     learning_rates: dict = field(default_factory=dict)  # {part: lr} overriding training.learning_rate
     strict: bool = False  # fail on the first bad record instead of skipping it
     seed: int = 0
@@ -65,6 +66,14 @@ class Recipe:
             unknown = set(entry) - {"path", "image_root", "ratio"}
             if unknown:
                 raise ValueError(f"recipe: data[{i}] has unknown keys {sorted(unknown)}")
+        if self.lora is not None:
+            if not isinstance(self.lora, dict):
+                raise ValueError(f"recipe: lora must be a mapping such as {{r: 16, alpha: 32}}, got {self.lora!r}")
+            unknown = set(self.lora) - LORA_KEYS
+            if unknown:
+                raise ValueError(f"recipe: lora has unknown keys {sorted(unknown)}; known: {sorted(LORA_KEYS)}")
+            if self.lora.get("bits") not in (None, 4):
+                raise ValueError(f"recipe: lora.bits must be 4 (QLoRA: the LM in 4-bit NF4), got {self.lora['bits']!r}")
         self.learning_rates = self.learning_rates or {}
         if not isinstance(self.learning_rates, dict):
             raise ValueError(f"recipe: learning_rates must map parts to rates, got {self.learning_rates!r}")
@@ -76,6 +85,11 @@ class Recipe:
                 raise ValueError(f"recipe: learning_rates.{part} must be a positive number, got {rate!r}")
         if "output_dir" in self.training:
             raise ValueError("recipe: set output_dir at the top level, not under training")
+
+    @property
+    def quantized(self) -> bool:
+        """QLoRA: the LM's linear layers are loaded in 4 bits and frozen; only the adapters train."""
+        return self.lora is not None and self.lora.get("bits") == 4
 
     @property
     def sources(self) -> list[Source]:

@@ -2,7 +2,7 @@
 many under torchrun/accelerate with DDP, FSDP or DeepSpeed, and resumes exactly from its checkpoints.
 
 Stage `pretrain` aligns the projector on image-caption pairs; stage `finetune` trains the projector and
-the LM (fully, or with LoRA) on conversations. The output directory ends up holding a model that
+the LM (fully, or with LoRA or QLoRA) on conversations. The output directory ends up holding a model that
 `llama3med ask` loads, beside the Trainer's `checkpoint-N` folders.
 """
 
@@ -117,9 +117,29 @@ def corpus_texts(recipe: Recipe) -> list[str]:
     return texts
 
 
-def prepare_model(recipe: Recipe):
+def qlora_config(args: TrainingArguments):
+    """QLoRA's storage for the LM: 4-bit NF4 with double quantization, computing in the run's precision.
+    The tower, the projector and the LM head keep their dtype."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RuntimeError("QLoRA (lora.bits: 4) needs bitsandbytes: pip install 'llama3med[qlora]'")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32,
+        llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"],
+    )
+
+
+def prepare_model(recipe: Recipe, args: TrainingArguments):
     """Model and processor the recipe starts from: a checkpoint, components to build, or a scratch spec."""
     spec = recipe.model
+    if recipe.quantized:
+        if not isinstance(spec, str):
+            raise ValueError("recipe: QLoRA (lora.bits: 4) starts from a Llama3-Med directory (a pretrain output)")
+        return checkpoints.load(spec, args.device, recipe.dtype, quantization_config=qlora_config(args))
     if isinstance(spec, str):
         return checkpoints.load(spec, dtype=recipe.dtype)
     if not isinstance(spec, dict):
@@ -145,9 +165,6 @@ def apply_lora(model, spec: dict, train_vision_tower: bool):
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise RuntimeError("LoRA needs peft: pip install 'llama3med[train]'") from None
-    unknown = set(spec) - {"r", "alpha", "dropout", "target_modules"}
-    if unknown:
-        raise ValueError(f"recipe: lora has unknown keys {sorted(unknown)}")
     targets = "|".join(spec.get("target_modules", LORA_TARGETS))
     config = LoraConfig(
         r=int(spec.get("r", 16)),
@@ -157,6 +174,17 @@ def apply_lora(model, spec: dict, train_vision_tower: bool):
         modules_to_save=["multi_modal_projector", *(["vision_tower"] if train_vision_tower else [])],
     )
     return get_peft_model(model, config)
+
+
+def merged_model(model, recipe: Recipe, adapter_dir: Path):
+    """The trained model as a plain one: the adapters folded into the LM. Under QLoRA they are folded into
+    the base weights reloaded at full precision, not into their 4-bit copies, whose rounding would blur them."""
+    if not recipe.quantized:
+        return model.merge_and_unload()
+    from peft import PeftModel
+
+    base, _ = checkpoints.load(recipe.model, dtype=recipe.dtype)
+    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
 
 
 def training_arguments(recipe: Recipe) -> TrainingArguments:
@@ -199,12 +227,13 @@ def count_parameters(model) -> tuple[int, int]:
 def train(recipe: Recipe, resume: bool | str = False) -> Path:
     """Run one stage; returns the output directory holding the final model."""
     args = training_arguments(recipe)  # first: it sets up the process group under torchrun
-    model, processor = prepare_model(recipe)
+    model, processor = prepare_model(recipe, args)
     dataset = ConversationDataset(recipe.sources, processor, recipe.max_length, recipe.seed, recipe.strict)
     if not len(dataset):
         files = ", ".join(str(s.path) for s in recipe.sources)
         raise ValueError(f"no usable record in {files} (skipped: {skipped_text(dataset)})")
-    model.set_trainable(recipe.stage, recipe.train_vision_tower, recipe.train_language_model)
+    train_language_model = False if recipe.quantized else recipe.train_language_model  # adapters only
+    model.set_trainable(recipe.stage, recipe.train_vision_tower, train_language_model)
     if recipe.lora is not None:
         model = apply_lora(model, recipe.lora, recipe.train_vision_tower)
     for parameter in model.parameters():  # the optimizer updates float32 master weights; bf16 is for compute
@@ -233,9 +262,7 @@ def train(recipe: Recipe, resume: bool | str = False) -> Path:
     if recipe.lora is not None:
         if args.process_index == 0:
             trainer.model.save_pretrained(out / "adapter")
-        final = trainer.model.merge_and_unload()
-        if args.process_index == 0:
-            checkpoints.save(final, processor, out)
+            checkpoints.save(merged_model(trainer.model, recipe, out / "adapter"), processor, out)
     else:
         trainer.save_model(str(out))
     if args.process_index == 0:
