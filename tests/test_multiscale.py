@@ -1,5 +1,6 @@
 """The S2 encoder: tiling, stitching, pooling and concatenation, checked against independent computations."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel
@@ -39,6 +40,15 @@ def test_largest_scale_is_the_input_and_others_are_antialiased_resizes():
     assert largest is images
     assert small.shape == (1, 3, 32, 32)
     assert (small - 0.5).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_images_are_resized_in_float32_and_kept_in_their_dtype(dtype):
+    images = torch.rand(2, 3, 96, 96, generator=torch.Generator().manual_seed(0)).to(dtype)
+    exact = image_pyramid(images.float(), [32, 64, 96])
+    half = image_pyramid(images, [32, 64, 96])
+    assert all(level.dtype == dtype for level in half)
+    assert all(torch.equal(h, e.to(dtype)) for h, e in zip(half[:2], exact[:2], strict=True))
 
 
 def test_all_tiles_of_all_scales_and_images_go_through_the_tower_in_one_call():
