@@ -38,6 +38,13 @@ def test_ask_without_a_model_answers_from_the_demo(image, question, expected, ca
     assert "not for diagnosis" in captured.err
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_ask_runs_the_demo_at_half_precision_with_the_same_answer(dtype, capsys):
+    question = "What imaging modality is this?"
+    assert main(["ask", "--dtype", dtype, "--image", str(EXAMPLES / "phantom_ct_lesion.dcm"), question]) == 0
+    assert capsys.readouterr().out.strip() == "CT"
+
+
 def test_the_demo_model_reads_the_modality_of_unseen_phantoms(tmp_path):
     write_phantom_set(tmp_path, n=40, seed=4242, size=384, image_format="dcm")  # training used seed 0
     records = [r for r in load_llava_med(tmp_path / "test.json") if r.question_type == "modality"]

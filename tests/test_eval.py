@@ -150,6 +150,7 @@ def test_eval_and_score_commands_use_the_llava_med_answer_format(built_model_dir
     records = load_llava_med(test_set)
     assert report["scores"]["all"]["n_closed"] + report["scores"]["all"]["n_open"] == len(records)
     assert report["majority_closed_baseline"] == majority_baseline(records)
+    assert report["dtype"] == "float32"  # a CPU's default precision
     row = json.loads((out / "answers.jsonl").read_text().splitlines()[0])
     assert set(row) >= {"question_id", "prompt", "text", "answer_id", "model_id"}
     capsys.readouterr()

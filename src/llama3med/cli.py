@@ -57,11 +57,12 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 def cmd_ask(args: argparse.Namespace) -> None:
     from .checkpoints import load
-    from .inference import answer, best_device
+    from .inference import answer, best_device, inference_dtype
     from .processing import load_image
 
     image = load_image(args.image, window=args.window)  # fail on a bad image before loading the model
-    model, processor = load(_model_dir(args.model), device=best_device())
+    device = best_device()
+    model, processor = load(_model_dir(args.model), device, inference_dtype(device, args.dtype))
     print(
         answer(
             model,
@@ -94,7 +95,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .eval import majority_baseline, run, score
     from .eval.report import comparison_rows, format_table, load_published, write_report
     from .eval.runner import answered_ids, merge_answers, shard_by_image
-    from .inference import best_device, compile_model
+    from .inference import best_device, compile_model, inference_dtype
 
     records = load_benchmark(args.benchmark, args.data, args.split, args.image_root)
     candidates, candidates_source = _candidate_answers(args, args.data, records)
@@ -112,7 +113,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     answers_path = out / "answers.jsonl"
     answered = answered_ids(answers_path)
     pending = [r for r in records if r.id not in answered]
-    model, processor = load(args.model, device=device)
+    model, processor = load(args.model, device, inference_dtype(device, args.dtype))
     if args.compile:
         compile_model(model)
     run(
@@ -132,6 +133,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         scores = score(records, answers, candidates=candidates)
         baseline = majority_baseline(records)
         report = {"benchmark": args.benchmark, "model": str(args.model), "prompt": args.prompt, "scores": scores}
+        report["dtype"] = str(model.dtype).removeprefix("torch.")
         report["majority_closed_baseline"] = baseline
         report["candidates"] = candidates_source
         if published:
@@ -263,11 +265,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from .checkpoints import load
-    from .inference import best_device, compile_model
+    from .inference import best_device, compile_model, inference_dtype
     from .serve import Engine, Settings, create_app
 
     model_dir = _model_dir(args.model)
-    model, processor = load(model_dir, device=best_device())
+    device = best_device()
+    model, processor = load(model_dir, device, inference_dtype(device, args.dtype))
     if args.compile:
         compile_model(model)
     settings = Settings(
@@ -316,6 +319,15 @@ def _add_compile_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_dtype_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        default=None,
+        help="weights' precision (default: bfloat16 on a GPU, float32 on a CPU)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .data.benchmarks import BENCHMARKS
 
@@ -347,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--window", type=_window, default=None, help="DICOM window: CENTRE,WIDTH or a CT preset")
+    _add_dtype_option(p)
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("train", help="run a training stage from a recipe (pretrain or finetune)")
@@ -380,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive, default=16)
     p.add_argument("--max-new-tokens", type=_positive, default=64)
     p.add_argument("--limit", type=_positive, default=None, help="first N questions only")
+    _add_dtype_option(p)
     _add_compile_option(p)
     p.add_argument(
         "--compare",
@@ -440,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=_positive, default=512, help="cap on max_tokens")
     p.add_argument("--max-body-mb", type=float, default=20.0)
     p.add_argument("--request-timeout", type=float, default=120.0, help="seconds")
+    _add_dtype_option(p)
     _add_compile_option(p)
     p.set_defaults(func=cmd_serve)
 
