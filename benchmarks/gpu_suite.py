@@ -1,9 +1,9 @@
 """One GPU, one run, well under ten minutes: the device's ceilings, the S2 encoder and greedy decoding at
 the real sizes (SigLIP-so400m at 384/768/1152 px, Llama-3-8B; random weights, bf16), a SLAKE-shaped
-evaluation with the whole model, and the peak memory of inference and of a LoRA finetune step. Every
-fast path is checked against its reference (max abs diff of features, identical greedy tokens or answers)
-before it is timed. Prints its table last; `--json` writes the figures. Installs nothing; LoRA needs
-peft, and is skipped with a note where peft is missing.
+evaluation with the whole model, and the peak memory of inference and of a LoRA and a QLoRA finetune
+step. Every fast path is checked against its reference (max abs diff of features, identical greedy tokens
+or answers) before it is timed. Prints its table last; `--json` writes the figures. Installs nothing;
+LoRA needs peft and QLoRA bitsandbytes, each skipped with a note where missing.
 
     python benchmarks/gpu_suite.py --json gpu_figures.json     # one GPU
     python benchmarks/gpu_suite.py --tiny                      # small shapes on any device: a smoke run
@@ -38,6 +38,7 @@ LLAMA3_8B = dict(
     max_position_embeddings=8192,
     rope_theta=500000.0,
 )
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TINY_LLAMA = dict(
     hidden_size=64,
     intermediate_size=128,
@@ -193,8 +194,9 @@ def decoding(dev: Device, tiny: bool, model: LlamaForCausalLM, copy_tb_per_s: fl
 
 
 def memory(dev: Device, tiny: bool, model: LlamaForCausalLM) -> dict:
-    """Peak memory of batch-16 greedy decoding and of one LoRA training step at the finetune recipe's
-    sequence length with gradient checkpointing (the 8B stage must fit one 80 GB GPU)."""
+    """Peak memory of batch-16 greedy decoding, and of one LoRA and one QLoRA training step at the
+    finetune recipe's sequence length with gradient checkpointing (the 8B stage must fit one 80 GB GPU).
+    The QLoRA step turns `model` into a 4-bit one: run it last."""
     figures = {}
     dev.reset_peak()
     prompt = torch.randint(10, model.config.vocab_size, (16, 32), device=dev.torch)
@@ -206,28 +208,66 @@ def memory(dev: Device, tiny: bool, model: LlamaForCausalLM) -> dict:
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
-        figures["lora_step"] = "skipped: peft is not installed"
+        figures["lora_step"] = figures["qlora_step"] = "skipped: peft is not installed"
         return figures
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    lora = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets))
-    lora.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lora.enable_input_require_grads()
-    lora.train()
     length = 64 if tiny else 4096
+    lora = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS))
+    figures["lora_step"] = adapter_step(dev, lora, length)
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        figures["qlora_step"] = "skipped: bitsandbytes is not installed"
+        return figures
+    base = lora.unload().eval()
+    probe = torch.randint(10, model.config.vocab_size, (1, 32), device=dev.torch)
+    with torch.inference_mode():
+        reference = base(probe).logits.float()
+        quantize_nf4(base)
+        drift = ((base(probe).logits.float() - reference).norm() / reference.norm()).item()
+    qlora = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS))
+    figures["qlora_step"] = {**adapter_step(dev, qlora, length), "nf4_logits_relative_diff": drift}
+    return figures
+
+
+def adapter_step(dev: Device, model, length: int) -> dict:
+    """Time and peak memory of one forward and backward pass of an adapter-wrapped LM over `length`
+    random tokens, with gradient checkpointing and bf16 autocast on a GPU."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.train()
     ids = torch.randint(10, model.config.vocab_size, (1, length), device=dev.torch)
     dev.reset_peak()
     start = time.perf_counter()
     with torch.autocast(dev.torch.type, dtype=torch.bfloat16, enabled=dev.cuda):
-        loss = lora(input_ids=ids, labels=ids).loss
+        loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     dev.sync()
-    figures["lora_step"] = {
+    return {
         "sequence_length": length,
         "seconds": time.perf_counter() - start,
         "peak_gib": dev.peak_gib(),
         "loss_is_finite": math.isfinite(loss.item()),
     }
-    return figures
+
+
+def quantize_nf4(model: LlamaForCausalLM) -> None:
+    """QLoRA's storage, in place: the decoder's linear layers become bitsandbytes NF4 ones (double
+    quantization, bf16 compute) holding the same weights; embeddings and the LM head stay as they are."""
+    import bitsandbytes as bnb
+
+    for layer in model.model.layers:
+        for block in (layer.self_attn, layer.mlp):
+            for name, linear in list(block.named_children()):
+                if isinstance(linear, torch.nn.Linear):
+                    quantized = bnb.nn.Linear4bit(
+                        linear.in_features, linear.out_features, bias=False, compute_dtype=torch.bfloat16
+                    )
+                    quantized.weight = bnb.nn.Params4bit(
+                        linear.weight.data, requires_grad=False, quant_type="nf4", compress_statistics=True
+                    )
+                    setattr(block, name, quantized.to(linear.weight.device))
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the bf16 weights just dropped
 
 
 def table_lines(name: str, section: dict) -> list[str]:
@@ -257,6 +297,7 @@ def table_lines(name: str, section: dict) -> list[str]:
         return [
             f"peak memory, decoding batch 16: {section['inference_batch16_peak_gib']} GiB",
             f"LoRA step: {section['lora_step']}",
+            f"QLoRA step (NF4 LM): {section['qlora_step']}",
         ]
     return [
         f"SLAKE-shaped evaluation, {section['questions']} questions: one at a time "

@@ -19,6 +19,7 @@ def test_the_gpu_suite_runs_its_checks_at_small_shapes(tmp_path):
     assert figures["ceilings"]["matmul_tflops"] > 0 and figures["ceilings"]["copy_tb_per_s"] > 0
     assert figures["encoder"]["max_abs_diff"] < 1e-5 and len(figures["encoder"]["paths"]) >= 3
     assert all(figures["decoding"]["identical_tokens"].values())
-    assert figures["memory"]["lora_step"]["loss_is_finite"]
+    assert figures["memory"]["lora_step"]["loss_is_finite"] and figures["memory"]["qlora_step"]["loss_is_finite"]
+    assert 0 < figures["memory"]["qlora_step"]["nf4_logits_relative_diff"] < 0.5  # 4-bit copies of the same weights
     assert figures["evaluation"]["identical_answers"] == figures["evaluation"]["questions"]
-    assert run.stdout.rstrip().splitlines()[-1].startswith("LoRA step:")  # the table comes last
+    assert run.stdout.rstrip().splitlines()[-1].startswith("QLoRA step")  # the table comes last
