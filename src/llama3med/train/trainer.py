@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import ProgressCallback, Trainer, TrainingArguments
+from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from .. import checkpoints
@@ -86,14 +86,27 @@ class Llama3MedTrainer(Trainer):
 
 
 class ProgressLog(ProgressCallback):
-    """The Trainer's progress bar (steps, ETA), with each log written as one readable line."""
+    """The Trainer's progress bar (steps, ETA), with each log written as one readable line; with
+    `training.disable_tqdm` the lines alone, as a log file wants them."""
 
     def __init__(self):
         super().__init__()
         self.last = (0, time.perf_counter())
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not args.disable_tqdm:
+            super().on_train_begin(args, state, control, **kwargs)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.training_bar is not None:
+            super().on_step_end(args, state, control, **kwargs)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.training_bar is not None:
+            super().on_train_end(args, state, control, **kwargs)
+
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or self.training_bar is None or not logs:
+        if not state.is_world_process_zero or not logs:
             return
         step, now = state.global_step, time.perf_counter()
         global_batch = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
@@ -104,7 +117,11 @@ class ProgressLog(ProgressCallback):
             parts += [f"loss {logs['loss']:.4f}", f"lr {logs.get('learning_rate', 0.0):.2e}", f"{rate:.1f} samples/s"]
         else:
             parts += [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in logs.items()]
-        self.training_bar.write(" | ".join(parts))
+        line = " | ".join(parts)
+        if self.training_bar is not None:
+            self.training_bar.write(line)
+        else:
+            print(line, flush=True)
 
 
 def corpus_texts(recipe: Recipe) -> list[str]:
@@ -255,6 +272,7 @@ def train(recipe: Recipe, resume: bool | str = False) -> Path:
         learning_rates=recipe.learning_rates,
     )
     trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)  # what the Trainer logs with disable_tqdm: ProgressLog does it
     trainer.add_callback(ProgressLog())
     result = trainer.train(resume_from_checkpoint=resume or None)
 
