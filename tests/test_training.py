@@ -233,19 +233,28 @@ def test_resume_after_an_interruption_gives_the_same_weights(tmp_path, phantoms)
     assert max_difference(weights(full), weights(interrupted)) == 0.0
 
 
-def test_two_processes_under_torchrun_train_like_one_with_the_same_global_batch(tmp_path, phantoms):
+ENGINES = {
+    "ddp": [],
+    "fsdp": ["training.fsdp=full_shard auto_wrap", f"training.fsdp_config={ROOT / 'recipes/engines/fsdp.json'}"],
+}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_two_processes_under_torchrun_train_like_one_with_the_same_global_batch(tmp_path, phantoms, engine):
     recipe = pretrain_recipe(tmp_path, phantoms, max_steps=6)
     assert main(["train", str(recipe)]) == 0
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    overrides = [f"output_dir={tmp_path / engine}", "training.per_device_train_batch_size=2", *ENGINES[engine]]
     command = [
         *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"),
         *("-m", "llama3med.cli", "train", str(recipe)),
-        *("--set", f"output_dir={tmp_path / 'ddp'}", "--set", "training.per_device_train_batch_size=2"),
+        *(arg for override in overrides for arg in ("--set", override)),
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert summary(tmp_path / "ddp")["steps"] == 6
-    assert max_difference(weights(tmp_path / "pretrain"), weights(tmp_path / "ddp")) < 1e-5
+    assert summary(tmp_path / engine)["steps"] == 6
+    assert max_difference(weights(tmp_path / "pretrain"), weights(tmp_path / engine)) < 1e-5
+    assert result.stdout.count("step 6/6 | loss") == 1 and "{'loss'" not in result.stdout  # rank 0's lines only
 
 
 def test_bad_records_are_skipped_and_counted_and_strict_names_the_first(tmp_path, phantoms, capsys):
