@@ -109,6 +109,7 @@ def test_pretrain_then_finetune_lowers_the_loss_and_the_output_answers(tmp_path,
         losses = [loss for _, loss in summary(tmp_path / stage)["losses"]]
         assert len(losses) == 24
         assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, (stage, losses)
+        assert 0 < summary(tmp_path / stage)["peak_memory_gib"] < 64  # this process's peak, in GiB
     model, processor = load(tmp_path / "finetune")
     image = load_image(phantoms / "images" / "phantom-1-000000.png")
     assert answer(model, processor, image, "Is this a CT scan?", max_new_tokens=4).strip()

@@ -95,7 +95,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .eval import majority_baseline, run, score
     from .eval.report import comparison_rows, format_table, load_published, write_report
     from .eval.runner import answered_ids, merge_answers, shard_by_image
-    from .inference import best_device, compile_model, inference_dtype
+    from .inference import best_device, compile_model, inference_dtype, peak_memory_gib
 
     records = load_benchmark(args.benchmark, args.data, args.split, args.image_root)
     candidates, candidates_source = _candidate_answers(args, args.data, records)
@@ -134,6 +134,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         baseline = majority_baseline(records)
         report = {"benchmark": args.benchmark, "model": str(args.model), "prompt": args.prompt, "scores": scores}
         report["dtype"] = str(model.dtype).removeprefix("torch.")
+        report["peak_memory_gib"] = peak_memory_gib(device)  # rank 0's; the GPU's on a GPU
         report["majority_closed_baseline"] = baseline
         report["candidates"] = candidates_source
         if published:

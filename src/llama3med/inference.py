@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from .model import Llama3MedForConditionalGeneration
@@ -11,6 +13,19 @@ from .processing.images import ImageSource, Window
 
 def best_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """The most memory this process has held so far: on a GPU the peak of allocated tensors, elsewhere
+    the peak resident size of the process (None where the OS does not say)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 def inference_dtype(device: torch.device, name: str | None = None) -> torch.dtype:

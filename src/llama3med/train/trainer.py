@@ -21,6 +21,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from .. import checkpoints
 from ..data.conversations import ConversationCollator, ConversationDataset, read_records
+from ..inference import peak_memory_gib
 from ..processing import train_bpe_tokenizer
 from .recipe import MODEL_PARTS, Recipe
 
@@ -292,10 +293,13 @@ def train(recipe: Recipe, resume: bool | str = False) -> Path:
             "train_loss": result.training_loss,
             "losses": [(log["step"], log["loss"]) for log in trainer.state.log_history if "loss" in log],
             "trainable_parameters": trainable,
+            "peak_memory_gib": peak_memory_gib(args.device),  # this process's; the GPU's on a GPU
         }
         (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
+        peak = summary["peak_memory_gib"]
+        memory = f", peak memory {peak:.2f} GiB" if peak is not None else ""
         print(
             f"saved {out}: {result.global_step} steps, mean loss {result.training_loss:.4f}, "
-            f"skipped records: {skipped_text(dataset)}"
+            f"skipped records: {skipped_text(dataset)}{memory}"
         )
     return out
