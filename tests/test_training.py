@@ -304,6 +304,7 @@ def test_the_shipped_8b_recipes_are_the_papers(name):
         assert recipe.model["scales"] == [384, 768, 1152]
     else:
         assert recipe.max_length == 4096 and training["gradient_checkpointing"] and training["bf16"]
+        assert recipe.save_dtype == "bfloat16"  # the final model as it will answer, at half the disk
 
 
 @pytest.mark.parametrize("name,stage", [("ds_zero2", 2), ("ds_zero3", 3)])
@@ -343,6 +344,27 @@ def test_lora_finetuning_saves_a_merged_model_and_its_adapter(tmp_path, phantoms
         after["language_model.model.layers.0.self_attn.q_proj.weight"],
     )
     load(tmp_path / "lora")
+
+
+def test_save_dtype_writes_the_final_model_in_that_precision_and_it_answers(tmp_path, phantoms):
+    assert main(["train", str(pretrain_recipe(tmp_path, phantoms, max_steps=2))]) == 0
+    trained = weights(tmp_path / "pretrain")
+    finetune = finetune_recipe(
+        tmp_path, phantoms, "bf16", save_dtype="bfloat16", training={"max_steps": 2, "disable_tqdm": True}
+    )
+    assert main(["train", str(finetune)]) == 0
+    saved = weights(tmp_path / "bf16")
+    assert all(t.dtype == torch.bfloat16 for t in saved.values()) and saved.keys() == trained.keys()
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert (tmp_path / "bf16" / "model.safetensors").stat().st_size < 0.6 * (
+        tmp_path / "pretrain" / "model.safetensors"
+    ).stat().st_size
+    model, processor = load(tmp_path / "bf16")
+    assert model.dtype == torch.bfloat16
+    image = load_image(phantoms / "images" / "phantom-1-000000.png")
+    assert answer(model, processor, image, "Is this a CT scan?", max_new_tokens=4).strip()
+    with pytest.raises(ValueError, match="save_dtype must be bfloat16, float16 or float32"):
+        load_recipe(finetune, ["save_dtype=bf16"])
 
 
 def test_qlora_trains_adapters_over_a_4_bit_lm_and_merges_them_at_full_precision(tmp_path, phantoms):

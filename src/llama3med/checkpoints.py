@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -197,6 +198,26 @@ def save(model: PreTrainedModel, processor: Llama3MedProcessor, out: str | Path,
     """Write a directory that `from_pretrained` (ours and the Auto classes) loads: safetensors shards."""
     model.save_pretrained(out, max_shard_size=max_shard_size)
     processor.save_pretrained(out)
+
+
+def cast_saved(model_dir: str | Path, dtype: str) -> None:
+    """Rewrite a saved model's floating-point weights in `dtype`, shard by shard, and record it in its
+    config: a training stage's float32 master weights become the bfloat16 that answering uses, at half
+    the disk."""
+    directory, target = Path(model_dir), getattr(torch, dtype)
+    total_size = 0
+    for shard in sorted(directory.glob("*.safetensors")):
+        tensors = {k: t.to(target) if t.is_floating_point() else t for k, t in load_file(shard).items()}
+        total_size += sum(t.numel() * t.element_size() for t in tensors.values())
+        save_file(tensors, shard, metadata={"format": "pt"})
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():  # sharded: the index states the total size
+        content = json.loads(index.read_text())
+        content.setdefault("metadata", {})["total_size"] = total_size
+        index.write_text(json.dumps(content, indent=2) + "\n")
+    config = json.loads((directory / "config.json").read_text())
+    config["dtype"] = dtype
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _suppress_image_token(model: PreTrainedModel) -> None:

@@ -51,6 +51,7 @@ class Recipe:
     train_language_model: bool | None = None  # None: the stage decides (pretrain: frozen, finetune: trained)
     lora: dict | None = None  # {r, alpha, dropout, target_modules, bits}: LoRA on the LM (bits: 4 is QLoRA)
     learning_rates: dict = field(default_factory=dict)  # {part: lr} overriding training.learning_rate
+    save_dtype: str | None = None  # the final model's weights on disk: bfloat16, float16, float32 (None: as trained)
     strict: bool = False  # fail on the first bad record instead of skipping it
     seed: int = 0
     training: dict = field(default_factory=dict)  # transformers.TrainingArguments
@@ -74,6 +75,8 @@ class Recipe:
                 raise ValueError(f"recipe: lora has unknown keys {sorted(unknown)}; known: {sorted(LORA_KEYS)}")
             if self.lora.get("bits") not in (None, 4):
                 raise ValueError(f"recipe: lora.bits must be 4 (QLoRA: the LM in 4-bit NF4), got {self.lora['bits']!r}")
+        if self.save_dtype not in (None, "bfloat16", "float16", "float32"):
+            raise ValueError(f"recipe: save_dtype must be bfloat16, float16 or float32, got {self.save_dtype!r}")
         self.learning_rates = self.learning_rates or {}
         if not isinstance(self.learning_rates, dict):
             raise ValueError(f"recipe: learning_rates must map parts to rates, got {self.learning_rates!r}")

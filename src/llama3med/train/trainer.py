@@ -285,6 +285,8 @@ def train(recipe: Recipe, resume: bool | str = False) -> Path:
     else:
         trainer.save_model(str(out))
     if args.process_index == 0:
+        if recipe.save_dtype:
+            checkpoints.cast_saved(out, recipe.save_dtype)
         summary = {
             "stage": recipe.stage,
             "samples": len(dataset),
