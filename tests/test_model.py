@@ -56,11 +56,14 @@ def test_image_tokens_without_matching_images_are_an_error(tiny_config, model):
 
 def test_generate_with_kv_cache_equals_full_recomputation_and_encodes_once(tiny_config, model):
     input_ids, pixel_values = inputs_for(tiny_config, batch=2)
-    calls = []
+    calls, head_positions = [], []
     model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
+    head = model.language_model.lm_head.register_forward_hook(lambda m, x, y: head_positions.append(x[0].shape[1]))
     kwargs = dict(input_ids=input_ids, pixel_values=pixel_values, max_new_tokens=6, do_sample=False)
     cached = model.generate(**kwargs, min_new_tokens=6)
+    head.remove()
     assert len(calls) == 1  # the image is encoded in the prefill only
+    assert head_positions == [1] * 6  # the prefill's logits are taken at its last position only
     uncached = model.generate(**kwargs, min_new_tokens=6, use_cache=False)
     assert cached.shape == (2, input_ids.shape[1] + 6)
     assert torch.equal(cached, uncached)

@@ -133,7 +133,7 @@ def _answer_batch(
     cache = DynamicCache(config=model.config.text_config)
     image_features = torch.stack([features[key] for key in distinct])
     prefix_embeds = model.embed_inputs(prefix_ids.expand(len(distinct), -1), image_features)
-    model.language_model(inputs_embeds=prefix_embeds, cache=cache, use_cache=True)
+    model.language_model(inputs_embeds=prefix_embeds, cache=cache, use_cache=True, logits_to_keep=1)  # fills the cache
     cache.reorder_cache(row_of_image)  # (images, ...) -> (questions, ...)
     question_ids, question_mask = pad_sequences([ids[prefix_len:] for ids in token_ids], pad, "left")
     input_ids = torch.cat([prefix_ids.expand(len(token_ids), -1), question_ids.to(device)], dim=1)

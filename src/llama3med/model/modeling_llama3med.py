@@ -91,10 +91,13 @@ class Llama3MedForConditionalGeneration(Llama3MedPreTrainedModel, GenerationMixi
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ):
         """Like HF LLaVA: images are encoded when `pixel_values` is given (the prefill); decode steps only
-        carry new text tokens and the KV cache (`cache`/`past_key_values`, passed through to the LM)."""
+        carry new text tokens and the KV cache (`cache`/`past_key_values`, passed through to the LM).
+        `logits_to_keep=N` computes the LM head on the last N positions only (0: all), as `generate` asks
+        in the prefill: the image's hundreds of positions times a 128k vocabulary are never read."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
@@ -105,6 +108,7 @@ class Llama3MedForConditionalGeneration(Llama3MedPreTrainedModel, GenerationMixi
             attention_mask=attention_mask,
             position_ids=position_ids,
             labels=labels,
+            logits_to_keep=logits_to_keep,
             **kwargs,
         )
 
