@@ -27,6 +27,7 @@ from transformers import AutoConfig, AutoModel, LlamaConfig, LlamaForCausalLM
 
 from llama3med.model.multiscale import encode_multiscale
 from llama3med.model.vision_tower import VisionTower
+from llama3med.train.trainer import LORA_TARGETS
 
 LLAMA3_8B = dict(
     hidden_size=4096,
@@ -38,7 +39,6 @@ LLAMA3_8B = dict(
     max_position_embeddings=8192,
     rope_theta=500000.0,
 )
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TINY_LLAMA = dict(
     hidden_size=64,
     intermediate_size=128,
@@ -211,7 +211,7 @@ def memory(dev: Device, tiny: bool, model: LlamaForCausalLM) -> dict:
         figures["lora_step"] = figures["qlora_step"] = "skipped: peft is not installed"
         return figures
     length = 64 if tiny else 4096
-    lora = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS))
+    lora = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=list(LORA_TARGETS)))
     figures["lora_step"] = adapter_step(dev, lora, length)
     try:
         import bitsandbytes  # noqa: F401
@@ -224,7 +224,7 @@ def memory(dev: Device, tiny: bool, model: LlamaForCausalLM) -> dict:
         reference = base(probe).logits.float()
         quantize_nf4(base)
         drift = ((base(probe).logits.float() - reference).norm() / reference.norm()).item()
-    qlora = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS))
+    qlora = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=list(LORA_TARGETS)))
     figures["qlora_step"] = {**adapter_step(dev, qlora, length), "nf4_logits_relative_diff": drift}
     return figures
 

@@ -56,13 +56,11 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_ask(args: argparse.Namespace) -> None:
-    from .checkpoints import load
-    from .inference import answer, best_device, inference_dtype
+    from .inference import answer, best_device
     from .processing import load_image
 
     image = load_image(args.image, window=args.window)  # fail on a bad image before loading the model
-    device = best_device()
-    model, processor = load(_model_dir(args.model), device, inference_dtype(device, args.dtype))
+    model, processor = _load_for_answering(_model_dir(args.model), best_device(), args.dtype)
     print(
         answer(
             model,
@@ -90,12 +88,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    from .checkpoints import load
     from .data.benchmarks import load_benchmark
     from .eval import majority_baseline, run, score
     from .eval.report import comparison_rows, format_table, load_published, write_report
     from .eval.runner import answered_ids, merge_answers, shard_by_image
-    from .inference import best_device, compile_model, inference_dtype, peak_memory_gib
+    from .inference import best_device, compile_model, peak_memory_gib
 
     records = load_benchmark(args.benchmark, args.data, args.split, args.image_root)
     candidates, candidates_source = _candidate_answers(args, args.data, records)
@@ -113,7 +110,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     answers_path = out / "answers.jsonl"
     answered = answered_ids(answers_path)
     pending = [r for r in records if r.id not in answered]
-    model, processor = load(args.model, device, inference_dtype(device, args.dtype))
+    model, processor = _load_for_answering(args.model, device, args.dtype)
     if args.compile:
         compile_model(model)
     run(
@@ -260,18 +257,24 @@ def _model_dir(model: str | None):
     return DEMO_MODEL_DIR
 
 
+def _load_for_answering(model_dir, device, dtype_name: str | None):
+    """The model and processor on `device` at the precision `--dtype` names, or the device's default."""
+    from .checkpoints import load
+    from .inference import inference_dtype
+
+    return load(model_dir, device, inference_dtype(device, dtype_name))
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     import logging
 
     import uvicorn
 
-    from .checkpoints import load
-    from .inference import best_device, compile_model, inference_dtype
+    from .inference import best_device, compile_model
     from .serve import Engine, Settings, create_app
 
     model_dir = _model_dir(args.model)
-    device = best_device()
-    model, processor = load(model_dir, device, inference_dtype(device, args.dtype))
+    model, processor = _load_for_answering(model_dir, best_device(), args.dtype)
     if args.compile:
         compile_model(model)
     settings = Settings(
