@@ -6,9 +6,11 @@ wording, about 11 per image as in SLAKE's English test set (1,061 questions, 96 
 shipped demo model unless --model is given; `--paper-layout` builds a random-weight model with the
 paper's token layout instead (384 px tiles of 14 px patches at 384/768/1152 px: 729 image tokens per
 prompt) at small widths, so the image prefix weighs in the prompt as it does for Llama3-Med-8B. Both
-ways must give the same answers; the ratio is printed.
+ways must give the same answers; the ratio is printed. `--compile` adds `llama3med eval --compile`'s
+path, timed on a second pass over the questions: the first pass compiles every shape the run meets
+(prefix prefill, question prefill and decoding, batches of one and more) and is printed apart.
 
-    python benchmarks/eval_throughput.py [--model DIR | --paper-layout] [--images 40] [--batch-size 32] [--slake-like]
+    python benchmarks/eval_throughput.py [--model DIR | --paper-layout] [--images 40] [--batch-size 32] [--slake-like] [--compile]
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from llama3med.data.benchmarks import VQARecord, load_llava_med
 from llama3med.data.phantoms import write_phantom_set
 from llama3med.eval import generate_answers
 from llama3med.eval.runner import PROMPT_STYLES
-from llama3med.inference import answer, best_device
+from llama3med.inference import answer, best_device, compile_model
 from llama3med.processing import train_bpe_tokenizer
 
 # SigLIP-so400m-patch14-384's image geometry (729 tokens per 384 px tile) at small widths, with a small Llama.
@@ -64,26 +66,42 @@ def random_model(vision: dict, text: dict, records: list[VQARecord]):
     return model.eval(), processor
 
 
-def compare(model, processor, records: list[VQARecord], batch_size: int, max_new_tokens: int) -> dict:
-    """Questions/s of the one-question loop and of `llama3med eval`'s path, and how many answers agree."""
+def eval_rate(model, processor, records: list[VQARecord], batch_size: int, max_new_tokens: int):
+    """`llama3med eval`'s answers by record id, and its questions/s."""
     start = time.perf_counter()
-    reference = {r.id: answer(model, processor, r.image, r.question, max_new_tokens=max_new_tokens) for r in records}
-    reference_rate = len(records) / (time.perf_counter() - start)
-    start = time.perf_counter()
-    batched = {
+    answers = {
         r.id: text
         for r, _, text in generate_answers(
             model, processor, records, batch_size=batch_size, max_new_tokens=max_new_tokens
         )
     }
-    batched_rate = len(records) / (time.perf_counter() - start)
-    return {
+    return answers, len(records) / (time.perf_counter() - start)
+
+
+def compare(model, processor, records: list[VQARecord], batch_size: int, max_new_tokens: int, compiled: bool = False) -> dict:
+    """Questions/s of the one-question loop and of `llama3med eval`'s path (and, if `compiled`, of its
+    compiled path), and how many answers agree with the loop's."""
+    start = time.perf_counter()
+    reference = {r.id: answer(model, processor, r.image, r.question, max_new_tokens=max_new_tokens) for r in records}
+    reference_rate = len(records) / (time.perf_counter() - start)
+    batched, batched_rate = eval_rate(model, processor, records, batch_size, max_new_tokens)
+    result = {
         "questions": len(records),
         "reference_questions_per_s": reference_rate,
         "ours_questions_per_s": batched_rate,
         "speedup": batched_rate / reference_rate,
         "identical_answers": sum(reference[k] == batched[k] for k in reference),
     }
+    if compiled:
+        compile_model(model)
+        start = time.perf_counter()
+        eval_rate(model, processor, records, batch_size, max_new_tokens)
+        result["compiling_pass_s"] = time.perf_counter() - start
+        fast, fast_rate = eval_rate(model, processor, records, batch_size, max_new_tokens)
+        result["compiled_questions_per_s"] = fast_rate
+        result["compiled_speedup"] = fast_rate / reference_rate
+        result["compiled_identical_answers"] = sum(reference[k] == fast[k] for k in reference)
+    return result
 
 
 def main() -> None:
@@ -94,6 +112,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--slake-like", action="store_true", help="each question also in short-answer wording")
+    parser.add_argument("--compile", action="store_true", help="also time eval --compile's path")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,10 +127,19 @@ def main() -> None:
             f"{len(records)} questions about {args.images} images, {model.config.num_image_tokens} image tokens "
             f"per prompt, device {model.device}, torch {torch.__version__}"
         )
-        result = compare(model, processor, records, args.batch_size, args.max_new_tokens)
+        result = compare(model, processor, records, args.batch_size, args.max_new_tokens, args.compile)
     print(f"one at a time, image re-encoded: {result['reference_questions_per_s']:8.2f} questions/s")
     print(f"llama3med eval (batch {args.batch_size}):        {result['ours_questions_per_s']:8.2f} questions/s")
     print(f"speed-up: {result['speedup']:.2f}x; identical answers: {result['identical_answers']}/{len(records)}")
+    if args.compile:
+        print(
+            f"llama3med eval --compile:        {result['compiled_questions_per_s']:8.2f} questions/s "
+            f"(after a first pass of {result['compiling_pass_s']:.0f} s that compiles)"
+        )
+        print(
+            f"speed-up: {result['compiled_speedup']:.2f}x; "
+            f"identical answers: {result['compiled_identical_answers']}/{len(records)}"
+        )
 
 
 if __name__ == "__main__":
