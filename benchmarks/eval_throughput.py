@@ -10,7 +10,8 @@ ways must give the same answers; the ratio is printed. `--compile` adds `llama3m
 path, timed on a second pass over the questions: the first pass compiles every shape the run meets
 (prefix prefill, question prefill and decoding, batches of one and more) and is printed apart.
 
-    python benchmarks/eval_throughput.py [--model DIR | --paper-layout] [--images 40] [--batch-size 32] [--slake-like] [--compile]
+    python benchmarks/eval_throughput.py [--model DIR | --paper-layout] [--images 40] [--batch-size 32]
+        [--slake-like] [--compile]
 """
 
 from __future__ import annotations
@@ -78,7 +79,9 @@ def eval_rate(model, processor, records: list[VQARecord], batch_size: int, max_n
     return answers, len(records) / (time.perf_counter() - start)
 
 
-def compare(model, processor, records: list[VQARecord], batch_size: int, max_new_tokens: int, compiled: bool = False) -> dict:
+def compare(
+    model, processor, records: list[VQARecord], batch_size: int, max_new_tokens: int, compiled: bool = False
+) -> dict:
     """Questions/s of the one-question loop and of `llama3med eval`'s path (and, if `compiled`, of its
     compiled path), and how many answers agree with the loop's."""
     start = time.perf_counter()
