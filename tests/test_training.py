@@ -3,6 +3,7 @@ torchrun equal to one, bad records skipped or fatal with --strict, and recipes t
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -256,6 +257,7 @@ def test_two_processes_under_torchrun_train_like_one_with_the_same_global_batch(
     assert summary(tmp_path / engine)["steps"] == 6
     assert max_difference(weights(tmp_path / "pretrain"), weights(tmp_path / engine)) < 1e-5
     assert result.stdout.count("step 6/6 | loss") == 1 and "{'loss'" not in result.stdout  # rank 0's lines only
+    assert re.search(r"step 3/6 \| loss [\d.]+ \| lr \S+ \| [\d.]+ samples/s \| ETA \d+:\d\d:\d\d\n", result.stdout)
 
 
 def test_bad_records_are_skipped_and_counted_and_strict_names_the_first(tmp_path, phantoms, capsys):

@@ -9,6 +9,7 @@ the LM (fully, or with LoRA or QLoRA) on conversations. The output directory end
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import importlib.util
 import json
 import logging
@@ -92,9 +93,10 @@ class ProgressLog(ProgressCallback):
 
     def __init__(self):
         super().__init__()
-        self.last = (0, time.perf_counter())
+        self.start = self.last = (0, time.perf_counter())
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.start = self.last = (state.global_step, time.perf_counter())  # a resumed run starts mid-way
         if not args.disable_tqdm:
             super().on_train_begin(args, state, control, **kwargs)
 
@@ -115,7 +117,14 @@ class ProgressLog(ProgressCallback):
         self.last = (step, now)
         parts = [f"step {step}/{state.max_steps}"]
         if "loss" in logs:
-            parts += [f"loss {logs['loss']:.4f}", f"lr {logs.get('learning_rate', 0.0):.2e}", f"{rate:.1f} samples/s"]
+            seconds_per_step = (now - self.start[1]) / max(step - self.start[0], 1)
+            eta = datetime.timedelta(seconds=round((state.max_steps - step) * seconds_per_step))
+            parts += [
+                f"loss {logs['loss']:.4f}",
+                f"lr {logs.get('learning_rate', 0.0):.2e}",
+                f"{rate:.1f} samples/s",
+                f"ETA {eta}",
+            ]
         else:
             parts += [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in logs.items()]
         line = " | ".join(parts)
