@@ -72,6 +72,24 @@ def test_the_written_sets_are_in_llava_and_llava_med_formats(tmp_path):
         assert count["conversations"][1]["value"] == str(len(record["lesions"]))
 
 
+def test_conversations_ask_no_question_that_gives_away_an_answer_not_yet_given(tmp_path):
+    write_phantom_set(tmp_path, 40, seed=5, size=64)
+    conversations = json.loads((tmp_path / "conversations.json").read_text())
+    presence, count = "Is there a lesion in this image?", "How many lesions are visible?"
+    first_questions = set()
+    for record in conversations:
+        asked = [turn["value"].removeprefix("<image>\n") for turn in record["conversations"][::2]]
+        # Only slices with lesions are asked about size, organ and side: never before presence and count.
+        about_a_lesion = [i for i, q in enumerate(asked) if "lesion" in q and q not in (presence, count)]
+        assert (presence in asked) == (count in asked)
+        if presence in asked:
+            assert all(i > asked.index(presence) and i > asked.index(count) for i in about_a_lesion)
+        first_questions.add(asked[0])
+    # Yet every kind of question sometimes comes first, as an evaluation asks it.
+    assert {presence, count, "What imaging modality is this?", "Is this a CT scan?"} < first_questions
+    assert any(q.startswith(("Which organ", "How large", "On which side", "Is the lesion")) for q in first_questions)
+
+
 def test_dicom_phantoms_load_with_their_soft_tissue_window(tmp_path):
     write_phantom_set(tmp_path, 4, seed=0, size=128)
     truth = [json.loads(line) for line in (tmp_path / "phantoms.jsonl").read_text().splitlines()]

@@ -182,6 +182,28 @@ def questions(phantom: Phantom) -> list[dict]:
     return [{"kind": k, "answer_type": t, "question": q, "answer": a} for k, t, q, a in qa]
 
 
+def conversation_order(qa: list[dict], rng: random.Random) -> list[dict]:
+    """The order a conversation asks a slice's questions in, such that no question gives away an answer
+    the model should read from the image.
+
+    Size, organ and side are asked only of slices with a lesion (side only with one). So they come after
+    presence and count, or, in a third of the conversations, presence and count are not asked at all and a
+    lesion question may open (a lesion-free slice then gets only the modality questions). That third is
+    drawn alike for every slice, so whether presence or count opens a conversation says nothing about the
+    slice, and every kind of question is sometimes asked first, as an evaluation asks it.
+    """
+    opening = [item for item in qa if item["kind"] in ("presence", "count", "modality")]
+    about_a_lesion = [item for item in qa if item not in opening]
+    if rng.random() < 1 / 3:
+        kept = [item for item in qa if item["kind"] not in ("presence", "count")]
+        return rng.sample(kept, len(kept))
+    ordered = rng.sample(opening, len(opening))
+    answered = 1 + max(i for i, item in enumerate(ordered) if item["kind"] in ("presence", "count"))
+    for item in about_a_lesion:
+        ordered.insert(rng.randint(answered, len(ordered)), item)
+    return ordered
+
+
 def write_phantom_set(out: str | Path, n: int, seed: int, size: int = 1152, image_format: str = "dcm") -> dict:
     """Generate `n` phantoms into `out`: `images/`, `captions.json` (pretrain), `conversations.json`
     (finetune), `test.json` (LLaVA-Med evaluation format) and `phantoms.jsonl` (ground truth)."""
@@ -209,8 +231,8 @@ def write_phantom_set(out: str | Path, n: int, seed: int, size: int = 1152, imag
         )
         qa = questions(phantom)
         turns = []
-        # Each conversation asks in its own order, so no answer is learnt only from the turns before it.
-        for i, item in enumerate(random.Random(f"{seed}-{index}").sample(qa, len(qa))):
+        ordered = conversation_order(qa, random.Random(f"{seed}-{index}"))
+        for i, item in enumerate(ordered):
             prefix = f"{IMAGE_PLACEHOLDER}\n" if i == 0 else ""
             turns += [{"from": "human", "value": prefix + item["question"]}, {"from": "gpt", "value": item["answer"]}]
         conversations.append({"id": phantom.id, "image": image, "conversations": turns})
