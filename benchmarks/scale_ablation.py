@@ -2,7 +2,7 @@
 same budget, once with one scale (128 px) and once with the demo's pyramid (128/256/384 px, the paper's
 1x/2x/3x), and score both on a fresh-seed test set split by the size of the largest lesion.
 
-    python benchmarks/scale_ablation.py            # from the repository root; about an hour on 2 CPU cores
+    python benchmarks/scale_ablation.py            # from the repository root; about 45 minutes on 2 CPU cores
 
 Each arm's run directory is reused when it is complete, so an interrupted ablation picks up where it
 stopped; the multi-scale arm is the demo model's own run (`runs/demo`). The table goes to
@@ -110,9 +110,9 @@ def main() -> None:
     if all(t["large"]["says_yes"] - t["none"]["says_yes"] <= 0.2 for t in results.values()):
         lines += [
             "",
-            "Neither arm sees lesions at this budget, so the table cannot show whether the pyramid helps;",
-            "the arms differ only in the prior they fell into. A tower that finds lesions (pretrained, or trained",
-            "far longer) is needed before the pyramid's effect on small lesions can be measured.",
+            "Neither arm sees lesions at this budget, so the table cannot show whether the pyramid helps:",
+            "both answer about lesions from the training set's priors. A tower that finds lesions (pretrained,",
+            "or trained far longer) is needed before the pyramid's effect on small lesions can be measured.",
         ]
     lines += ["", "Reproduce: `python benchmarks/scale_ablation.py` (see its docstring)."]
     (ROOT / "docs").mkdir(exist_ok=True)
