@@ -19,13 +19,13 @@ def image_pyramid(pixel_values: torch.Tensor, scales: Sequence[int]) -> list[tor
     """Antialiased resizes of `(B, 3, S_max, S_max)` to every scale (the largest is the input itself).
     They are computed in float32 (CPUs have no bfloat16 or float16 antialiased resize) and returned in
     the input's dtype."""
-    largest = pixel_values.shape[-1]
+    largest, as_float = pixel_values.shape[-1], pixel_values.float()  # one float32 copy for every scale
     return [
         pixel_values
         if scale == largest
-        else F.interpolate(
-            pixel_values.float(), size=(scale, scale), mode="bilinear", antialias=True, align_corners=False
-        ).to(pixel_values.dtype)
+        else F.interpolate(as_float, size=(scale, scale), mode="bilinear", antialias=True, align_corners=False).to(
+            pixel_values.dtype
+        )
         for scale in scales
     ]
 
