@@ -11,7 +11,7 @@ import pytest
 from llama3med.checkpoints import DEMO_MODEL_DIR, load
 from llama3med.cli import main
 from llama3med.data.benchmarks import load_llava_med
-from llama3med.data.phantoms import write_phantom_set
+from llama3med.data.phantoms import DESCRIBE, WORDINGS, write_phantom_set
 from llama3med.eval import generate_answers, score
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -36,6 +36,17 @@ def test_ask_without_a_model_answers_from_the_demo(image, question, expected, ca
     captured = capsys.readouterr()
     assert captured.out.strip() == expected
     assert "not for diagnosis" in captured.err
+
+
+@pytest.mark.parametrize("wording", WORDINGS["modality", "OPEN"])
+def test_the_demo_answers_a_question_however_it_is_worded(wording, capsys):
+    assert main(["ask", "--image", str(EXAMPLES / "phantom_mr_normal.dcm"), wording]) == 0
+    assert capsys.readouterr().out.strip() == "MRI"
+
+
+def test_the_demo_describes_a_slice_when_asked(capsys):
+    assert main(["ask", "--image", str(EXAMPLES / "phantom_mr_normal.dcm"), DESCRIBE]) == 0
+    assert capsys.readouterr().out.strip().startswith("Axial T2-weighted MRI of the abdomen showing")
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 
 from llama3med.cli import main
-from llama3med.data.phantoms import SIZE_CLASSES, make_phantom, phantom_uint8, write_phantom_set
+from llama3med.data.phantoms import (
+    DESCRIBE,
+    SIZE_CLASSES,
+    WORDINGS,
+    make_phantom,
+    phantom_uint8,
+    write_phantom_set,
+)
 from llama3med.processing import llava_to_messages, load_image
 
 
@@ -58,7 +65,8 @@ def test_the_written_sets_are_in_llava_and_llava_med_formats(tmp_path):
     captions = json.loads((tmp_path / "captions.json").read_text())
     conversations = json.loads((tmp_path / "conversations.json").read_text())
     tests = json.loads((tmp_path / "test.json").read_text())
-    assert counts == {"images": 8, "captions": 8, "conversations": 8, "questions": len(tests)}
+    assert counts == {"images": 8, "captions": 8, "conversations": len(conversations), "questions": len(tests)}
+    assert 8 <= len(conversations) < 16  # one per slice, and a description-only one for some
     for record in captions + conversations:
         messages = llava_to_messages(record["conversations"], record=record["id"])
         assert messages[0]["content"].startswith("<image>\n")
@@ -75,19 +83,32 @@ def test_the_written_sets_are_in_llava_and_llava_med_formats(tmp_path):
 def test_conversations_ask_no_question_that_gives_away_an_answer_not_yet_given(tmp_path):
     write_phantom_set(tmp_path, 40, seed=5, size=64)
     conversations = json.loads((tmp_path / "conversations.json").read_text())
-    presence, count = "Is there a lesion in this image?", "How many lesions are visible?"
-    first_questions = set()
+    kind_of = {wording: kind for (kind, _), wordings in WORDINGS.items() for wording in wordings}
+    first_kinds = set()
     for record in conversations:
         asked = [turn["value"].removeprefix("<image>\n") for turn in record["conversations"][::2]]
+        if asked == [DESCRIBE]:
+            continue
+        kinds = [kind_of[question] for question in asked]
         # Only slices with lesions are asked about size, organ and side: never before presence and count.
-        about_a_lesion = [i for i, q in enumerate(asked) if "lesion" in q and q not in (presence, count)]
-        assert (presence in asked) == (count in asked)
-        if presence in asked:
-            assert all(i > asked.index(presence) and i > asked.index(count) for i in about_a_lesion)
-        first_questions.add(asked[0])
+        about_a_lesion = [i for i, kind in enumerate(kinds) if kind in ("size", "organ", "side")]
+        assert ("presence" in kinds) == ("count" in kinds)
+        if "presence" in kinds:
+            assert all(i > kinds.index("presence") and i > kinds.index("count") for i in about_a_lesion)
+        first_kinds.add(kinds[0])
     # Yet every kind of question sometimes comes first, as an evaluation asks it.
-    assert {presence, count, "What imaging modality is this?", "Is this a CT scan?"} < first_questions
-    assert any(q.startswith(("Which organ", "How large", "On which side", "Is the lesion")) for q in first_questions)
+    assert first_kinds == {"presence", "count", "modality", "size", "organ", "side"}
+
+
+def test_training_conversations_word_each_question_several_ways_and_tests_ask_the_first(tmp_path):
+    write_phantom_set(tmp_path, 40, seed=6, size=64)
+    conversations = json.loads((tmp_path / "conversations.json").read_text())
+    tests = json.loads((tmp_path / "test.json").read_text())
+    asked = {turn["value"].removeprefix("<image>\n") for r in conversations for turn in r["conversations"][::2]}
+    assert all(len(asked & set(wordings)) >= 2 for wordings in WORDINGS.values())
+    assert DESCRIBE in asked  # instruction tuning keeps the captioning it started from
+    first_wordings = {wordings[0] for wordings in WORDINGS.values()}
+    assert {t["conversations"][0]["value"].removeprefix("<image>\n") for t in tests} == first_wordings
 
 
 def test_dicom_phantoms_load_with_their_soft_tissue_window(tmp_path):

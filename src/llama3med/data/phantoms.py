@@ -158,28 +158,58 @@ def describe(phantom: Phantom) -> str:
     return f"{modality} of the abdomen showing {len(parts)} focal {noun}: " + "; ".join(parts) + "."
 
 
+# Each question and other ways of asking it. Training conversations draw a wording per turn, so the model
+# answers a question however a user puts it; test sets ask the first wording, so their scores compare.
+WORDINGS = {
+    ("presence", "CLOSED"): ("Is there a lesion in this image?", "Do you see a lesion?", "Are any lesions present?"),
+    ("count", "OPEN"): ("How many lesions are visible?", "How many lesions are there?", "Count the lesions."),
+    ("modality", "OPEN"): (
+        "What imaging modality is this?",
+        "What is the modality of this image?",
+        "Which modality was used, CT or MRI?",
+    ),
+    ("modality", "CLOSED"): ("Is this a CT scan?", "Was this image taken with CT?", "Is this image a CT?"),
+    ("size", "OPEN"): (
+        "How large is the largest lesion: small, medium or large?",
+        "What size is the largest lesion?",
+        "Is the largest lesion small, medium or large?",
+    ),
+    ("organ", "OPEN"): (
+        "Which organ contains the largest lesion?",
+        "In which organ is the largest lesion?",
+        "What organ is the largest lesion in?",
+    ),
+    ("side", "OPEN"): (
+        "On which side of the image is the lesion?",
+        "Is the lesion on the left or the right?",
+        "Which side of the image is the lesion on?",
+    ),
+    ("side", "CLOSED"): (
+        "Is the lesion on the left side of the image?",
+        "Is the lesion on the left?",
+        "Does the lesion lie on the left of the image?",
+    ),
+}
+DESCRIBE = "Describe the image."
+DESCRIBED_FRACTION = 0.25  # of the slices that also get a description-only conversation
+
+
 def questions(phantom: Phantom) -> list[dict]:
-    """Question-answer pairs with their LLaVA-Med answer type and what they probe."""
+    """Question-answer pairs with their LLaVA-Med answer type, what they probe and their wordings."""
     modality_name = "CT" if phantom.modality == "CT" else "MRI"
     lesions = phantom.lesions
     qa = [
-        ("presence", "CLOSED", "Is there a lesion in this image?", "yes" if lesions else "no"),
-        ("count", "OPEN", "How many lesions are visible?", str(len(lesions))),
-        ("modality", "OPEN", "What imaging modality is this?", modality_name),
-        ("modality", "CLOSED", "Is this a CT scan?", "yes" if phantom.modality == "CT" else "no"),
+        ("presence", "CLOSED", "yes" if lesions else "no"),
+        ("count", "OPEN", str(len(lesions))),
+        ("modality", "OPEN", modality_name),
+        ("modality", "CLOSED", "yes" if phantom.modality == "CT" else "no"),
     ]
     if largest := phantom.largest_lesion:
-        qa += [
-            ("size", "OPEN", "How large is the largest lesion: small, medium or large?", largest.size_class),
-            ("organ", "OPEN", "Which organ contains the largest lesion?", largest.organ),
-        ]
+        qa += [("size", "OPEN", largest.size_class), ("organ", "OPEN", largest.organ)]
     if len(lesions) == 1:
         side = lesions[0].side
-        qa += [
-            ("side", "OPEN", "On which side of the image is the lesion?", side),
-            ("side", "CLOSED", "Is the lesion on the left side of the image?", "yes" if side == "left" else "no"),
-        ]
-    return [{"kind": k, "answer_type": t, "question": q, "answer": a} for k, t, q, a in qa]
+        qa += [("side", "OPEN", side), ("side", "CLOSED", "yes" if side == "left" else "no")]
+    return [{"kind": k, "answer_type": t, "wordings": WORDINGS[k, t], "answer": a} for k, t, a in qa]
 
 
 def conversation_order(qa: list[dict], rng: random.Random) -> list[dict]:
@@ -224,18 +254,22 @@ def write_phantom_set(out: str | Path, n: int, seed: int, size: int = 1152, imag
                 "id": phantom.id,
                 "image": image,
                 "conversations": [
-                    {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\nDescribe the image."},
+                    {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{DESCRIBE}"},
                     {"from": "gpt", "value": describe(phantom)},
                 ],
             }
         )
         qa = questions(phantom)
         turns = []
-        ordered = conversation_order(qa, random.Random(f"{seed}-{index}"))
-        for i, item in enumerate(ordered):
+        rng = random.Random(f"{seed}-{index}")
+        for i, item in enumerate(conversation_order(qa, rng)):
             prefix = f"{IMAGE_PLACEHOLDER}\n" if i == 0 else ""
-            turns += [{"from": "human", "value": prefix + item["question"]}, {"from": "gpt", "value": item["answer"]}]
+            question = prefix + rng.choice(item["wordings"])
+            turns += [{"from": "human", "value": question}, {"from": "gpt", "value": item["answer"]}]
         conversations.append({"id": phantom.id, "image": image, "conversations": turns})
+        if rng.random() < DESCRIBED_FRACTION:  # the captions again, so instruction tuning keeps describing
+            described = captions[-1] | {"id": f"{phantom.id}-description"}
+            conversations.append(described)
         size_class = phantom.largest_lesion.size_class if phantom.lesions else "none"
         for i, item in enumerate(qa):
             tests.append(
@@ -243,7 +277,7 @@ def write_phantom_set(out: str | Path, n: int, seed: int, size: int = 1152, imag
                     "id": f"{phantom.id}-q{i}",
                     "image": image,
                     "conversations": [
-                        {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{item['question']}"},
+                        {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{item['wordings'][0]}"},
                         {"from": "gpt", "value": item["answer"]},
                     ],
                     "answer_type": item["answer_type"],
