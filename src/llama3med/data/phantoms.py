@@ -249,16 +249,11 @@ def write_phantom_set(out: str | Path, n: int, seed: int, size: int = 1152, imag
             save_phantom_dicom(phantom, out / "images" / image)
         else:
             Image.fromarray(phantom_uint8(phantom)).save(out / "images" / image)
-        captions.append(
-            {
-                "id": phantom.id,
-                "image": image,
-                "conversations": [
-                    {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{DESCRIBE}"},
-                    {"from": "gpt", "value": describe(phantom)},
-                ],
-            }
-        )
+        description = [
+            {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{DESCRIBE}"},
+            {"from": "gpt", "value": describe(phantom)},
+        ]
+        captions.append({"id": phantom.id, "image": image, "conversations": description})
         qa = questions(phantom)
         turns = []
         rng = random.Random(f"{seed}-{index}")
@@ -267,9 +262,8 @@ def write_phantom_set(out: str | Path, n: int, seed: int, size: int = 1152, imag
             question = prefix + rng.choice(item["wordings"])
             turns += [{"from": "human", "value": question}, {"from": "gpt", "value": item["answer"]}]
         conversations.append({"id": phantom.id, "image": image, "conversations": turns})
-        if rng.random() < DESCRIBED_FRACTION:  # the captions again, so instruction tuning keeps describing
-            described = captions[-1] | {"id": f"{phantom.id}-description"}
-            conversations.append(described)
+        if rng.random() < DESCRIBED_FRACTION:  # the caption again, so instruction tuning keeps describing
+            conversations.append({"id": f"{phantom.id}-description", "image": image, "conversations": description})
         size_class = phantom.largest_lesion.size_class if phantom.lesions else "none"
         for i, item in enumerate(qa):
             tests.append(
