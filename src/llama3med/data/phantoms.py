@@ -222,11 +222,11 @@ def conversation_order(qa: list[dict], rng: random.Random) -> list[dict]:
     drawn alike for every slice, so whether presence or count opens a conversation says nothing about the
     slice, and every kind of question is sometimes asked first, as an evaluation asks it.
     """
-    opening = [item for item in qa if item["kind"] in ("presence", "count", "modality")]
-    about_a_lesion = [item for item in qa if item not in opening]
     if rng.random() < 1 / 3:
         kept = [item for item in qa if item["kind"] not in ("presence", "count")]
         return rng.sample(kept, len(kept))
+    opening = [item for item in qa if item["kind"] in ("presence", "count", "modality")]
+    about_a_lesion = [item for item in qa if item not in opening]
     ordered = rng.sample(opening, len(opening))
     answered = 1 + max(i for i, item in enumerate(ordered) if item["kind"] in ("presence", "count"))
     for item in about_a_lesion:
