@@ -80,6 +80,19 @@ def test_the_written_sets_are_in_llava_and_llava_med_formats(tmp_path):
         assert count["conversations"][1]["value"] == str(len(record["lesions"]))
 
 
+def test_each_caption_carries_a_box_around_each_of_its_lesions(tmp_path):
+    write_phantom_set(tmp_path, 12, seed=3, size=128)
+    captions = {c["id"]: c for c in json.loads((tmp_path / "captions.json").read_text())}
+    truth = [json.loads(line) for line in (tmp_path / "phantoms.jsonl").read_text().splitlines()]
+    assert any(record["lesions"] for record in truth) and any(not record["lesions"] for record in truth)
+    for record in truth:
+        boxes = captions[record["id"]]["finding_boxes"]
+        assert len(boxes) == len(record["lesions"])
+        for (x0, y0, x1, y1), lesion in zip(boxes, record["lesions"], strict=True):
+            assert (x0 + x1) / 2 == pytest.approx(lesion["x"]) and (y0 + y1) / 2 == pytest.approx(lesion["y"])
+            assert x1 - x0 == pytest.approx(2 * lesion["radius"]) and y1 - y0 == pytest.approx(2 * lesion["radius"])
+
+
 def test_conversations_ask_no_question_that_gives_away_an_answer_not_yet_given(tmp_path):
     write_phantom_set(tmp_path, 40, seed=5, size=64)
     conversations = json.loads((tmp_path / "conversations.json").read_text())

@@ -166,6 +166,50 @@ def test_a_trained_model_answers_from_the_image(tmp_path):
     assert sum(a == truth for a, truth in pairs) >= 15, pairs
 
 
+def tower_recipe(tmp_path: Path, phantoms: Path, **training) -> Path:
+    return write_recipe(
+        tmp_path / "tower.yaml",
+        stage="tower",
+        model={"scratch": SCRATCH},
+        data=[{"path": str(phantoms / "captions.json"), "image_root": str(phantoms / "images")}],
+        output_dir=str(tmp_path / "tower"),
+        max_length=512,
+        training={"per_device_train_batch_size": 8, "max_steps": 16, "learning_rate": 3e-3, "logging_steps": 1,
+                  "save_steps": 8, "disable_tqdm": True, **training},
+    )  # fmt: skip
+
+
+def test_the_tower_stage_trains_the_tower_alone_on_finding_maps_and_pretrain_starts_from_it(tmp_path, phantoms):
+    recipe = tower_recipe(tmp_path, phantoms)
+    assert main(["train", str(recipe)]) == 0
+    losses = [loss for _, loss in summary(tmp_path / "tower")["losses"]]
+    assert len(losses) == 16 and sum(losses[-4:]) < 0.8 * sum(losses[:4]), losses
+
+    scratch, _ = prepare_model(load_recipe(recipe), training_arguments(load_recipe(recipe)))  # same seed, untrained
+    start, tower = scratch.state_dict(), weights(tmp_path / "tower")
+    changed = {name.split(".")[0] for name in tower if not torch.equal(tower[name], start[name])}
+    assert changed == {"vision_tower"}  # the finding head is not part of the saved model
+    assert tower.keys() == start.keys()
+
+    pretrain = pretrain_recipe(tmp_path, phantoms, max_steps=2)
+    assert main(["train", str(pretrain), "--set", f"model={tmp_path / 'tower'}"]) == 0
+    after = weights(tmp_path / "pretrain")
+    assert all(torch.equal(after[name], tower[name]) for name in tower if name.startswith("vision_tower."))
+
+
+def test_the_tower_stage_resumes_exactly_and_refuses_options_of_the_other_stages(tmp_path, phantoms):
+    recipe = tower_recipe(tmp_path, phantoms, max_steps=12, save_steps=6)
+    assert main(["train", str(recipe)]) == 0
+    interrupted = tmp_path / "interrupted"
+    interrupted.mkdir()
+    shutil.copytree(tmp_path / "tower" / "checkpoint-6", interrupted / "checkpoint-6")
+    assert main(["train", str(recipe), "--set", f"output_dir={interrupted}", "--resume"]) == 0
+    assert max_difference(weights(tmp_path / "tower"), weights(interrupted)) == 0.0
+    for option in ("lora={r: 8}", "train_language_model=true"):
+        with pytest.raises(ValueError, match="stage tower trains the vision tower alone"):
+            load_recipe(recipe, [option])
+
+
 def test_each_stage_trains_only_its_parameters(tiny_config):
     ids = torch.tensor([[1] + [tiny_config.image_token_id] * tiny_config.num_image_tokens + [100, 101, 102]])
     pixels = torch.randn(1, 3, 96, 96)

@@ -366,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dtype_option(p)
     p.set_defaults(func=cmd_ask)
 
-    p = sub.add_parser("train", help="run a training stage from a recipe (pretrain or finetune)")
+    p = sub.add_parser("train", help="run a training stage from a recipe (tower, pretrain or finetune)")
     p.add_argument("recipe", help="recipe YAML, e.g. recipes/llama3med-8b/pretrain.yaml")
     p.add_argument(
         "--set",

@@ -49,6 +49,11 @@ class Lesion:
         """Side of the image (not of the patient) the lesion lies on."""
         return "left" if self.x < 0.5 else "right"
 
+    @property
+    def box(self) -> list[float]:
+        """Bounding box `[x0, y0, x1, y1]` of the disc, in fractions of the image."""
+        return [self.x - self.radius, self.y - self.radius, self.x + self.radius, self.y + self.radius]
+
 
 @dataclass
 class Phantom:
@@ -235,8 +240,9 @@ def conversation_order(qa: list[dict], rng: random.Random) -> list[dict]:
 
 
 def write_phantom_set(out: str | Path, n: int, seed: int, size: int = 1152, image_format: str = "dcm") -> dict:
-    """Generate `n` phantoms into `out`: `images/`, `captions.json` (pretrain), `conversations.json`
-    (finetune), `test.json` (LLaVA-Med evaluation format) and `phantoms.jsonl` (ground truth)."""
+    """Generate `n` phantoms into `out`: `images/`, `captions.json` (pretrain; its lesion boxes are the
+    tower stage's finding maps), `conversations.json` (finetune), `test.json` (LLaVA-Med evaluation
+    format) and `phantoms.jsonl` (ground truth)."""
     if image_format not in ("dcm", "png"):
         raise ValueError(f"image_format must be 'dcm' or 'png', got {image_format!r}")
     out = Path(out)
@@ -253,7 +259,8 @@ def write_phantom_set(out: str | Path, n: int, seed: int, size: int = 1152, imag
             {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{DESCRIBE}"},
             {"from": "gpt", "value": describe(phantom)},
         ]
-        captions.append({"id": phantom.id, "image": image, "conversations": description})
+        boxes = [lesion.box for lesion in phantom.lesions]
+        captions.append({"id": phantom.id, "image": image, "conversations": description, "finding_boxes": boxes})
         qa = questions(phantom)
         turns = []
         rng = random.Random(f"{seed}-{index}")

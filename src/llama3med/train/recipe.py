@@ -36,12 +36,13 @@ def parse_yaml(text: str):
 # The model's trainable parts, as named in its state dict; `learning_rates` may give each its own rate
 # (as LLaVA-NeXT's mm_vision_tower_lr and mm_projector_lr do).
 MODEL_PARTS = ("vision_tower", "multi_modal_projector", "language_model")
+STAGES = ("tower", "pretrain", "finetune")
 LORA_KEYS = {"r", "alpha", "dropout", "target_modules", "bits"}
 
 
 @dataclass
 class Recipe:
-    stage: str  # "pretrain" (projector alignment on captions) or "finetune" (instruction tuning)
+    stage: str  # "tower" (the tower on finding maps), "pretrain" (projector on captions), "finetune"
     model: str | dict  # a Llama3-Med directory, {vision, llm, ...} to build, or {scratch: {...}}
     data: list[dict]  # [{path, image_root, ratio}]
     output_dir: str
@@ -57,8 +58,12 @@ class Recipe:
     training: dict = field(default_factory=dict)  # transformers.TrainingArguments
 
     def __post_init__(self) -> None:
-        if self.stage not in ("pretrain", "finetune"):
-            raise ValueError(f"recipe: stage must be 'pretrain' or 'finetune', got {self.stage!r}")
+        if self.stage not in STAGES:
+            raise ValueError(f"recipe: stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
+        if self.stage == "tower" and (self.lora is not None or self.train_language_model):
+            raise ValueError(
+                "recipe: stage tower trains the vision tower alone; lora and train_language_model do not apply"
+            )
         if not isinstance(self.data, list) or not self.data:
             raise ValueError("recipe: data must be a non-empty list of {path, image_root, ratio}")
         for i, entry in enumerate(self.data):

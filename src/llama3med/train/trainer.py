@@ -2,8 +2,9 @@
 many under torchrun/accelerate with DDP, FSDP or DeepSpeed, and resumes exactly from its checkpoints.
 
 Stage `pretrain` aligns the projector on image-caption pairs; stage `finetune` trains the projector and
-the LM (fully, or with LoRA or QLoRA) on conversations. The output directory ends up holding a model that
-`llama3med ask` loads, beside the Trainer's `checkpoint-N` folders.
+the LM (fully, or with LoRA or QLoRA) on conversations. Stage `tower`, for a tower built from scratch,
+comes first: it teaches the tower where findings are (`tower.py`). The output directory ends up holding
+a model that `llama3med ask` loads, beside the Trainer's `checkpoint-N` folders.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from .. import checkpoints
 from ..data.conversations import ConversationCollator, ConversationDataset, read_records
+from ..data.findings import FindingMapDataset, collate_finding_maps
 from ..inference import peak_memory_gib
 from ..processing import train_bpe_tokenizer
 from .recipe import MODEL_PARTS, Recipe
+from .tower import FindingMapModel
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +239,7 @@ def training_arguments(recipe: Recipe) -> TrainingArguments:
     return TrainingArguments(**options)
 
 
-def skipped_text(dataset: ConversationDataset) -> str:
+def skipped_text(dataset: ConversationDataset | FindingMapDataset) -> str:
     return ", ".join(f"{n} {kind}" for kind, n in sorted(dataset.skipped.items())) or "none"
 
 
@@ -251,22 +254,31 @@ def count_parameters(model) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def train(recipe: Recipe, resume: bool | str = False) -> Path:
-    """Run one stage; returns the output directory holding the final model."""
-    args = training_arguments(recipe)  # first: it sets up the process group under torchrun
-    model, processor = prepare_model(recipe, args)
+def prepare_stage(recipe: Recipe, model, processor):
+    """What the stage trains, on what, batched how: `(trained module, dataset, collator)`."""
+    if recipe.stage == "tower":
+        dataset = FindingMapDataset(recipe.sources, processor, model.config.image_grid, recipe.seed, recipe.strict)
+        return FindingMapModel(model), dataset, collate_finding_maps
     dataset = ConversationDataset(recipe.sources, processor, recipe.max_length, recipe.seed, recipe.strict)
-    if not len(dataset):
-        files = ", ".join(str(s.path) for s in recipe.sources)
-        raise ValueError(f"no usable record in {files} (skipped: {skipped_text(dataset)})")
     train_language_model = False if recipe.quantized else recipe.train_language_model  # adapters only
     model.set_trainable(recipe.stage, recipe.train_vision_tower, train_language_model)
     if recipe.lora is not None:
         model = apply_lora(model, recipe.lora, recipe.train_vision_tower)
-    for parameter in model.parameters():  # the optimizer updates float32 master weights; bf16 is for compute
+    return model, dataset, ConversationCollator(processor.tokenizer.pad_token_id)
+
+
+def train(recipe: Recipe, resume: bool | str = False) -> Path:
+    """Run one stage; returns the output directory holding the final model."""
+    args = training_arguments(recipe)  # first: it sets up the process group under torchrun
+    model, processor = prepare_model(recipe, args)
+    trained, dataset, collator = prepare_stage(recipe, model, processor)
+    if not len(dataset):
+        files = ", ".join(str(s.path) for s in recipe.sources)
+        raise ValueError(f"no usable record in {files} (skipped: {skipped_text(dataset)})")
+    for parameter in trained.parameters():  # the optimizer updates float32 master weights; bf16 is for compute
         if parameter.requires_grad and parameter.dtype != torch.float32:
             parameter.data = parameter.data.float()
-    trainable, total = count_parameters(model)
+    trainable, total = count_parameters(trained)
     if args.process_index == 0:
         print(
             f"{recipe.stage}: {len(dataset)} samples (skipped: {skipped_text(dataset)}); "
@@ -274,10 +286,10 @@ def train(recipe: Recipe, resume: bool | str = False) -> Path:
         )
 
     trainer = Llama3MedTrainer(
-        model=model,
+        model=trained,
         args=args,
         train_dataset=dataset,
-        data_collator=ConversationCollator(processor.tokenizer.pad_token_id),
+        data_collator=collator,
         processing_class=processor,
         learning_rates=recipe.learning_rates,
     )
@@ -287,7 +299,10 @@ def train(recipe: Recipe, resume: bool | str = False) -> Path:
     result = trainer.train(resume_from_checkpoint=resume or None)
 
     out = Path(recipe.output_dir)
-    if recipe.lora is not None:
+    if recipe.stage == "tower":  # the whole Llama3-Med, holding the trained tower; the finding head is dropped
+        if args.process_index == 0:
+            checkpoints.save(model, processor, out)
+    elif recipe.lora is not None:
         if args.process_index == 0:
             trainer.model.save_pretrained(out / "adapter")
             checkpoints.save(merged_model(trainer.model, recipe, out / "adapter"), processor, out)
