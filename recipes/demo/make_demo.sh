@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Rebuilds the demo model shipped in src/llama3med/demo_model from nothing, on a CPU, in about half an
-# hour: phantom data, both training stages, a score on a fresh-seed test set, then the export.
+# hour: phantom data, the tower stage and both training stages, a score on a fresh-seed test set, then
+# the export.
 # Run from the repository root.
 set -euo pipefail
 RUNS=${RUNS:-runs/demo}
 
 llama3med data phantoms --out "$RUNS/data/train" --n 3000 --seed 0 --size 384 --format png
-llama3med train recipes/demo/pretrain.yaml --set output_dir="$RUNS/pretrain" \
+llama3med train recipes/demo/tower.yaml --set output_dir="$RUNS/tower" \
+    --set data.0.path="$RUNS/data/train/captions.json" --set data.0.image_root="$RUNS/data/train/images"
+llama3med train recipes/demo/pretrain.yaml --set model="$RUNS/tower" --set output_dir="$RUNS/pretrain" \
     --set data.0.path="$RUNS/data/train/captions.json" --set data.0.image_root="$RUNS/data/train/images"
 llama3med train recipes/demo/finetune.yaml --set model="$RUNS/pretrain" --set output_dir="$RUNS/finetune" \
     --set data.0.path="$RUNS/data/train/conversations.json" --set data.0.image_root="$RUNS/data/train/images"
