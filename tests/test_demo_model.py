@@ -57,24 +57,23 @@ def test_ask_runs_the_demo_at_half_precision_with_the_same_answer(dtype, capsys)
     assert capsys.readouterr().out.strip() == "CT"
 
 
-def test_the_demo_model_reads_the_modality_of_unseen_phantoms(tmp_path):
-    write_phantom_set(tmp_path, n=40, seed=4242, size=384, image_format="dcm")  # training used seed 0
-    records = [r for r in load_llava_med(tmp_path / "test.json") if r.question_type == "modality"]
+def answers_on_unseen_phantoms(tmp_path, n: int, keep) -> tuple[list, dict[str, str]]:
+    """The demo's answers to the test questions `keep` selects, on `n` phantoms of a seed training never used."""
+    write_phantom_set(tmp_path, n=n, seed=4242, size=384, image_format="dcm")  # training used seed 0
+    records = [r for r in load_llava_med(tmp_path / "test.json") if keep(r)]
     model, processor = load(DEMO_MODEL_DIR)
-    answers = {
-        r.id: text for r, _, text in generate_answers(model, processor, records, batch_size=40, max_new_tokens=4)
-    }
+    answers = generate_answers(model, processor, records, batch_size=50, max_new_tokens=4)
+    return records, {r.id: text for r, _, text in answers}
+
+
+def test_the_demo_model_reads_the_modality_of_unseen_phantoms(tmp_path):
+    records, answers = answers_on_unseen_phantoms(tmp_path, 40, lambda r: r.question_type == "modality")
     scores = score(records, answers)["all"]
     assert scores["closed_accuracy"] == 1.0 and scores["open_exact_match"] == 1.0
 
 
 def test_the_demo_model_passes_the_closed_question_goal_on_unseen_phantoms(tmp_path):
-    write_phantom_set(tmp_path, n=100, seed=4242, size=384, image_format="dcm")  # training used seed 0
-    records = [r for r in load_llava_med(tmp_path / "test.json") if r.answer_type == "CLOSED"]
-    model, processor = load(DEMO_MODEL_DIR)
-    answers = {
-        r.id: text for r, _, text in generate_answers(model, processor, records, batch_size=50, max_new_tokens=4)
-    }
+    records, answers = answers_on_unseen_phantoms(tmp_path, 100, lambda r: r.answer_type == "CLOSED")
     scores = score(records, answers)
     assert scores["all"]["closed_accuracy"] >= 0.85
     assert scores["all"]["closed_accuracy"] >= majority_baseline(records) + 0.15
