@@ -197,7 +197,7 @@ def test_the_tower_stage_trains_the_tower_alone_on_finding_maps_and_pretrain_sta
     assert all(torch.equal(after[name], tower[name]) for name in tower if name.startswith("vision_tower."))
 
 
-def test_the_tower_stage_resumes_exactly_and_refuses_options_of_the_other_stages(tmp_path, phantoms):
+def test_the_tower_stage_resumes_and_reruns_exactly_and_refuses_options_of_the_other_stages(tmp_path, phantoms):
     recipe = tower_recipe(tmp_path, phantoms, max_steps=12, save_steps=6)
     assert main(["train", str(recipe)]) == 0
     interrupted = tmp_path / "interrupted"
@@ -205,6 +205,12 @@ def test_the_tower_stage_resumes_exactly_and_refuses_options_of_the_other_stages
     shutil.copytree(tmp_path / "tower" / "checkpoint-6", interrupted / "checkpoint-6")
     assert main(["train", str(recipe), "--set", f"output_dir={interrupted}", "--resume"]) == 0
     assert max_difference(weights(tmp_path / "tower"), weights(interrupted)) == 0.0
+
+    # From a model directory too, the finding head starts from the recipe's seed: two runs agree.
+    for name in ("again", "once_more"):
+        overrides = [f"model={tmp_path / 'tower'}", f"output_dir={tmp_path / name}", "training.max_steps=2"]
+        assert main(["train", str(recipe), *[a for o in overrides for a in ("--set", o)]]) == 0
+    assert max_difference(weights(tmp_path / "again"), weights(tmp_path / "once_more")) == 0.0
     for option in ("lora={r: 8}", "train_language_model=true"):
         with pytest.raises(ValueError, match="stage tower trains the vision tower alone"):
             load_recipe(recipe, [option])

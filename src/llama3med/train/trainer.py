@@ -164,7 +164,10 @@ def qlora_config(args: TrainingArguments):
 
 
 def prepare_model(recipe: Recipe, args: TrainingArguments):
-    """Model and processor the recipe starts from: a checkpoint, components to build, or a scratch spec."""
+    """Model and processor the recipe starts from: a checkpoint, components to build, or a scratch spec.
+    Whatever the stage then initialises before the Trainer seeds itself (a scratch model, LoRA adapters,
+    the tower stage's finding head) is drawn from the recipe's seed, so a rerun starts the same."""
+    torch.manual_seed(recipe.seed)
     spec = recipe.model
     if recipe.quantized:
         if not isinstance(spec, str):
@@ -179,12 +182,10 @@ def prepare_model(recipe: Recipe, args: TrainingArguments):
         tokenizer = train_bpe_tokenizer(
             corpus_texts(recipe), vocab_size=scratch.pop("vocab_size", 1024), model_max_length=recipe.max_length
         )
-        torch.manual_seed(recipe.seed)
         return checkpoints.build_scratch(
             scratch.pop("vision"), scratch.pop("text"), tokenizer, scales=scratch.pop("scales", None), **scratch
         )
     if {"vision", "llm"} <= set(spec):
-        torch.manual_seed(recipe.seed)
         return checkpoints.build(**spec, dtype=recipe.dtype)
     raise ValueError("recipe: model needs {vision, llm} to build, {scratch: ...}, or a model directory")
 
