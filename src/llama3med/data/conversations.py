@@ -98,7 +98,36 @@ def draw(records: list[dict], ratio: float, rng: random.Random) -> list[dict]:
     return records * whole + rng.sample(records, math.floor(fraction * len(records)))
 
 
-class ConversationDataset(Dataset):
+class RecordDataset(Dataset):
+    """Training samples built from records: a bad record is skipped and counted by reason, or with `strict`
+    stops the run naming it; an image that turns out unreadable only when drawn skips its sample too."""
+
+    def __init__(self, processor: Llama3MedProcessor, strict: bool):
+        self.processor = processor
+        self.strict = strict
+        self.skipped: Counter[str] = Counter()
+
+    def _skip(self, name: str, err: Exception) -> None:
+        if self.strict:
+            raise ValueError(f"{name}: {err}") from None
+        if isinstance(err, ImageLoadError):
+            self.skipped["bad image"] += 1
+        elif isinstance(err, SampleTooLongError):
+            self.skipped["too long"] += 1
+        else:
+            self.skipped["malformed"] += 1
+
+    def _load_image(self, record_id: str, image: Path) -> torch.Tensor | None:
+        """The processed image, or None (counted) when it cannot be read: a run does not crash on it."""
+        try:
+            return self.processor.preprocess_image(image)
+        except ImageLoadError as err:  # e.g. truncated
+            self._skip(f"record {record_id}", err)
+            logger.warning("skipped record %s: %s", record_id, err)  # visible from dataloader workers
+            return None
+
+
+class ConversationDataset(RecordDataset):
     """Samples of `input_ids`, `labels` (assistant turns only) and `pixel_values` for training."""
 
     def __init__(
@@ -109,9 +138,7 @@ class ConversationDataset(Dataset):
         seed: int = 0,
         strict: bool = False,
     ):
-        self.processor = processor
-        self.strict = strict
-        self.skipped: Counter[str] = Counter()
+        super().__init__(processor, strict)
         self.samples: list[Sample] = []
         rng = random.Random(seed)
         for number, source in enumerate(sources):
@@ -136,16 +163,6 @@ class ConversationDataset(Dataset):
         encoded = self.processor.encode_conversation(messages, num_images=int(image is not None), max_length=max_length)
         return Sample(number, str(record.get("id", "")), image, encoded["input_ids"], encoded["labels"])
 
-    def _skip(self, name: str, err: Exception) -> None:
-        if self.strict:
-            raise ValueError(f"{name}: {err}") from None
-        if isinstance(err, ImageLoadError):
-            self.skipped["bad image"] += 1
-        elif isinstance(err, SampleTooLongError):
-            self.skipped["too long"] += 1
-        else:
-            self.skipped["malformed"] += 1
-
     def __len__(self) -> int:
         return len(self.samples)
 
@@ -158,11 +175,8 @@ class ConversationDataset(Dataset):
         sample = self.samples[index]
         item = {"input_ids": sample.input_ids, "labels": sample.labels}
         if sample.image is not None:
-            try:
-                item["pixel_values"] = self.processor.preprocess_image(sample.image)
-            except ImageLoadError as err:  # unreadable only now (e.g. truncated): skip, do not crash the run
-                self._skip(f"record {sample.record_id}", err)
-                logger.warning("skipped record %s: %s", sample.record_id, err)  # visible from dataloader workers
+            item["pixel_values"] = self._load_image(sample.record_id, sample.image)
+            if item["pixel_values"] is None:
                 return None
         return item
 

@@ -11,20 +11,15 @@ one is skipped and counted (or, with `strict`, stops the run naming it) before t
 
 from __future__ import annotations
 
-import logging
 import math
 import random
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
 
 from ..processing import ImageLoadError, Llama3MedProcessor
-from .conversations import Source, draw, read_records
-
-logger = logging.getLogger(__name__)
+from .conversations import RecordDataset, Source, draw, read_records
 
 Box = tuple[float, float, float, float]
 
@@ -58,15 +53,13 @@ class FindingSample:
     finding_map: torch.Tensor
 
 
-class FindingMapDataset(Dataset):
+class FindingMapDataset(RecordDataset):
     """Samples of `pixel_values` and `finding_map` (one target per image token) for the tower stage."""
 
     def __init__(
         self, sources: list[Source], processor: Llama3MedProcessor, grid: int, seed: int = 0, strict: bool = False
     ):
-        self.processor = processor
-        self.strict = strict
-        self.skipped: Counter[str] = Counter()
+        super().__init__(processor, strict)
         self.samples: list[FindingSample] = []
         rng = random.Random(seed)
         for source in sources:
@@ -83,21 +76,13 @@ class FindingMapDataset(Dataset):
                 except (ValueError, ImageLoadError) as err:
                     self._skip(name, err)
 
-    def _skip(self, name: str, err: Exception) -> None:
-        if self.strict:
-            raise ValueError(f"{name}: {err}") from None
-        self.skipped["bad image" if isinstance(err, ImageLoadError) else "malformed"] += 1
-
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict | None:
         sample = self.samples[index]
-        try:
-            pixel_values = self.processor.preprocess_image(sample.image)
-        except ImageLoadError as err:  # unreadable only now (e.g. truncated): skip, do not crash the run
-            self._skip(f"record {sample.record_id}", err)
-            logger.warning("skipped record %s: %s", sample.record_id, err)
+        pixel_values = self._load_image(sample.record_id, sample.image)
+        if pixel_values is None:
             return None
         return {"pixel_values": pixel_values, "finding_map": sample.finding_map}
 

@@ -22,7 +22,7 @@ from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArg
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from .. import checkpoints
-from ..data.conversations import ConversationCollator, ConversationDataset, read_records
+from ..data.conversations import ConversationCollator, ConversationDataset, RecordDataset, read_records
 from ..data.findings import FindingMapDataset, collate_finding_maps
 from ..inference import peak_memory_gib
 from ..processing import train_bpe_tokenizer
@@ -240,7 +240,7 @@ def training_arguments(recipe: Recipe) -> TrainingArguments:
     return TrainingArguments(**options)
 
 
-def skipped_text(dataset: ConversationDataset | FindingMapDataset) -> str:
+def skipped_text(dataset: RecordDataset) -> str:
     return ", ".join(f"{n} {kind}" for kind, n in sorted(dataset.skipped.items())) or "none"
 
 
