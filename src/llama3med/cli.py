@@ -319,7 +319,7 @@ def _add_compile_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the tower and the LM: faster after a one-time compile (tens of seconds)",
+        help="torch.compile the tower and the greedy decoding step: faster after a one-time compile (seconds)",
     )
 
 

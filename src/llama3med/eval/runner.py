@@ -25,7 +25,7 @@ from transformers import DynamicCache
 
 from ..data.benchmarks import VQARecord
 from ..data.conversations import read_appended_rows, repair_appended_rows
-from ..inference import question_messages
+from ..inference import greedy_decoder, question_messages
 from ..model import Llama3MedForConditionalGeneration
 from ..processing import Llama3MedProcessor, pad_sequences
 
@@ -136,16 +136,10 @@ def _answer_batch(
     model.language_model(inputs_embeds=prefix_embeds, cache=cache, use_cache=True, logits_to_keep=1)  # fills the cache
     cache.reorder_cache(row_of_image)  # (images, ...) -> (questions, ...)
     question_ids, question_mask = pad_sequences([ids[prefix_len:] for ids in token_ids], pad, "left")
-    input_ids = torch.cat([prefix_ids.expand(len(token_ids), -1), question_ids.to(device)], dim=1)
-    attention_mask = torch.cat([torch.ones_like(input_ids[:, :prefix_len]), question_mask.to(device)], dim=1)
-    output = model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        cache=cache,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-    )
-    return processor.batch_decode(output[:, input_ids.shape[1] :])
+    attention_mask = torch.cat([torch.ones(len(token_ids), prefix_len, dtype=torch.long), question_mask], dim=1)
+    question_embeds = model.embed_inputs(question_ids.to(device), None)
+    new_tokens = greedy_decoder(model)(question_embeds, attention_mask.to(device), max_new_tokens, prefix=cache)
+    return processor.batch_decode(new_tokens)
 
 
 def run(

@@ -1,5 +1,6 @@
-"""The serving engine: requests that arrive together share one batched `generate`, each request's images
-are encoded once, tokens stream back per request, and a bounded queue refuses work it cannot take.
+"""The serving engine: requests that arrive together share one batched decode (the static-cache greedy
+decoder, or `generate` when sampling), each request's images are encoded once, tokens stream back per
+request, and a bounded queue refuses work it cannot take.
 
 One generation runs at a time on a worker thread while the next batch gathers. Requests in a batch share
 their sampling settings (greedy, or the same temperature and top-p); each keeps its own token budget,
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from ..inference import greedy_decoder
 from ..model import Llama3MedForConditionalGeneration
 from ..processing import Llama3MedProcessor, pad_sequences
 
@@ -53,18 +55,23 @@ class Job:
         return ("greedy",) if self.temperature <= 0 else ("sample", self.temperature, self.top_p)
 
 
+def _stopped_rows(jobs: list[Job]) -> torch.Tensor:
+    """Per-row stop: finished by the streamer, cancelled, or past its deadline."""
+    now = time.monotonic()
+    for job in jobs:
+        if job.finish_reason is None and (job.cancelled or now > job.deadline):
+            job.finish_reason = "cancelled" if job.cancelled else "timeout"
+    return torch.tensor([job.finish_reason is not None for job in jobs])
+
+
 class _Rows(StoppingCriteria):
-    """Per-row stop: finished by the streamer, cancelled, past its deadline, or out of tokens."""
+    """`_stopped_rows` as `generate` asks for it."""
 
     def __init__(self, jobs: list[Job]):
         self.jobs = jobs
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
-        now = time.monotonic()
-        for job in self.jobs:
-            if job.finish_reason is None and (job.cancelled or now > job.deadline):
-                job.finish_reason = "cancelled" if job.cancelled else "timeout"
-        return torch.tensor([job.finish_reason is not None for job in self.jobs], device=input_ids.device)
+        return _stopped_rows(self.jobs).to(input_ids.device)
 
 
 class _Streamer:
@@ -75,11 +82,16 @@ class _Streamer:
         self.started = False
 
     def put(self, value: torch.Tensor) -> None:
-        if not self.started:  # the first call carries the prompt (empty with inputs_embeds)
+        """`generate`'s streamer call: first the prompt (empty with inputs_embeds), then each step's tokens."""
+        if not self.started:
             self.started = True
             if value.dim() == 2:
                 return
-        for job, token in zip(self.jobs, value.view(-1).tolist(), strict=True):
+        self.send(value.view(-1))
+
+    def send(self, tokens: torch.Tensor) -> None:
+        """One step's `(B,)` tokens."""
+        for job, token in zip(self.jobs, tokens.tolist(), strict=True):
             if job.finish_reason is not None:
                 continue
             if token in self.eos:
@@ -187,19 +199,28 @@ class Engine:
                 [job.input_ids for job in jobs], self.processor.tokenizer.pad_token_id, "left"
             )
             embeds = self.model.embed_inputs(input_ids.to(device), features)
-            first = jobs[0]
-            sampling = {"do_sample": False}
-            if first.temperature > 0:
-                sampling = {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p}
+            first, mask = jobs[0], attention_mask.to(device)
+            max_new_tokens = max(job.max_new_tokens for job in jobs)
+            streamer = _Streamer(jobs, self.processor, self.eos, loop)
+            if first.temperature <= 0:
+
+                def on_step(tokens: torch.Tensor) -> torch.Tensor:
+                    streamer.send(tokens)
+                    return _stopped_rows(jobs)
+
+                greedy_decoder(self.model)(embeds, mask, max_new_tokens, on_step=on_step)
+            else:
                 if first.seed is not None:
                     torch.manual_seed(first.seed)
-            self.model.generate(
-                inputs_embeds=embeds,
-                attention_mask=attention_mask.to(device),
-                max_new_tokens=max(job.max_new_tokens for job in jobs),
-                stopping_criteria=StoppingCriteriaList([_Rows(jobs)]),
-                streamer=_Streamer(jobs, self.processor, self.eos, loop),
-                **sampling,
-            )
+                self.model.generate(
+                    inputs_embeds=embeds,
+                    attention_mask=mask,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=True,
+                    temperature=first.temperature,
+                    top_p=first.top_p,
+                    stopping_criteria=StoppingCriteriaList([_Rows(jobs)]),
+                    streamer=streamer,
+                )
             for job in jobs:
                 job.finish_reason = job.finish_reason or "length"

@@ -1,0 +1,159 @@
+"""Greedy decoding with a static KV cache: the tokens of HF greedy `generate`, faster.
+
+HF `generate` rebuilds its plan at every step (logits processors, stopping criteria, keyword updates) and
+grows a dynamic cache by concatenation, so each step has new shapes. Here the cache is allocated once at a
+length rounded up to `LENGTH_BUCKET`, and every decode step has the same shapes. Compiled, the step (the LM
+on one token per row) is traced for the first batch size and cache length with static shapes, and once
+more, with sizes symbolic, when a second one comes (a server's batches vary); on a GPU each shape is
+replayed as a CUDA graph. The prompt's prefill is not compiled: its length changes with every prompt.
+
+Greedy means argmax after the generation config's suppressed tokens (and EOS, before `min_new_tokens`);
+a row that emits an EOS token is padded from then on, and the loop ends when every row has. A config that
+asks for any other logits processor is refused by name rather than decoded differently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from transformers import DynamicCache, GenerationConfig, PreTrainedModel, StaticCache
+from transformers.cache_utils import StaticLayer
+
+LENGTH_BUCKET = 128  # cache lengths are multiples of this: few compiled shapes, little attention wasted
+
+UNSUPPORTED = {  # generation config fields that would change greedy tokens, and their neutral values
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "sequence_bias": None,
+    "min_length": 0,
+}
+
+
+def token_ids(value: int | list[int] | None) -> list[int]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, int) else list(value)
+
+
+class GreedyDecoder:
+    """Greedy new tokens of a causal LM from prompt embeddings: `(B, T, D) -> (B, <= max_new_tokens)`."""
+
+    def __init__(self, language_model: PreTrainedModel, generation_config: GenerationConfig):
+        for field, neutral in UNSUPPORTED.items():
+            if getattr(generation_config, field, neutral) not in (neutral, None, [], {}):
+                raise ValueError(
+                    f"generation_config.{field}={getattr(generation_config, field)!r}: the static-cache decoder "
+                    "decodes greedily with EOS and suppressed tokens only; unset it in generation_config.json"
+                )
+        self.language_model = language_model
+        self.eos = token_ids(generation_config.eos_token_id)
+        pad = generation_config.pad_token_id
+        self.pad = pad if pad is not None else (self.eos[0] if self.eos else 0)  # `generate` pads with EOS too
+        self.suppressed = token_ids(generation_config.suppress_tokens)
+        self.cache: StaticCache | None = None
+        self.cache_shape: tuple[int, int] | None = None
+        self.step = self._logits_of_next
+
+    def compile(self) -> None:
+        """Compile the decode step (a CUDA graph on a GPU). Inductor's `freezing`
+        (which `compile_for_inference` turns on for the tower) stays off while the step is traced: it
+        would hold the first cache's tensors as constants of the graph, and a later cache of the same
+        shape would be read and written through them."""
+        import torch._inductor.config as inductor  # only compiling needs inductor loaded
+
+        options = {"triton.cudagraphs": self.language_model.device.type == "cuda"}
+        compiled = torch.compile(self._logits_of_next, fullgraph=True, dynamic=None, options=options)
+
+        def step(*args: object) -> torch.Tensor:
+            with inductor.patch(freezing=False):
+                return compiled(*args)
+
+        self.step = step
+
+    def _logits_of_next(
+        self, tokens: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor, cache: StaticCache
+    ) -> torch.Tensor:
+        """`(B, 1)` tokens at `(B, 1)` positions -> `(B, vocab)` logits, the cache one position longer."""
+        output = self.language_model(
+            input_ids=tokens, position_ids=positions, attention_mask=attention_mask, cache=cache, use_cache=True
+        )
+        return output.logits[:, -1]
+
+    def _empty_cache(self, batch: int, length: int) -> StaticCache:
+        """The static cache for this batch and bucketed length, reused while they repeat."""
+        length = -(-length // LENGTH_BUCKET) * LENGTH_BUCKET
+        if self.cache_shape != (batch, length):
+            self.cache = None  # free the old one before allocating
+            self.cache = StaticCache(config=self.language_model.config, max_cache_len=length)
+            self.cache_shape = (batch, length)
+        else:
+            self.cache.reset()
+        return self.cache
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        max_new_tokens: int,
+        min_new_tokens: int = 0,
+        prefix: DynamicCache | None = None,
+        on_step: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """New tokens after each left-padded prompt. With `prefix` (a cache of the first P positions of
+        every row, P = `attention_mask` length - T), `inputs_embeds` holds only the positions after it.
+        `on_step` sees each step's `(B,)` tokens as they come and returns the rows to stop (a server's
+        streaming, stop strings and cancellations); a stopped row is padded like a finished one."""
+        batch, prompt_length = attention_mask.shape
+        device = inputs_embeds.device
+        cache = self._empty_cache(batch, prompt_length + max_new_tokens)
+        if prefix is not None:
+            self._write_prefix(cache, prefix)
+        mask = torch.zeros(batch, self.cache_shape[1], dtype=attention_mask.dtype, device=device)
+        mask[:, :prompt_length] = attention_mask
+        positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)  # as `generate` counts
+        logits = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=mask,
+            position_ids=positions[:, -inputs_embeds.shape[1] :],
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]
+        eos = torch.tensor(self.eos, dtype=torch.long, device=device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        position = positions[:, -1:]
+        new_tokens = []
+        for step in range(max_new_tokens):
+            logits[:, self.suppressed] = -torch.inf
+            if step < min_new_tokens:
+                logits[:, self.eos] = -torch.inf
+            token = logits.argmax(-1).masked_fill(finished, self.pad)
+            new_tokens.append(token)
+            finished |= torch.isin(token, eos)
+            if on_step is not None:
+                finished |= on_step(token).to(device)
+            if step == max_new_tokens - 1 or bool(finished.all()):
+                break
+            mask[:, prompt_length + step] = 1
+            position = position + 1
+            logits = self.step(token[:, None], position, mask, cache)
+        return torch.stack(new_tokens, dim=1)
+
+    @staticmethod
+    def _write_prefix(cache: StaticCache, prefix: DynamicCache) -> None:
+        """Copy a dynamic cache's keys and values into the first positions of the static one."""
+        for static, dynamic in zip(cache.layers, prefix.layers, strict=True):
+            if type(static) is not StaticLayer:
+                raise ValueError(f"a shared prompt prefix needs full-attention layers, not {type(static).__name__}")
+            if not static.is_initialized:
+                static.lazy_initialization(dynamic.keys, dynamic.values)
+            length = dynamic.keys.shape[2]
+            static.keys[:, :, :length].copy_(dynamic.keys)
+            static.values[:, :, :length].copy_(dynamic.values)
+            static.cumulative_length.fill_(length)

@@ -1,0 +1,136 @@
+"""The static-cache greedy decoder gives HF greedy `generate`'s tokens: left padding, EOS, suppressed tokens,
+`min_new_tokens`, a shared prompt prefix, and its compiled step."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from llama3med import Llama3MedForConditionalGeneration
+from llama3med.generation import GreedyDecoder
+from llama3med.inference import compile_model, greedy_decoder
+from llama3med.processing import pad_sequences
+
+
+@pytest.fixture()
+def model(tiny_config):
+    torch.manual_seed(0)
+    model = Llama3MedForConditionalGeneration(tiny_config).eval()
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def prompts(config, lengths=((2, 5), (4, 1), (3, 3)), seed=1):
+    """Left-padded prompts, each `before` tokens, one image, `after` tokens; and their pixels."""
+    generator = torch.Generator().manual_seed(seed)
+    ordinary = (config.image_token_id + 1, config.text_config.vocab_size)
+    image = [config.image_token_id] * config.num_image_tokens
+    rows = [
+        torch.randint(*ordinary, (before,), generator=generator).tolist()
+        + image
+        + torch.randint(*ordinary, (after,), generator=generator).tolist()
+        for before, after in lengths
+    ]
+    input_ids, attention_mask = pad_sequences(rows, 0, "left")
+    pixel_values = torch.randn(len(rows), 3, config.max_image_size, config.max_image_size, generator=generator)
+    return input_ids, attention_mask, pixel_values
+
+
+def hf_greedy(model, input_ids, attention_mask, pixel_values, new_tokens, **settings):
+    with torch.inference_mode():
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            **settings,
+        )
+    return output[:, input_ids.shape[1] :]
+
+
+def decode(model, input_ids, attention_mask, pixel_values, new_tokens, decoder=None, **settings):
+    decoder = decoder or GreedyDecoder(model.language_model, model.generation_config)
+    with torch.inference_mode():
+        embeds = model.embed_inputs(input_ids, model.encode_images(pixel_values))
+    return decoder(embeds, attention_mask, new_tokens, **settings)
+
+
+def test_left_padded_prompts_get_the_tokens_of_greedy_generate(tiny_config, model):
+    inputs = prompts(tiny_config)
+    assert torch.equal(decode(model, *inputs, 8), hf_greedy(model, *inputs, 8))
+
+
+def test_eos_ends_a_row_and_pads_it_and_suppressed_tokens_are_never_chosen(tiny_config, model):
+    inputs = prompts(tiny_config)
+    free = hf_greedy(model, *inputs, 8)
+    model.generation_config.eos_token_id = [int(free[0, 2])]  # row 0 now stops at its third token
+    model.generation_config.suppress_tokens = [int(free[1, 0])]  # and row 1 cannot start as it did
+    ours, reference = decode(model, *inputs, 8), hf_greedy(model, *inputs, 8)
+    assert torch.equal(ours, reference)
+    assert int(ours[0, 2]) == int(free[0, 2]) and (ours[0, 3:] == 0).all()
+    assert int(free[1, 0]) not in ours[1].tolist()
+    early = decode(model, *inputs, 8, min_new_tokens=4)
+    assert torch.equal(early, hf_greedy(model, *inputs, 8, min_new_tokens=4))
+    assert int(free[0, 2]) not in early[0, :4].tolist()
+
+
+def test_all_rows_finished_ends_decoding_early(tiny_config, model):
+    inputs = prompts(tiny_config, lengths=((2, 2),))
+    first = hf_greedy(model, *inputs, 1)
+    model.generation_config.eos_token_id = [int(first[0, 0])]
+    assert decode(model, *inputs, 8).tolist() == [[int(first[0, 0])]]
+
+
+def test_a_shared_prefix_cache_gives_the_same_tokens_as_the_whole_prompt(tiny_config, model):
+    """As `eval` asks: every row starts with the same text and an image (rows 0 and 2 the same image), its
+    own question follows, left-padded after the prefix. The prefix is run once per image and repeated."""
+    generator = torch.Generator().manual_seed(2)
+    ordinary = (tiny_config.image_token_id + 1, tiny_config.text_config.vocab_size)
+    image = [tiny_config.image_token_id] * tiny_config.num_image_tokens
+    start = torch.randint(*ordinary, (2,), generator=generator).tolist() + image
+    questions = [torch.randint(*ordinary, (n,), generator=generator).tolist() for n in (5, 1, 3)]
+    question_ids, question_mask = pad_sequences(questions, 0, "left")
+    input_ids = torch.cat([torch.tensor([start] * 3), question_ids], dim=1)
+    attention_mask = torch.cat([torch.ones(3, len(start), dtype=torch.long), question_mask], dim=1)
+    pixel_values = torch.randn(3, 3, tiny_config.max_image_size, tiny_config.max_image_size, generator=generator)
+    pixel_values[2] = pixel_values[0]
+    whole = decode(model, input_ids, attention_mask, pixel_values, 6)
+    assert torch.equal(whole, hf_greedy(model, input_ids, attention_mask, pixel_values, 6))
+    with torch.inference_mode():
+        prefix_embeds = model.embed_inputs(input_ids[:2, : len(start)], model.encode_images(pixel_values[:2]))
+        prefix = DynamicCache(config=tiny_config.text_config)
+        model.language_model(inputs_embeds=prefix_embeds, cache=prefix)
+        prefix.reorder_cache(torch.tensor([0, 1, 0]))
+        question_embeds = model.embed_inputs(question_ids, None)
+    decoder = GreedyDecoder(model.language_model, model.generation_config)
+    assert torch.equal(decoder(question_embeds, attention_mask, 6, prefix=prefix), whole)
+
+
+def test_the_compiled_step_gives_the_same_tokens_and_is_reused_across_calls(tiny_config, model):
+    inputs = prompts(tiny_config)
+    decoder = GreedyDecoder(model.language_model, model.generation_config)
+    decoder.compile()
+    reference = hf_greedy(model, *inputs, 6)
+    assert torch.equal(decode(model, *inputs, 6, decoder=decoder), reference)
+    cache = decoder.cache
+    assert torch.equal(decode(model, *inputs, 6, decoder=decoder), reference)
+    assert decoder.cache is cache  # same shape bucket: the same static cache, so no new compile
+
+
+def test_compiled_as_eval_compiles_it_the_step_stays_right_when_batch_shapes_alternate(tiny_config, model):
+    """An evaluation's last batch is smaller, and the next pass's first batch full again: each call must
+    decode into the cache it was given. `compile_model` also compiles the tower with weights frozen into
+    its graph, which must not freeze the step's cache into its graph."""
+    compile_model(model)
+    decoder = greedy_decoder(model)
+    for seed in range(3):
+        full, small = prompts(tiny_config, seed=seed), prompts(tiny_config, lengths=((1, 2), (3, 4)), seed=seed)
+        for inputs in (full, small):
+            assert torch.equal(decode(model, *inputs, 5, decoder=decoder), hf_greedy(model, *inputs, 5))
+
+
+def test_logits_processors_it_does_not_apply_are_refused_by_name(model):
+    model.generation_config.repetition_penalty = 1.3
+    with pytest.raises(ValueError, match="repetition_penalty=1.3"):
+        GreedyDecoder(model.language_model, model.generation_config)
