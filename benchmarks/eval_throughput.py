@@ -1,5 +1,5 @@
 """Questions per second of `llama3med eval` against the reference way of running a VQA benchmark: one
-question at a time, re-encoding the image for every question.
+question at a time with HF `generate`, re-encoding the image for every question (LLaVA-Med's loop).
 
 Data: phantom test questions, 4-8 per image; `--slake-like` also asks each in LLaVA-1.5's short-answer
 wording, about 11 per image as in SLAKE's English test set (1,061 questions, 96 images). Model: the
@@ -28,7 +28,7 @@ from llama3med.data.benchmarks import VQARecord, load_llava_med
 from llama3med.data.phantoms import write_phantom_set
 from llama3med.eval import generate_answers
 from llama3med.eval.runner import PROMPT_STYLES
-from llama3med.inference import answer, best_device, compile_model
+from llama3med.inference import best_device, compile_model, question_messages
 from llama3med.processing import train_bpe_tokenizer
 
 # SigLIP-so400m-patch14-384's image geometry (729 tokens per 384 px tile) at small widths, with a small Llama.
@@ -67,6 +67,15 @@ def random_model(vision: dict, text: dict, records: list[VQARecord]):
     return model.eval(), processor
 
 
+@torch.inference_mode()
+def reference_answer(model, processor, record: VQARecord, max_new_tokens: int) -> str:
+    """One question through HF greedy `generate`, its image encoded for it alone."""
+    inputs = processor(processor.chat_prompt(question_messages(record.question)), images=record.image)
+    inputs = inputs.to(model.device)
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return processor.decode(output[0, inputs["input_ids"].shape[1] :]).strip()
+
+
 def eval_rate(model, processor, records: list[VQARecord], batch_size: int, max_new_tokens: int):
     """`llama3med eval`'s answers by record id, and its questions/s."""
     start = time.perf_counter()
@@ -85,7 +94,7 @@ def compare(
     """Questions/s of the one-question loop and of `llama3med eval`'s path (and, if `compiled`, of its
     compiled path), and how many answers agree with the loop's."""
     start = time.perf_counter()
-    reference = {r.id: answer(model, processor, r.image, r.question, max_new_tokens=max_new_tokens) for r in records}
+    reference = {r.id: reference_answer(model, processor, r, max_new_tokens) for r in records}
     reference_rate = len(records) / (time.perf_counter() - start)
     batched, batched_rate = eval_rate(model, processor, records, batch_size, max_new_tokens)
     result = {
