@@ -1,5 +1,6 @@
 """Evaluation: the LLaVA-Med scoring rules (quirks included), batched answers equal to one-by-one answers,
-each image encoded once, and an interrupted run that resumes without repeating or losing answers."""
+each image encoded and its prompt prefix run once, and an interrupted run that resumes without repeating
+or losing answers."""
 
 import json
 import math
@@ -14,9 +15,9 @@ from llama3med.checkpoints import load
 from llama3med.cli import main
 from llama3med.data.benchmarks import VQARecord, load_llava_med
 from llama3med.data.phantoms import write_phantom_set
-from llama3med.eval import closed_hit, majority_baseline, normalize_answer, run, score, token_scores
+from llama3med.eval import closed_hit, majority_baseline, normalize_answer, run, runner, score, token_scores
 from llama3med.eval.report import load_published
-from llama3med.eval.runner import generate_answers
+from llama3med.eval.runner import generate_answers, prefix_caches
 from llama3med.eval.scoring import bleu, closest_candidate, exact_match
 from llama3med.inference import answer
 
@@ -100,21 +101,25 @@ def test_scores_need_one_prediction_per_question(tmp_path):
     assert scores["all"]["closed_accuracy"] == 1.0 and scores["question_type=presence"]["n_closed"] == 1
 
 
-def test_batched_answers_equal_one_by_one_answers_and_each_image_is_encoded_once(model_and_processor, test_set):
+def test_batched_answers_equal_one_by_one_answers_and_each_image_is_encoded_and_prefilled_once(
+    model_and_processor, test_set, monkeypatch
+):
     model, processor = model_and_processor
     records = load_llava_med(test_set)
-    encoded = []
-    original = model.encode_images
-    model.encode_images = lambda pixels: encoded.append(pixels.shape[0]) or original(pixels)
-    try:
-        batched = {r.id: text for r, _, text in generate_answers(model, processor, records, batch_size=5)}
-    finally:
-        del model.encode_images
-    assert sum(encoded) == len({r.image for r in records}) == 3
+    prefilled = []
+
+    def counted(model, prefix_ids, pixel_values):
+        prefilled.append(pixel_values.shape[0])
+        return prefix_caches(model, prefix_ids, pixel_values)
+
+    monkeypatch.setattr(runner, "prefix_caches", counted)
+    batched = {r.id: text for r, _, text in generate_answers(model, processor, records, batch_size=5)}
+    # 3 images with 4-8 questions each, in batches of 5: every image's questions span two batches
+    assert sum(prefilled) == len({r.image for r in records}) == 3
     single = {r.id: text for r, _, text in generate_answers(model, processor, records[:4], batch_size=1)}
     assert all(batched[qid] == text for qid, text in single.items())
     # The shared image prefix and the padding between it and each question change no answer: the same
-    # prompt run whole, without a cache, answers the same.
+    # prompt run whole answers the same.
     for record in records[:6]:
         assert batched[record.id] == answer(model, processor, record.image, record.question, max_new_tokens=64)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from transformers import DynamicCache, GenerationConfig, PreTrainedModel, StaticCache
+from transformers import GenerationConfig, PreTrainedModel, StaticCache
 from transformers.cache_utils import StaticLayer
 
 LENGTH_BUCKET = 128  # cache lengths are multiples of this: few compiled shapes, little attention wasted
@@ -102,11 +102,12 @@ class GreedyDecoder:
         attention_mask: torch.Tensor,
         max_new_tokens: int,
         min_new_tokens: int = 0,
-        prefix: DynamicCache | None = None,
+        prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         on_step: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """New tokens after each left-padded prompt. With `prefix` (a cache of the first P positions of
-        every row, P = `attention_mask` length - T), `inputs_embeds` holds only the positions after it.
+        """New tokens after each left-padded prompt. With `prefix` (every layer's keys and values of the
+        first P positions, each `(B, heads, P, head_dim)`; P = `attention_mask` length - T),
+        `inputs_embeds` holds only the positions after it.
         `on_step` sees each step's `(B,)` tokens as they come and returns the rows to stop (a server's
         streaming, stop strings and cancellations); a stopped row is padded like a finished one."""
         batch, prompt_length = attention_mask.shape
@@ -146,14 +147,13 @@ class GreedyDecoder:
         return torch.stack(new_tokens, dim=1)
 
     @staticmethod
-    def _write_prefix(cache: StaticCache, prefix: DynamicCache) -> None:
-        """Copy a dynamic cache's keys and values into the first positions of the static one."""
-        for static, dynamic in zip(cache.layers, prefix.layers, strict=True):
+    def _write_prefix(cache: StaticCache, prefix: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Copy each layer's prefix keys and values into the first positions of the static cache."""
+        for static, (keys, values) in zip(cache.layers, prefix, strict=True):
             if type(static) is not StaticLayer:
                 raise ValueError(f"a shared prompt prefix needs full-attention layers, not {type(static).__name__}")
             if not static.is_initialized:
-                static.lazy_initialization(dynamic.keys, dynamic.values)
-            length = dynamic.keys.shape[2]
-            static.keys[:, :, :length].copy_(dynamic.keys)
-            static.values[:, :, :length].copy_(dynamic.values)
-            static.cumulative_length.fill_(length)
+                static.lazy_initialization(keys, values)
+            static.keys[:, :, : keys.shape[2]].copy_(keys)
+            static.values[:, :, : values.shape[2]].copy_(values)
+            static.cumulative_length.fill_(keys.shape[2])

@@ -3,7 +3,8 @@ run resumes where it stopped.
 
 Questions about one image share its work: the image is encoded once, and the prompt up to its last image
 token (the chat template's start and the image tokens, most of a short VQA prompt) goes through the LM
-once per image; each question's own tokens continue from that cached prefix.
+once per image, even when its questions fall into two batches; each question's own tokens continue from
+that cached prefix.
 
 The answers file has LLaVA-Med's fields (`question_id`, `prompt`, `text`, `answer_id`, `model_id`) and,
 once a run is complete, the benchmark's question order, so its own evaluator (which asserts that order)
@@ -90,55 +91,66 @@ def generate_answers(
     max_new_tokens: int = 64,
 ) -> Iterator[tuple[VQARecord, str, str]]:
     """Yield `(record, prompt, answer)` in image order. Records are sorted by image, and an image's
-    features are kept while the next batch still needs them."""
-    device = model.device
+    prompt prefix (its keys and values) is kept while the next batch still needs it."""
     ordered = sorted(records, key=lambda r: r.image_key)
-    features: dict[str, torch.Tensor] = {}
+    prefixes: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for start in range(0, len(ordered), batch_size):
         batch = ordered[start : start + batch_size]
-        images = {r.image_key: r.image for r in batch}
-        new = [key for key in images if key not in features]
-        features = {key: features[key] for key in images if key in features}
-        if new:
-            pixels = torch.stack([processor.preprocess_image(images[key]) for key in new]).to(device)
-            features.update(zip(new, model.encode_images(pixels), strict=True))  # each (num_image_tokens, D)
         prompts = [processor.chat_prompt(question_messages(prompt_text(r, prompt_style))) for r in batch]
         token_ids = [processor.encode_text(p, num_images=1) for p in prompts]
-        texts = _answer_batch(model, processor, token_ids, [r.image_key for r in batch], features, max_new_tokens)
+        prefix_ids = shared_prefix(token_ids, model.config.image_token_id)
+        images = {r.image_key: r.image for r in batch}
+        prefixes = {key: prefixes[key] for key in images if key in prefixes}
+        new = [key for key in images if key not in prefixes]
+        if new:
+            pixels = torch.stack([processor.preprocess_image(images[key]) for key in new]).to(model.device)
+            prefixes.update(zip(new, prefix_caches(model, prefix_ids, pixels), strict=True))
+        rows = [prefixes[r.image_key] for r in batch]
+        texts = _answer_batch(model, processor, [ids[len(prefix_ids) :] for ids in token_ids], rows, max_new_tokens)
         for record, prompt, text in zip(batch, prompts, texts, strict=True):
             yield record, prompt, text.strip()
+
+
+def shared_prefix(token_ids: list[list[int]], image_token_id: int) -> list[int]:
+    """The prompts' common start, up to and with the image's last token (the chat template's start and the
+    image: most of a short VQA prompt, and the same for every question about one image)."""
+    length = max(i for i, t in enumerate(token_ids[0]) if t == image_token_id) + 1
+    if any(ids[:length] != token_ids[0][:length] for ids in token_ids):
+        raise ValueError("the prompts differ before their image tokens; the chat template must put the image first")
+    return token_ids[0][:length]
+
+
+def prefix_caches(
+    model: Llama3MedForConditionalGeneration, prefix_ids: list[int], pixel_values: torch.Tensor
+) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Per image: the keys and values, layer by layer, of the prefix with that image, each `(H, P, D)`."""
+    features = model.encode_images(pixel_values)  # (images, num_image_tokens, D)
+    ids = torch.tensor([prefix_ids], device=model.device).expand(len(features), -1)
+    cache = DynamicCache(config=model.config.text_config)
+    model.language_model(inputs_embeds=model.embed_inputs(ids, features), cache=cache, use_cache=True, logits_to_keep=1)
+    return [[(layer.keys[i], layer.values[i]) for layer in cache.layers] for i in range(len(features))]
 
 
 def _answer_batch(
     model: Llama3MedForConditionalGeneration,
     processor: Llama3MedProcessor,
-    token_ids: list[list[int]],
-    image_keys: list[str],
-    features: dict[str, torch.Tensor],
+    questions: list[list[int]],
+    prefixes: list[list[tuple[torch.Tensor, torch.Tensor]]],
     max_new_tokens: int,
 ) -> list[str]:
-    """Greedy answers to prompts that each hold one image. The prefix up to the image's last token is run
-    once per distinct image into a KV cache, the cache rows are repeated for the questions, and the
-    questions' own tokens follow after left padding placed between prefix and question (positions come
-    from the attention mask, so each question sees the positions it would have alone)."""
+    """Greedy answers to the questions' own tokens, each after its row's cached prefix. Left padding
+    goes between prefix and question (positions come from the attention mask, so each question sees the
+    positions it would have alone)."""
     device = model.device
-    pad = processor.tokenizer.pad_token_id
-    prefix_len = max(i for i, t in enumerate(token_ids[0]) if t == model.config.image_token_id) + 1
-    prefix = token_ids[0][:prefix_len]
-    if any(ids[:prefix_len] != prefix for ids in token_ids):
-        raise ValueError("the prompts differ before their image tokens; the chat template must put the image first")
-    distinct = list(dict.fromkeys(image_keys))
-    row_of_image = torch.tensor([distinct.index(key) for key in image_keys], device=device)
-    prefix_ids = torch.tensor([prefix], device=device)
-    cache = DynamicCache(config=model.config.text_config)
-    image_features = torch.stack([features[key] for key in distinct])
-    prefix_embeds = model.embed_inputs(prefix_ids.expand(len(distinct), -1), image_features)
-    model.language_model(inputs_embeds=prefix_embeds, cache=cache, use_cache=True, logits_to_keep=1)  # fills the cache
-    cache.reorder_cache(row_of_image)  # (images, ...) -> (questions, ...)
-    question_ids, question_mask = pad_sequences([ids[prefix_len:] for ids in token_ids], pad, "left")
-    attention_mask = torch.cat([torch.ones(len(token_ids), prefix_len, dtype=torch.long), question_mask], dim=1)
+    question_ids, question_mask = pad_sequences(questions, processor.tokenizer.pad_token_id, "left")
+    prefix_length = prefixes[0][0][0].shape[1]
+    attention_mask = torch.cat([torch.ones(len(questions), prefix_length, dtype=torch.long), question_mask], dim=1)
+    prefix = [
+        (torch.stack([row[layer][0] for row in prefixes]), torch.stack([row[layer][1] for row in prefixes]))
+        for layer in range(len(prefixes[0]))
+    ]
     question_embeds = model.embed_inputs(question_ids.to(device), None)
-    new_tokens = greedy_decoder(model)(question_embeds, attention_mask.to(device), max_new_tokens, prefix=cache)
+    new_tokens = greedy_decoder(model)(question_embeds, attention_mask.to(device), max_new_tokens, prefix=prefix)
     return processor.batch_decode(new_tokens)
 
 
