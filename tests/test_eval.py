@@ -116,6 +116,8 @@ def test_batched_answers_equal_one_by_one_answers_and_each_image_is_encoded_and_
     batched = {r.id: text for r, _, text in generate_answers(model, processor, records, batch_size=5)}
     # 3 images with 4-8 questions each, in batches of 5: every image's questions span two batches
     assert sum(prefilled) == len({r.image for r in records}) == 3
+    prefetched = generate_answers(model, processor, records, batch_size=5, prefetch_images=True)
+    assert {r.id: text for r, _, text in prefetched} == batched  # images read on a thread, as on a GPU
     single = {r.id: text for r, _, text in generate_answers(model, processor, records[:4], batch_size=1)}
     assert all(batched[qid] == text for qid, text in single.items())
     # The shared image prefix and the padding between it and each question change no answer: the same

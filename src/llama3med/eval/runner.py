@@ -18,6 +18,8 @@ import json
 import os
 import uuid
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -29,6 +31,7 @@ from ..data.conversations import read_appended_rows, repair_appended_rows
 from ..inference import greedy_decoder, question_messages
 from ..model import Llama3MedForConditionalGeneration
 from ..processing import Llama3MedProcessor, pad_sequences
+from ..processing.images import ImageSource
 
 PROMPT_STYLES = {
     "plain": "{question}",
@@ -89,26 +92,58 @@ def generate_answers(
     prompt_style: str = "plain",
     batch_size: int = 16,
     max_new_tokens: int = 64,
+    prefetch_images: bool | None = None,
 ) -> Iterator[tuple[VQARecord, str, str]]:
-    """Yield `(record, prompt, answer)` in image order. Records are sorted by image, and an image's
-    prompt prefix (its keys and values) is kept while the next batch still needs it."""
+    """Yield `(record, prompt, answer)` in image order. Records are sorted by image; an image's prompt
+    prefix (its keys and values) is kept while the next batch still needs it. With `prefetch_images`
+    (default: when the model is on an accelerator) the next batch's images are read and preprocessed on
+    a thread while this batch runs. On a CPU the thread takes cores from the model: on 2 cores it cost
+    13 % (52 against 60 questions/s)."""
     ordered = sorted(records, key=lambda r: r.image_key)
+    batches = [ordered[start : start + batch_size] for start in range(0, len(ordered), batch_size)]
+    if prefetch_images is None:
+        prefetch_images = model.device.type != "cpu"
     prefixes: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    for start in range(0, len(ordered), batch_size):
-        batch = ordered[start : start + batch_size]
-        prompts = [processor.chat_prompt(question_messages(prompt_text(r, prompt_style))) for r in batch]
-        token_ids = [processor.encode_text(p, num_images=1) for p in prompts]
-        prefix_ids = shared_prefix(token_ids, model.config.image_token_id)
-        images = {r.image_key: r.image for r in batch}
-        prefixes = {key: prefixes[key] for key in images if key in prefixes}
-        new = [key for key in images if key not in prefixes]
-        if new:
-            pixels = torch.stack([processor.preprocess_image(images[key]) for key in new]).to(model.device)
-            prefixes.update(zip(new, prefix_caches(model, prefix_ids, pixels), strict=True))
-        rows = [prefixes[r.image_key] for r in batch]
-        texts = _answer_batch(model, processor, [ids[len(prefix_ids) :] for ids in token_ids], rows, max_new_tokens)
-        for record, prompt, text in zip(batch, prompts, texts, strict=True):
-            yield record, prompt, text.strip()
+    loading: dict[str, Future] = {}
+    loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-loader") if prefetch_images else None
+    with loader or nullcontext():
+        for index, batch in enumerate(batches):
+            if loader is not None and index + 1 < len(batches):
+                _start_loading(loader, loading, processor, batch, batches[index + 1])
+            prompts = [processor.chat_prompt(question_messages(prompt_text(r, prompt_style))) for r in batch]
+            token_ids = [processor.encode_text(p, num_images=1) for p in prompts]
+            prefix_ids = shared_prefix(token_ids, model.config.image_token_id)
+            images = {r.image_key: r.image for r in batch}
+            prefixes = {key: prefixes[key] for key in images if key in prefixes}
+            new = [key for key in images if key not in prefixes]
+            if new:
+                pixels = torch.stack([_pixels(processor, loading, key, images[key]) for key in new]).to(model.device)
+                prefixes.update(zip(new, prefix_caches(model, prefix_ids, pixels), strict=True))
+            rows = [prefixes[r.image_key] for r in batch]
+            questions = [ids[len(prefix_ids) :] for ids in token_ids]
+            texts = _answer_batch(model, processor, questions, rows, max_new_tokens)
+            for record, prompt, text in zip(batch, prompts, texts, strict=True):
+                yield record, prompt, text.strip()
+
+
+def _start_loading(
+    loader: ThreadPoolExecutor,
+    loading: dict[str, Future],
+    processor: Llama3MedProcessor,
+    batch: Sequence[VQARecord],
+    next_batch: Sequence[VQARecord],
+) -> None:
+    """Submit the images `next_batch` needs that `batch` does not already hold."""
+    held = {r.image_key for r in batch}
+    for record in next_batch:
+        if record.image_key not in held and record.image_key not in loading:
+            loading[record.image_key] = loader.submit(processor.preprocess_image, record.image)
+
+
+def _pixels(processor: Llama3MedProcessor, loading: dict[str, Future], key: str, image: ImageSource) -> torch.Tensor:
+    """An image's preprocessed pixels, from the loading thread where it was started there."""
+    future = loading.pop(key, None)
+    return future.result() if future is not None else processor.preprocess_image(image)
 
 
 def shared_prefix(token_ids: list[list[int]], image_token_id: int) -> list[int]:
