@@ -6,7 +6,7 @@ import torch
 from transformers import DynamicCache
 
 from llama3med import Llama3MedForConditionalGeneration
-from llama3med.generation import GreedyDecoder
+from llama3med.generation import GROUPED_DECODE_SDPA, GreedyDecoder
 from llama3med.inference import compile_model, greedy_decoder
 from llama3med.processing import pad_sequences
 
@@ -110,9 +110,10 @@ def test_a_shared_prefix_cache_gives_the_same_tokens_as_the_whole_prompt(tiny_co
 
 def test_the_compiled_step_gives_the_same_tokens_and_is_reused_across_calls(tiny_config, model):
     inputs = prompts(tiny_config)
+    reference = hf_greedy(model, *inputs, 6)
     decoder = GreedyDecoder(model.language_model, model.generation_config)
     decoder.compile()
-    reference = hf_greedy(model, *inputs, 6)
+    assert model.language_model.config._attn_implementation == GROUPED_DECODE_SDPA  # 4 query heads on 2 kv heads
     assert torch.equal(decode(model, *inputs, 6, decoder=decoder), reference)
     cache = decoder.cache
     assert torch.equal(decode(model, *inputs, 6, decoder=decoder), reference)

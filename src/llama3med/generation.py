@@ -17,10 +17,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, StaticCache
+import torch.nn.functional as F
+from transformers import AttentionInterface, AttentionMaskInterface, GenerationConfig, PreTrainedModel, StaticCache
 from transformers.cache_utils import StaticLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 
 LENGTH_BUCKET = 128  # cache lengths are multiples of this: few compiled shapes, little attention wasted
+GROUPED_DECODE_SDPA = "sdpa_grouped_decode"
 
 UNSUPPORTED = {  # generation config fields that would change greedy tokens, and their neutral values
     "repetition_penalty": 1.0,
@@ -32,6 +36,32 @@ UNSUPPORTED = {  # generation config fields that would change greedy tokens, and
     "sequence_bias": None,
     "min_length": 0,
 }
+
+
+def sdpa_grouped_decode(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """HF's SDPA attention, except that a single query token attends over the cached key/value heads as
+    they are, its query heads grouped under them, inside `torch.compile` too. HF's SDPA groups them only
+    when not compiling; compiled, it repeats every cached key and value once per query head, a copy of the
+    whole cache at every step (at batch 32 over 896 positions the compiled step was 2x slower than eager;
+    grouped, it is faster)."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    if query.shape[2] != 1 or groups == 1 or (attention_mask is not None and attention_mask.shape[1] != 1):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    batch, heads, _, dim = query.shape
+    grouped = query.reshape(batch, heads // groups, groups, dim)  # (B, kv heads, group, D): a group's queries
+    output = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=kwargs.get("scaling"))
+    return output.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(GROUPED_DECODE_SDPA, sdpa_grouped_decode)
+AttentionMaskInterface.register(GROUPED_DECODE_SDPA, sdpa_mask)
 
 
 def token_ids(value: int | list[int] | None) -> list[int]:
@@ -60,12 +90,15 @@ class GreedyDecoder:
         self.step = self._logits_of_next
 
     def compile(self) -> None:
-        """Compile the decode step (a CUDA graph on a GPU). Inductor's `freezing`
+        """Compile the decode step (a CUDA graph on a GPU); an SDPA LM switches to `sdpa_grouped_decode`,
+        the same attention with the cache read once a step. Inductor's `freezing`
         (which `compile_for_inference` turns on for the tower) stays off while the step is traced: it
         would hold the first cache's tensors as constants of the graph, and a later cache of the same
         shape would be read and written through them."""
         import torch._inductor.config as inductor  # only compiling needs inductor loaded
 
+        if self.language_model.config._attn_implementation == "sdpa":
+            self.language_model.set_attn_implementation(GROUPED_DECODE_SDPA)
         options = {"triton.cudagraphs": self.language_model.device.type == "cuda"}
         compiled = torch.compile(self._logits_of_next, fullgraph=True, dynamic=None, options=options)
 
