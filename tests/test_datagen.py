@@ -301,6 +301,16 @@ def test_a_paid_run_needs_confirmation_and_mix_reports_its_sources(tmp_path, cap
     assert len(json.loads((tmp_path / "mixed.json").read_text())) == 6
 
 
+@pytest.mark.parametrize("sdk", ["anthropic", "openai"])
+def test_a_missing_teacher_sdk_is_one_line_that_says_what_to_install(sdk, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, sdk, None)  # what importing an uninstalled package does
+    monkeypatch.setenv("ANTHROPIC_API_KEY", SECRET)
+    path = captions(tmp_path / "captions.jsonl", ["good"])
+    args = ["datagen", "--input", str(path), "--out", str(tmp_path / "o.jsonl"), "--teacher", sdk, "--yes"]
+    assert main(args) == 1
+    assert f"the {sdk} teacher needs the {sdk} SDK: pip install 'llama3med[datagen]'" in capsys.readouterr().err
+
+
 def test_the_output_trains_as_it_is(server, tmp_path, tokenizer):
     from llama3med.data.conversations import ConversationDataset, Source
     from llama3med.datagen import read_captions

@@ -9,8 +9,10 @@ and are never logged or written.
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
+from types import ModuleType
 
 DEFAULT_MODELS = {"anthropic": "claude-3-opus-20240229", "openai": "meta-llama/Meta-Llama-3-70B-Instruct"}
 # US$ per million input and output tokens, for the estimate printed before a paid run.
@@ -44,6 +46,14 @@ def _retry_after(response) -> float | None:
         return None
 
 
+def _sdk(name: str) -> ModuleType:
+    """The teacher's SDK, or an error that says how to install it (they are an extra, not a dependency)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise RuntimeError(f"the {name} teacher needs the {name} SDK: pip install 'llama3med[datagen]'") from None
+
+
 def _classify(err: Exception, sdk) -> Exception:
     """The SDK's exception as TransientError or PermanentError (both SDKs share these class names)."""
     if isinstance(err, (sdk.APITimeoutError, sdk.APIConnectionError)):
@@ -62,14 +72,12 @@ class AnthropicTeacher:
     def __init__(
         self, model: str | None = None, api_key: str | None = None, base_url: str | None = None, timeout: float = 120.0
     ):
-        import anthropic
-
-        self.sdk = anthropic
+        self.sdk = _sdk("anthropic")
         self.model = model or DEFAULT_MODELS["anthropic"]
         key = api_key or os.environ.get("ANTHROPIC_API_KEY")
         if not key:
             raise ValueError("the anthropic teacher needs ANTHROPIC_API_KEY (or --api-key)")
-        self.client = anthropic.AsyncAnthropic(api_key=key, base_url=base_url, timeout=timeout, max_retries=0)
+        self.client = self.sdk.AsyncAnthropic(api_key=key, base_url=base_url, timeout=timeout, max_retries=0)
 
     async def complete(self, system: str, messages: list[dict[str, str]], max_tokens: int) -> Reply:
         try:
@@ -88,12 +96,10 @@ class OpenAITeacher:
     def __init__(
         self, model: str | None = None, api_key: str | None = None, base_url: str | None = None, timeout: float = 120.0
     ):
-        import openai
-
-        self.sdk = openai
+        self.sdk = _sdk("openai")
         self.model = model or DEFAULT_MODELS["openai"]
         key = api_key or os.environ.get("OPENAI_API_KEY") or "none"  # local servers take any key
-        self.client = openai.AsyncOpenAI(api_key=key, base_url=base_url, timeout=timeout, max_retries=0)
+        self.client = self.sdk.AsyncOpenAI(api_key=key, base_url=base_url, timeout=timeout, max_retries=0)
 
     async def complete(self, system: str, messages: list[dict[str, str]], max_tokens: int) -> Reply:
         try:
