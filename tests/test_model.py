@@ -31,9 +31,33 @@ def test_shapes_derive_from_the_config(tiny_config, model):
     input_ids, pixel_values = inputs_for(tiny_config)
     features = model.encode_images(pixel_values)
     assert features.shape == (2, 16, tiny_config.text_config.hidden_size)
-    out = model(input_ids=input_ids, pixel_values=pixel_values, labels=input_ids)
+    out = model(input_ids=input_ids, pixel_values=pixel_values)
     assert out.logits.shape == (*input_ids.shape, tiny_config.text_config.vocab_size)
-    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+
+
+def test_the_training_loss_is_the_lms_with_its_head_run_only_where_the_batch_predicts_a_label(tiny_config, model):
+    input_ids, pixel_values = inputs_for(tiny_config, batch=3, text_before=4, text_after=9)
+    labels = torch.full_like(input_ids, -100)  # as encode_conversation labels: answers only, padding -100
+    labels[0, -9:-4], labels[1, -3:], labels[2, -9:] = input_ids[0, -9:-4], input_ids[1, -3:], input_ids[2, -9:]
+    positions = (labels[:, 1:] != -100).any(0).nonzero().squeeze(1)  # where some row predicts a label
+    rows = []
+    model.language_model.lm_head.register_forward_hook(lambda m, x, y: rows.append(x[0].shape[:-1].numel()))
+    model.train()
+    for num_items in (None, torch.tensor(40)):
+        kwargs = {} if num_items is None else {"num_items_in_batch": num_items}
+        ours = model(input_ids=input_ids, pixel_values=pixel_values, labels=labels, **kwargs)
+        ours.loss.backward()
+        ours_grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        embeds = model.embed_inputs(input_ids, model.encode_images(pixel_values))
+        hf = model.language_model(inputs_embeds=embeds, labels=labels, **kwargs)  # every position's logits
+        hf.loss.backward()
+        torch.testing.assert_close(ours.loss, hf.loss)
+        torch.testing.assert_close(ours.logits, hf.logits[:, positions])
+        for ours_grad, parameter in zip(ours_grads, model.parameters(), strict=True):
+            torch.testing.assert_close(ours_grad, parameter.grad)
+        model.zero_grad()
+        assert rows[-2:] == [3 * 9, input_ids.numel()]  # 3 rows x the last 9 positions' union, not 3 x 29
 
 
 def test_image_features_land_on_the_image_tokens(tiny_config, model):

@@ -12,10 +12,13 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..config import Llama3MedConfig
+from ..processing.processor import IGNORE_INDEX
 from .multiscale import encode_multiscale
 from .projector import MultiModalProjector
 from .vision_tower import VisionTower
@@ -97,20 +100,56 @@ class Llama3MedForConditionalGeneration(Llama3MedPreTrainedModel, GenerationMixi
         """Like HF LLaVA: images are encoded when `pixel_values` is given (the prefill); decode steps only
         carry new text tokens and the KV cache (`cache`/`past_key_values`, passed through to the LM).
         `logits_to_keep=N` computes the LM head on the last N positions only (0: all), as `generate` asks
-        in the prefill: the image's hundreds of positions times a 128k vocabulary are never read."""
+        in the prefill: the image's hundreds of positions times a 128k vocabulary are never read.
+
+        With `labels` (and no `logits_to_keep`), the loss is the LM's (mean next-token cross-entropy, or
+        its sum over `num_items_in_batch` as the Trainer asks), but the LM head runs only on the positions
+        where some row of the batch predicts a label, and `logits` holds those K positions alone,
+        `(B, K, vocab)`. In training most positions are image and prompt tokens, and at Llama-3's
+        vocabulary each position's float32 logits and their gradient take about 1 MB. Without labels,
+        every position's logits come back."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
             image_features = self.encode_images(pixel_values) if pixel_values is not None else None
             inputs_embeds = self.embed_inputs(input_ids, image_features)
-        return self.language_model(
+        if labels is None or not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+            return self.language_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                labels=labels,
+                logits_to_keep=logits_to_keep,
+                **kwargs,
+            )
+        return self.supervised_loss(inputs_embeds, attention_mask, position_ids, labels, **kwargs)
+
+    def supervised_loss(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        labels: torch.LongTensor,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """The LM's causal loss with the LM head only where a row of the `(B, T)` batch has a label to
+        predict (positions shared by the batch: an index the LM's `logits_to_keep` takes)."""
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).to(inputs_embeds.device)  # t predicts t + 1
+        positions = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)  # (K,)
+        output = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            labels=labels,
-            logits_to_keep=logits_to_keep,
+            logits_to_keep=positions,
             **kwargs,
         )
+        reduction = "mean" if num_items_in_batch is None else "sum"
+        logits = output.logits.float().flatten(0, 1)  # (B * K, vocab)
+        loss = F.cross_entropy(logits, targets[:, positions].flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
+        if num_items_in_batch is not None:
+            loss = loss / num_items_in_batch
+        return CausalLMOutputWithPast(loss=loss, **output)
 
     @classmethod
     def from_components(
