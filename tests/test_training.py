@@ -344,19 +344,25 @@ def test_recipes_take_overrides_and_refuse_unknown_keys(tmp_path, phantoms):
     assert main(["train", str(bad_option)]) == 1
 
 
-@pytest.mark.parametrize("name", ["pretrain", "finetune"])
-def test_the_shipped_8b_recipes_are_the_papers(name):
+@pytest.mark.parametrize("name, gpus", [("pretrain", 8), ("finetune", 8), ("finetune_lora", 1)])
+def test_the_shipped_8b_recipes_are_the_papers(name, gpus):
     recipe = load_recipe(ROOT / "recipes" / "llama3med-8b" / f"{name}.yaml")
-    assert recipe.stage == name
+    assert recipe.stage == name.split("_")[0]
     training = recipe.training
     assert training["lr_scheduler_type"] == "cosine" and training["warmup_steps"] == 0.03
-    global_batch = training["per_device_train_batch_size"] * training["gradient_accumulation_steps"] * 8  # 8 GPUs
-    assert (global_batch, training["learning_rate"]) == ((256, 1e-3) if name == "pretrain" else (128, 2e-5))
+    global_batch = training["per_device_train_batch_size"] * training["gradient_accumulation_steps"] * gpus
     if name == "pretrain":
+        assert (global_batch, training["learning_rate"]) == (256, 1e-3)
         assert recipe.model["scales"] == [384, 768, 1152]
     else:
-        assert recipe.max_length == 4096 and training["gradient_checkpointing"] and training["bf16"]
+        assert global_batch == 128 and recipe.max_length == 4096
+        assert training["gradient_checkpointing"] and training["bf16"]
         assert recipe.save_dtype == "bfloat16"  # the final model as it will answer, at half the disk
+    if name == "finetune":
+        assert training["learning_rate"] == 2e-5 and recipe.lora is None
+    if name == "finetune_lora":  # LLaVA-1.5's LoRA numbers, over a frozen LM kept in bf16
+        assert (recipe.lora["r"], recipe.lora["alpha"], training["learning_rate"]) == (128, 256, 2e-4)
+        assert recipe.learning_rates == {"multi_modal_projector": 2e-5} and recipe.dtype == "bfloat16"
 
 
 @pytest.mark.parametrize("name,stage", [("ds_zero2", 2), ("ds_zero3", 3)])

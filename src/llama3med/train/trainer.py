@@ -255,17 +255,31 @@ def count_parameters(model) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
+def float32_master_weights(module: torch.nn.Module) -> None:
+    """Trainable parameters in float32, so that the optimizer updates full-precision master weights; the
+    frozen ones keep their dtype (bf16 halves an 8B LM's memory under LoRA), and bf16 is for compute."""
+    for parameter in module.parameters():
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
+
+
 def prepare_stage(recipe: Recipe, model, processor):
     """What the stage trains, on what, batched how: `(trained module, dataset, collator)`."""
     if recipe.stage == "tower":
         dataset = FindingMapDataset(recipe.sources, processor, model.config.image_grid, recipe.seed, recipe.strict)
         return FindingMapModel(model), dataset, collate_finding_maps
     dataset = ConversationDataset(recipe.sources, processor, recipe.max_length, recipe.seed, recipe.strict)
+    return trained_parts(recipe, model), dataset, ConversationCollator(processor.tokenizer.pad_token_id)
+
+
+def trained_parts(recipe: Recipe, model):
+    """The model with what the pretrain or finetune stage trains set trainable: the stage's parts, or
+    LoRA adapters in place of the LM's weights."""
     train_language_model = False if recipe.quantized else recipe.train_language_model  # adapters only
     model.set_trainable(recipe.stage, recipe.train_vision_tower, train_language_model)
     if recipe.lora is not None:
         model = apply_lora(model, recipe.lora, recipe.train_vision_tower)
-    return model, dataset, ConversationCollator(processor.tokenizer.pad_token_id)
+    return model
 
 
 def train(recipe: Recipe, resume: bool | str = False) -> Path:
@@ -276,9 +290,7 @@ def train(recipe: Recipe, resume: bool | str = False) -> Path:
     if not len(dataset):
         files = ", ".join(str(s.path) for s in recipe.sources)
         raise ValueError(f"no usable record in {files} (skipped: {skipped_text(dataset)})")
-    for parameter in trained.parameters():  # the optimizer updates float32 master weights; bf16 is for compute
-        if parameter.requires_grad and parameter.dtype != torch.float32:
-            parameter.data = parameter.data.float()
+    float32_master_weights(trained)
     trainable, total = count_parameters(trained)
     if args.process_index == 0:
         print(
