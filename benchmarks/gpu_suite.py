@@ -1,9 +1,10 @@
 """One GPU, one run, well under ten minutes: the device's ceilings, the S2 encoder and greedy decoding at
 the real sizes (SigLIP-so400m at 384/768/1152 px, Llama-3-8B; random weights, bf16), a SLAKE-shaped
-evaluation with the whole model, and the peak memory of inference and of a LoRA and a QLoRA finetune
-step. Every fast path is checked against its reference (max abs diff of features, identical greedy tokens
-or answers) before it is timed. Prints its table last; `--json` writes the figures. Installs nothing;
-LoRA needs peft and QLoRA bitsandbytes, each skipped with a note where missing.
+evaluation with the whole model, the peak memory of inference, and one step of the single-GPU LoRA
+finetune recipe on the whole model (HF's loss, ours, and QLoRA). Every fast path is checked against its
+reference (max abs diff of features, identical greedy tokens or answers, the same loss and gradients)
+before it is timed. Prints its table last; `--json` writes the figures. Installs nothing; the finetune
+step needs peft, and its QLoRA arm bitsandbytes (skipped with a note where missing).
 
     python benchmarks/gpu_suite.py --json gpu_figures.json     # one GPU
     python benchmarks/gpu_suite.py --tiny                      # small shapes on any device: a smoke run
@@ -13,33 +14,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 
 import torch
+import train_memory
 from encoder_throughput import SIZES, rate, reference_encode
 from eval_throughput import compare, phantom_questions, random_model
 from transformers import AutoConfig, AutoModel, LlamaConfig, LlamaForCausalLM
 
+from llama3med import Llama3MedConfig
+from llama3med.config import LLAMA3_8B
 from llama3med.generation import GreedyDecoder
 from llama3med.model.multiscale import encode_multiscale
 from llama3med.model.vision_tower import VisionTower
-from llama3med.train.trainer import LORA_TARGETS
+from llama3med.train.recipe import load_recipe
 
-LLAMA3_8B = dict(
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    vocab_size=128256,
-    max_position_embeddings=8192,
-    rope_theta=500000.0,
-)
 TINY_LLAMA = dict(
     hidden_size=64,
     intermediate_size=128,
@@ -51,6 +43,12 @@ TINY_LLAMA = dict(
 )
 TINY_SIGLIP = dict(
     image_size=32, patch_size=8, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4
+)
+TINY_MODEL = Llama3MedConfig(
+    vision_config=dict(model_type="siglip_vision_model", **TINY_SIGLIP),
+    text_config=dict(model_type="llama", **TINY_LLAMA),
+    scales=[32, 64, 96],
+    image_token_id=TINY_LLAMA["vocab_size"] - 1,
 )
 
 
@@ -205,68 +203,75 @@ def decoding(dev: Device, tiny: bool, model: LlamaForCausalLM, copy_tb_per_s: fl
     return {"paths": rows, "identical_tokens": identical, "batch1_floor_tokens_per_s": copy_tb_per_s * 1e12 / weights}
 
 
-def memory(dev: Device, tiny: bool, model: LlamaForCausalLM) -> dict:
-    """Peak memory of batch-16 greedy decoding, and of one LoRA and one QLoRA training step at the
-    finetune recipe's sequence length with gradient checkpointing (the 8B stage must fit one 80 GB GPU).
-    The QLoRA step turns `model` into a 4-bit one: run it last."""
-    figures = {}
+def inference_memory(dev: Device, tiny: bool, model: LlamaForCausalLM) -> dict:
+    """Peak memory of batch-16 greedy decoding."""
     dev.reset_peak()
     prompt = torch.randint(10, model.config.vocab_size, (16, 32), device=dev.torch)
     with torch.inference_mode():
         model.generate(
             prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8 if tiny else 64, do_sample=False
         )
-    figures["inference_batch16_peak_gib"] = dev.peak_gib()
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        figures["lora_step"] = figures["qlora_step"] = "skipped: peft is not installed"
-        return figures
-    length = 64 if tiny else 4096
-    lora = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=list(LORA_TARGETS)))
-    figures["lora_step"] = adapter_step(dev, lora, length)
+    return {"inference_batch16_peak_gib": dev.peak_gib()}
+
+
+def finetune(dev: Device, tiny: bool) -> dict:
+    """One step of `recipes/llama3med-8b/finetune_lora.yaml` at its batch and length, on the whole model
+    (SigLIP-so400m at 384/768/1152 px, Llama-3-8B; random weights): with HF's causal-LM loss over every
+    position's logits, with Llama3-Med's loss, and as QLoRA (the LM's linear layers in NF4) with ours.
+    Each arm gets a fresh model, so that no arm's optimizer state counts in another's peak; the peak
+    includes the weights, which is what must fit one 80 GB GPU."""
+    recipe, qlora = load_recipe(train_memory.RECIPE), load_recipe(train_memory.RECIPE, ["lora.bits=4"])
+    config = TINY_MODEL if tiny else train_memory.SIZES["8b"]
+    batch, length = recipe.training["per_device_train_batch_size"], 128 if tiny else recipe.max_length
+    inputs = train_memory.finetune_batch(config, batch, length, dev.torch)
+    autocast = dev.cuda and bool(recipe.training.get("bf16"))
+    arms = {"HF causal-LM loss (every position's logits)": (True, False), "Llama3-Med's loss": (False, False)}
     try:
         import bitsandbytes  # noqa: F401
+
+        arms["Llama3-Med's loss, QLoRA (NF4 LM)"] = (False, True)
     except ImportError:
-        figures["qlora_step"] = "skipped: bitsandbytes is not installed"
-        return figures
-    base = lora.unload().eval()
-    probe = torch.randint(10, model.config.vocab_size, (1, 32), device=dev.torch)
-    with torch.inference_mode():
-        reference = base(probe).logits.float()
-        quantize_nf4(base)
-        drift = ((base(probe).logits.float() - reference).norm() / reference.norm()).item()
-    qlora = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=list(LORA_TARGETS)))
-    figures["qlora_step"] = {**adapter_step(dev, qlora, length), "nf4_logits_relative_diff": drift}
-    return figures
-
-
-def adapter_step(dev: Device, model, length: int) -> dict:
-    """Time and peak memory of one forward and backward pass of an adapter-wrapped LM over `length`
-    random tokens, with gradient checkpointing and bf16 autocast on a GPU."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
-    model.train()
-    ids = torch.randint(10, model.config.vocab_size, (1, length), device=dev.torch)
-    dev.reset_peak()
-    start = time.perf_counter()
-    with torch.autocast(dev.torch.type, dtype=torch.bfloat16, enabled=dev.cuda):
-        loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    dev.sync()
-    return {
+        pass
+    rows = {}
+    for name, (reference, quantized) in arms.items():
+        model = train_memory.random_model(config, train_memory.recipe_dtype(recipe, dev.torch), dev.torch)
+        extra = {}
+        if quantized:
+            extra["nf4_logits_relative_diff"] = quantize_nf4(model.language_model)
+        model = train_memory.prepare_finetune(model, qlora if quantized else recipe)
+        step = train_memory.finetune_step(model, inputs, reference, autocast)
+        rows[name] = {
+            "loss": step["loss"],
+            "seconds": step["seconds"],
+            "peak_gib": dev.peak_gib(),
+            "grads": step["grads"],
+            **extra,
+        }
+        del model, step
+        dev.reset_peak()
+    ours, reference = rows["Llama3-Med's loss"], rows["HF causal-LM loss (every position's logits)"]
+    figures = {
+        "recipe": train_memory.RECIPE.name,
+        "batch": batch,
         "sequence_length": length,
-        "seconds": time.perf_counter() - start,
-        "peak_gib": dev.peak_gib(),
-        "loss_is_finite": math.isfinite(loss.item()),
+        "lora": recipe.lora,
+        **train_memory.agreement(ours, reference),
+        "qlora": "ran" if len(arms) == 3 else "skipped: bitsandbytes is not installed",
     }
+    for row in rows.values():
+        row.pop("grads")
+    return {**figures, "arms": rows}
 
 
-def quantize_nf4(model: LlamaForCausalLM) -> None:
+def quantize_nf4(model: LlamaForCausalLM) -> float:
     """QLoRA's storage, in place: the decoder's linear layers become bitsandbytes NF4 ones (double
-    quantization, bf16 compute) holding the same weights; embeddings and the LM head stay as they are."""
+    quantization, bf16 compute) holding the same weights; embeddings and the LM head stay as they are.
+    Returns how far the logits of a probe moved (relative norm)."""
     import bitsandbytes as bnb
 
+    probe = torch.randint(10, model.config.vocab_size, (1, 32), device=model.device)
+    with torch.inference_mode():
+        reference = model(probe).logits.float()
     for layer in model.model.layers:
         for block in (layer.self_attn, layer.mlp):
             for name, linear in list(block.named_children()):
@@ -280,6 +285,8 @@ def quantize_nf4(model: LlamaForCausalLM) -> None:
                     setattr(block, name, quantized.to(linear.weight.device))
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the bf16 weights just dropped
+    with torch.inference_mode():
+        return ((model(probe).logits.float() - reference).norm() / reference.norm()).item()
 
 
 def table_lines(name: str, section: dict) -> list[str]:
@@ -310,11 +317,18 @@ def table_lines(name: str, section: dict) -> list[str]:
             )
         return lines
     if name == "memory":
-        return [
-            f"peak memory, decoding batch 16: {section['inference_batch16_peak_gib']} GiB",
-            f"LoRA step: {section['lora_step']}",
-            f"QLoRA step (NF4 LM): {section['qlora_step']}",
+        return [f"peak memory, decoding batch 16: {section['inference_batch16_peak_gib']} GiB"]
+    if name == "finetune":
+        lines = [
+            f"finetune step ({section['recipe']}: LoRA r {section['lora']['r']}, batch {section['batch']} x "
+            f"{section['sequence_length']} tokens, gradient checkpointing); loss relative diff "
+            f"{section['loss_relative_diff']:.1e}, gradient norms {section['grad_norms_relative_diff']:.1e}; "
+            f"QLoRA {section['qlora']}"
         ]
+        for arm, row in section["arms"].items():
+            peak = "n/a (CPU)" if row["peak_gib"] is None else f"{row['peak_gib']:.1f} GiB"
+            lines.append(f"  {arm:<46} peak {peak:>10}  {row['seconds']:6.2f} s  loss {row['loss']:.3f}")
+        return lines
     lines = [
         f"SLAKE-shaped evaluation, {section['questions']} questions: one at a time "
         f"{section['reference_questions_per_s']:.2f} q/s, llama3med eval {section['ours_questions_per_s']:.2f} q/s, "
@@ -353,10 +367,11 @@ def main() -> None:
     model = build_llama(dev, args.tiny)
     bandwidth = figures["ceilings"].get("copy_tb_per_s", float("nan"))
     measure("decoding", partial(decoding, dev, args.tiny, model, bandwidth))
-    measure("memory", partial(memory, dev, args.tiny, model))
+    measure("memory", partial(inference_memory, dev, args.tiny, model))
     del model
     measure("evaluation", lambda: evaluation(dev, args.tiny, images=3 if args.tiny else 10))
-    sections = ("ceilings", "encoder", "decoding", "evaluation", "memory")
+    measure("finetune", lambda: finetune(dev, args.tiny))
+    sections = ("ceilings", "encoder", "decoding", "evaluation", "memory", "finetune")
     print(
         "\n".join(
             [f"device: {dev.name}", *(line for name in sections for line in ["", *table_lines(name, figures[name])])]
