@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -317,7 +318,8 @@ def table_lines(name: str, section: dict) -> list[str]:
             )
         return lines
     if name == "memory":
-        return [f"peak memory, decoding batch 16: {section['inference_batch16_peak_gib']} GiB"]
+        peak = section["inference_batch16_peak_gib"]
+        return [f"peak memory, decoding batch 16: {'n/a (CPU)' if peak is None else f'{peak:.1f} GiB'}"]
     if name == "finetune":
         lines = [
             f"finetune step ({section['recipe']}: LoRA r {section['lora']['r']}, batch {section['batch']} x "
@@ -352,11 +354,16 @@ def main() -> None:
     figures = {"device": dev.name, "torch": torch.__version__, "tiny": args.tiny}
 
     def measure(name: str, fn: Callable[[], dict]) -> None:
-        """One section; a failure is recorded and the run goes on, so one error costs no other figure."""
+        """One section; a failure is recorded and the run goes on, so one error costs no other figure.
+        Its lines are printed and the JSON written as soon as it ends, so a run cut off at its time
+        limit keeps every section it finished."""
+        start = time.perf_counter()
         try:
             figures[name] = fn()
         except Exception as err:  # noqa: BLE001 - reported in the table and the JSON
             figures[name] = {"error": f"{type(err).__name__}: {err}"}
+        figures[name]["section_seconds"] = time.perf_counter() - start
+        print(f"[{name}: {figures[name]['section_seconds']:.0f} s]", *table_lines(name, figures[name]), sep="\n")
         if args.json:
             with open(args.json, "w") as handle:
                 json.dump(figures, handle, indent=1)
@@ -369,8 +376,8 @@ def main() -> None:
     measure("decoding", partial(decoding, dev, args.tiny, model, bandwidth))
     measure("memory", partial(inference_memory, dev, args.tiny, model))
     del model
-    measure("evaluation", lambda: evaluation(dev, args.tiny, images=3 if args.tiny else 10))
     measure("finetune", lambda: finetune(dev, args.tiny))
+    measure("evaluation", lambda: evaluation(dev, args.tiny, images=3 if args.tiny else 10))  # compiles most: last
     sections = ("ceilings", "encoder", "decoding", "evaluation", "memory", "finetune")
     print(
         "\n".join(
