@@ -1,8 +1,8 @@
 """Peak memory and time of one finetune step: Llama3-Med's loss against HF's causal-LM loss, in one run.
 
 Reference: HF's loss (`ForCausalLMLoss`) over the logits of every position, image and prompt included.
-Ours: the model's own loss with labels, the LM head run only where the batch predicts a label. Both
-steps are `recipes/llama3med-8b/finetune_lora.yaml`'s: LoRA adapters on the LM and the projector train
+Ours: the model's own loss with labels, the LM head run on the labelled positions alone, a chunk at a
+time and recomputed in the backward pass. Both steps are `recipes/llama3med-8b/finetune_lora.yaml`'s: LoRA adapters on the LM and the projector train
 in float32 master weights, the frozen weights are in the recipe's dtype (float32 on a CPU), gradient
 checkpointing, the recipe's length, an AdamW step; bf16 autocast on a GPU. Each row of the batch is a
 prompt, 729 image tokens, then turns of 16 question and 48 answer tokens up to the length, the answers

@@ -5,6 +5,7 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from llama3med import Llama3MedConfig, Llama3MedForConditionalGeneration
+from llama3med.model import modeling_llama3med
 
 
 def inputs_for(config, batch=2, text_before=3, text_after=5, seed=0):
@@ -35,29 +36,58 @@ def test_shapes_derive_from_the_config(tiny_config, model):
     assert out.logits.shape == (*input_ids.shape, tiny_config.text_config.vocab_size)
 
 
-def test_the_training_loss_is_the_lms_with_its_head_run_only_where_the_batch_predicts_a_label(tiny_config, model):
-    input_ids, pixel_values = inputs_for(tiny_config, batch=3, text_before=4, text_after=9)
-    labels = torch.full_like(input_ids, -100)  # as encode_conversation labels: answers only, padding -100
+def labelled_batch(config):
+    """Three rows whose labels, as `encode_conversation` gives them, cover 5, 3 and 9 answer tokens."""
+    input_ids, pixel_values = inputs_for(config, batch=3, text_before=4, text_after=9)
+    labels = torch.full_like(input_ids, -100)
     labels[0, -9:-4], labels[1, -3:], labels[2, -9:] = input_ids[0, -9:-4], input_ids[1, -3:], input_ids[2, -9:]
-    positions = (labels[:, 1:] != -100).any(0).nonzero().squeeze(1)  # where some row predicts a label
+    return input_ids, pixel_values, labels
+
+
+def loss_and_grads(model, forward):
+    loss = forward().loss
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    return loss, grads
+
+
+@pytest.mark.parametrize("num_items", [None, 40])
+def test_the_training_loss_is_the_lms_with_its_head_run_on_labelled_positions_in_chunks(
+    tiny_config, model, monkeypatch, num_items
+):
+    input_ids, pixel_values, labels = labelled_batch(tiny_config)
+    kwargs = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+    monkeypatch.setattr(modeling_llama3med, "LOSS_CHUNK", 5)
     rows = []
     model.language_model.lm_head.register_forward_hook(lambda m, x, y: rows.append(x[0].shape[:-1].numel()))
     model.train()
-    for num_items in (None, torch.tensor(40)):
-        kwargs = {} if num_items is None else {"num_items_in_batch": num_items}
-        ours = model(input_ids=input_ids, pixel_values=pixel_values, labels=labels, **kwargs)
-        ours.loss.backward()
-        ours_grads = [p.grad.clone() for p in model.parameters()]
-        model.zero_grad()
+    inputs = dict(input_ids=input_ids, pixel_values=pixel_values, labels=labels, **kwargs)
+    ours, ours_grads = loss_and_grads(model, lambda: model(**inputs))
+    assert rows == [5, 5, 5, 2] + [2, 5, 5, 5]  # 17 labelled positions of 3 x 29 in chunks, again backwards
+
+    def hf_loss():  # the LM's own loss, over every position's logits
         embeds = model.embed_inputs(input_ids, model.encode_images(pixel_values))
-        hf = model.language_model(inputs_embeds=embeds, labels=labels, **kwargs)  # every position's logits
-        hf.loss.backward()
-        torch.testing.assert_close(ours.loss, hf.loss)
-        torch.testing.assert_close(ours.logits, hf.logits[:, positions])
-        for ours_grad, parameter in zip(ours_grads, model.parameters(), strict=True):
-            torch.testing.assert_close(ours_grad, parameter.grad)
-        model.zero_grad()
-        assert rows[-2:] == [3 * 9, input_ids.numel()]  # 3 rows x the last 9 positions' union, not 3 x 29
+        return model.language_model(inputs_embeds=embeds, labels=labels, **kwargs)
+
+    hf, hf_grads = loss_and_grads(model, hf_loss)
+    torch.testing.assert_close(ours, hf)
+    for ours_grad, hf_grad in zip(ours_grads, hf_grads, strict=True):
+        torch.testing.assert_close(ours_grad, hf_grad)
+
+
+def test_an_lm_with_capped_logits_keeps_its_own_loss(tiny_config):
+    text = {**tiny_config.text_config.to_dict(), "model_type": "gemma2", "final_logit_softcapping": 3.0}
+    config = Llama3MedConfig(**{**tiny_config.to_dict(), "text_config": text})
+    torch.manual_seed(0)
+    model = Llama3MedForConditionalGeneration(config).train()
+    input_ids, pixel_values, labels = labelled_batch(config)
+    ours = model(input_ids=input_ids, pixel_values=pixel_values, labels=labels)
+    hf = model.language_model(
+        inputs_embeds=model.embed_inputs(input_ids, model.encode_images(pixel_values)), labels=labels
+    )
+    torch.testing.assert_close(ours.loss, hf.loss)
+    assert ours.logits.abs().max() <= 3.0  # capped: the head alone would not give these
 
 
 def test_image_features_land_on_the_image_tokens(tiny_config, model):

@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -24,6 +25,16 @@ from .projector import MultiModalProjector
 from .vision_tower import VisionTower
 
 Stage = Literal["pretrain", "finetune"]
+
+# Causal LM families whose logits are their head applied to the last hidden state, with no scaling or
+# capping after it, so that the training loss may run the head on the labelled positions alone.
+PLAIN_HEAD_LMS = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+LOSS_CHUNK = 1024  # labelled positions per head call in training: ~1.5 GB of logits and grads at 128k words
+
+
+def summed_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy of `(N, D)` hidden states against `(N,)` targets, in float32."""
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
 class Llama3MedPreTrainedModel(PreTrainedModel):
@@ -102,18 +113,19 @@ class Llama3MedForConditionalGeneration(Llama3MedPreTrainedModel, GenerationMixi
         `logits_to_keep=N` computes the LM head on the last N positions only (0: all), as `generate` asks
         in the prefill: the image's hundreds of positions times a 128k vocabulary are never read.
 
-        With `labels` (and no `logits_to_keep`), the loss is the LM's (mean next-token cross-entropy, or
-        its sum over `num_items_in_batch` as the Trainer asks), but the LM head runs only on the positions
-        where some row of the batch predicts a label, and `logits` holds those K positions alone,
-        `(B, K, vocab)`. In training most positions are image and prompt tokens, and at Llama-3's
-        vocabulary each position's float32 logits and their gradient take about 1 MB. Without labels,
-        every position's logits come back."""
+        With `labels` (and no `logits_to_keep`), an LM whose logits are its head on its last hidden state
+        (`PLAIN_HEAD_LMS`, Llama-3 among them) skips the head where no label is predicted: the image's
+        729 positions and the prompt, most of a training sample, each of whose float32 logits and their
+        gradient take about 1 MB at Llama-3's vocabulary. The loss is the LM's (mean next-token
+        cross-entropy, or its sum over `num_items_in_batch` as the Trainer asks); the output carries
+        no logits. Other LMs compute their own loss over every position's logits."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
             image_features = self.encode_images(pixel_values) if pixel_values is not None else None
             inputs_embeds = self.embed_inputs(input_ids, image_features)
-        if labels is None or not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+        plain_loss = isinstance(logits_to_keep, int) and logits_to_keep == 0
+        if labels is None or not plain_loss or self.config.text_config.model_type not in PLAIN_HEAD_LMS:
             return self.language_model(
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
@@ -133,23 +145,20 @@ class Llama3MedForConditionalGeneration(Llama3MedPreTrainedModel, GenerationMixi
         num_items_in_batch: torch.Tensor | int | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """The LM's causal loss with the LM head only where a row of the `(B, T)` batch has a label to
-        predict (positions shared by the batch: an index the LM's `logits_to_keep` takes)."""
+        """The causal loss from the LM's last hidden state, with its head on the N labelled positions
+        only, `LOSS_CHUNK` rows at a time and recomputed in the backward pass: a chunk's logits are the
+        only ones alive at once."""
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).to(inputs_embeds.device)  # t predicts t + 1
-        positions = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)  # (K,)
-        output = self.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            logits_to_keep=positions,
-            **kwargs,
-        )
-        reduction = "mean" if num_items_in_batch is None else "sum"
-        logits = output.logits.float().flatten(0, 1)  # (B * K, vocab)
-        loss = F.cross_entropy(logits, targets[:, positions].flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
-        if num_items_in_batch is not None:
-            loss = loss / num_items_in_batch
-        return CausalLMOutputWithPast(loss=loss, **output)
+        predicts = targets != IGNORE_INDEX  # (B, T)
+        hidden = self.language_model.get_decoder()(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+        ).last_hidden_state  # (B, T, D)
+        head = self.language_model.get_output_embeddings()
+        rows, wanted = hidden[predicts], targets[predicts]  # (N, D), (N,)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for chunk, chunk_targets in zip(rows.split(LOSS_CHUNK), wanted.split(LOSS_CHUNK), strict=True):
+            total = total + checkpoint(summed_cross_entropy, head, chunk, chunk_targets, use_reentrant=False)
+        return CausalLMOutputWithPast(loss=total / (len(wanted) if num_items_in_batch is None else num_items_in_batch))
 
     @classmethod
     def from_components(
