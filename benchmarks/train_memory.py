@@ -2,13 +2,13 @@
 
 Reference: HF's loss (`ForCausalLMLoss`) over the logits of every position, image and prompt included.
 Ours: the model's own loss with labels, the LM head run on the labelled positions alone, a chunk at a
-time and recomputed in the backward pass. Both steps are `recipes/llama3med-8b/finetune_lora.yaml`'s: LoRA adapters on the LM and the projector train
-in float32 master weights, the frozen weights are in the recipe's dtype (float32 on a CPU), gradient
-checkpointing, the recipe's length, an AdamW step; bf16 autocast on a GPU. Each row of the batch is a
-prompt, 729 image tokens, then turns of 16 question and 48 answer tokens up to the length, the answers
-labelled: most of the text, so the saving shown is at the low end of what conversations give. Each arm
-runs in its own process, so that neither's peak hides the other's; their losses and gradients are
-compared before the table is printed.
+time and recomputed in the backward pass. Both steps are `recipes/llama3med-8b/finetune_lora.yaml`'s:
+LoRA adapters on the LM and the projector train in float32 master weights, the frozen weights are in
+the recipe's dtype (float32 on a CPU), gradient checkpointing, the recipe's length, an AdamW step; bf16
+autocast on a GPU. Each row of the batch is a prompt, 729 image tokens, then turns of 16 question and 48
+answer tokens up to the length, the answers labelled: most of the text, so the saving shown is at the
+low end of what conversations give. Each arm runs in its own process, so that neither's peak hides the
+other's; their losses and gradients are compared before the table is printed.
 
     python benchmarks/train_memory.py                    # CPU: small widths at Llama-3's vocabulary, batch 1
     python benchmarks/train_memory.py --size 8b          # GPU: SigLIP-so400m + Llama-3-8B, the recipe's batch
@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from eval_throughput import PAPER_LAYOUT_VISION
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from llama3med import Llama3MedConfig, Llama3MedForConditionalGeneration
@@ -39,15 +40,7 @@ PROMPT, QUESTION, ANSWER = 24, 16, 48  # tokens: system prompt and question open
 SIZES = {
     # the paper's image layout (729 tokens from 14 tiles of 384 px) and Llama-3's vocabulary at small widths
     "small": Llama3MedConfig(
-        vision_config=dict(
-            model_type="siglip_vision_model",
-            image_size=384,
-            patch_size=14,
-            hidden_size=64,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-        ),
+        vision_config=dict(model_type="siglip_vision_model", **PAPER_LAYOUT_VISION),
         text_config=dict(
             LLAMA3_8B,
             hidden_size=256,
