@@ -16,8 +16,7 @@ import argparse
 import json
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -133,21 +132,9 @@ def encoder(dev: Device, tiny: bool, ceiling_tflops: float) -> dict:
     return {"tflop_per_image": flops / 1e12, "max_abs_diff": max_diff, "paths": rows}
 
 
-@contextmanager
-def on_device(dev: Device) -> Iterator[None]:
-    """Build weights directly on the device in its dtype: an 8B model is never materialised on the host."""
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dev.dtype)
-    try:
-        with dev.torch:
-            yield
-    finally:
-        torch.set_default_dtype(default)
-
-
 def build_llama(dev: Device, tiny: bool) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    with on_device(dev):
+    with train_memory.built_on(dev.torch, dev.dtype):
         model = LlamaForCausalLM(LlamaConfig(**(TINY_LLAMA if tiny else LLAMA3_8B)))
     return model.eval()
 
@@ -161,7 +148,7 @@ def evaluation(dev: Device, tiny: bool, images: int) -> dict:
     vision = TINY_SIGLIP if tiny else SIZES["so400m"]
     with tempfile.TemporaryDirectory() as folder:
         records = phantom_questions(folder, images, 3 * vision["image_size"], slake_like=True)
-        with on_device(dev):
+        with train_memory.built_on(dev.torch, dev.dtype):
             model, processor = random_model(vision, TINY_LLAMA if tiny else LLAMA3_8B, records)
         result = compare(model, processor, records, batch_size=16, max_new_tokens=8, compiled=dev.cuda)
     del model

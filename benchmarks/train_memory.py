@@ -22,6 +22,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -30,7 +32,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 
 from llama3med import Llama3MedConfig, Llama3MedForConditionalGeneration
 from llama3med.config import LLAMA3_8B
-from llama3med.inference import best_device
+from llama3med.inference import best_device, peak_memory_gib
 from llama3med.processing import IGNORE_INDEX
 from llama3med.train.recipe import Recipe, load_recipe
 from llama3med.train.trainer import float32_master_weights, trained_parts
@@ -72,16 +74,24 @@ def finetune_batch(config: Llama3MedConfig, batch: int, length: int, device: tor
     return {name: tensor.to(device) for name, tensor in inputs.items()}
 
 
-def random_model(config: Llama3MedConfig, dtype: torch.dtype, device: torch.device):
-    """Random weights built in place on the device in `dtype`: an 8B model is never held twice."""
-    torch.manual_seed(0)
+@contextmanager
+def built_on(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """Modules made inside get their weights directly on `device` in `dtype`: an 8B model is never
+    materialised on the host, nor held twice."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with device:
-            return Llama3MedForConditionalGeneration(config)
+            yield
     finally:
         torch.set_default_dtype(default)
+
+
+def random_model(config: Llama3MedConfig, dtype: torch.dtype, device: torch.device):
+    """Random weights (seed 0) built in place on the device in `dtype`."""
+    torch.manual_seed(0)
+    with built_on(device, dtype):
+        return Llama3MedForConditionalGeneration(config)
 
 
 def recipe_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
@@ -96,15 +106,6 @@ def prepare_finetune(model: Llama3MedForConditionalGeneration, recipe: Recipe):
     if recipe.training.get("gradient_checkpointing"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.train()
-
-
-def peak_gib(device: torch.device) -> float:
-    """The process's peak: allocated tensors on a GPU, resident size elsewhere."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def current_gib(device: torch.device) -> float:
@@ -135,7 +136,7 @@ def finetune_step(model, inputs: dict, reference: bool, autocast: bool) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    peak = peak_gib(device)
+    peak = peak_memory_gib(device)
     return {"loss": loss.item(), "seconds": seconds, "peak_gib": peak, "step_gib": peak - before, "grads": grad_norms}
 
 
@@ -166,7 +167,8 @@ def main() -> None:
     parser.add_argument("--arm", choices=("reference", "ours"), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.length = args.length or load_recipe(RECIPE).max_length
+    recipe = load_recipe(RECIPE)
+    args.length = args.length or recipe.max_length
     if args.batch is None and not torch.cuda.is_available():
         args.batch = 1  # the reference's float32 logits at batch 4 and 4,096 tokens take 25 GB of host memory
     if args.arm:
@@ -182,7 +184,7 @@ def main() -> None:
             subprocess.run(command, check=True)
             figures[arm] = json.loads(out.read_text())
     figures.update(agreement(figures["ours"], figures["reference"]))
-    batch = args.batch or load_recipe(RECIPE).training["per_device_train_batch_size"]
+    batch = args.batch or recipe.training["per_device_train_batch_size"]
     print(f"one finetune step ({RECIPE.name}), batch {batch} x {args.length} tokens, {args.size}, {figures['device']}")
     print(f"{'loss':<44} {'peak GiB':>9} {'step GiB':>9} {'seconds':>8}")
     for arm, name in (("reference", "HF causal-LM loss, logits at every position"), ("ours", "Llama3-Med's loss")):
