@@ -3,11 +3,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._inductor.utils import run_and_get_code
 from transformers import AutoConfig, AutoModel
 
 from conftest import TINY_CLIP, TINY_SIGLIP
 from llama3med.model.multiscale import encode_multiscale, image_pyramid
-from llama3med.model.vision_tower import VisionTower
+from llama3med.model.vision_tower import TanhGelu, VisionTower
 
 PATCH = 8
 BASE = 32
@@ -79,6 +80,17 @@ def test_siglip_tower_stops_at_the_feature_layer_and_matches_hidden_states():
     with torch.no_grad():
         reference = full(pixel_values=tiles, output_hidden_states=True).hidden_states[-2]
         torch.testing.assert_close(tower(tiles), reference, rtol=0, atol=1e-6)
+
+
+def test_the_towers_tanh_gelu_is_pytorchs_and_compiles_for_a_cpu_without_tanh():
+    _, tower = hf_and_truncated_tower(TINY_SIGLIP)
+    assert all(isinstance(layer.mlp.activation_fn, TanhGelu) for layer in tower.vision_model.encoder.layers)
+    x = torch.cat([torch.linspace(-12, 12, 100_001), torch.tensor([-1e30, -1e6, 0.0, 1e6, 1e30])])
+    expected = F.gelu(x, approximate="tanh")
+    assert torch.equal(TanhGelu()(x), expected)  # eager: PyTorch's own kernel
+    compiled, (code,) = run_and_get_code(torch.compile(TanhGelu()), x)
+    torch.testing.assert_close(compiled, expected, rtol=1e-6, atol=1e-6)
+    assert "tanh" not in code and "exp" in code
 
 
 def test_clip_tower_drops_the_cls_token():

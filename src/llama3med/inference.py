@@ -47,8 +47,8 @@ def compile_for_inference(module: torch.nn.Module) -> None:
     lengths and growing caches do not recompile each call.
 
     Weights are frozen into the compiled graphs (inductor's `freezing`: constants folded and, on a CPU,
-    matmul weights prepacked; on the small tower of `benchmarks/encoder_throughput.py` this is the step
-    from 1.3x to 1.5x), so the module must not be trained or changed afterwards. Freezing applies only
+    matmul weights prepacked; what that gains depends on the CPU, see `benchmarks/README.md`), so the
+    module must not be trained or changed afterwards. Freezing applies only
     where gradients are off, as in `answer`, `eval` and `serve`; the flag is process-wide."""
     import torch._inductor.config  # only compiling needs inductor loaded
 

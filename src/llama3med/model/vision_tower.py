@@ -2,18 +2,34 @@
 
 Only the layers up to `vision_feature_layer` are built, so the layers after it are neither computed nor
 kept in memory, and the tower is never asked for all its hidden states. The pooling head and the final
-layer norm, which LLaVA-style models do not read, are dropped too.
+layer norm, which LLaVA-style models do not read, are dropped too. Compiled for a CPU, SigLIP's tanh GELU
+is computed in an equal form without `tanh` (`TanhGelu`).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers.activations import GELUTanh
 
 from ..config import kept_vision_layers
+
+
+class TanhGelu(nn.Module):
+    """SigLIP's activation, the tanh approximation of GELU `0.5 x (1 + tanh(z))`. Compiled for a CPU it
+    is computed as the same function `x * sigmoid(2 z)`: vectorised `tanh` costs about three times `exp`
+    on an AVX2 CPU, where it was a fifth of the compiled tower's time. Uncompiled, that form is several
+    passes over memory instead of PyTorch's one kernel, so eager calls keep the kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cpu and torch.compiler.is_compiling():
+            return x * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x))
+        return F.gelu(x, approximate="tanh")
 
 
 class VisionTower(nn.Module):
@@ -28,6 +44,10 @@ class VisionTower(nn.Module):
         self.vision_model = AutoModel.from_config(truncated)
         # The last hidden state is read before the final norm (as `hidden_states[k]` is).
         self.vision_model.post_layernorm = nn.Identity()
+        for module in list(self.vision_model.modules()):
+            for name, child in module.named_children():
+                if isinstance(child, GELUTanh):
+                    setattr(module, name, TanhGelu())
         self.grid = vision_config.image_size // vision_config.patch_size
 
     @property
