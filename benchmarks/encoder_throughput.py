@@ -114,7 +114,7 @@ def main() -> None:
     paths["ours, torch.compile (--compile)"] = partial(encode_multiscale, compiled)
     if device.type == "cpu":  # the ablation of `TanhGelu`'s sigmoid form, which only a CPU uses
         with_tanh = copy.deepcopy(tower)
-        for mlp in (layer.mlp for layer in with_tanh.vision_model.encoder.layers):
+        for mlp in (block.mlp for block in with_tanh.vision_model.encoder.layers):
             mlp.activation_fn = GELUTanh()
         compile_for_inference(with_tanh)
         paths["ours, torch.compile, PyTorch's tanh GELU kernel"] = partial(encode_multiscale, with_tanh)
