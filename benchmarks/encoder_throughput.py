@@ -4,8 +4,8 @@ Reference (as S2's original wrapper does it): one HF tower call per scale with `
 the feature layer picked from the hidden states. Ours: the tower truncated at the feature layer, every
 tile of every scale in one call, eager and as `--compile` runs it (`torch.compile`, dynamic shapes,
 weights frozen into the graph; its compile time is not counted) and, on a CPU, compiled with PyTorch's
-tanh GELU kernel instead of `TanhGelu`'s sigmoid form (what that form gains). All get the same random weights; the
-features are compared (max abs diff) before anything is timed. The paths are timed in turns, one batch
+tanh GELU kernel instead of `TanhGelu`'s sigmoid form (what that form gains). All get the same random
+weights; the features are compared (max abs diff) before anything is timed. The paths are timed in turns, one batch
 each per round, and each keeps its fastest round: on a shared machine a busy neighbour slows whole
 stretches, and turns put every path under the same stretch.
 

@@ -13,6 +13,7 @@ step needs peft, and its QLoRA arm bitsandbytes (skipped with a note where missi
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import tempfile
 import time
@@ -64,7 +65,7 @@ class Device:
             torch.cuda.synchronize()
 
     def seconds(self, fn: Callable[[], object], repeats: int) -> float:
-        """Mean seconds per call after a warm-up call, timed the way every other benchmark times."""
+        """Mean seconds per call after a warm-up call (`encoder_throughput.rate`)."""
         return 1 / rate(fn, 1, repeats, self.sync)
 
     def reset_peak(self) -> None:
@@ -212,14 +213,11 @@ def finetune(dev: Device, tiny: bool) -> dict:
     config = TINY_MODEL if tiny else train_memory.SIZES["8b"]
     batch, length = recipe.training["per_device_train_batch_size"], 128 if tiny else recipe.max_length
     inputs = train_memory.finetune_batch(config, batch, length, dev.torch)
-    autocast = dev.cuda and bool(recipe.training.get("bf16"))
+    autocast = train_memory.recipe_autocast(recipe, dev.torch)
     arms = {"HF causal-LM loss (every position's logits)": (True, False), "Llama3-Med's loss": (False, False)}
-    try:
-        import bitsandbytes  # noqa: F401
-
+    has_bitsandbytes = importlib.util.find_spec("bitsandbytes") is not None
+    if has_bitsandbytes:
         arms["Llama3-Med's loss, QLoRA (NF4 LM)"] = (False, True)
-    except ImportError:
-        pass
     rows = {}
     for name, (reference, quantized) in arms.items():
         model = train_memory.random_model(config, train_memory.recipe_dtype(recipe, dev.torch), dev.torch)
@@ -244,7 +242,7 @@ def finetune(dev: Device, tiny: bool) -> dict:
         "sequence_length": length,
         "lora": recipe.lora,
         **train_memory.agreement(ours, reference),
-        "qlora": "ran" if len(arms) == 3 else "skipped: bitsandbytes is not installed",
+        "qlora": "ran" if has_bitsandbytes else "skipped: bitsandbytes is not installed",
     }
     for row in rows.values():
         row.pop("grads")

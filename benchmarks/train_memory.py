@@ -99,6 +99,11 @@ def recipe_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
     return getattr(torch, recipe.dtype) if device.type == "cuda" and recipe.dtype != "auto" else torch.float32
 
 
+def recipe_autocast(recipe: Recipe, device: torch.device) -> bool:
+    """Whether the step runs under bf16 autocast: where the recipe asks for bf16 and on a GPU."""
+    return device.type == "cuda" and bool(recipe.training.get("bf16"))
+
+
 def prepare_finetune(model: Llama3MedForConditionalGeneration, recipe: Recipe):
     """The model as `llama3med train` prepares the recipe's stage for its first step."""
     model = trained_parts(recipe, model)
@@ -155,8 +160,7 @@ def run_arm(args: argparse.Namespace) -> dict:
     config = SIZES[args.size]
     model = prepare_finetune(random_model(config, recipe_dtype(recipe, device), device), recipe)
     inputs = finetune_batch(config, args.batch or recipe.training["per_device_train_batch_size"], args.length, device)
-    autocast = device.type == "cuda" and bool(recipe.training.get("bf16"))
-    return finetune_step(model, inputs, args.arm == "reference", autocast)
+    return finetune_step(model, inputs, args.arm == "reference", recipe_autocast(recipe, device))
 
 
 def main() -> None:
