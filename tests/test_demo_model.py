@@ -12,6 +12,7 @@ from llama3med.cli import main
 from llama3med.data.benchmarks import load_llava_med
 from llama3med.data.phantoms import DESCRIBE, WORDINGS, write_phantom_set
 from llama3med.eval import generate_answers, majority_baseline, score
+from llama3med.fp8 import quantize_language_model_fp8
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -57,6 +58,12 @@ def test_ask_runs_the_demo_at_half_precision_with_the_same_answer(dtype, capsys)
     assert capsys.readouterr().out.strip() == "CT"
 
 
+def test_ask_runs_the_demo_with_fp8_matmuls_with_the_same_answer(capsys):
+    question = "How many lesions are visible?"
+    assert main(["ask", "--fp8", "--image", str(EXAMPLES / "phantom_ct_lesion.dcm"), question]) == 0
+    assert capsys.readouterr().out.strip() == "1"
+
+
 def answers_on_unseen_phantoms(tmp_path, n: int, keep) -> tuple[list, dict[str, str]]:
     """The demo's answers to the test questions `keep` selects, on `n` phantoms of a seed training never used."""
     write_phantom_set(tmp_path, n=n, seed=4242, size=384, image_format="dcm")  # training used seed 0
@@ -80,3 +87,15 @@ def test_the_demo_model_passes_the_closed_question_goal_on_unseen_phantoms(tmp_p
     presence = [r for r in records if r.question_type == "presence"]
     presence_accuracy = score(presence, {r.id: answers[r.id] for r in presence})["all"]["closed_accuracy"]
     assert presence_accuracy >= majority_baseline(presence) + 0.15
+
+
+def test_the_demo_answers_unseen_phantoms_in_fp8_as_it_does_in_full_precision(tmp_path):
+    write_phantom_set(tmp_path, n=40, seed=4242, size=384, image_format="dcm")
+    records = load_llava_med(tmp_path / "test.json")
+    model, processor = load(DEMO_MODEL_DIR)
+    full = {r.id: text for r, _, text in generate_answers(model, processor, records, batch_size=50, max_new_tokens=8)}
+    quantize_language_model_fp8(model.language_model)
+    fp8 = {r.id: text for r, _, text in generate_answers(model, processor, records, batch_size=50, max_new_tokens=8)}
+    assert sum(full[k] == fp8[k] for k in full) >= 0.95 * len(records)  # 214 of 214 when written
+    closed = [score(records, answers)["all"]["closed_accuracy"] for answers in (full, fp8)]
+    assert abs(closed[0] - closed[1]) <= 0.02

@@ -60,7 +60,7 @@ def cmd_ask(args: argparse.Namespace) -> None:
     from .processing import load_image
 
     image = load_image(args.image, window=args.window)  # fail on a bad image before loading the model
-    model, processor = _load_for_answering(_model_dir(args.model), best_device(), args.dtype)
+    model, processor = _load_for_answering(_model_dir(args.model), best_device(), args)
     print(
         answer(
             model,
@@ -110,7 +110,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     answers_path = out / "answers.jsonl"
     answered = answered_ids(answers_path)
     pending = [r for r in records if r.id not in answered]
-    model, processor = _load_for_answering(args.model, device, args.dtype)
+    model, processor = _load_for_answering(args.model, device, args)
     if args.compile:
         compile_model(model)
     run(
@@ -131,6 +131,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         baseline = majority_baseline(records)
         report = {"benchmark": args.benchmark, "model": str(args.model), "prompt": args.prompt, "scores": scores}
         report["dtype"] = str(model.dtype).removeprefix("torch.")
+        report["fp8"] = args.fp8  # the LM's linear layers
         report["peak_memory_gib"] = peak_memory_gib(device)  # rank 0's; the GPU's on a GPU
         report["majority_closed_baseline"] = baseline
         report["candidates"] = candidates_source
@@ -257,12 +258,20 @@ def _model_dir(model: str | None):
     return DEMO_MODEL_DIR
 
 
-def _load_for_answering(model_dir, device, dtype_name: str | None):
-    """The model and processor on `device` at the precision `--dtype` names, or the device's default."""
+def _load_for_answering(model_dir, device, args: argparse.Namespace):
+    """The model and processor on `device` at the precision `--dtype` names, or the device's default,
+    the LM's linear layers in fp8 with `--fp8`."""
     from .checkpoints import load
     from .inference import inference_dtype
 
-    return load(model_dir, device, inference_dtype(device, dtype_name))
+    if args.fp8:
+        from .fp8 import check_fp8_device, quantize_language_model_fp8
+
+        check_fp8_device(device)  # before minutes of loading
+    model, processor = load(model_dir, device, inference_dtype(device, args.dtype))
+    if args.fp8:
+        quantize_language_model_fp8(model.language_model)
+    return model, processor
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -274,7 +283,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from .serve import Engine, Settings, create_app
 
     model_dir = _model_dir(args.model)
-    model, processor = _load_for_answering(model_dir, best_device(), args.dtype)
+    model, processor = _load_for_answering(model_dir, best_device(), args)
     if args.compile:
         compile_model(model)
     settings = Settings(
@@ -323,12 +332,18 @@ def _add_compile_option(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_dtype_option(p: argparse.ArgumentParser) -> None:
+def _add_precision_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype",
         choices=["bfloat16", "float16", "float32"],
         default=None,
         help="weights' precision (default: bfloat16 on a GPU, float32 on a CPU)",
+    )
+    p.add_argument(
+        "--fp8",
+        action="store_true",
+        help="the LM's linear layers in fp8, for GPUs of compute capability 8.9+ (e.g. H100): half their "
+        "memory; answers move a little, compare scores",
     )
 
 
@@ -363,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--window", type=_window, default=None, help="DICOM window: CENTRE,WIDTH or a CT preset")
-    _add_dtype_option(p)
+    _add_precision_options(p)
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("train", help="run a training stage from a recipe (tower, pretrain or finetune)")
@@ -397,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive, default=16)
     p.add_argument("--max-new-tokens", type=_positive, default=64)
     p.add_argument("--limit", type=_positive, default=None, help="first N questions only")
-    _add_dtype_option(p)
+    _add_precision_options(p)
     _add_compile_option(p)
     p.add_argument(
         "--compare",
@@ -458,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=_positive, default=512, help="cap on max_tokens")
     p.add_argument("--max-body-mb", type=float, default=20.0)
     p.add_argument("--request-timeout", type=float, default=120.0, help="seconds")
-    _add_dtype_option(p)
+    _add_precision_options(p)
     _add_compile_option(p)
     p.set_defaults(func=cmd_serve)
 
