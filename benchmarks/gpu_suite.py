@@ -157,13 +157,27 @@ def evaluation(dev: Device, tiny: bool, images: int) -> dict:
     return result
 
 
+def decode_length(tiny: bool) -> int:
+    return 8 if tiny else 64
+
+
+def decode_prompt(dev: Device, model: LlamaForCausalLM, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same 32 random prompt tokens per row, and their mask, for every decoding arm at `batch`."""
+    ids = torch.randint(10, model.config.vocab_size, (batch, 32), generator=torch.Generator().manual_seed(batch))
+    return ids.to(dev.torch), torch.ones_like(ids, device=dev.torch)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
 def decoding(dev: Device, tiny: bool, model: LlamaForCausalLM, copy_tb_per_s: float) -> dict:
     """Greedy new tokens/s at batch 1 and 16: HF `generate` (dynamic cache; the issue's table has its
     static-cache + compile figures, whose compiles would take minutes of this run) and our static-cache
     decoder, eager and with its step compiled into a CUDA graph on a GPU; the batch-1 floor reads every
     weight once per token. Compiling our step sets the LM's attention to `sdpa_grouped_decode`, which
     is what HF's SDPA computes eagerly, so `generate`'s path stays as it was."""
-    new_tokens = 8 if tiny else 64
+    new_tokens = decode_length(tiny)
     decoders = {"ours: static-cache decoder": GreedyDecoder(model, model.generation_config)}
     if dev.cuda:
         compiled = GreedyDecoder(model, model.generation_config)
@@ -171,8 +185,7 @@ def decoding(dev: Device, tiny: bool, model: LlamaForCausalLM, copy_tb_per_s: fl
         decoders["ours: static-cache decoder, step compiled (CUDA graph)"] = compiled
     rows, identical = {}, {}
     for batch in (1, 16):
-        ids = torch.randint(10, model.config.vocab_size, (batch, 32), generator=torch.Generator().manual_seed(batch))
-        ids, mask = ids.to(dev.torch), torch.ones_like(ids, device=dev.torch)
+        ids, mask = decode_prompt(dev, model, batch)
         settings = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
         with torch.inference_mode():
             embeds = model.get_input_embeddings()(ids)
@@ -188,8 +201,53 @@ def decoding(dev: Device, tiny: bool, model: LlamaForCausalLM, copy_tb_per_s: fl
         reference = outputs["HF generate, dynamic cache"]
         for name, output in outputs.items():
             identical[f"{name}, batch {batch}"] = bool(torch.equal(output, reference))
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return {"paths": rows, "identical_tokens": identical, "batch1_floor_tokens_per_s": copy_tb_per_s * 1e12 / weights}
+    floor = copy_tb_per_s * 1e12 / weight_bytes(model)
+    return {"paths": rows, "identical_tokens": identical, "batch1_floor_tokens_per_s": floor}
+
+
+def fp8_decoding(dev: Device, tiny: bool, copy_tb_per_s: float, bf16_rates: dict[int, float]) -> dict:
+    """`--fp8`: the LM's linear layers with e4m3 weights and activations (`llama3med.fp8`), decoded by our
+    static-cache decoder, its step compiled into a CUDA graph on a GPU, at batch 1 and 16. Against the
+    same LM in bf16 (the weights `decoding` had): the weights' memory, the batch-1 floor, how far a
+    probe's logits move, and how many greedy tokens match the bf16 decoder's before the first that
+    differs. Random weights give nearly flat logits, where greedy tokens flip at the least change, so
+    the match is a lower bound; on real weights compare benchmark scores (`llama3med eval --fp8`)."""
+    from llama3med.fp8 import quantize_language_model_fp8
+
+    model, new_tokens = build_llama(dev, tiny), decode_length(tiny)
+    probe = torch.randint(10, model.config.vocab_size, (1, 32), device=dev.torch)
+    bf16_bytes, prompts, reference = weight_bytes(model), {}, {}
+    with torch.inference_mode():
+        probe_logits = model(probe).logits.float()
+        for batch in (1, 16):
+            ids, mask = prompts[batch] = decode_prompt(dev, model, batch)
+            embeds = model.get_input_embeddings()(ids)
+            reference[batch] = GreedyDecoder(model, model.generation_config)(embeds, mask, new_tokens, new_tokens)
+    layers = quantize_language_model_fp8(model)
+    if dev.cuda:
+        torch.cuda.empty_cache()  # the bf16 weights just dropped
+    decoder = GreedyDecoder(model, model.generation_config)
+    if dev.cuda:
+        decoder.compile()
+    figures = {"fp8_layers": layers, "weights_gib": {"bf16": bf16_bytes / 2**30, "fp8": weight_bytes(model) / 2**30}}
+    with torch.inference_mode():
+        figures["logits_relative_diff"] = (
+            (model(probe).logits.float() - probe_logits).norm() / probe_logits.norm()
+        ).item()
+        for batch, (ids, mask) in prompts.items():
+            run = partial(decoder, model.get_input_embeddings()(ids), mask, new_tokens, min_new_tokens=new_tokens)
+            tokens = run()
+            same = (tokens == reference[batch]).long().cumprod(dim=1).sum(dim=1).float()  # matching prefix per row
+            rate_fp8 = batch * new_tokens / dev.seconds(run, 1 if tiny else 3)
+            figures[f"batch {batch}"] = {
+                "new_tokens_per_s": rate_fp8,
+                "x_bf16": rate_fp8 / bf16_rates.get(batch, float("nan")),
+                "tokens_before_first_difference": same.mean().item(),
+                "identical_rows": int((same == new_tokens).sum()),
+            }
+    figures["batch1_floor_tokens_per_s"] = copy_tb_per_s * 1e12 / weight_bytes(model)
+    figures["new_tokens"], figures["compiled"] = new_tokens, dev.cuda
+    return figures
 
 
 def inference_memory(dev: Device, tiny: bool, model: LlamaForCausalLM) -> dict:
@@ -275,6 +333,17 @@ def quantize_nf4(model: LlamaForCausalLM) -> float:
         return ((model(probe).logits.float() - reference).norm() / reference.norm()).item()
 
 
+def bf16_decoder_rates(section: dict, dev: Device) -> dict[int, float]:
+    """New tokens/s of the bf16 static-cache decoder as `fp8_decoding` runs its fp8 one (compiled on a GPU)."""
+    name = "ours: static-cache decoder" + (", step compiled (CUDA graph)" if dev.cuda else "")
+    paths = section.get("paths", {})
+    return {
+        batch: paths[f"{name}, batch {batch}"]["new_tokens_per_s"]
+        for batch in (1, 16)
+        if f"{name}, batch {batch}" in paths
+    }
+
+
 def table_lines(name: str, section: dict) -> list[str]:
     """One section of the table; a section that failed shows its error."""
     if "error" in section:
@@ -315,6 +384,22 @@ def table_lines(name: str, section: dict) -> list[str]:
         for arm, row in section["arms"].items():
             peak = "n/a (CPU)" if row["peak_gib"] is None else f"{row['peak_gib']:.1f} GiB"
             lines.append(f"  {arm:<46} peak {peak:>10}  {row['seconds']:6.2f} s  loss {row['loss']:.3f}")
+        return lines
+    if name == "fp8":
+        weights = section["weights_gib"]
+        lines = [
+            f"fp8 LM ({section['fp8_layers']} linear layers): weights "
+            f"{weights['bf16']:.2f} -> {weights['fp8']:.2f} GiB, "
+            f"batch-1 floor {section['batch1_floor_tokens_per_s']:.0f} tokens/s, probe logits relative diff "
+            f"{section['logits_relative_diff']:.1e}; {'compiled' if section['compiled'] else 'eager'} decoder"
+        ]
+        for batch in (1, 16):
+            row = section[f"batch {batch}"]
+            lines.append(
+                f"  batch {batch:<3} {row['new_tokens_per_s']:9.1f} new tokens/s {row['x_bf16']:5.2f}x bf16; "
+                f"tokens before the first difference {row['tokens_before_first_difference']:.1f} of "
+                f"{section['new_tokens']}, identical rows {row['identical_rows']}/{batch}"
+            )
         return lines
     lines = [
         f"SLAKE-shaped evaluation, {section['questions']} questions: one at a time "
@@ -362,8 +447,9 @@ def main() -> None:
     measure("memory", partial(inference_memory, dev, args.tiny, model))
     del model
     measure("finetune", lambda: finetune(dev, args.tiny))
-    measure("evaluation", lambda: evaluation(dev, args.tiny, images=3 if args.tiny else 10))  # compiles most: last
-    sections = ("ceilings", "encoder", "decoding", "evaluation", "memory", "finetune")
+    measure("evaluation", lambda: evaluation(dev, args.tiny, images=3 if args.tiny else 10))  # compiles most
+    measure("fp8", partial(fp8_decoding, dev, args.tiny, bandwidth, bf16_decoder_rates(figures["decoding"], dev)))
+    sections = ("ceilings", "encoder", "decoding", "evaluation", "memory", "finetune", "fp8")
     print(
         "\n".join(
             [f"device: {dev.name}", *(line for name in sections for line in ["", *table_lines(name, figures[name])])]

@@ -28,7 +28,11 @@ def test_the_gpu_suite_runs_its_checks_at_small_shapes(tmp_path):
     assert 0 < qlora["nf4_logits_relative_diff"] < 0.5 and math.isfinite(
         qlora["loss"]
     )  # 4-bit copies of the same weights
-    assert run.stdout.rstrip().splitlines()[-1].lstrip().startswith("Llama3-Med's loss, QLoRA")  # the table comes last
+    fp8 = figures["fp8"]
+    assert fp8["fp8_layers"] == 2 * 7 and fp8["weights_gib"]["fp8"] < fp8["weights_gib"]["bf16"]
+    assert 0 < fp8["logits_relative_diff"] < 0.1
+    assert fp8["batch 16"]["tokens_before_first_difference"] > 0 and fp8["batch 16"]["x_bf16"] > 0
+    assert run.stdout.rstrip().splitlines()[-1].lstrip().startswith("batch 16")  # the table comes last
 
 
 def test_the_training_memory_benchmark_compares_the_losses_in_separate_processes():
