@@ -215,6 +215,19 @@ def test_a_run_resumes_from_the_parts_an_interrupted_sharded_run_left(built_mode
     assert not list((tmp_path / "resumed").glob("answers.part*"))
 
 
+def test_a_run_resumed_with_other_settings_is_refused_before_it_answers(built_model_dir, test_set, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["eval", "--model", str(built_model_dir), "--data", str(test_set), "--out", str(out), "--limit", "2"]
+    assert main([*args, "--max-new-tokens", "2"]) == 0
+    answers = (out / "answers.jsonl").read_text()
+    assert main([*args, "--max-new-tokens", "2", "--prompt", "short", "--fp8"]) == 1
+    error = capsys.readouterr().err
+    assert "its answers were made with other settings (prompt 'plain' -> 'short'; fp8 False -> True)" in error
+    assert (out / "answers.jsonl").read_text() == answers
+    assert main([*args[:-1], "3", "--max-new-tokens", "2"]) == 0  # the same settings resume, here to more questions
+    assert (out / "answers.jsonl").read_text().startswith(answers)
+
+
 def test_a_published_results_file_is_checked_row_by_row(tmp_path):
     published = tmp_path / "published.yaml"
     published.write_text("source: paper\nrows:\n  - {model: m, benchmark: slake, open: high, closed: 1}\n")

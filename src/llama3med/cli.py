@@ -91,8 +91,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .data.benchmarks import load_benchmark
     from .eval import majority_baseline, run, score
     from .eval.report import comparison_rows, format_table, load_published, write_report
-    from .eval.runner import answered_ids, merge_answers, shard_by_image
-    from .inference import best_device, compile_model, peak_memory_gib
+    from .eval.runner import answered_ids, check_run_settings, merge_answers, shard_by_image
+    from .inference import best_device, compile_model, inference_dtype, peak_memory_gib
 
     records = load_benchmark(args.benchmark, args.data, args.split, args.image_root)
     candidates, candidates_source = _candidate_answers(args, args.data, records)
@@ -107,6 +107,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     out = Path(args.out)
+    settings = {
+        "model": _resolved(args.model),
+        "benchmark": args.benchmark,
+        "data": _resolved(args.data),
+        "split": args.split,
+        "prompt": args.prompt,
+        "max_new_tokens": args.max_new_tokens,
+        "dtype": str(inference_dtype(device, args.dtype)).removeprefix("torch."),
+        "fp8": args.fp8,
+    }
+    check_run_settings(out, settings)
     answers_path = out / "answers.jsonl"
     answered = answered_ids(answers_path)
     pending = [r for r in records if r.id not in answered]
@@ -256,6 +267,12 @@ def _model_dir(model: str | None):
         raise ValueError("no --model given and the built-in demo model is not installed")
     print("(demo model trained on synthetic phantoms; a research toy, not for diagnosis)", file=sys.stderr)
     return DEMO_MODEL_DIR
+
+
+def _resolved(path: str) -> str:
+    """An existing path made absolute, so that a run resumed from another folder names it the same;
+    anything else (a hub id) as given."""
+    return str(Path(path).resolve()) if Path(path).exists() else path
 
 
 def _load_for_answering(model_dir, device, args: argparse.Namespace):

@@ -60,6 +60,28 @@ def answered_ids(answers_path: Path) -> set[str]:
     return {qid for path in (answers_path, *answer_parts(answers_path)) for qid in read_answers(path)}
 
 
+def check_run_settings(out: Path, settings: dict[str, object]) -> None:
+    """Keep a resumed run from mixing its answers with another model's, prompt's or precision's: the first
+    run writes `settings.json` in `out`, and a later one with other settings is refused, naming each
+    change, before it answers anything. Fields the saved file lacks (an older version's) are not checked."""
+    path = out / "settings.json"
+    if path.is_file():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        changed = [
+            f"{key} {saved[key]!r} -> {value!r}" for key, value in settings.items() if saved.get(key, value) != value
+        ]
+        if changed:
+            raise ValueError(
+                f"{out}: its answers were made with other settings ({'; '.join(changed)}); "
+                "resume with the same ones or choose another --out"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    temporary = out / f"settings.json.{os.getpid()}.tmp"  # one per process under torchrun
+    temporary.write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+
+
 def shard_by_image(records: Sequence[VQARecord], rank: int, world_size: int) -> list[VQARecord]:
     """Process `rank`'s share: whole images (so each is encoded once), dealt round-robin."""
     images = sorted({r.image_key for r in records})
