@@ -229,7 +229,8 @@ def fp8_decoding(dev: Device, tiny: bool, copy_tb_per_s: float, bf16_rates: dict
     decoder = GreedyDecoder(model, model.generation_config)
     if dev.cuda:
         decoder.compile()
-    figures = {"fp8_layers": layers, "weights_gib": {"bf16": bf16_bytes / 2**30, "fp8": weight_bytes(model) / 2**30}}
+    fp8_bytes = weight_bytes(model)
+    figures = {"fp8_layers": layers, "weights_gib": {"bf16": bf16_bytes / 2**30, "fp8": fp8_bytes / 2**30}}
     with torch.inference_mode():
         figures["logits_relative_diff"] = (
             (model(probe).logits.float() - probe_logits).norm() / probe_logits.norm()
@@ -245,7 +246,7 @@ def fp8_decoding(dev: Device, tiny: bool, copy_tb_per_s: float, bf16_rates: dict
                 "tokens_before_first_difference": same.mean().item(),
                 "identical_rows": int((same == new_tokens).sum()),
             }
-    figures["batch1_floor_tokens_per_s"] = copy_tb_per_s * 1e12 / weight_bytes(model)
+    figures["batch1_floor_tokens_per_s"] = copy_tb_per_s * 1e12 / fp8_bytes
     figures["new_tokens"], figures["compiled"] = new_tokens, dev.cuda
     return figures
 
@@ -336,12 +337,8 @@ def quantize_nf4(model: LlamaForCausalLM) -> float:
 def bf16_decoder_rates(section: dict, dev: Device) -> dict[int, float]:
     """New tokens/s of the bf16 static-cache decoder as `fp8_decoding` runs its fp8 one (compiled on a GPU)."""
     name = "ours: static-cache decoder" + (", step compiled (CUDA graph)" if dev.cuda else "")
-    paths = section.get("paths", {})
-    return {
-        batch: paths[f"{name}, batch {batch}"]["new_tokens_per_s"]
-        for batch in (1, 16)
-        if f"{name}, batch {batch}" in paths
-    }
+    rows = {batch: section.get("paths", {}).get(f"{name}, batch {batch}") for batch in (1, 16)}
+    return {batch: row["new_tokens_per_s"] for batch, row in rows.items() if row is not None}
 
 
 def table_lines(name: str, section: dict) -> list[str]:

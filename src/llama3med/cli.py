@@ -141,8 +141,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         scores = score(records, answers, candidates=candidates)
         baseline = majority_baseline(records)
         report = {"benchmark": args.benchmark, "model": str(args.model), "prompt": args.prompt, "scores": scores}
-        report["dtype"] = str(model.dtype).removeprefix("torch.")
-        report["fp8"] = args.fp8  # the LM's linear layers
+        report["dtype"], report["fp8"] = settings["dtype"], settings["fp8"]  # fp8: the LM's linear layers
         report["peak_memory_gib"] = peak_memory_gib(device)  # rank 0's; the GPU's on a GPU
         report["majority_closed_baseline"] = baseline
         report["candidates"] = candidates_source

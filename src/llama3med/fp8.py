@@ -53,8 +53,8 @@ class Fp8Linear(nn.Module):
 
 def check_fp8_device(device: torch.device) -> None:
     """Refuse a GPU without fp8 tensor cores by name, before any weight is quantized."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        major, minor = torch.cuda.get_device_capability(device)
+    if device.type == "cuda" and (capability := torch.cuda.get_device_capability(device)) < (8, 9):
+        major, minor = capability
         raise ValueError(
             f"--fp8 needs a GPU with fp8 tensor cores (compute capability 8.9 or newer: Ada, Hopper); "
             f"{torch.cuda.get_device_name(device)} has {major}.{minor}"
