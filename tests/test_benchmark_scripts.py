@@ -1,5 +1,5 @@
-"""The GPU benchmark script keeps working where there is no GPU: its small-shape run checks every fast
-path against its reference, as the real run does on one GPU."""
+"""The benchmark scripts keep working: the GPU suite's small-shape run checks every fast path against its
+reference, as the real run does on one GPU, and the CPU scripts compare their paths' results."""
 
 import json
 import math
@@ -42,3 +42,13 @@ def test_the_training_memory_benchmark_compares_the_losses_in_separate_processes
     last = run.stdout.rstrip().splitlines()[-1]
     ratio = float(last.split("memory ")[1].split("x")[0])
     assert ratio > 1.5, last  # 729 image tokens of 800: the head runs on a few dozen positions
+
+
+def test_the_serving_benchmark_answers_the_same_chats_with_and_without_the_image_cache():
+    script = ROOT / "benchmarks" / "serve_turns.py"
+    command = [sys.executable, str(script), "--images", "2", "--turns", "3", "--rounds", "1", "--max-tokens", "4"]
+    run = subprocess.run(command, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.rstrip().splitlines()
+    assert [line.split()[-1] for line in lines[1:3]] == ["6/6", "6/6"]  # identical answers, both paths
+    assert lines[-1].startswith("cache, each round: 4 hits, 2 misses")  # each chat's later turns hit

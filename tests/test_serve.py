@@ -1,6 +1,7 @@
 """`llama3med serve` as clients see it: the official openai client with images (PNG and DICOM), streaming
-exactly like OpenAI, batching of concurrent requests, a bounded queue, disconnects, auth, and a 4xx with
-an OpenAI error for every kind of bad input while the server keeps serving."""
+exactly like OpenAI, batching of concurrent requests, images encoded once while their features are cached, a
+bounded queue, disconnects, auth, and a 4xx with an OpenAI error for every kind of bad input while the server
+keeps serving."""
 
 import asyncio
 import base64
@@ -19,12 +20,15 @@ import numpy as np
 import openai
 import pydicom
 import pytest
+import torch
 import uvicorn
 from PIL import Image
 
 from conftest import write_dicom
 from llama3med.checkpoints import load
+from llama3med.processing import load_image
 from llama3med.serve import Engine, Settings, create_app
+from llama3med.serve.engine import FeatureCache, JobImage
 
 KEY = "test-key"
 
@@ -182,6 +186,74 @@ def test_concurrent_requests_share_forward_passes_and_get_their_own_answers(serv
         together = list(pool.map(one, questions))
     assert together == alone
     assert server.engine.batches - before < len(questions)
+
+
+def count_encoded_images(engine: Engine) -> list[int]:
+    """The number of images of each `encode_images` call the engine makes from now on."""
+    calls, encode = [], engine.model.encode_images
+
+    def counted(pixel_values):
+        calls.append(pixel_values.shape[0])
+        return encode(pixel_values)
+
+    engine.model.encode_images = counted
+    return calls
+
+
+def test_an_image_sent_again_is_answered_from_its_cached_features(server):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    url = data_url(png(77))
+    kept, encoded = server.engine.features, count_encoded_images(server.engine)
+    try:
+
+        def reply(messages):
+            return client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, temperature=0)
+
+        first = reply(ask(url)).choices[0].message.content
+        assert encoded == [1]
+        follow_up = ask(url) + [
+            {"role": "assistant", "content": first},
+            {"role": "user", "content": "What modality is this?"},
+        ]
+        cached = reply(follow_up).choices[0].message.content
+        assert encoded == [1]  # the chat's second turn resends the image; it is not encoded again
+        server.engine.features = FeatureCache(max_bytes=0)  # caching off
+        assert reply(follow_up).choices[0].message.content == cached
+        assert reply(follow_up).choices[0].message.content == cached
+        assert encoded == [1, 1, 1]
+    finally:
+        del server.engine.model.encode_images
+        server.engine.features = kept
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert re.search(r'llama3med_image_cache_lookups_total\{result="hit"\} [1-9]', metrics)
+    assert re.search(r"llama3med_image_cache_bytes [1-9]", metrics)
+
+
+def test_the_feature_cache_keeps_the_most_recently_used_within_its_budget():
+    cache = FeatureCache(max_bytes=2 * 64)
+    a, b, c = (torch.full((4, 4), float(i)) for i in range(3))  # 64 bytes each
+    cache.put("a", a)
+    cache.put("b", b)
+    assert cache.get("a") is a  # a is now the most recently used
+    cache.put("c", c)
+    assert cache.get("b") is None and cache.get("a") is a and cache.get("c") is c
+    assert cache.bytes == 128 and (cache.hits, cache.misses) == (3, 1)
+    cache.put("huge", torch.zeros(8, 8))  # over the whole budget: not kept, nothing evicted
+    assert list(cache.entries) == ["a", "c"]
+
+
+def test_a_file_sent_twice_in_one_batch_is_encoded_once(server):
+    engine = server.engine
+    pixels = engine.processor.preprocess_image(load_image(png(91)))
+    images = [JobImage("twice", pixel_values=pixels), JobImage("twice", pixel_values=pixels)]
+    encoded = count_encoded_images(engine)
+    try:
+        with torch.inference_mode():
+            features = engine._image_features(images, engine.model.device)
+    finally:
+        del engine.model.encode_images
+    assert encoded == [1] and torch.equal(features[0], features[1])
+    assert torch.equal(engine.features.get("twice"), features[0])
 
 
 def test_a_full_queue_answers_429_with_retry_after(built_model_dir):

@@ -311,7 +311,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_tokens=args.max_tokens,
         request_timeout=args.request_timeout,
     )
-    engine = Engine(model, processor, max_batch=args.max_batch, max_queue=args.max_queue)
+    engine = Engine(
+        model,
+        processor,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        feature_cache_bytes=int(args.image_cache_mb * 2**20),
+    )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     print(f"serving {settings.model_id} on http://{args.host}:{args.port} (web page at /, API at /v1)", file=sys.stderr)
     uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, access_log=False, log_level="warning")
@@ -488,6 +494,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=_positive, default=32, help="queued+running requests before 429")
     p.add_argument("--max-tokens", type=_positive, default=512, help="cap on max_tokens")
     p.add_argument("--max-body-mb", type=float, default=20.0)
+    p.add_argument(
+        "--image-cache-mb",
+        type=float,
+        default=512.0,
+        help="memory (on the model's device) for the features of recent images, reused when a file is sent again "
+        "(0: off)",
+    )
     p.add_argument("--request-timeout", type=float, default=120.0, help="seconds")
     _add_precision_options(p)
     _add_compile_option(p)

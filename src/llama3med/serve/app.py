@@ -21,14 +21,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..processing import IMAGE_PLACEHOLDER, ImageLoadError, SampleTooLongError, load_image
 from ..processing.images import CT_WINDOWS
-from .engine import Engine, Job, QueueFull
+from .engine import Engine, FeatureCache, Job, JobImage, QueueFull, image_key
 
 logger = logging.getLogger("llama3med.serve")
 
@@ -131,8 +130,9 @@ def read_image_url(url: str, settings: Settings) -> bytes:
     raise ApiError(400, "image_url must be a data:, file:// or http(s) URL", "image_url")
 
 
-def build_prompt(request: ChatRequest, engine: Engine, settings: Settings) -> tuple[list[int], torch.Tensor | None]:
-    """Token ids (images expanded) and pixel values of a chat; images go before their message's text."""
+def build_prompt(request: ChatRequest, engine: Engine, settings: Settings) -> tuple[list[int], list[JobImage]]:
+    """Token ids (images expanded) and images of a chat; images go before their message's text. An image
+    whose features the engine holds is not decoded again."""
     processor = engine.processor
     messages, images = [], []
     for message in request.messages:
@@ -156,12 +156,16 @@ def build_prompt(request: ChatRequest, engine: Engine, settings: Settings) -> tu
         messages.append({"role": message.role, "content": text})
     if len(images) > settings.max_images:
         raise ApiError(400, f"{len(images)} images sent; this server takes at most {settings.max_images}", "messages")
-    pixels = []
+    job_images = []
     for data in images:
-        try:
-            pixels.append(processor.preprocess_image(load_image(data, max_pixels=settings.max_image_pixels)))
-        except ImageLoadError as err:
-            raise ApiError(400, f"unreadable image: {err.reason}", "image_url") from None
+        key = image_key(data)
+        image = JobImage(key, features=engine.features.get(key))
+        if image.features is None:
+            try:
+                image.pixel_values = processor.preprocess_image(load_image(data, max_pixels=settings.max_image_pixels))
+            except ImageLoadError as err:
+                raise ApiError(400, f"unreadable image: {err.reason}", "image_url") from None
+        job_images.append(image)
     prompt = processor.chat_prompt(messages)
     context = engine.model.config.text_config.max_position_embeddings
     try:
@@ -170,7 +174,7 @@ def build_prompt(request: ChatRequest, engine: Engine, settings: Settings) -> tu
         raise ApiError(
             400, f"the prompt is too long for the model's context: {err}", "messages", "context_length_exceeded"
         ) from None
-    return input_ids, torch.stack(pixels) if pixels else None
+    return input_ids, job_images
 
 
 # ---- metrics -----------------------------------------------------------------------------------------
@@ -190,7 +194,7 @@ class Metrics:
         self.latency_sum += latency
         self.latency_count += 1
 
-    def render(self, queue_depth: int, finished: dict[str, int]) -> str:
+    def render(self, queue_depth: int, finished: dict[str, int], features: FeatureCache) -> str:
         lines = ["# TYPE llama3med_requests_total counter"]
         lines += [f'llama3med_requests_total{{status="{s}"}} {n}' for s, n in sorted(self.requests.items())]
         lines += [
@@ -205,6 +209,11 @@ class Metrics:
             f"llama3med_queue_depth {queue_depth}",
             "# TYPE llama3med_finished_total counter",
             *(f'llama3med_finished_total{{reason="{r}"}} {n}' for r, n in sorted(finished.items())),
+            "# TYPE llama3med_image_cache_lookups_total counter",
+            f'llama3med_image_cache_lookups_total{{result="hit"}} {features.hits}',
+            f'llama3med_image_cache_lookups_total{{result="miss"}} {features.misses}',
+            "# TYPE llama3med_image_cache_bytes gauge",
+            f"llama3med_image_cache_bytes {features.bytes}",
         ]
         return "\n".join(lines) + "\n"
 
@@ -264,7 +273,7 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus():
-        text = metrics.render(engine.queue_depth, engine.finished)
+        text = metrics.render(engine.queue_depth, engine.finished, engine.features)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
@@ -314,11 +323,11 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
                 "model",
                 "model_not_found",
             )
-        input_ids, pixels = await asyncio.to_thread(build_prompt, chat_request, engine, settings)
+        input_ids, images = await asyncio.to_thread(build_prompt, chat_request, engine, settings)
         stop = [chat_request.stop] if isinstance(chat_request.stop, str) else list(chat_request.stop or [])
         job = Job(
             input_ids=input_ids,
-            pixel_values=pixels,
+            images=images,
             max_new_tokens=min(
                 chat_request.max_completion_tokens or chat_request.max_tokens or settings.max_tokens,
                 settings.max_tokens,

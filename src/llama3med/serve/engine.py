@@ -1,6 +1,7 @@
 """The serving engine: requests that arrive together share one batched decode (the static-cache greedy
-decoder, or `generate` when sampling), each request's images are encoded once, tokens stream back per
-request, and a bounded queue refuses work it cannot take.
+decoder, or `generate` when sampling), images are encoded once and their features kept for the next
+request that sends the same file, tokens stream back per request, and a bounded queue refuses work it
+cannot take.
 
 One generation runs at a time on a worker thread while the next batch gathers. Requests in a batch share
 their sampling settings (greedy, or the same temperature and top-p); each keeps its own token budget,
@@ -11,10 +12,11 @@ that leaves frees its row at the next step.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 
 import torch
@@ -29,10 +31,63 @@ class QueueFull(Exception):
     """The engine holds as many requests as it may; the client should retry later."""
 
 
+def image_key(data: bytes) -> str:
+    """What identifies an image file for the feature cache: a digest of its bytes."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+class FeatureCache:
+    """Projected features of the images seen last, by `image_key`, within a budget of bytes (least
+    recently used first out).
+
+    A chat client resends its image with every turn, and colleagues ask about the same scan: a hit skips
+    decoding the file, resizing it to every scale and the tower's passes over all its tiles. Features stay
+    where the model computed them (the GPU) and in memory only.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.bytes = self.hits = self.misses = 0
+        self.lock = threading.Lock()  # requests look up on their threads while the engine stores
+
+    def get(self, key: str) -> torch.Tensor | None:
+        with self.lock:
+            features = self.entries.get(key)
+            if features is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+            self.entries.move_to_end(key)
+            return features
+
+    def put(self, key: str, features: torch.Tensor) -> None:
+        size = features.numel() * features.element_size()
+        if size > self.max_bytes:
+            return
+        with self.lock:
+            if key in self.entries:
+                return
+            self.entries[key] = features
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, old = self.entries.popitem(last=False)
+                self.bytes -= old.numel() * old.element_size()
+
+
+@dataclass
+class JobImage:
+    """One image of a request: its pixels still to encode, or the features the cache held for it."""
+
+    key: str
+    pixel_values: torch.Tensor | None = None  # (3, H, W)
+    features: torch.Tensor | None = None  # (num_image_tokens, text_hidden)
+
+
 @dataclass
 class Job:
     input_ids: list[int]
-    pixel_values: torch.Tensor | None  # (images, 3, H, W) or None
+    images: list[JobImage]  # in the order of the prompt's <image> tokens
     max_new_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
@@ -123,8 +178,10 @@ class Engine:
         max_batch: int = 8,
         max_queue: int = 32,
         batch_window: float = 0.01,
+        feature_cache_bytes: int = 512 * 2**20,
     ):
         self.model, self.processor = model, processor
+        self.features = FeatureCache(feature_cache_bytes)
         self.max_batch, self.max_queue, self.batch_window = max_batch, max_queue, batch_window
         self.pending: deque[Job] = deque()
         self.running = 0
@@ -193,8 +250,7 @@ class Engine:
         with self.lock:
             self.batches += 1
             device = self.model.device
-            images = [job.pixel_values for job in jobs if job.pixel_values is not None]
-            features = self.model.encode_images(torch.cat(images).to(device)) if images else None
+            features = self._image_features([image for job in jobs for image in job.images], device)
             input_ids, attention_mask = pad_sequences(
                 [job.input_ids for job in jobs], self.processor.tokenizer.pad_token_id, "left"
             )
@@ -224,3 +280,16 @@ class Engine:
                 )
             for job in jobs:
                 job.finish_reason = job.finish_reason or "length"
+
+    def _image_features(self, images: list[JobImage], device: torch.device) -> torch.Tensor | None:
+        """`(len(images), num_image_tokens, text_hidden)`: the images not cached are encoded in one call
+        (a file sent twice in the batch, once) and cached."""
+        if not images:
+            return None
+        todo = {image.key: image.pixel_values for image in images if image.features is None}
+        if todo:
+            encoded = self.model.encode_images(torch.stack(list(todo.values())).to(device))
+            for key, features in zip(todo, encoded, strict=True):
+                self.features.put(key, features.clone())  # its own storage, not a view of the batch
+                todo[key] = features
+        return torch.stack([image.features if image.features is not None else todo[image.key] for image in images])
