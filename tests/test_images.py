@@ -73,6 +73,41 @@ def test_pydicoms_real_ct_and_mr_slices_load():
         assert np.asarray(image).std() > 10  # real anatomy, not a blank frame
 
 
+def transcode(source: str, out, syntax: str):
+    """`source` rewritten in a compressed transfer syntax by GDCM, as a PACS export would hold it."""
+    import gdcm
+
+    reader = gdcm.ImageReader()
+    reader.SetFileName(source)
+    assert reader.Read()
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, syntax)))
+    change.SetInput(reader.GetImage())
+    assert change.Change()
+    writer = gdcm.ImageWriter()
+    writer.SetFileName(str(out))
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    assert writer.Write()
+    return out
+
+
+@pytest.mark.parametrize("syntax", ["JPEGLosslessProcess14_1", "JPEGLSLossless", "JPEG2000Lossless", "RLELossless"])
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm"])
+def test_compressed_dicom_loads_as_the_same_image(tmp_path, name, syntax):
+    source = pydicom.data.get_testdata_file(name)
+    compressed = transcode(source, tmp_path / name, syntax)
+    assert pydicom.dcmread(compressed).file_meta.TransferSyntaxUID.is_compressed
+    np.testing.assert_array_equal(np.asarray(load_image(compressed)), np.asarray(load_image(source)))
+
+
+def test_dicom_pixel_data_no_decoder_can_read_is_named_by_its_encoding_on_one_line():
+    twelve_bit_lossy_jpeg = pydicom.data.get_testdata_file("JPGExtended.dcm")  # ships with pydicom
+    with pytest.raises(ImageLoadError, match=r"cannot decode the DICOM pixel data \(JPEG Extended") as caught:
+        load_image(twelve_bit_lossy_jpeg)
+    assert "\n" not in str(caught.value) and "12-bit" in str(caught.value)
+
+
 def test_dicom_is_recognised_by_content_without_a_suffix(tmp_path):
     path = write_dicom(tmp_path / "scan", np.array([[0, 1000]], dtype=np.uint16))
     assert load_image(path.read_bytes()).size == (2, 1)

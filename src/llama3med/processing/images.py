@@ -150,7 +150,10 @@ def dicom_to_uint8(
     try:
         pixels = ds.pixel_array
     except Exception as err:  # pydicom raises many types for broken or unsupported pixel data
-        raise ImageLoadError(source, f"cannot decode the DICOM pixel data ({err})") from None
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        encoding = f" ({syntax.name})" if syntax is not None else ""
+        reason = " ".join(str(err).split())  # pydicom lists each decoder's reason on a line of its own
+        raise ImageLoadError(source, f"cannot decode the DICOM pixel data{encoding}: {reason}") from None
     samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
     if frames > 1:
         index = frames // 2 if frame is None else frame
