@@ -28,7 +28,7 @@ from transformers import AutoConfig, AutoModel, LlamaConfig, LlamaForCausalLM
 
 from llama3med import Llama3MedConfig
 from llama3med.config import LLAMA3_8B
-from llama3med.generation import GreedyDecoder
+from llama3med.generation import StaticCacheDecoder
 from llama3med.model.multiscale import encode_multiscale
 from llama3med.model.vision_tower import VisionTower
 from llama3med.train.recipe import load_recipe
@@ -178,9 +178,9 @@ def decoding(dev: Device, tiny: bool, model: LlamaForCausalLM, copy_tb_per_s: fl
     weight once per token. Compiling our step sets the LM's attention to `sdpa_grouped_decode`, which
     is what HF's SDPA computes eagerly, so `generate`'s path stays as it was."""
     new_tokens = decode_length(tiny)
-    decoders = {"ours: static-cache decoder": GreedyDecoder(model, model.generation_config)}
+    decoders = {"ours: static-cache decoder": StaticCacheDecoder(model, model.generation_config)}
     if dev.cuda:
-        compiled = GreedyDecoder(model, model.generation_config)
+        compiled = StaticCacheDecoder(model, model.generation_config)
         compiled.compile()
         decoders["ours: static-cache decoder, step compiled (CUDA graph)"] = compiled
     rows, identical = {}, {}
@@ -222,11 +222,11 @@ def fp8_decoding(dev: Device, tiny: bool, copy_tb_per_s: float, bf16_rates: dict
         for batch in (1, 16):
             ids, mask = prompts[batch] = decode_prompt(dev, model, batch)
             embeds = model.get_input_embeddings()(ids)
-            reference[batch] = GreedyDecoder(model, model.generation_config)(embeds, mask, new_tokens, new_tokens)
+            reference[batch] = StaticCacheDecoder(model, model.generation_config)(embeds, mask, new_tokens, new_tokens)
     layers = quantize_language_model_fp8(model)
     if dev.cuda:
         torch.cuda.empty_cache()  # the bf16 weights just dropped
-    decoder = GreedyDecoder(model, model.generation_config)
+    decoder = StaticCacheDecoder(model, model.generation_config)
     if dev.cuda:
         decoder.compile()
     fp8_bytes = weight_bytes(model)

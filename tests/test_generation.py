@@ -1,13 +1,13 @@
-"""The static-cache greedy decoder gives HF greedy `generate`'s tokens: left padding, EOS, suppressed tokens,
-`min_new_tokens`, a shared prompt prefix, and its compiled step."""
+"""The static-cache decoder gives HF `generate`'s tokens: greedy with left padding, EOS, suppressed tokens,
+`min_new_tokens`, a shared prompt prefix and its compiled step, and sampled under the same seed."""
 
 import pytest
 import torch
 from transformers import DynamicCache
 
 from llama3med import Llama3MedForConditionalGeneration
-from llama3med.generation import GROUPED_DECODE_SDPA, GreedyDecoder
-from llama3med.inference import compile_model, greedy_decoder
+from llama3med.generation import GROUPED_DECODE_SDPA, Sampling, StaticCacheDecoder
+from llama3med.inference import compile_model, static_cache_decoder
 from llama3med.processing import pad_sequences
 
 
@@ -36,21 +36,20 @@ def prompts(config, lengths=((2, 5), (4, 1), (3, 3)), seed=1):
     return input_ids, attention_mask, pixel_values
 
 
-def hf_greedy(model, input_ids, attention_mask, pixel_values, new_tokens, **settings):
+def hf_generate(model, input_ids, attention_mask, pixel_values, new_tokens, **settings):
     with torch.inference_mode():
         output = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
             pixel_values=pixel_values,
             max_new_tokens=new_tokens,
-            do_sample=False,
-            **settings,
+            **{"do_sample": False, **settings},
         )
     return output[:, input_ids.shape[1] :]
 
 
 def decode(model, input_ids, attention_mask, pixel_values, new_tokens, decoder=None, **settings):
-    decoder = decoder or GreedyDecoder(model.language_model, model.generation_config)
+    decoder = decoder or StaticCacheDecoder(model.language_model, model.generation_config)
     with torch.inference_mode():
         embeds = model.embed_inputs(input_ids, model.encode_images(pixel_values))
     return decoder(embeds, attention_mask, new_tokens, **settings)
@@ -58,26 +57,26 @@ def decode(model, input_ids, attention_mask, pixel_values, new_tokens, decoder=N
 
 def test_left_padded_prompts_get_the_tokens_of_greedy_generate(tiny_config, model):
     inputs = prompts(tiny_config)
-    assert torch.equal(decode(model, *inputs, 8), hf_greedy(model, *inputs, 8))
+    assert torch.equal(decode(model, *inputs, 8), hf_generate(model, *inputs, 8))
 
 
 def test_eos_ends_a_row_and_pads_it_and_suppressed_tokens_are_never_chosen(tiny_config, model):
     inputs = prompts(tiny_config)
-    free = hf_greedy(model, *inputs, 8)
+    free = hf_generate(model, *inputs, 8)
     model.generation_config.eos_token_id = [int(free[0, 2])]  # row 0 now stops at its third token
     model.generation_config.suppress_tokens = [int(free[1, 0])]  # and row 1 cannot start as it did
-    ours, reference = decode(model, *inputs, 8), hf_greedy(model, *inputs, 8)
+    ours, reference = decode(model, *inputs, 8), hf_generate(model, *inputs, 8)
     assert torch.equal(ours, reference)
     assert int(ours[0, 2]) == int(free[0, 2]) and (ours[0, 3:] == 0).all()
     assert int(free[1, 0]) not in ours[1].tolist()
     early = decode(model, *inputs, 8, min_new_tokens=4)
-    assert torch.equal(early, hf_greedy(model, *inputs, 8, min_new_tokens=4))
+    assert torch.equal(early, hf_generate(model, *inputs, 8, min_new_tokens=4))
     assert int(free[0, 2]) not in early[0, :4].tolist()
 
 
 def test_all_rows_finished_ends_decoding_early(tiny_config, model):
     inputs = prompts(tiny_config, lengths=((2, 2),))
-    first = hf_greedy(model, *inputs, 1)
+    first = hf_generate(model, *inputs, 1)
     model.generation_config.eos_token_id = [int(first[0, 0])]
     assert decode(model, *inputs, 8).tolist() == [[int(first[0, 0])]]
 
@@ -96,22 +95,22 @@ def test_a_shared_prefix_cache_gives_the_same_tokens_as_the_whole_prompt(tiny_co
     pixel_values = torch.randn(3, 3, tiny_config.max_image_size, tiny_config.max_image_size, generator=generator)
     pixel_values[2] = pixel_values[0]
     whole = decode(model, input_ids, attention_mask, pixel_values, 6)
-    assert torch.equal(whole, hf_greedy(model, input_ids, attention_mask, pixel_values, 6))
+    assert torch.equal(whole, hf_generate(model, input_ids, attention_mask, pixel_values, 6))
     with torch.inference_mode():
         prefix_embeds = model.embed_inputs(input_ids[:2, : len(start)], model.encode_images(pixel_values[:2]))
         prefix = DynamicCache(config=tiny_config.text_config)
         model.language_model(inputs_embeds=prefix_embeds, cache=prefix)
         prefix.reorder_cache(torch.tensor([0, 1, 0]))
         question_embeds = model.embed_inputs(question_ids, None)
-    decoder = GreedyDecoder(model.language_model, model.generation_config)
+    decoder = StaticCacheDecoder(model.language_model, model.generation_config)
     layers = [(layer.keys, layer.values) for layer in prefix.layers]
     assert torch.equal(decoder(question_embeds, attention_mask, 6, prefix=layers), whole)
 
 
 def test_the_compiled_step_gives_the_same_tokens_and_is_reused_across_calls(tiny_config, model):
     inputs = prompts(tiny_config)
-    reference = hf_greedy(model, *inputs, 6)
-    decoder = GreedyDecoder(model.language_model, model.generation_config)
+    reference = hf_generate(model, *inputs, 6)
+    decoder = StaticCacheDecoder(model.language_model, model.generation_config)
     decoder.compile()
     assert model.language_model.config._attn_implementation == GROUPED_DECODE_SDPA  # 4 query heads on 2 kv heads
     assert torch.equal(decode(model, *inputs, 6, decoder=decoder), reference)
@@ -125,14 +124,39 @@ def test_compiled_as_eval_compiles_it_the_step_stays_right_when_batch_shapes_alt
     decode into the cache it was given. `compile_model` also compiles the tower with weights frozen into
     its graph, which must not freeze the step's cache into its graph."""
     compile_model(model)
-    decoder = greedy_decoder(model)
+    decoder = static_cache_decoder(model)
     for seed in range(3):
         full, small = prompts(tiny_config, seed=seed), prompts(tiny_config, lengths=((1, 2), (3, 4)), seed=seed)
         for inputs in (full, small):
-            assert torch.equal(decode(model, *inputs, 5, decoder=decoder), hf_greedy(model, *inputs, 5))
+            assert torch.equal(decode(model, *inputs, 5, decoder=decoder), hf_generate(model, *inputs, 5))
 
 
 def test_logits_processors_it_does_not_apply_are_refused_by_name(model):
     model.generation_config.repetition_penalty = 1.3
     with pytest.raises(ValueError, match="repetition_penalty=1.3"):
-        GreedyDecoder(model.language_model, model.generation_config)
+        StaticCacheDecoder(model.language_model, model.generation_config)
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.7, 0.9), (1.5, 0.5)])
+def test_sampling_draws_the_tokens_of_sampling_generate_under_the_same_seed(tiny_config, model, temperature, top_p):
+    inputs = prompts(tiny_config)
+    model.generation_config.eos_token_id = [7]
+    sampled = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        reference = hf_generate(model, *inputs, 8, do_sample=True, temperature=temperature, top_p=top_p)
+        torch.manual_seed(seed)
+        ours = decode(model, *inputs, 8, sampling=Sampling(temperature=temperature, top_p=top_p))
+        assert torch.equal(ours, reference)
+        sampled.append(ours)
+    assert not torch.equal(*sampled)  # the seed matters: these are draws, not the argmax
+    assert not torch.equal(sampled[0], decode(model, *inputs, 8))
+
+
+def test_sampling_keeps_to_the_configs_top_k_and_refuses_warpers_it_does_not_apply(tiny_config, model):
+    inputs = prompts(tiny_config)
+    model.generation_config.top_k = 1  # only the most likely token survives: sampling becomes greedy
+    assert torch.equal(decode(model, *inputs, 8, sampling=Sampling(temperature=1.3)), decode(model, *inputs, 8))
+    model.generation_config.min_p = 0.1
+    with pytest.raises(ValueError, match="min_p=0.1"):
+        decode(model, *inputs, 8, sampling=Sampling())

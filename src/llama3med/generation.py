@@ -1,4 +1,4 @@
-"""Greedy decoding with a static KV cache: the tokens of HF greedy `generate`, faster.
+"""Decoding with a static KV cache: the tokens of HF `generate`, greedy or sampled, faster.
 
 HF `generate` rebuilds its plan at every step (logits processors, stopping criteria, keyword updates) and
 grows a dynamic cache by concatenation, so each step has new shapes. Here the cache is allocated once at a
@@ -8,17 +8,30 @@ more, with sizes symbolic, when a second one comes (a server's batches vary); on
 replayed as a CUDA graph. The prompt's prefill is not compiled: its length changes with every prompt.
 
 Greedy means argmax after the generation config's suppressed tokens (and EOS, before `min_new_tokens`);
-a row that emits an EOS token is padded from then on, and the loop ends when every row has. A config that
-asks for any other logits processor is refused by name rather than decoded differently.
+sampling (`Sampling`) draws from the same logits as `generate(do_sample=True)` does, after its
+temperature, top-k and top-p warpers. A row that emits an EOS token is padded from then on, and the loop
+ends when every row has. A config that asks for any other logits processor is refused by name rather
+than decoded differently.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface, AttentionMaskInterface, GenerationConfig, PreTrainedModel, StaticCache
+from transformers import (
+    AttentionInterface,
+    AttentionMaskInterface,
+    GenerationConfig,
+    LogitsProcessorList,
+    PreTrainedModel,
+    StaticCache,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 from transformers.cache_utils import StaticLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
@@ -36,6 +49,24 @@ UNSUPPORTED = {  # generation config fields that would change greedy tokens, and
     "sequence_bias": None,
     "min_length": 0,
 }
+UNSUPPORTED_IN_SAMPLING = {  # and those that would change sampled tokens too
+    "min_p": None,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "top_h": None,
+}
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sample instead of taking the argmax, as `generate(do_sample=True, temperature=..., top_p=...)` does:
+    float32 logits, divided by the temperature, cut to the generation config's top-k (HF's default when
+    it has none) and then to the top-p mass, one multinomial draw per row from torch's global generator,
+    so `torch.manual_seed` before the call repeats the answer, and gives `generate`'s."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
 
 
 def sdpa_grouped_decode(
@@ -70,17 +101,22 @@ def token_ids(value: int | list[int] | None) -> list[int]:
     return [value] if isinstance(value, int) else list(value)
 
 
-class GreedyDecoder:
-    """Greedy new tokens of a causal LM from prompt embeddings: `(B, T, D) -> (B, <= max_new_tokens)`."""
+def _refuse_fields(generation_config: GenerationConfig, fields: dict[str, object]) -> None:
+    for field, neutral in fields.items():
+        if getattr(generation_config, field, neutral) not in (neutral, None, [], {}):
+            raise ValueError(
+                f"generation_config.{field}={getattr(generation_config, field)!r}: the static-cache decoder "
+                "applies EOS, suppressed tokens, temperature, top-k and top-p only; unset it in generation_config.json"
+            )
+
+
+class StaticCacheDecoder:
+    """New tokens of a causal LM from prompt embeddings, greedy or sampled: `(B, T, D) -> (B, <= max_new_tokens)`."""
 
     def __init__(self, language_model: PreTrainedModel, generation_config: GenerationConfig):
-        for field, neutral in UNSUPPORTED.items():
-            if getattr(generation_config, field, neutral) not in (neutral, None, [], {}):
-                raise ValueError(
-                    f"generation_config.{field}={getattr(generation_config, field)!r}: the static-cache decoder "
-                    "decodes greedily with EOS and suppressed tokens only; unset it in generation_config.json"
-                )
+        _refuse_fields(generation_config, UNSUPPORTED)
         self.language_model = language_model
+        self.generation_config = generation_config
         self.eos = token_ids(generation_config.eos_token_id)
         pad = generation_config.pad_token_id
         self.pad = pad if pad is not None else (self.eos[0] if self.eos else 0)  # `generate` pads with EOS too
@@ -137,12 +173,14 @@ class GreedyDecoder:
         min_new_tokens: int = 0,
         prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         on_step: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        sampling: Sampling | None = None,
     ) -> torch.Tensor:
-        """New tokens after each left-padded prompt. With `prefix` (every layer's keys and values of the
-        first P positions, each `(B, heads, P, head_dim)`; P = `attention_mask` length - T),
-        `inputs_embeds` holds only the positions after it.
+        """New tokens after each left-padded prompt, greedy unless `sampling` is given. With `prefix`
+        (every layer's keys and values of the first P positions, each `(B, heads, P, head_dim)`;
+        P = `attention_mask` length - T), `inputs_embeds` holds only the positions after it.
         `on_step` sees each step's `(B,)` tokens as they come and returns the rows to stop (a server's
         streaming, stop strings and cancellations); a stopped row is padded like a finished one."""
+        choose = self._chooser(sampling)
         batch, prompt_length = attention_mask.shape
         device = inputs_embeds.device
         cache = self._empty_cache(batch, prompt_length + max_new_tokens)
@@ -167,7 +205,7 @@ class GreedyDecoder:
             logits[:, self.suppressed] = -torch.inf
             if step < min_new_tokens:
                 logits[:, self.eos] = -torch.inf
-            token = logits.argmax(-1).masked_fill(finished, self.pad)
+            token = choose(logits).masked_fill(finished, self.pad)
             new_tokens.append(token)
             finished |= torch.isin(token, eos)
             if on_step is not None:
@@ -178,6 +216,29 @@ class GreedyDecoder:
             position = position + 1
             logits = self.step(token[:, None], position, mask, cache)
         return torch.stack(new_tokens, dim=1)
+
+    def _chooser(self, sampling: Sampling | None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """`(B, vocab)` logits -> `(B,)` next tokens: the argmax, or a draw after `generate`'s warpers
+        (each only where `generate` would add it)."""
+        if sampling is None:
+            return lambda logits: logits.argmax(-1)
+        _refuse_fields(self.generation_config, UNSUPPORTED_IN_SAMPLING)
+        top_k = self.generation_config.top_k
+        if top_k is None:
+            top_k = GenerationConfig._get_default_generation_params()["top_k"]
+        warpers = LogitsProcessorList()
+        if sampling.temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(sampling.temperature))
+        if top_k != 0:
+            warpers.append(TopKLogitsWarper(top_k))
+        if sampling.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(sampling.top_p))
+
+        def draw(logits: torch.Tensor) -> torch.Tensor:
+            scores = warpers(None, logits.float())  # these warpers do not read the tokens so far
+            return torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+
+        return draw
 
     @staticmethod
     def _write_prefix(cache: StaticCache, prefix: list[tuple[torch.Tensor, torch.Tensor]]) -> None:

@@ -7,7 +7,7 @@ import weakref
 
 import torch
 
-from .generation import GreedyDecoder
+from .generation import Sampling, StaticCacheDecoder
 from .model import Llama3MedForConditionalGeneration
 from .processing import IMAGE_PLACEHOLDER, Llama3MedProcessor
 from .processing.images import ImageSource, Window
@@ -59,11 +59,11 @@ def compile_for_inference(module: torch.nn.Module) -> None:
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def greedy_decoder(model: Llama3MedForConditionalGeneration) -> GreedyDecoder:
+def static_cache_decoder(model: Llama3MedForConditionalGeneration) -> StaticCacheDecoder:
     """The model's static-cache decoder, made on first use and kept (with its cache and compiled step)
     for as long as the model lives."""
     if model not in _DECODERS:
-        _DECODERS[model] = GreedyDecoder(model.language_model, model.generation_config)
+        _DECODERS[model] = StaticCacheDecoder(model.language_model, model.generation_config)
     return _DECODERS[model]
 
 
@@ -72,7 +72,7 @@ def compile_model(model: Llama3MedForConditionalGeneration) -> None:
     answers wait for the compile (seconds to tens of seconds for the demo model on 2 CPU cores); after
     that encoding and decoding are faster. Worth it for a long evaluation or many questions."""
     compile_for_inference(model.vision_tower)
-    greedy_decoder(model).compile()
+    static_cache_decoder(model).compile()
 
 
 def question_messages(question: str, system: str | None = None) -> list[dict[str, str]]:
@@ -98,9 +98,7 @@ def answer(
     """The model's answer to `question` about `image`; greedy unless `temperature > 0`."""
     prompt = processor.chat_prompt(question_messages(question))
     inputs = processor(prompt, images=image, window=window).to(model.device)
-    if temperature > 0:
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature)
-        return processor.decode(output[0, inputs["input_ids"].shape[1] :]).strip()
     embeds = model.embed_inputs(inputs["input_ids"], model.encode_images(inputs["pixel_values"]))
-    new_tokens = greedy_decoder(model)(embeds, inputs["attention_mask"], max_new_tokens)
+    sampling = Sampling(temperature=temperature) if temperature > 0 else None
+    new_tokens = static_cache_decoder(model)(embeds, inputs["attention_mask"], max_new_tokens, sampling=sampling)
     return processor.decode(new_tokens[0]).strip()

@@ -28,7 +28,7 @@ from transformers import DynamicCache
 
 from ..data.benchmarks import VQARecord
 from ..data.conversations import read_appended_rows, repair_appended_rows
-from ..inference import greedy_decoder, question_messages
+from ..inference import question_messages, static_cache_decoder
 from ..model import Llama3MedForConditionalGeneration
 from ..processing import Llama3MedProcessor, pad_sequences
 from ..processing.images import ImageSource
@@ -207,7 +207,7 @@ def _answer_batch(
         for layer in range(len(prefixes[0]))
     ]
     question_embeds = model.embed_inputs(question_ids.to(device), None)
-    new_tokens = greedy_decoder(model)(question_embeds, attention_mask.to(device), max_new_tokens, prefix=prefix)
+    new_tokens = static_cache_decoder(model)(question_embeds, attention_mask.to(device), max_new_tokens, prefix=prefix)
     return processor.batch_decode(new_tokens)
 
 

@@ -1,12 +1,11 @@
-"""The serving engine: requests that arrive together share one batched decode (the static-cache greedy
-decoder, or `generate` when sampling), images are encoded once and their features kept for the next
-request that sends the same file, tokens stream back per request, and a bounded queue refuses work it
-cannot take.
+"""The serving engine: requests that arrive together share one batched decode (the static-cache
+decoder, greedy or sampled), images are encoded once and their features kept for the next request that
+sends the same file, tokens stream back per request, and a bounded queue refuses work it cannot take.
 
 One generation runs at a time on a worker thread while the next batch gathers. Requests in a batch share
 their sampling settings (greedy, or the same temperature and top-p); each keeps its own token budget,
-stop strings, deadline and cancellation, enforced row by row through a stopping criterion, so a client
-that leaves frees its row at the next step.
+stop strings, deadline and cancellation, enforced row by row at every step, so a client that leaves
+frees its row at the next step.
 """
 
 from __future__ import annotations
@@ -20,9 +19,9 @@ from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
 
-from ..inference import greedy_decoder
+from ..generation import Sampling
+from ..inference import static_cache_decoder
 from ..model import Llama3MedForConditionalGeneration
 from ..processing import Llama3MedProcessor, pad_sequences
 
@@ -104,7 +103,7 @@ class Job:
 
     @property
     def sampling(self) -> tuple:
-        """Jobs with equal keys can share a generate call; a seeded job runs alone to be reproducible."""
+        """Jobs with equal keys can share a decode; a seeded job runs alone to be reproducible."""
         if self.seed is not None:
             return ("seeded", self.id)
         return ("greedy",) if self.temperature <= 0 else ("sample", self.temperature, self.top_p)
@@ -119,30 +118,11 @@ def _stopped_rows(jobs: list[Job]) -> torch.Tensor:
     return torch.tensor([job.finish_reason is not None for job in jobs])
 
 
-class _Rows(StoppingCriteria):
-    """`_stopped_rows` as `generate` asks for it."""
-
-    def __init__(self, jobs: list[Job]):
-        self.jobs = jobs
-
-    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
-        return _stopped_rows(self.jobs).to(input_ids.device)
-
-
 class _Streamer:
     """Receives each step's tokens for the whole batch and sends every row its new text."""
 
     def __init__(self, jobs: list[Job], processor: Llama3MedProcessor, eos: set[int], loop):
         self.jobs, self.processor, self.eos, self.loop = jobs, processor, eos, loop
-        self.started = False
-
-    def put(self, value: torch.Tensor) -> None:
-        """`generate`'s streamer call: first the prompt (empty with inputs_embeds), then each step's tokens."""
-        if not self.started:
-            self.started = True
-            if value.dim() == 2:
-                return
-        self.send(value.view(-1))
 
     def send(self, tokens: torch.Tensor) -> None:
         """One step's `(B,)` tokens."""
@@ -166,9 +146,6 @@ class _Streamer:
             if delta:
                 self.loop.call_soon_threadsafe(job.events.put_nowait, ("delta", delta))
 
-    def end(self) -> None:
-        pass
-
 
 class Engine:
     def __init__(
@@ -186,7 +163,7 @@ class Engine:
         self.pending: deque[Job] = deque()
         self.running = 0
         self.wakeup: asyncio.Event | None = None
-        self.lock = threading.Lock()  # one generate at a time
+        self.lock = threading.Lock()  # one decode at a time
         eos = model.generation_config.eos_token_id
         self.eos = set([eos] if isinstance(eos, int) else (eos or []))
         self.batches = 0
@@ -258,26 +235,15 @@ class Engine:
             first, mask = jobs[0], attention_mask.to(device)
             max_new_tokens = max(job.max_new_tokens for job in jobs)
             streamer = _Streamer(jobs, self.processor, self.eos, loop)
-            if first.temperature <= 0:
 
-                def on_step(tokens: torch.Tensor) -> torch.Tensor:
-                    streamer.send(tokens)
-                    return _stopped_rows(jobs)
+            def on_step(tokens: torch.Tensor) -> torch.Tensor:
+                streamer.send(tokens)
+                return _stopped_rows(jobs)
 
-                greedy_decoder(self.model)(embeds, mask, max_new_tokens, on_step=on_step)
-            else:
-                if first.seed is not None:
-                    torch.manual_seed(first.seed)
-                self.model.generate(
-                    inputs_embeds=embeds,
-                    attention_mask=mask,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=True,
-                    temperature=first.temperature,
-                    top_p=first.top_p,
-                    stopping_criteria=StoppingCriteriaList([_Rows(jobs)]),
-                    streamer=streamer,
-                )
+            sampling = Sampling(first.temperature, first.top_p) if first.temperature > 0 else None
+            if sampling is not None and first.seed is not None:
+                torch.manual_seed(first.seed)
+            static_cache_decoder(self.model)(embeds, mask, max_new_tokens, on_step=on_step, sampling=sampling)
             for job in jobs:
                 job.finish_reason = job.finish_reason or "length"
 
