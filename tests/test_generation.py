@@ -6,7 +6,7 @@ import torch
 from transformers import DynamicCache
 
 from llama3med import Llama3MedForConditionalGeneration
-from llama3med.generation import GROUPED_DECODE_SDPA, Sampling, StaticCacheDecoder
+from llama3med.generation import GROUPED_DECODE_SDPA, RunningBatch, Sampling, StaticCacheDecoder
 from llama3med.inference import compile_model, static_cache_decoder
 from llama3med.processing import pad_sequences
 
@@ -160,3 +160,48 @@ def test_sampling_keeps_to_the_configs_top_k_and_refuses_warpers_it_does_not_app
     model.generation_config.min_p = 0.1
     with pytest.raises(ValueError, match="min_p=0.1"):
         decode(model, *inputs, 8, sampling=Sampling())
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_prompts_that_join_a_running_batch_get_the_tokens_they_get_alone(tiny_config, model, compiled):
+    """As `serve` batches: two rows, four prompts. The second ends first and the third, longer than the
+    write position so far, takes its row (moving the position forward); the fourth waits for a free row."""
+    shapes = [((2, 5), 7), ((4, 1), 2), ((9, 9), 4), ((1, 2), 3)]  # (text before, after the image), new tokens
+    embeds, alone = [], []
+    for seed, (lengths, new_tokens) in enumerate(shapes):
+        input_ids, attention_mask, pixel_values = prompts(tiny_config, lengths=(lengths,), seed=seed)
+        with torch.inference_mode():
+            embeds.append(model.embed_inputs(input_ids, model.encode_images(pixel_values)))
+        alone.append(decode(model, input_ids, attention_mask, pixel_values, new_tokens)[0].tolist())
+    decoder = StaticCacheDecoder(model.language_model, model.generation_config)
+    if compiled:
+        decoder.compile()
+    batch = RunningBatch(decoder, rows=2, length=128)
+    waiting, rows, got, jumps = list(range(len(shapes))), {}, [[] for _ in shapes], []
+    while waiting or batch.active:
+        while waiting and batch.fits([embeds[waiting[0]].shape[1]], [shapes[waiting[0]][1]]):
+            before = batch.written
+            rows[batch.join(embeds[waiting[0]], shapes[waiting[0]][1])] = waiting[0]
+            jumps.append(batch.written > before > 0)
+            waiting.pop(0)
+        running = {row: prompt for row, prompt in rows.items() if batch.budget[row]}
+        tokens = batch.step().tolist()
+        for row, prompt in running.items():
+            got[prompt].append(tokens[row])
+    assert got == alone
+    assert jumps == [False, False, True, False]  # the third prompt moved the write position forward
+
+
+def test_a_prompt_that_would_outrun_the_cache_does_not_fit(tiny_config, model):
+    input_ids, attention_mask, pixel_values = prompts(tiny_config, lengths=((2, 2),))
+    with torch.inference_mode():
+        embeds = model.embed_inputs(input_ids, model.encode_images(pixel_values))
+    batch = RunningBatch(StaticCacheDecoder(model.language_model, model.generation_config), rows=2, length=128)
+    room = 128 - embeds.shape[1]
+    assert not batch.fits([embeds.shape[1]], [room + 1]) and batch.fits([embeds.shape[1]], [room])
+    batch.join(embeds, room)
+    assert batch.fits([1], [1]) and not batch.fits([1, 1], [1, 1])  # one row free, not two
+    longer = embeds.shape[1] + 1  # would move the write position on, past the running row's room
+    assert not batch.fits([longer], [1])
+    with pytest.raises(ValueError, match="does not fit"):
+        batch.join(torch.cat([embeds, embeds[:, :1]], dim=1), 1)

@@ -256,6 +256,58 @@ def test_a_file_sent_twice_in_one_batch_is_encoded_once(server):
     assert torch.equal(engine.features.get("twice"), features[0])
 
 
+def test_requests_leave_the_running_batch_when_they_end_and_new_ones_take_their_rows(server):
+    """Continuous batching: a short answer returns while a long one decodes beside it, and a request sent
+    then joins the running batch in the freed row instead of waiting for the long answer to end."""
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    url = data_url(png(120))
+
+    def reply(question, max_tokens):
+        answer = client.chat.completions.create(
+            model="tiny", messages=ask(url, question), max_tokens=max_tokens, temperature=0
+        )
+        return answer, time.monotonic()
+
+    alone = reply("What modality is this?", 3)[0].choices[0].message.content
+    before = server.engine.batches
+    with ThreadPoolExecutor(3) as pool:
+        with server.engine.lock:  # hold decoding until both are queued, so that they start together
+            long = pool.submit(reply, "Describe the image.", 300)
+            short = pool.submit(reply, "Is there a lesion?", 2)
+            while server.engine.queue_depth < 2:
+                time.sleep(0.01)
+        short.result()
+        joined, joined_at = reply("What modality is this?", 3)
+        (long_answer, long_done) = long.result()
+    assert long_answer.choices[0].finish_reason == "length" and long_answer.usage.completion_tokens == 300
+    assert joined_at < long_done  # answered while the long one still decoded
+    assert joined.choices[0].message.content == alone
+    assert server.engine.batches - before == 1  # all three decoded in one running batch
+
+
+def test_with_spare_rows_a_request_joins_a_lone_running_answer_at_once(server):
+    """As on a GPU, where the batch keeps `max_batch` rows from the start."""
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    url = data_url(png(130))
+    alone = client.chat.completions.create(model="tiny", messages=ask(url), max_tokens=3, temperature=0)
+    server.engine.spare_rows = True
+    try:
+        before = server.engine.batches
+        body = {"model": "tiny", "messages": ask(url, "Describe the image."), "max_tokens": 300, "temperature": 0}
+        body |= {"stream": True}
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as long:
+            lines = long.iter_lines()
+            while '"content": ""' in (line := next(lines)) or not line:
+                pass  # until the long answer's first words: it is decoding
+            joined = client.chat.completions.create(model="tiny", messages=ask(url), max_tokens=3, temperature=0)
+            still_decoding = server.engine.running > 0
+            assert [line for line in lines if line][-1] == "data: [DONE]"
+    finally:
+        server.engine.spare_rows = False
+    assert still_decoding and joined.choices[0].message.content == alone.choices[0].message.content
+    assert server.engine.batches - before == 1
+
+
 def test_a_full_queue_answers_429_with_retry_after(built_model_dir):
     server = Server(built_model_dir, max_queue=2)
     body = {"model": "tiny", "messages": ask(data_url(png())), "max_tokens": 2}

@@ -490,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (all but /health and the page)")
     p.add_argument("--allow-dir", action="append", default=[], help="directory file:// images may come from")
     p.add_argument("--allow-remote", action="store_true", help="fetch http(s) image URLs")
-    p.add_argument("--max-batch", type=_positive, default=8, help="requests sharing one forward pass")
+    p.add_argument("--max-batch", type=_positive, default=8, help="requests decoding together (batch rows)")
     p.add_argument("--max-queue", type=_positive, default=32, help="queued+running requests before 429")
     p.add_argument("--max-tokens", type=_positive, default=512, help="cap on max_tokens")
     p.add_argument("--max-body-mb", type=float, default=20.0)

@@ -12,11 +12,14 @@ sampling (`Sampling`) draws from the same logits as `generate(do_sample=True)` d
 temperature, top-k and top-p warpers. A row that emits an EOS token is padded from then on, and the loop
 ends when every row has. A config that asks for any other logits processor is refused by name rather
 than decoded differently.
+
+`StaticCacheDecoder` decodes a batch from start to end (`answer`, `eval`); `RunningBatch` keeps its rows
+open for prompts that join between steps (`serve`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +35,7 @@ from transformers import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
-from transformers.cache_utils import StaticLayer
+from transformers.cache_utils import DynamicCache, StaticLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
@@ -251,3 +254,101 @@ class StaticCacheDecoder:
             static.keys[:, :, : keys.shape[2]].copy_(keys)
             static.values[:, :, : values.shape[2]].copy_(values)
             static.cumulative_length.fill_(keys.shape[2])
+
+
+class RunningBatch:
+    """Rows decoding together in one static cache, where a prompt may take a free row between two steps
+    (a server's continuous batching): an answer leaves its row as soon as it ends, and a request that
+    comes while others decode starts at the next step instead of after them.
+
+    Each prompt is prefilled alone and its keys and values are copied into its row so that they end at
+    the cache's write position. Rows keep their own positions (RoPE), so prompts of any length share one
+    write position; a prompt longer than that position moves it forward for every row, and the rows
+    already there mask the positions skipped. A free row attends to one position, so its unused output
+    stays finite. The step has the same shapes throughout: compiled, one graph serves the whole batch.
+    """
+
+    @torch.inference_mode()
+    def __init__(self, decoder: StaticCacheDecoder, rows: int, length: int, sampling: Sampling | None = None):
+        self.decoder = decoder
+        self.choose = decoder._chooser(sampling)
+        self.cache = decoder._empty_cache(rows, length)
+        self.length = decoder.cache_shape[1]
+        device = decoder.language_model.device
+        self.mask = torch.zeros(rows, self.length, dtype=torch.long, device=device)
+        self.mask[:, 0] = 1
+        self.positions = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.logits = torch.zeros(rows, decoder.language_model.config.vocab_size, device=device)
+        self.eos = torch.tensor(decoder.eos, dtype=torch.long, device=device)
+        self.budget = [0] * rows  # new tokens each row may still emit; 0: the row is free
+        self.written = 0  # the cache's write position
+
+    @property
+    def free_rows(self) -> list[int]:
+        return [row for row, budget in enumerate(self.budget) if budget == 0]
+
+    @property
+    def active(self) -> bool:
+        return any(self.budget)
+
+    def fits(self, prompt_lengths: Sequence[int], max_new_tokens: Sequence[int]) -> bool:
+        """Whether these prompts can join now, together, without leaving any of them or a running row
+        short of cache."""
+        start = max([self.written, *prompt_lengths])
+        needed = max([*max_new_tokens, *self.budget])
+        return len(prompt_lengths) <= len(self.free_rows) and start + needed <= self.length
+
+    @torch.inference_mode()
+    def join(self, inputs_embeds: torch.Tensor, max_new_tokens: int) -> int:
+        """Prefill one `(1, T, D)` prompt into a free row, which is returned; its first token comes with the
+        next `step`."""
+        length = inputs_embeds.shape[1]
+        if not self.fits([length], [max_new_tokens]):
+            raise ValueError(f"a prompt of {length} positions and {max_new_tokens} new tokens does not fit now")
+        row, start = self.free_rows[0], max(self.written, length)
+        model = self.decoder.language_model
+        alone = DynamicCache(config=model.config)
+        positions = torch.arange(length, device=inputs_embeds.device)[None]
+        output = model(
+            inputs_embeds=inputs_embeds, position_ids=positions, cache=alone, use_cache=True, logits_to_keep=1
+        )
+        rows = len(self.budget)
+        for static, layer in zip(self.cache.layers, alone.layers, strict=True):
+            if type(static) is not StaticLayer:
+                raise ValueError(f"joining a running batch needs full-attention layers, not {type(static).__name__}")
+            if not static.is_initialized:
+                static.lazy_initialization(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1))
+            static.keys[row, :, start - length : start] = layer.keys[0]
+            static.values[row, :, start - length : start] = layer.values[0]
+            static.cumulative_length.fill_(start)
+        self.written = start
+        self.mask[row] = 0
+        self.mask[row, start - length : start] = 1
+        self.positions[row] = length - 1
+        self.logits[row] = output.logits[0, -1]
+        self.budget[row] = max_new_tokens
+        return row
+
+    @torch.inference_mode()
+    def step(self) -> torch.Tensor:
+        """Each row's next token, `(rows,)` (padding for free rows). A row that emits EOS or its last
+        allowed token becomes free; the others' tokens are fed to the LM for the next step."""
+        decoder = self.decoder
+        self.logits[:, decoder.suppressed] = -torch.inf
+        running = torch.tensor([budget > 0 for budget in self.budget], device=self.mask.device)
+        token = self.choose(self.logits).masked_fill(~running, decoder.pad)
+        ended = torch.isin(token, self.eos).tolist()
+        self.budget = [0 if end else max(budget - 1, 0) for budget, end in zip(self.budget, ended, strict=True)]
+        if self.active:
+            running = torch.tensor([budget > 0 for budget in self.budget], device=self.mask.device)
+            self.mask[running, self.written] = 1
+            self.positions[running] += 1
+            # copied out: a CUDA graph's output is overwritten by its next replay, and `join` writes rows here
+            self.logits.copy_(decoder.step(token[:, None], self.positions, self.mask, self.cache))
+            self.written += 1
+        return token
+
+    def stop(self, rows: list[int]) -> None:
+        """End these rows now (a stop string, a cancelled request); they are free for the next prompt."""
+        for row in rows:
+            self.budget[row] = 0

@@ -1,11 +1,13 @@
-"""The serving engine: requests that arrive together share one batched decode (the static-cache
-decoder, greedy or sampled), images are encoded once and their features kept for the next request that
-sends the same file, tokens stream back per request, and a bounded queue refuses work it cannot take.
+"""The serving engine: requests decode together in the rows of one running batch (the static-cache
+decoder, greedy or sampled), joining it between two steps and leaving it as soon as they end (continuous
+batching); images are encoded once and their features kept for the next request that sends the same
+file; tokens stream back per request; a bounded queue refuses work it cannot take.
 
-One generation runs at a time on a worker thread while the next batch gathers. Requests in a batch share
-their sampling settings (greedy, or the same temperature and top-p); each keeps its own token budget,
-stop strings, deadline and cancellation, enforced row by row at every step, so a client that leaves
-frees its row at the next step.
+One batch runs at a time, on a worker thread. Requests in it share their sampling settings (greedy, or
+the same temperature and top-p): a waiting request joins while it is first in the queue, has those
+settings and fits in the batch's cache; otherwise it starts the next batch once this one drains, so
+none waits behind later ones. Each request keeps its own token budget, stop strings, deadline and
+cancellation, enforced row by row at every step, so a client that leaves frees its row at the next step.
 """
 
 from __future__ import annotations
@@ -16,14 +18,15 @@ import itertools
 import threading
 import time
 from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from ..generation import Sampling
+from ..generation import RunningBatch, Sampling
 from ..inference import static_cache_decoder
 from ..model import Llama3MedForConditionalGeneration
-from ..processing import Llama3MedProcessor, pad_sequences
+from ..processing import Llama3MedProcessor
 
 
 class QueueFull(Exception):
@@ -109,42 +112,11 @@ class Job:
         return ("greedy",) if self.temperature <= 0 else ("sample", self.temperature, self.top_p)
 
 
-def _stopped_rows(jobs: list[Job]) -> torch.Tensor:
-    """Per-row stop: finished by the streamer, cancelled, or past its deadline."""
-    now = time.monotonic()
-    for job in jobs:
-        if job.finish_reason is None and (job.cancelled or now > job.deadline):
-            job.finish_reason = "cancelled" if job.cancelled else "timeout"
-    return torch.tensor([job.finish_reason is not None for job in jobs])
-
-
-class _Streamer:
-    """Receives each step's tokens for the whole batch and sends every row its new text."""
-
-    def __init__(self, jobs: list[Job], processor: Llama3MedProcessor, eos: set[int], loop):
-        self.jobs, self.processor, self.eos, self.loop = jobs, processor, eos, loop
-
-    def send(self, tokens: torch.Tensor) -> None:
-        """One step's `(B,)` tokens."""
-        for job, token in zip(self.jobs, tokens.tolist(), strict=True):
-            if job.finish_reason is not None:
-                continue
-            if token in self.eos:
-                job.finish_reason = "stop"
-                continue
-            job.tokens.append(token)
-            text = self.processor.decode(job.tokens)
-            if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-                continue
-            for stop in job.stop:
-                if stop in text:
-                    text, job.finish_reason = text[: text.index(stop)], "stop"
-                    break
-            if len(job.tokens) >= job.max_new_tokens and job.finish_reason is None:
-                job.finish_reason = "length"
-            delta, job.text = text[len(job.text) :], text
-            if delta:
-                self.loop.call_soon_threadsafe(job.events.put_nowait, ("delta", delta))
+def _ended(job: Job) -> bool:
+    """Whether the job is over: finished by its tokens, cancelled, or past its deadline."""
+    if job.finish_reason is None and (job.cancelled or time.monotonic() > job.deadline):
+        job.finish_reason = "cancelled" if job.cancelled else "timeout"
+    return job.finish_reason is not None
 
 
 class Engine:
@@ -156,14 +128,17 @@ class Engine:
         max_queue: int = 32,
         batch_window: float = 0.01,
         feature_cache_bytes: int = 512 * 2**20,
+        spare_rows: bool | None = None,
     ):
         self.model, self.processor = model, processor
+        self.spare_rows = model.device.type == "cuda" if spare_rows is None else spare_rows
         self.features = FeatureCache(feature_cache_bytes)
         self.max_batch, self.max_queue, self.batch_window = max_batch, max_queue, batch_window
         self.pending: deque[Job] = deque()
+        self.pending_lock = threading.Lock()  # requests queue on the event loop, join on the worker
         self.running = 0
         self.wakeup: asyncio.Event | None = None
-        self.lock = threading.Lock()  # one decode at a time
+        self.lock = threading.Lock()  # one running batch at a time
         eos = model.generation_config.eos_token_id
         self.eos = set([eos] if isinstance(eos, int) else (eos or []))
         self.batches = 0
@@ -178,7 +153,8 @@ class Engine:
         if self.queue_depth >= self.max_queue:
             raise QueueFull(f"{self.queue_depth} requests queued or running")
         job.events = asyncio.Queue()
-        self.pending.append(job)
+        with self.pending_lock:
+            self.pending.append(job)
         self.wakeup.set()
         return job.events
 
@@ -190,62 +166,125 @@ class Engine:
             await self.wakeup.wait()
             await asyncio.sleep(self.batch_window)  # let requests that arrive together meet
             self.wakeup.clear()
-            while self.pending:
-                batch = self._take_batch()
-                if not batch:
-                    continue
-                self.running = len(batch)
+            while (first := self._take_first(loop)) is not None:
+                self.running = 1
                 try:
-                    await loop.run_in_executor(None, self._generate, batch, loop)
-                except Exception as err:  # the batch fails; the server keeps serving others
-                    for job in batch:
-                        job.events.put_nowait(("error", err))
-                else:
-                    for job in batch:
-                        self.finished[job.finish_reason] += 1
-                        job.events.put_nowait(("done", job))
+                    await loop.run_in_executor(None, self._decode, first, loop)
                 finally:
                     self.running = 0
 
-    def _take_batch(self) -> list[Job]:
-        now = time.monotonic()
-        first = self.pending.popleft()
-        if first.cancelled or now > first.deadline:
-            first.finish_reason = "cancelled" if first.cancelled else "timeout"
-            self.finished[first.finish_reason] += 1
-            first.events.put_nowait(("done", first))
-            return []
-        batch, kept = [first], deque()
-        while self.pending and len(batch) < self.max_batch:
-            job = self.pending.popleft()
-            (batch if job.sampling == first.sampling and not job.cancelled else kept).append(job)
-        self.pending.extendleft(reversed(kept))
-        return batch
+    def _take_first(self, loop) -> Job | None:
+        """The job at the head of the queue that has not expired, or None."""
+        with self.pending_lock:
+            while self.pending:
+                job = self.pending.popleft()
+                if not _ended(job):
+                    return job
+                self._finish(job, loop)
+        return None
+
+    def _joiners(self, first: Job, loop, fits: Callable[[list[Job]], bool]) -> list[Job]:
+        """The waiting jobs, from the head of the queue, that may decode with `first` and `fits` lets in
+        together; the first that may not stops the search, so that no job waits behind later ones."""
+        chosen: list[Job] = []
+        with self.pending_lock:
+            while self.pending:
+                job = self.pending[0]
+                if _ended(job):
+                    self._finish(self.pending.popleft(), loop)
+                    continue
+                if job.sampling != first.sampling or not fits([*chosen, job]):
+                    break
+                chosen.append(self.pending.popleft())
+        return chosen
+
+    def _finish(self, job: Job, loop) -> None:
+        job.finish_reason = job.finish_reason or "length"
+        self.finished[job.finish_reason] += 1
+        loop.call_soon_threadsafe(job.events.put_nowait, ("done", job))
 
     @torch.inference_mode()
-    def _generate(self, jobs: list[Job], loop) -> None:
+    def _decode(self, first: Job, loop) -> None:
+        """Decode `first` and the jobs waiting with it, and those that join later, until every row has ended."""
         with self.lock:
             self.batches += 1
-            device = self.model.device
-            features = self._image_features([image for job in jobs for image in job.images], device)
-            input_ids, attention_mask = pad_sequences(
-                [job.input_ids for job in jobs], self.processor.tokenizer.pad_token_id, "left"
-            )
-            embeds = self.model.embed_inputs(input_ids.to(device), features)
-            first, mask = jobs[0], attention_mask.to(device)
-            max_new_tokens = max(job.max_new_tokens for job in jobs)
-            streamer = _Streamer(jobs, self.processor, self.eos, loop)
+            slots: list[Job | None] = []
+            joining = [first, *self._joiners(first, loop, lambda group: len(group) < self.max_batch)]
+            try:
+                batch = self._start_batch(joining)
+                slots = [None] * len(batch.budget)
 
-            def on_step(tokens: torch.Tensor) -> torch.Tensor:
-                streamer.send(tokens)
-                return _stopped_rows(jobs)
+                def fits(group: list[Job]) -> bool:
+                    return batch.fits([len(job.input_ids) for job in group], [job.max_new_tokens for job in group])
 
-            sampling = Sampling(first.temperature, first.top_p) if first.temperature > 0 else None
-            if sampling is not None and first.seed is not None:
-                torch.manual_seed(first.seed)
-            static_cache_decoder(self.model)(embeds, mask, max_new_tokens, on_step=on_step, sampling=sampling)
-            for job in jobs:
-                job.finish_reason = job.finish_reason or "length"
+                while joining or batch.active:
+                    self._join(batch, slots, joining)
+                    joining = []
+                    tokens = batch.step().tolist()
+                    for row, job in enumerate(slots):
+                        if job is not None:
+                            self._send(job, tokens[row], loop)
+                    batch.stop([row for row, job in enumerate(slots) if job is not None and _ended(job)])
+                    for row, job in enumerate(slots):
+                        if job is not None and not batch.budget[row]:
+                            self._finish(job, loop)
+                            slots[row] = None
+                    joining = self._joiners(first, loop, fits)
+                    self.running = sum(job is not None for job in slots) + len(joining)
+            except Exception as err:  # the batch fails; the server keeps serving others
+                failed = {job.id: job for job in [*slots, *joining] if job is not None}
+                for job in failed.values():
+                    loop.call_soon_threadsafe(job.events.put_nowait, ("error", err))
+
+    def _start_batch(self, jobs: list[Job]) -> RunningBatch:
+        """A batch for the jobs starting it, with a cache twice as long as they need, so that jobs that come
+        while they decode have room. With `spare_rows` (the default on a GPU) it has `max_batch` rows from
+        the start: a GPU's decoding step is bound by reading the weights, so a spare row costs almost
+        nothing and lets a job join at once. On a CPU a step costs in proportion to its rows, so by
+        default there are only as many as jobs (a job joins when one ends). A seeded job decodes alone,
+        in one row, so that its seed gives `generate`'s tokens."""
+        need = max(len(job.input_ids) for job in jobs) + max(job.max_new_tokens for job in jobs)
+        length = max(need, min(2 * need, self.model.config.text_config.max_position_embeddings))
+        first = jobs[0]
+        sampling = Sampling(first.temperature, first.top_p) if first.temperature > 0 else None
+        if sampling is not None and first.seed is not None:
+            torch.manual_seed(first.seed)
+        rows = self.max_batch if self.spare_rows and first.seed is None else len(jobs)
+        return RunningBatch(static_cache_decoder(self.model), rows, length, sampling)
+
+    def _join(self, batch: RunningBatch, slots: list[Job | None], jobs: list[Job]) -> None:
+        """Prefill each job into a free row; their images not cached are encoded in one call."""
+        device = self.model.device
+        features = self._image_features([image for job in jobs for image in job.images], device)
+        start = 0
+        for job in jobs:
+            count = len(job.images)
+            input_ids = torch.tensor([job.input_ids], device=device)
+            embeds = self.model.embed_inputs(input_ids, features[start : start + count] if count else None)
+            start += count
+            slots[batch.join(embeds, job.max_new_tokens)] = job
+
+    def _send(self, job: Job, token: int, loop) -> None:
+        """One new token of a running job: its text so far streams out, and a stop string or its budget
+        ends it."""
+        if job.finish_reason is not None:
+            return
+        if token in self.eos:
+            job.finish_reason = "stop"
+            return
+        job.tokens.append(token)
+        text = self.processor.decode(job.tokens)
+        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+            return
+        for stop in job.stop:
+            if stop in text:
+                text, job.finish_reason = text[: text.index(stop)], "stop"
+                break
+        if len(job.tokens) >= job.max_new_tokens and job.finish_reason is None:
+            job.finish_reason = "length"
+        delta, job.text = text[len(job.text) :], text
+        if delta:
+            loop.call_soon_threadsafe(job.events.put_nowait, ("delta", delta))
 
     def _image_features(self, images: list[JobImage], device: torch.device) -> torch.Tensor | None:
         """`(len(images), num_image_tokens, text_hidden)`: the images not cached are encoded in one call
