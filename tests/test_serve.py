@@ -308,6 +308,13 @@ def test_with_spare_rows_a_request_joins_a_lone_running_answer_at_once(server):
     assert server.engine.batches - before == 1
 
 
+def test_a_generation_config_the_decoder_would_not_follow_is_refused_at_start_up(built_model_dir):
+    model, processor = load(built_model_dir)
+    model.generation_config.repetition_penalty = 1.2
+    with pytest.raises(ValueError, match="repetition_penalty=1.2"):
+        Engine(model, processor)
+
+
 def test_a_full_queue_answers_429_with_retry_after(built_model_dir):
     server = Server(built_model_dir, max_queue=2)
     body = {"model": "tiny", "messages": ask(data_url(png())), "max_tokens": 2}

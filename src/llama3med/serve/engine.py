@@ -131,6 +131,7 @@ class Engine:
         spare_rows: bool | None = None,
     ):
         self.model, self.processor = model, processor
+        static_cache_decoder(model)  # refuses, at start-up, a generation config it would not follow
         self.spare_rows = model.device.type == "cuda" if spare_rows is None else spare_rows
         self.features = FeatureCache(feature_cache_bytes)
         self.max_batch, self.max_queue, self.batch_window = max_batch, max_queue, batch_window
