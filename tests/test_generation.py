@@ -192,6 +192,29 @@ def test_prompts_that_join_a_running_batch_get_the_tokens_they_get_alone(tiny_co
     assert jumps == [False, False, True, False]  # the third prompt moved the write position forward
 
 
+def test_a_running_batch_grows_rows_for_prompts_that_come_later(tiny_config, model):
+    shapes = [((2, 5), 8), ((4, 1), 4), ((9, 2), 3)]
+    embeds, alone = [], []
+    for seed, (lengths, new_tokens) in enumerate(shapes):
+        input_ids, attention_mask, pixel_values = prompts(tiny_config, lengths=(lengths,), seed=seed)
+        with torch.inference_mode():
+            embeds.append(model.embed_inputs(input_ids, model.encode_images(pixel_values)))
+        alone.append(decode(model, input_ids, attention_mask, pixel_values, new_tokens)[0].tolist())
+    batch = RunningBatch(StaticCacheDecoder(model.language_model, model.generation_config), rows=1, length=128)
+    got = [[] for _ in shapes]
+    rows = {batch.join(embeds[0], shapes[0][1]): 0}
+    for step in range(8):
+        if step == 3:
+            assert not batch.free_rows
+            batch.grow(3)
+            rows |= {batch.join(embeds[i], shapes[i][1]): i for i in (1, 2)}
+        running = {row: prompt for row, prompt in rows.items() if batch.budget[row]}
+        tokens = batch.step().tolist()
+        for row, prompt in running.items():
+            got[prompt].append(tokens[row])
+    assert got == alone and not batch.active
+
+
 def test_a_prompt_that_would_outrun_the_cache_does_not_fit(tiny_config, model):
     input_ids, attention_mask, pixel_values = prompts(tiny_config, lengths=((2, 2),))
     with torch.inference_mode():

@@ -285,12 +285,13 @@ def test_requests_leave_the_running_batch_when_they_end_and_new_ones_take_their_
     assert server.engine.batches - before == 1  # all three decoded in one running batch
 
 
-def test_with_spare_rows_a_request_joins_a_lone_running_answer_at_once(server):
-    """As on a GPU, where the batch keeps `max_batch` rows from the start."""
+@pytest.mark.parametrize("spare_rows", [False, True])
+def test_a_request_that_comes_while_a_lone_answer_decodes_joins_it_at_once(server, spare_rows):
+    """On a CPU (no spare rows) the batch grows a row for it; on a GPU it has `max_batch` rows from the start."""
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
     url = data_url(png(130))
     alone = client.chat.completions.create(model="tiny", messages=ask(url), max_tokens=3, temperature=0)
-    server.engine.spare_rows = True
+    server.engine.spare_rows = spare_rows
     try:
         before = server.engine.batches
         body = {"model": "tiny", "messages": ask(url, "Describe the image."), "max_tokens": 300, "temperature": 0}

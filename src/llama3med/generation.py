@@ -348,6 +348,30 @@ class RunningBatch:
             self.written += 1
         return token
 
+    @torch.inference_mode()
+    def grow(self, rows: int) -> None:
+        """Take `rows` rows in all, the new ones free: the cache is copied into a larger one, so a batch
+        that started small takes the prompts that came later without waiting for a row to end."""
+        old_rows = len(self.budget)
+        if rows <= old_rows:
+            return
+        old = self.cache
+        self.cache = self.decoder._empty_cache(rows, self.length)
+        for source, target in zip(old.layers, self.cache.layers, strict=True):
+            if source.is_initialized:
+                target.lazy_initialization(
+                    source.keys[:1].expand(rows, -1, -1, -1), source.values[:1].expand(rows, -1, -1, -1)
+                )
+                target.keys[:old_rows] = source.keys
+                target.values[:old_rows] = source.values
+                target.cumulative_length.fill_(self.written)
+        new = rows - old_rows
+        self.mask = torch.cat([self.mask, torch.zeros_like(self.mask[:1]).expand(new, -1)])
+        self.mask[old_rows:, 0] = 1
+        self.positions = torch.cat([self.positions, torch.zeros_like(self.positions[:1]).expand(new, -1)])
+        self.logits = torch.cat([self.logits, torch.zeros_like(self.logits[:1]).expand(new, -1)])
+        self.budget += [0] * new
+
     def stop(self, rows: list[int]) -> None:
         """End these rows now (a stop string, a cancelled request); they are free for the next prompt."""
         for row in rows:

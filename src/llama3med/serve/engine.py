@@ -199,6 +199,11 @@ class Engine:
                 chosen.append(self.pending.popleft())
         return chosen
 
+    def _waiting_with(self, first: Job) -> int:
+        """How many jobs at the head of the queue may decode with `first`."""
+        with self.pending_lock:
+            return next((i for i, job in enumerate(self.pending) if job.sampling != first.sampling), len(self.pending))
+
     def _finish(self, job: Job, loop) -> None:
         job.finish_reason = job.finish_reason or "length"
         self.finished[job.finish_reason] += 1
@@ -230,6 +235,10 @@ class Engine:
                         if job is not None and not batch.budget[row]:
                             self._finish(job, loop)
                             slots[row] = None
+                    waiting = self._waiting_with(first)
+                    if waiting > len(batch.free_rows):
+                        batch.grow(min(self.max_batch, len(batch.budget) + waiting - len(batch.free_rows)))
+                        slots += [None] * (len(batch.budget) - len(slots))
                     joining = self._joiners(first, loop, fits)
                     self.running = sum(job is not None for job in slots) + len(joining)
             except Exception as err:  # the batch fails; the server keeps serving others
@@ -240,10 +249,11 @@ class Engine:
     def _start_batch(self, jobs: list[Job]) -> RunningBatch:
         """A batch for the jobs starting it, with a cache twice as long as they need, so that jobs that come
         while they decode have room. With `spare_rows` (the default on a GPU) it has `max_batch` rows from
-        the start: a GPU's decoding step is bound by reading the weights, so a spare row costs almost
-        nothing and lets a job join at once. On a CPU a step costs in proportion to its rows, so by
-        default there are only as many as jobs (a job joins when one ends). A seeded job decodes alone,
-        in one row, so that its seed gives `generate`'s tokens."""
+        the start: a GPU's decoding step is bound by reading the weights, so spare rows cost almost
+        nothing, and the step keeps one shape (one CUDA graph). On a CPU a step costs in proportion to its
+        rows, so by default there are only as many as jobs, and the batch grows a row for each job that
+        comes, up to `max_batch`. A seeded job decodes alone, in one row, so that its seed gives
+        `generate`'s tokens."""
         need = max(len(job.input_ids) for job in jobs) + max(job.max_new_tokens for job in jobs)
         length = max(need, min(2 * need, self.model.config.text_config.max_position_embeddings))
         first = jobs[0]
