@@ -265,7 +265,7 @@ class RunningBatch:
     the cache's write position. Rows keep their own positions (RoPE), so prompts of any length share one
     write position; a prompt longer than that position moves it forward for every row, and the rows
     already there mask the positions skipped. A free row attends to one position, so its unused output
-    stays finite. The step has the same shapes throughout: compiled, one graph serves the whole batch.
+    stays finite. The step keeps its shapes until `grow` adds rows: compiled, one graph serves the batch.
     """
 
     @torch.inference_mode()
