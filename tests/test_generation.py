@@ -162,17 +162,31 @@ def test_sampling_keeps_to_the_configs_top_k_and_refuses_warpers_it_does_not_app
         decode(model, *inputs, 8, sampling=Sampling())
 
 
+def prompts_decoded_alone(config, model, shapes):
+    """One prompt per `((before, after), new_tokens)`: its embeddings, and the tokens it gets decoded alone."""
+    embeds, alone = [], []
+    for seed, (lengths, new_tokens) in enumerate(shapes):
+        input_ids, attention_mask, pixel_values = prompts(config, lengths=(lengths,), seed=seed)
+        with torch.inference_mode():
+            embeds.append(model.embed_inputs(input_ids, model.encode_images(pixel_values)))
+        alone.append(decode(model, input_ids, attention_mask, pixel_values, new_tokens)[0].tolist())
+    return embeds, alone
+
+
+def step_into(batch, rows, got):
+    """One step of `batch`; each running row's token goes to its prompt's list (`rows`: row -> prompt)."""
+    running = {row: prompt for row, prompt in rows.items() if batch.budget[row]}
+    tokens = batch.step().tolist()
+    for row, prompt in running.items():
+        got[prompt].append(tokens[row])
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_prompts_that_join_a_running_batch_get_the_tokens_they_get_alone(tiny_config, model, compiled):
     """As `serve` batches: two rows, four prompts. The second ends first and the third, longer than the
     write position so far, takes its row (moving the position forward); the fourth waits for a free row."""
     shapes = [((2, 5), 7), ((4, 1), 2), ((9, 9), 4), ((1, 2), 3)]  # (text before, after the image), new tokens
-    embeds, alone = [], []
-    for seed, (lengths, new_tokens) in enumerate(shapes):
-        input_ids, attention_mask, pixel_values = prompts(tiny_config, lengths=(lengths,), seed=seed)
-        with torch.inference_mode():
-            embeds.append(model.embed_inputs(input_ids, model.encode_images(pixel_values)))
-        alone.append(decode(model, input_ids, attention_mask, pixel_values, new_tokens)[0].tolist())
+    embeds, alone = prompts_decoded_alone(tiny_config, model, shapes)
     decoder = StaticCacheDecoder(model.language_model, model.generation_config)
     if compiled:
         decoder.compile()
@@ -184,22 +198,14 @@ def test_prompts_that_join_a_running_batch_get_the_tokens_they_get_alone(tiny_co
             rows[batch.join(embeds[waiting[0]], shapes[waiting[0]][1])] = waiting[0]
             jumps.append(batch.written > before > 0)
             waiting.pop(0)
-        running = {row: prompt for row, prompt in rows.items() if batch.budget[row]}
-        tokens = batch.step().tolist()
-        for row, prompt in running.items():
-            got[prompt].append(tokens[row])
+        step_into(batch, rows, got)
     assert got == alone
     assert jumps == [False, False, True, False]  # the third prompt moved the write position forward
 
 
 def test_a_running_batch_grows_rows_for_prompts_that_come_later(tiny_config, model):
     shapes = [((2, 5), 8), ((4, 1), 4), ((9, 2), 3)]
-    embeds, alone = [], []
-    for seed, (lengths, new_tokens) in enumerate(shapes):
-        input_ids, attention_mask, pixel_values = prompts(tiny_config, lengths=(lengths,), seed=seed)
-        with torch.inference_mode():
-            embeds.append(model.embed_inputs(input_ids, model.encode_images(pixel_values)))
-        alone.append(decode(model, input_ids, attention_mask, pixel_values, new_tokens)[0].tolist())
+    embeds, alone = prompts_decoded_alone(tiny_config, model, shapes)
     batch = RunningBatch(StaticCacheDecoder(model.language_model, model.generation_config), rows=1, length=128)
     got = [[] for _ in shapes]
     rows = {batch.join(embeds[0], shapes[0][1]): 0}
@@ -208,10 +214,7 @@ def test_a_running_batch_grows_rows_for_prompts_that_come_later(tiny_config, mod
             assert not batch.free_rows
             batch.grow(3)
             rows |= {batch.join(embeds[i], shapes[i][1]): i for i in (1, 2)}
-        running = {row: prompt for row, prompt in rows.items() if batch.budget[row]}
-        tokens = batch.step().tolist()
-        for row, prompt in running.items():
-            got[prompt].append(tokens[row])
+        step_into(batch, rows, got)
     assert got == alone and not batch.active
 
 
