@@ -64,17 +64,16 @@ class FeatureCache:
             return features
 
     def put(self, key: str, features: torch.Tensor) -> None:
-        size = features.numel() * features.element_size()
-        if size > self.max_bytes:
+        if features.nbytes > self.max_bytes:
             return
         with self.lock:
             if key in self.entries:
                 return
             self.entries[key] = features
-            self.bytes += size
+            self.bytes += features.nbytes
             while self.bytes > self.max_bytes:
                 _, old = self.entries.popitem(last=False)
-                self.bytes -= old.numel() * old.element_size()
+                self.bytes -= old.nbytes
 
 
 @dataclass
