@@ -309,10 +309,12 @@ def test_a_request_that_comes_while_a_lone_answer_decodes_joins_it_at_once(serve
     assert server.engine.batches - before == 1
 
 
-def test_a_generation_config_the_decoder_would_not_follow_is_refused_at_start_up(built_model_dir):
+@pytest.mark.parametrize(("field", "value"), [("repetition_penalty", 1.2), ("min_p", 0.05)])
+def test_a_generation_config_the_decoder_would_not_follow_is_refused_at_start_up(built_model_dir, field, value):
+    """Greedy or sampled alike: a server that would fail every sampled request must not start."""
     model, processor = load(built_model_dir)
-    model.generation_config.repetition_penalty = 1.2
-    with pytest.raises(ValueError, match="repetition_penalty=1.2"):
+    setattr(model.generation_config, field, value)
+    with pytest.raises(ValueError, match=f"{field}={value}"):
         Engine(model, processor)
 
 

@@ -220,12 +220,16 @@ class StaticCacheDecoder:
             logits = self.step(token[:, None], position, mask, cache)
         return torch.stack(new_tokens, dim=1)
 
+    def check_sampling(self) -> None:
+        """Raise, naming the field, if the generation config sets something sampling would not apply."""
+        _refuse_fields(self.generation_config, UNSUPPORTED_IN_SAMPLING)
+
     def _chooser(self, sampling: Sampling | None) -> Callable[[torch.Tensor], torch.Tensor]:
         """`(B, vocab)` logits -> `(B,)` next tokens: the argmax, or a draw after `generate`'s warpers
         (each only where `generate` would add it)."""
         if sampling is None:
             return lambda logits: logits.argmax(-1)
-        _refuse_fields(self.generation_config, UNSUPPORTED_IN_SAMPLING)
+        self.check_sampling()
         top_k = self.generation_config.top_k
         if top_k is None:
             top_k = GenerationConfig._get_default_generation_params()["top_k"]

@@ -130,7 +130,9 @@ class Engine:
         spare_rows: bool | None = None,
     ):
         self.model, self.processor = model, processor
-        static_cache_decoder(model)  # refuses, at start-up, a generation config it would not follow
+        # Refused at start-up rather than request by request: a generation config the decoder would not
+        # follow, greedy or sampled (OpenAI clients sample by default).
+        static_cache_decoder(model).check_sampling()
         self.spare_rows = model.device.type == "cuda" if spare_rows is None else spare_rows
         self.features = FeatureCache(feature_cache_bytes)
         self.max_batch, self.max_queue, self.batch_window = max_batch, max_queue, batch_window
