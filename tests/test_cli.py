@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel
 import numpy as np
 import pydicom
 import pytest
@@ -36,6 +37,16 @@ def test_ask_is_deterministic_when_greedy_and_takes_a_window(built_model_dir, tm
     assert first == second
     assert main([*args, "--window", "lung"]) == 0
     assert main([*args, "--window=-600,1500"]) == 0
+
+
+def test_ask_reads_a_nifti_volume_and_its_frame_option_picks_the_axial_slice(built_model_dir, tmp_path, capsys):
+    voxels = np.random.default_rng(0).integers(-1000, 1000, size=(32, 32, 3), dtype=np.int16)
+    volume = tmp_path / "ct.nii.gz"
+    nibabel.save(nibabel.Nifti1Image(voxels, np.eye(4)), volume)
+    args = ["ask", "--model", str(built_model_dir), "--image", str(volume), "--max-new-tokens", "4", "Is it normal?"]
+    assert main(args) == 0 and main([*args, "--frame", "0"]) == 0
+    assert main([*args, "--frame", "3"]) == 1
+    assert "ct.nii.gz: slice 3 requested but the NIfTI volume has 3 axial slices" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

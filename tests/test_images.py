@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import write_dicom
-from llama3med.processing import ImageLoadError, load_image, window_values
+from llama3med.processing import ImageLoadError, frame_count, load_image, window_values
 
 
 def dicom_window(values, centre, width):
@@ -64,6 +64,7 @@ def test_multiframe_takes_the_middle_frame_or_the_chosen_one(tmp_path):
     np.testing.assert_array_equal(first, dicom_window(np.full((4, 4), 10.0), 30.0, 41.0))
     with pytest.raises(ImageLoadError, match="frame 7 requested but the DICOM has 5 frames"):
         load_image(path, frame=7)
+    assert frame_count(path) == 5 and frame_count(write_dicom(tmp_path / "one.dcm", frames[0])) == 1
 
 
 def test_pydicoms_real_ct_and_mr_slices_load():

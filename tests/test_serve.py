@@ -5,6 +5,7 @@ keeps serving."""
 
 import asyncio
 import base64
+import gzip
 import io
 import json
 import re
@@ -16,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import nibabel
 import numpy as np
 import openai
 import pydicom
@@ -26,7 +28,7 @@ from PIL import Image
 
 from conftest import write_dicom
 from llama3med.checkpoints import load
-from llama3med.processing import load_image
+from llama3med.processing import load_image, window_values
 from llama3med.serve import Engine, Settings, create_app
 from llama3med.serve.engine import FeatureCache, JobImage
 
@@ -110,6 +112,10 @@ def test_dicom_images_are_accepted_and_rendered_with_a_window(server, tmp_path):
     assert reply.choices[0].message.content is not None
     rendered = httpx.post(f"{server.url}/v1/render?window=lung", content=ct)
     assert rendered.status_code == 200 and Image.open(io.BytesIO(rendered.content)).size == (128, 128)
+    assert rendered.headers["x-frame"] == "0" and rendered.headers["x-frame-count"] == "1"
+    for query, message in (("frame=1", "frame 1 requested but the image has 1"), ("frame=-1", "whole number")):
+        refused = httpx.post(f"{server.url}/v1/render?{query}", content=ct)
+        assert refused.status_code == 400 and message in refused.json()["error"]["message"]
     (server.allowed / "scan.png").write_bytes(png(90))
     reply = client.chat.completions.create(
         model="tiny", messages=ask(f"file://{server.allowed / 'scan.png'}"), max_tokens=2
@@ -400,10 +406,46 @@ def test_the_web_page_renders_a_dicom_and_streams_an_answer(server, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     shown = json.loads(result.stdout)
-    assert shown["preview"].startswith("blob:") and shown["image"] == "data:image/png;base64"
+    assert shown["preview"].startswith("blob:") and shown["image"].startswith("data:image/png;base64,")
+    assert shown["first"]["hidden"] is True  # one slice: no slider
     assert [m["cls"] for m in shown["log"]] == ["msg user", "msg assistant"]
     assert shown["history"][0]["content"][0]["type"] == "image_url"
     assert shown["history"][1] == {"role": "assistant", "content": shown["log"][1]["text"]}
+
+
+def test_a_nifti_volume_in_a_chat_is_answered_as_its_middle_slice_is(server):
+    voxels = np.random.default_rng(0).integers(-1000, 1000, size=(48, 40, 7), dtype=np.int16)
+    volume = gzip.compress(nibabel.Nifti1Image(voxels, np.diag([-0.8, -0.8, 3.0, 1.0])).to_bytes())
+    middle = httpx.post(f"{server.url}/v1/render", content=volume)
+    assert middle.headers["x-frame"] == "3" and middle.headers["x-frame-count"] == "7"
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    answers = [
+        client.chat.completions.create(model="tiny", messages=ask(url), max_tokens=6, temperature=0).choices[0]
+        for url in (data_url(volume, "application/gzip"), data_url(middle.content))
+    ]
+    assert answers[0].message.content == answers[1].message.content
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs Node.js to run the page's script")
+def test_the_web_page_shows_a_nifti_volumes_middle_slice_and_asks_about_the_slice_chosen_on_its_slider(
+    server, tmp_path
+):
+    script = re.search(r"<script>(.*)</script>", httpx.get(f"{server.url}/").text, re.S).group(1)
+    (tmp_path / "page.js").write_text(script)
+    volume = tmp_path / "ct.nii.gz"
+    slices = [np.full((6, 8), 100 * k - 200, dtype=np.int16) for k in range(5)]  # HU rising from the feet
+    volume.write_bytes(gzip.compress(nibabel.Nifti1Image(np.stack(slices, axis=2), np.eye(4)).to_bytes()))
+    harness = Path(__file__).parent / "web" / "page_harness.js"
+    command = ["node", str(harness), str(tmp_path / "page.js"), server.url, str(volume), "Is there a lesion?", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["first"] == {"hidden": False, "max": "4", "value": "2"}  # opened at the middle slice
+    assert shown["shownFrame"] == {"value": "1", "label": "2 of 5"}
+    sent = base64.b64decode(shown["history"][0]["content"][0]["image_url"]["url"].partition(",")[2])
+    rendered = httpx.post(f"{server.url}/v1/render?window=soft_tissue&frame=1", content=volume.read_bytes())
+    assert sent == rendered.content  # the model is asked about the slice the page shows
+    assert np.asarray(Image.open(io.BytesIO(sent)))[0, 0, 0] == window_values(np.array(-100.0), 40, 400)
 
 
 def test_seeded_sampling_repeats_and_stop_strings_cut_the_answer(server):

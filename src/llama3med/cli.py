@@ -59,7 +59,8 @@ def cmd_ask(args: argparse.Namespace) -> None:
     from .inference import answer, best_device
     from .processing import load_image
 
-    image = load_image(args.image, window=args.window)  # fail on a bad image before loading the model
+    # fail on a bad image before loading the model
+    image = load_image(args.image, window=args.window, frame=args.frame)
     model, processor = _load_for_answering(_model_dir(args.model), best_device(), args)
     print(
         answer(
@@ -393,13 +394,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="5GB")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("ask", help="answer a question about one image (DICOM, PNG, JPEG, ...)")
+    p = sub.add_parser("ask", help="answer a question about one image (DICOM, NIfTI, PNG, JPEG, ...)")
     p.add_argument("question", help="the question, e.g. 'Is there a lesion?'")
     p.add_argument("--image", required=True, help="image file")
+    p.add_argument(
+        "--frame",
+        type=int,
+        default=None,
+        help="a multi-frame DICOM's frame or a NIfTI volume's axial slice, from 0 at the feet (default: the middle)",
+    )
     p.add_argument("--model", default=None, help="model directory (default: the built-in phantom demo model)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--window", type=_window, default=None, help="DICOM window: CENTRE,WIDTH or a CT preset")
+    p.add_argument("--window", type=_window, default=None, help="DICOM/NIfTI window: CENTRE,WIDTH or a CT preset")
     _add_precision_options(p)
     p.set_defaults(func=cmd_ask)
 

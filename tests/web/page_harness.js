@@ -1,9 +1,10 @@
 // Runs the web page's own script in Node against a live server, with just enough of a DOM for it:
-// picks a DICOM file, renders it, asks a question, and prints what the page would show as JSON.
-// Usage: node page_harness.js PAGE_SCRIPT SERVER_URL IMAGE QUESTION
+// picks an image file, renders it, moves the slice slider to FRAME when given, asks a question, and prints
+// what the page would show as JSON.
+// Usage: node page_harness.js PAGE_SCRIPT SERVER_URL IMAGE QUESTION [FRAME]
 "use strict";
 const fs = require("fs");
-const [pageScript, server, imagePath, question] = process.argv.slice(2);
+const [pageScript, server, imagePath, question, chosenFrame] = process.argv.slice(2);
 
 class Node_ {
   constructor(id) { this.id = id; this.value = ""; this.textContent = ""; this.className = ""; this.children = [];
@@ -28,10 +29,16 @@ const test = `
   file = new Blob([fs.readFileSync(imagePath)]);
   document.getElementById("window").value = "soft_tissue";
   await render();
+  const slider = document.getElementById("frame"), frames = document.getElementById("frames");
+  const first = { hidden: frames.hidden, max: slider.max, value: slider.value };
+  if (chosenFrame !== undefined) { slider.value = chosenFrame; await slider.onchange(); }
+  const shownFrame = { value: slider.value, label: document.getElementById("frame-label").textContent };
   document.getElementById("question").value = question;
   await document.getElementById("ask").onsubmit({ preventDefault() {} });
   const log = document.getElementById("log").children.map((c) => ({ cls: c.className, text: c.textContent }));
-  console.log(JSON.stringify({ preview: document.getElementById("preview").src, image: imageUrl.slice(0, 21), log, history }));
+  console.log(JSON.stringify({ preview: document.getElementById("preview").src, image: imageUrl, log, history,
+    first, shownFrame }));
 })().catch((err) => { console.error(err); process.exit(1); });
 `;
-new Function("fs", "imagePath", "question", fs.readFileSync(pageScript, "utf8") + test)(fs, imagePath, question);
+new Function("fs", "imagePath", "question", "chosenFrame", fs.readFileSync(pageScript, "utf8") + test)(
+  fs, imagePath, question, chosenFrame);

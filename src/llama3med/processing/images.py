@@ -1,14 +1,17 @@
-"""Loading medical images (DICOM, PNG, JPEG, TIFF, BMP) into 8-bit RGB, with clear errors.
+"""Loading medical images (DICOM, NIfTI, PNG, JPEG, TIFF, BMP) into 8-bit RGB, with clear errors.
 
-DICOM slices are rescaled to their physical values (Hounsfield units for CT) and windowed to 8 bits the
-way a radiologist's viewer shows them; everything else goes through Pillow. The pixel count is capped
-before decoding, so a decompression bomb is refused without being expanded.
+DICOM slices and NIfTI volumes are rescaled to their physical values (Hounsfield units for CT) and
+windowed to 8 bits the way a radiologist's viewer shows them; a volume gives one axial slice, oriented as
+such a viewer shows it. Everything else goes through Pillow. Pixel and voxel counts are capped before
+decoding, so a decompression bomb is refused without being expanded.
 """
 
 from __future__ import annotations
 
+import gzip
 import io
 import warnings
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +19,8 @@ import numpy as np
 from PIL import Image
 
 DEFAULT_MAX_PIXELS = 64_000_000  # a 8000 x 8000 image; far above any radiology slice
+MAX_VOLUME_VOXELS = 2**30  # a 1024^3 volume; a whole-body CT at 0.7 mm is about a quarter of that
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 # (centre, width) in Hounsfield units: the usual CT presets.
 CT_WINDOWS: dict[str, tuple[float, float]] = {
@@ -51,6 +56,23 @@ def is_dicom(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
+def middle_frame(count: int) -> int:
+    """The frame or slice shown when none is chosen: the middle one, as viewers open a series."""
+    return count // 2
+
+
+def nifti_header_bytes(data: bytes) -> bytes | None:
+    """The first bytes of a NIfTI-1 or NIfTI-2 file, decompressed when it is gzipped; None if `data` is
+    not one. Single-file NIfTI carries `n+1` at byte 344 (NIfTI-1) or `n+2` at byte 4 (NIfTI-2)."""
+    head = data[:540]
+    if data[:2] == b"\x1f\x8b":
+        try:
+            head = zlib.decompressobj(wbits=31).decompress(data, 540)
+        except zlib.error:
+            return None
+    return head if head[344:348] == b"n+1\x00" or head[4:8] == b"n+2\x00" else None
+
+
 def load_image(
     source: ImageSource,
     *,
@@ -60,17 +82,49 @@ def load_image(
 ) -> Image.Image:
     """An 8-bit RGB image from a path, raw bytes or a PIL image.
 
-    `window` (DICOM only) is a `(centre, width)` pair or a name from `CT_WINDOWS`; without it the
-    file's own window is used, else its full range. `frame` picks a frame of a multi-frame DICOM
-    (default: the middle one).
+    `window` (DICOM and NIfTI) is a `(centre, width)` pair or a name from `CT_WINDOWS`; without it the
+    file's own window is used (DICOM's window tags, NIfTI's `cal_min`/`cal_max`), else its full range.
+    `frame` picks a frame of a multi-frame DICOM or an axial slice of a NIfTI volume, counted from the
+    feet (default: the middle one).
     """
     if isinstance(source, Image.Image):
         return _to_rgb(source, source, max_pixels)
     data = _read_bytes(source)
-    if is_dicom(data) or (not isinstance(source, bytes) and Path(source).suffix.lower() in (".dcm", ".dicom")):
-        pixels = dicom_to_uint8(data, source, window=window, frame=frame, max_pixels=max_pixels)
-        return Image.fromarray(pixels).convert("RGB")
-    return _open_with_pillow(data, source, max_pixels)
+    kind = _medical_kind(source, data)
+    if kind is None:
+        return _open_with_pillow(data, source, max_pixels)
+    to_uint8 = dicom_to_uint8 if kind == "dicom" else nifti_to_uint8
+    return Image.fromarray(to_uint8(data, source, window=window, frame=frame, max_pixels=max_pixels)).convert("RGB")
+
+
+def frame_count(source: str | Path | bytes) -> int:
+    """How many images `load_image`'s `frame` chooses from: a DICOM's frames, a NIfTI volume's axial
+    slices, else 1. Reads headers only."""
+    data = _read_bytes(source)
+    kind = _medical_kind(source, data)
+    if kind == "nifti":
+        volume = _open_nifti(data, source)
+        return (volume.shape + (1, 1))[:3][_axial_axis(volume)[0]]
+    if kind == "dicom":
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+
+        try:
+            header = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError, EOFError) as err:
+            raise ImageLoadError(source, f"unreadable DICOM ({err})") from None
+        return int(getattr(header, "NumberOfFrames", 1) or 1)
+    return 1
+
+
+def _medical_kind(source: str | Path | bytes, data: bytes) -> str | None:
+    """`dicom` or `nifti` by content or file suffix; None for what Pillow should read."""
+    suffix = "" if isinstance(source, bytes) else "".join(Path(source).suffixes[-2:]).lower()
+    if is_dicom(data) or suffix.endswith((".dcm", ".dicom")):
+        return "dicom"
+    if suffix.endswith(NIFTI_SUFFIXES) or nifti_header_bytes(data) is not None:
+        return "nifti"
+    return None
 
 
 def _read_bytes(source: str | Path | bytes) -> bytes:
@@ -101,7 +155,7 @@ def _open_with_pillow(data: bytes, source: object, max_pixels: int) -> Image.Ima
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageLoadError(source, f"refused as a decompression bomb ({err})") from None
     except Image.UnidentifiedImageError:
-        raise ImageLoadError(source, "not an image Pillow or pydicom can read") from None
+        raise ImageLoadError(source, "not an image Pillow, pydicom or nibabel can read") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageLoadError(source, f"corrupt or truncated image ({err})") from None
     return _to_rgb(image, source, max_pixels)
@@ -156,7 +210,7 @@ def dicom_to_uint8(
         raise ImageLoadError(source, f"cannot decode the DICOM pixel data{encoding}: {reason}") from None
     samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
     if frames > 1:
-        index = frames // 2 if frame is None else frame
+        index = middle_frame(frames) if frame is None else frame
         if not 0 <= index < frames:
             raise ImageLoadError(source, f"frame {index} requested but the DICOM has {frames} frames")
         pixels = pixels[index]
@@ -165,23 +219,119 @@ def dicom_to_uint8(
     values = pixels.astype(np.float64) * float(getattr(ds, "RescaleSlope", 1) or 1) + float(
         getattr(ds, "RescaleIntercept", 0) or 0
     )
-    centre_width = _resolve_window(window, ds, source)
-    out = window_values(values, *centre_width) if centre_width else _stretch_to_uint8(values)
+    own_window = None
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        own_window = _first(ds.WindowCenter), _first(ds.WindowWidth)
+    out = _windowed(values, _resolve_window(window, own_window, source))
     if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
         out = 255 - out  # MONOCHROME1: low values are bright
     return out
 
 
-def _resolve_window(window: Window, ds, source: object) -> tuple[float, float] | None:
+def nifti_to_uint8(
+    data: bytes,
+    source: object = "<nifti>",
+    *,
+    window: Window = None,
+    frame: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """One axial slice of a NIfTI volume (`.nii` or `.nii.gz`), windowed to `(H, W)` 8-bit.
+
+    The slice is the one nearest to axial in the volume's own affine, counted from the feet, and shown as
+    radiologists view axial images: anterior at the top, the patient's right on the viewer's left. Only
+    that slice is decompressed into memory, with the file's scaling (`scl_slope`, `scl_inter`) applied.
+    """
+    volume = _open_nifti(data, source)
+    try:
+        plane = _axial_slice(volume, frame, source, max_pixels)
+    except ImageLoadError:
+        raise
+    except (OSError, EOFError, ValueError, zlib.error) as err:
+        raise ImageLoadError(source, f"corrupt or truncated NIfTI ({' '.join(str(err).split())})") from None
+    low, high = float(volume.header["cal_min"]), float(volume.header["cal_max"])
+    own_window = ((low + high) / 2 + 0.5, high - low + 1) if high > low else None  # maps cal_min..cal_max to 0..255
+    return _windowed(plane, _resolve_window(window, own_window, source))
+
+
+def _open_nifti(data: bytes, source: object):
+    """The volume's header and a proxy of its voxels (nothing decompressed past the header yet), checked."""
+    import nibabel
+
+    head = nifti_header_bytes(data)
+    if head is None:
+        raise ImageLoadError(source, "not a NIfTI-1 or NIfTI-2 file (no n+1/n+2 magic; .hdr/.img pairs are not read)")
+    stream = gzip.GzipFile(fileobj=io.BytesIO(data)) if data[:2] == b"\x1f\x8b" else io.BytesIO(data)
+    image_class = nibabel.Nifti1Image if head[344:348] == b"n+1\x00" else nibabel.Nifti2Image
+    try:
+        volume = image_class.from_stream(stream)
+    except Exception as err:  # nibabel raises several types for broken headers
+        raise ImageLoadError(source, f"unreadable NIfTI header ({' '.join(str(err).split())})") from None
+    shape = volume.shape
+    if len(shape) > 3 and any(extent != 1 for extent in shape[3:]):
+        extents = "x".join(map(str, shape))
+        raise ImageLoadError(source, f"NIfTI has {len(shape)} dimensions ({extents}); give one 3D volume")
+    if volume.get_data_dtype().kind not in "biuf":
+        kind = volume.get_data_dtype()
+        raise ImageLoadError(source, f"NIfTI voxels of type {kind} (only greyscale volumes are read)")
+    voxels = int(np.prod(shape, dtype=np.int64))
+    if voxels > MAX_VOLUME_VOXELS:
+        raise ImageLoadError(source, f"{voxels} voxels exceed the limit of {MAX_VOLUME_VOXELS} (decompression bomb?)")
+    return volume
+
+
+def _axial_axis(volume) -> tuple[int, np.ndarray]:
+    """The array axis nearest the patient's superior direction, and each array axis's world axis and
+    direction (`nibabel.io_orientation`: R=0, A=1, S=2; +1 or -1)."""
+    import nibabel
+
+    orientation = nibabel.io_orientation(volume.affine)
+    if np.isnan(orientation).any():  # a degenerate affine: take the array's axes as they are
+        orientation = np.array([[0, 1], [1, 1], [2, 1]])
+    return int(np.flatnonzero(orientation[:, 0] == 2)[0]), orientation
+
+
+def _axial_slice(volume, frame: int | None, source: object, max_pixels: int) -> np.ndarray:
+    """`(H, W)` float64: axial slice `frame` (from the feet) in display orientation (rows from anterior to
+    posterior, columns from the patient's right to left)."""
+    shape = (volume.shape + (1, 1))[:3]
+    axial, orientation = _axial_axis(volume)
+    count = shape[axial]
+    index = middle_frame(count) if frame is None else frame
+    if not 0 <= index < count:
+        raise ImageLoadError(source, f"slice {index} requested but the NIfTI volume has {count} axial slices")
+    in_plane = [axis for axis in range(3) if axis != axial]
+    _check_pixel_count(shape[in_plane[0]] * shape[in_plane[1]], source, max_pixels)
+    position = index if orientation[axial, 1] > 0 else count - 1 - index
+    if len(volume.shape) < 3:
+        plane = np.asarray(volume.dataobj, dtype=np.float64)
+    else:
+        where = [slice(None)] * 3 + [0] * (len(volume.shape) - 3)
+        where[axial] = position
+        plane = np.asarray(volume.dataobj[tuple(where)], dtype=np.float64)
+    if orientation[in_plane[0], 0] > orientation[in_plane[1], 0]:  # make the axes (towards R, towards A)
+        plane, in_plane = plane.T, in_plane[::-1]
+    for dim, axis in enumerate(in_plane):
+        if orientation[axis, 1] < 0:
+            plane = np.flip(plane, dim)
+    return plane[::-1, ::-1].T
+
+
+def _resolve_window(
+    window: Window, own_window: tuple[float, float] | None, source: object
+) -> tuple[float, float] | None:
+    """The caller's window (a preset name or a pair), else the file's own, else None (the full range)."""
     if isinstance(window, str):
         if window not in CT_WINDOWS:
             raise ImageLoadError(source, f"unknown window preset {window!r}; known: {', '.join(CT_WINDOWS)}")
         return CT_WINDOWS[window]
     if window is not None:
         return float(window[0]), float(window[1])
-    if "WindowCenter" in ds and "WindowWidth" in ds:
-        return _first(ds.WindowCenter), _first(ds.WindowWidth)
-    return None
+    return own_window
+
+
+def _windowed(values: np.ndarray, centre_width: tuple[float, float] | None) -> np.ndarray:
+    return window_values(values, *centre_width) if centre_width else _stretch_to_uint8(values)
 
 
 def _first(value) -> float:

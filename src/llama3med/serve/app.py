@@ -25,8 +25,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..processing import IMAGE_PLACEHOLDER, ImageLoadError, SampleTooLongError, load_image
-from ..processing.images import CT_WINDOWS
+from ..processing import IMAGE_PLACEHOLDER, ImageLoadError, SampleTooLongError, frame_count, load_image
+from ..processing.images import CT_WINDOWS, middle_frame
 from .engine import Engine, FeatureCache, Job, JobImage, QueueFull, image_key
 
 logger = logging.getLogger("llama3med.serve")
@@ -49,6 +49,10 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None, headers=None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+
+def body_too_large(settings: Settings) -> ApiError:
+    return ApiError(413, f"request body over {settings.max_body_bytes} bytes (the server's --max-body-mb)")
 
 
 # ---- the OpenAI request format ---------------------------------------------------------------------
@@ -256,7 +260,7 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
                 return error_response(ApiError(401, "missing or wrong API key (Authorization: Bearer ...)"))
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-            return error_response(ApiError(413, f"request body over {settings.max_body_bytes} bytes"))
+            return error_response(body_too_large(settings))
         response = await call_next(request)
         if request.url.path.startswith("/v1/chat") and response.status_code != 200:
             metrics.observe(response.status_code, time.monotonic() - started)
@@ -289,20 +293,29 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
 
     @app.post("/v1/render")
     async def render(request: Request):
-        """The image as the model sees it, as PNG: lets the page show DICOM files with a CT window."""
+        """The image as the model sees it, as PNG: lets the page show DICOM files with a CT window, and a
+        frame or axial slice of a multi-frame DICOM or a NIfTI volume (`X-Frame` of `X-Frame-Count`)."""
         body = await _read_body(request, settings)
         window = request.query_params.get("window") or None
         if window is not None and window not in CT_WINDOWS:
             raise ApiError(400, f"window must be one of {', '.join(CT_WINDOWS)}", "window")
+        frame = request.query_params.get("frame") or None
+        if frame is not None and not frame.isdigit():
+            raise ApiError(400, "frame must be a whole number from 0", "frame")
         try:
-            image = load_image(body, window=window, max_pixels=settings.max_image_pixels)
+            count = frame_count(body)
+            chosen = middle_frame(count) if frame is None else int(frame)
+            if chosen >= count:
+                raise ApiError(400, f"frame {chosen} requested but the image has {count}", "frame")
+            image = load_image(body, window=window, frame=chosen, max_pixels=settings.max_image_pixels)
         except ImageLoadError as err:
             raise ApiError(400, f"unreadable image: {err.reason}", "image") from None
         import io
 
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
-        return Response(buffer.getvalue(), media_type="image/png")
+        headers = {"X-Frame": str(chosen), "X-Frame-Count": str(count)}
+        return Response(buffer.getvalue(), media_type="image/png", headers=headers)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -382,7 +395,7 @@ async def _read_body(request: Request, settings: Settings) -> bytes:
     async for chunk in request.stream():
         size += len(chunk)
         if size > settings.max_body_bytes:
-            raise ApiError(413, f"request body over {settings.max_body_bytes} bytes")
+            raise body_too_large(settings)
         chunks.append(chunk)
     return b"".join(chunks)
 

@@ -1,0 +1,133 @@
+"""NIfTI volumes (`.nii`, `.nii.gz`), the research format of CT and MR: one axial slice, windowed and
+oriented as a radiologist's viewer shows it, from whatever voxel order the file stores."""
+
+import gzip
+import io
+
+import nibabel
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from llama3med.processing import ImageLoadError, frame_count, load_image, window_values
+
+SLICES = 5
+SLICE_STEP = 100  # HU added per slice from the feet up, so each slice can be told apart
+
+
+def ct_volume(storage: tuple[str, str, str] = ("L", "P", "S")) -> tuple[nibabel.Nifti1Image, list[np.ndarray]]:
+    """pydicom's real CT slice as a 5-slice NIfTI volume stored in the axis order `storage`, and the
+    8-bit soft-tissue view of each slice as the DICOM itself shows it (from the feet up). The DICOM's rows
+    run to the patient's posterior and its columns to the left, so its voxel `[column, row, k]` is in
+    L, P, S order."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    stored = ds.pixel_array.copy()
+    hounsfield = stored.astype(np.int16) + int(ds.RescaleIntercept)  # (rows, columns)
+    views = []
+    for k in range(SLICES):
+        ds.PixelData = (stored + k * SLICE_STEP).astype(stored.dtype).tobytes()
+        views.append(np.asarray(load_image(ds_bytes(ds), window="soft_tissue"))[..., 0])
+    voxels = np.stack([hounsfield.T + k * SLICE_STEP for k in range(SLICES)], axis=2)  # (columns, rows, slices)
+    spacing = float(ds.PixelSpacing[0])
+    volume = nibabel.Nifti1Image(voxels, np.diag([-spacing, -spacing, 2.5, 1.0]))  # to RAS+: L and P are negative
+    if storage != ("L", "P", "S"):
+        change = nibabel.orientations.ornt_transform(
+            nibabel.io_orientation(volume.affine), nibabel.orientations.axcodes2ornt(storage)
+        )
+        volume = volume.as_reoriented(change)
+    assert nibabel.aff2axcodes(volume.affine) == storage
+    return volume, views
+
+
+def ds_bytes(ds) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    return buffer.getvalue()
+
+
+def grey(source, **kwargs) -> np.ndarray:
+    image = np.asarray(load_image(source, **kwargs))
+    assert (image[..., 0] == image[..., 1]).all() and (image[..., 0] == image[..., 2]).all()
+    return image[..., 0]
+
+
+@pytest.mark.parametrize(
+    "storage", [("L", "P", "S"), ("R", "A", "S"), ("L", "A", "I"), ("S", "R", "A"), ("P", "I", "L")]
+)
+def test_a_ct_volume_shows_its_middle_axial_slice_as_the_dicom_does_whatever_its_voxel_order(storage):
+    volume, views = ct_volume(storage)
+    assert np.array_equal(grey(volume.to_bytes(), window="soft_tissue"), views[SLICES // 2])
+
+
+@pytest.mark.parametrize("storage", [("L", "P", "S"), ("L", "A", "I")])
+def test_frame_picks_an_axial_slice_counted_from_the_feet(storage):
+    volume, views = ct_volume(storage)
+    for k in (0, SLICES - 1):
+        assert np.array_equal(grey(volume.to_bytes(), window="soft_tissue", frame=k), views[k])
+    assert frame_count(volume.to_bytes()) == SLICES
+    with pytest.raises(
+        ImageLoadError, match=r"^<\d+ bytes>: slice 5 requested but the NIfTI volume has 5 axial slices$"
+    ):
+        load_image(volume.to_bytes(), frame=SLICES)
+
+
+def test_gzipped_and_plain_files_by_suffix_or_by_content_load_alike(tmp_path):
+    volume, views = ct_volume()
+    plain, packed = volume.to_bytes(), gzip.compress(volume.to_bytes())
+    (tmp_path / "ct.nii").write_bytes(plain)
+    (tmp_path / "ct.nii.gz").write_bytes(packed)
+    (tmp_path / "ct-without-suffix").write_bytes(packed)
+    for source in (plain, packed, tmp_path / "ct.nii", tmp_path / "ct.nii.gz", tmp_path / "ct-without-suffix"):
+        assert np.array_equal(grey(source, window="soft_tissue"), views[SLICES // 2])
+
+
+def test_nifti2_files_load_too():
+    volume, views = ct_volume()
+    second = nibabel.Nifti2Image(np.asanyarray(volume.dataobj), volume.affine)
+    assert np.array_equal(grey(second.to_bytes(), window="soft_tissue"), views[SLICES // 2])
+
+
+def test_the_files_scaling_gives_hounsfield_units_and_its_display_range_is_the_default_window():
+    """2 x 2 voxels stored R, A: the view puts anterior at the top and the patient's right on the left."""
+    stored = np.array([[[0], [1000]], [[1040], [1424]]], dtype=np.int16)  # [x][y]; HU = stored - 1024
+    volume = nibabel.Nifti1Image(stored, np.eye(4))
+    volume.header.set_slope_inter(1.0, -1024.0)
+    shown = np.array([[400.0, -24.0], [16.0, -1024.0]])  # HU as displayed
+    assert np.array_equal(grey(volume.to_bytes(), window=(40, 400)), window_values(shown, 40, 400))
+    volume.header["cal_min"], volume.header["cal_max"] = -24.0, 400.0  # the file's own display range
+    assert grey(volume.to_bytes()).tolist() == [[255, 0], [24, 0]]
+    volume.header["cal_min"], volume.header["cal_max"] = 0.0, 0.0  # unset: the full range
+    assert grey(volume.to_bytes()).tolist() == [[255, 179], [186, 0]]
+
+
+def test_a_volume_with_several_time_points_is_refused_by_its_dimensions():
+    series = nibabel.Nifti1Image(np.zeros((4, 4, 3, 2), dtype=np.int16), np.eye(4))
+    with pytest.raises(ImageLoadError, match=r"NIfTI has 4 dimensions \(4x4x3x2\); give one 3D volume"):
+        load_image(series.to_bytes())
+    single = nibabel.Nifti1Image(np.zeros((4, 4, 3, 1), dtype=np.int16), np.eye(4))
+    assert load_image(single.to_bytes()).size == (4, 4)
+
+
+def test_a_truncated_file_is_named_as_corrupt(tmp_path):
+    volume, _ = ct_volume()
+    path = tmp_path / "cut.nii.gz"
+    path.write_bytes(gzip.compress(volume.to_bytes())[:4000])
+    with pytest.raises(ImageLoadError, match=r"cut\.nii\.gz: corrupt or truncated NIfTI"):
+        load_image(path)
+
+
+def test_a_header_claiming_a_huge_volume_is_refused_before_decompressing(tmp_path):
+    header = nibabel.Nifti1Header()
+    header.set_data_shape((4096, 4096, 4096))
+    header.set_data_dtype(np.int16)
+    bomb = header.binaryblock + b"\0" * 4 + b"\0" * 1024  # a header for 128 GiB, and almost no data
+    with pytest.raises(ImageLoadError, match="68719476736 voxels exceed the limit"):
+        load_image(gzip.compress(bomb))
+
+
+def test_a_file_named_nii_that_is_not_nifti_is_refused(tmp_path):
+    path = tmp_path / "scan.nii.gz"
+    path.write_bytes(gzip.compress(b"not a volume" * 100))
+    with pytest.raises(ImageLoadError, match=r"scan\.nii\.gz: not a NIfTI-1 or NIfTI-2 file"):
+        load_image(path)
