@@ -39,14 +39,21 @@ def test_ask_is_deterministic_when_greedy_and_takes_a_window(built_model_dir, tm
     assert main([*args, "--window=-600,1500"]) == 0
 
 
-def test_ask_reads_a_nifti_volume_and_its_frame_option_picks_the_axial_slice(built_model_dir, tmp_path, capsys):
+def test_ask_reads_a_nifti_volume_or_a_dicom_series_and_frame_picks_the_slice(built_model_dir, tmp_path, capsys):
     voxels = np.random.default_rng(0).integers(-1000, 1000, size=(32, 32, 3), dtype=np.int16)
     volume = tmp_path / "ct.nii.gz"
     nibabel.save(nibabel.Nifti1Image(voxels, np.eye(4)), volume)
-    args = ["ask", "--model", str(built_model_dir), "--image", str(volume), "--max-new-tokens", "4", "Is it normal?"]
-    assert main(args) == 0 and main([*args, "--frame", "0"]) == 0
-    assert main([*args, "--frame", "3"]) == 1
-    assert "ct.nii.gz: slice 3 requested but the NIfTI volume has 3 axial slices" in capsys.readouterr().err
+    series = tmp_path / "series"
+    series.mkdir()
+    for k in range(3):
+        write_dicom(series / f"{k}.dcm", (voxels[..., k] + 1000).astype(np.uint16), intercept=-1000)
+    for image in (volume, series):
+        args = ["ask", "--model", str(built_model_dir), "--image", str(image), "--max-new-tokens", "4", "Is it normal?"]
+        assert main(args) == 0 and main([*args, "--frame", "0"]) == 0
+        assert main([*args, "--frame", "3"]) == 1
+    errors = capsys.readouterr().err
+    assert "ct.nii.gz: slice 3 requested but the NIfTI volume has 3 axial slices" in errors
+    assert "series: slice 3 requested but the DICOM series has 3 slices" in errors
 
 
 @pytest.mark.parametrize(

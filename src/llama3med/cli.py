@@ -396,12 +396,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ask", help="answer a question about one image (DICOM, NIfTI, PNG, JPEG, ...)")
     p.add_argument("question", help="the question, e.g. 'Is there a lesion?'")
-    p.add_argument("--image", required=True, help="image file")
+    p.add_argument("--image", required=True, help="image file, or a directory holding one DICOM series")
     p.add_argument(
         "--frame",
         type=int,
         default=None,
-        help="a multi-frame DICOM's frame or a NIfTI volume's axial slice, from 0 at the feet (default: the middle)",
+        help="a slice of a NIfTI volume or a DICOM series, from 0 at the feet, or a multi-frame DICOM's frame "
+        "(default: the middle one)",
     )
     p.add_argument("--model", default=None, help="model directory (default: the built-in phantom demo model)")
     p.add_argument("--max-new-tokens", type=int, default=128)

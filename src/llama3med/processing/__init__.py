@@ -1,5 +1,14 @@
 from .chat import IMAGE_PLACEHOLDER, LLAMA3_CHAT_TEMPLATE, llava_to_messages
-from .images import CT_WINDOWS, ImageLoadError, dicom_to_uint8, frame_count, load_image, nifti_to_uint8, window_values
+from .images import (
+    CT_WINDOWS,
+    ImageLoadError,
+    dicom_series,
+    dicom_to_uint8,
+    frame_count,
+    load_image,
+    nifti_to_uint8,
+    window_values,
+)
 from .processor import IGNORE_INDEX, Llama3MedProcessor, SampleTooLongError, pad_sequences
 from .tokenizer import train_bpe_tokenizer
 
@@ -11,6 +20,7 @@ __all__ = [
     "ImageLoadError",
     "Llama3MedProcessor",
     "SampleTooLongError",
+    "dicom_series",
     "dicom_to_uint8",
     "frame_count",
     "llava_to_messages",

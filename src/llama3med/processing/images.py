@@ -80,15 +80,24 @@ def load_image(
     frame: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Image.Image:
-    """An 8-bit RGB image from a path, raw bytes or a PIL image.
+    """An 8-bit RGB image from a path (a file, or a directory of one DICOM series), raw bytes or a PIL
+    image.
 
     `window` (DICOM and NIfTI) is a `(centre, width)` pair or a name from `CT_WINDOWS`; without it the
     file's own window is used (DICOM's window tags, NIfTI's `cal_min`/`cal_max`), else its full range.
-    `frame` picks a frame of a multi-frame DICOM or an axial slice of a NIfTI volume, counted from the
-    feet (default: the middle one).
+    `frame` picks a frame of a multi-frame DICOM, or a slice of a DICOM series or a NIfTI volume counted
+    from the feet (default: the middle one).
     """
     if isinstance(source, Image.Image):
         return _to_rgb(source, source, max_pixels)
+    if not isinstance(source, bytes) and Path(source).is_dir():
+        slices = dicom_series(source)
+        if len(slices) == 1:  # one file, perhaps multi-frame
+            return load_image(slices[0], window=window, frame=frame, max_pixels=max_pixels)
+        index = middle_frame(len(slices)) if frame is None else frame
+        if not 0 <= index < len(slices):
+            raise ImageLoadError(source, f"slice {index} requested but the DICOM series has {len(slices)} slices")
+        return load_image(slices[index], window=window, max_pixels=max_pixels)
     data = _read_bytes(source)
     kind = _medical_kind(source, data)
     if kind is None:
@@ -98,8 +107,11 @@ def load_image(
 
 
 def frame_count(source: str | Path | bytes) -> int:
-    """How many images `load_image`'s `frame` chooses from: a DICOM's frames, a NIfTI volume's axial
-    slices, else 1. Reads headers only."""
+    """How many images `load_image`'s `frame` chooses from: a DICOM's frames, a DICOM series' slices, a
+    NIfTI volume's axial slices, else 1. Reads headers only."""
+    if not isinstance(source, bytes) and Path(source).is_dir():
+        slices = dicom_series(source)
+        return frame_count(slices[0]) if len(slices) == 1 else len(slices)
     data = _read_bytes(source)
     kind = _medical_kind(source, data)
     if kind == "nifti":
@@ -115,6 +127,50 @@ def frame_count(source: str | Path | bytes) -> int:
             raise ImageLoadError(source, f"unreadable DICOM ({err})") from None
         return int(getattr(header, "NumberOfFrames", 1) or 1)
     return 1
+
+
+def dicom_series(directory: str | Path) -> list[Path]:
+    """The DICOM files of the one series in `directory`, ordered from the feet up: by position along the
+    slice normal (`ImagePositionPatient`, `ImageOrientationPatient`), else by `InstanceNumber`, else by
+    name. Files that are not DICOM images (notes, a DICOMDIR) are passed over; headers only are read."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    headers = []
+    for path in sorted(entry for entry in Path(directory).iterdir() if entry.is_file()):
+        with path.open("rb") as handle:
+            if not is_dicom(handle.read(132)) and path.suffix.lower() not in (".dcm", ".dicom"):
+                continue
+        try:
+            header = pydicom.dcmread(path, force=True, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError, EOFError) as err:
+            raise ImageLoadError(path, f"unreadable DICOM ({err})") from None
+        if "Rows" in header:
+            headers.append((path, header))
+    if not headers:
+        raise ImageLoadError(directory, "no DICOM images in the directory")
+    series = {str(header.get("SeriesInstanceUID", "")) for _, header in headers}
+    if len(series) > 1:
+        raise ImageLoadError(directory, f"holds {len(series)} DICOM series; give the directory of one")
+    if len(headers) > 1 and any(int(header.get("NumberOfFrames", 1) or 1) > 1 for _, header in headers):
+        raise ImageLoadError(directory, "mixes multi-frame DICOM files into a series; give one file")
+    order = _feet_first([header for _, header in headers])
+    return [path for _, (path, _) in sorted(zip(order, headers, strict=True), key=lambda item: item[0])]
+
+
+def _feet_first(headers: list) -> list[float]:
+    """A sort key per slice that grows towards the patient's head (DICOM's +z is superior)."""
+    try:
+        orientation = np.asarray(headers[0].ImageOrientationPatient, dtype=np.float64).reshape(6)
+        normal = np.cross(orientation[:3], orientation[3:])
+        normal = -normal if normal[2] < 0 else normal
+        return [float(normal @ np.asarray(h.ImagePositionPatient, dtype=np.float64).reshape(3)) for h in headers]
+    except (AttributeError, TypeError, ValueError):  # a tag missing, empty or malformed in some slice
+        pass
+    try:
+        return [float(h.InstanceNumber) for h in headers]
+    except (AttributeError, TypeError, ValueError):
+        return [float(i) for i in range(len(headers))]
 
 
 def _medical_kind(source: str | Path | bytes, data: bytes) -> str | None:

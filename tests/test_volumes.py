@@ -1,5 +1,6 @@
-"""NIfTI volumes (`.nii`, `.nii.gz`), the research format of CT and MR: one axial slice, windowed and
-oriented as a radiologist's viewer shows it, from whatever voxel order the file stores."""
+"""Volumes, as CT and MR come: NIfTI files (`.nii`, `.nii.gz`), one axial slice windowed and oriented as a
+radiologist's viewer shows it whatever voxel order the file stores; and directories of one DICOM series,
+one slice per file, ordered from the feet up."""
 
 import gzip
 import io
@@ -131,3 +132,58 @@ def test_a_file_named_nii_that_is_not_nifti_is_refused(tmp_path):
     path.write_bytes(gzip.compress(b"not a volume" * 100))
     with pytest.raises(ImageLoadError, match=r"scan\.nii\.gz: not a NIfTI-1 or NIfTI-2 file"):
         load_image(path)
+
+
+def ct_series(directory, positions: list[float | None], instance_numbers: list[int] | None = None) -> list[np.ndarray]:
+    """pydicom's real CT slice written as one series, a slice per file at the given table positions (mm,
+    +z towards the head; None: no position tag), with file names that do not follow the order; and each
+    slice's own view."""
+    directory.mkdir()
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    stored, series = ds.pixel_array.copy(), pydicom.uid.generate_uid()
+    views = []
+    for k, z in enumerate(positions):
+        ds.PixelData = (stored + k * SLICE_STEP).astype(stored.dtype).tobytes()
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = series, pydicom.uid.generate_uid()
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        if z is None:
+            ds.pop("ImagePositionPatient", None)
+        else:
+            ds.ImagePositionPatient = [-40.0, -40.0, z]
+        if instance_numbers is not None:
+            ds.InstanceNumber = instance_numbers[k]
+        path = directory / f"IM{(7 * k) % len(positions):04d}"  # names out of order, no suffix
+        ds.save_as(path)
+        views.append(grey(path, window="soft_tissue"))
+    (directory / "notes.txt").write_text("exported from PACS")
+    return views
+
+
+def test_a_dicom_series_directory_is_ordered_from_the_feet_by_position_and_opens_at_its_middle(tmp_path):
+    positions = [30.0, -10.0, 10.0, 50.0, -30.0]  # slice k was written at positions[k]
+    views = ct_series(tmp_path / "series", positions, instance_numbers=[1, 2, 3, 4, 5])  # numbers that disagree
+    feet_up = [views[k] for k in np.argsort(positions)]
+    assert frame_count(tmp_path / "series") == len(positions)
+    assert np.array_equal(grey(tmp_path / "series", window="soft_tissue"), feet_up[2])
+    for index in (0, 4):
+        assert np.array_equal(grey(tmp_path / "series", window="soft_tissue", frame=index), feet_up[index])
+    with pytest.raises(ImageLoadError, match="series: slice 5 requested but the DICOM series has 5 slices"):
+        load_image(tmp_path / "series", frame=5)
+
+
+def test_a_series_without_positions_is_ordered_by_instance_number(tmp_path):
+    views = ct_series(tmp_path / "series", [None, None, None], instance_numbers=[3, 1, 2])
+    for index, k in enumerate([1, 2, 0]):
+        assert np.array_equal(grey(tmp_path / "series", window="soft_tissue", frame=index), views[k])
+
+
+def test_a_directory_of_two_series_or_of_no_dicom_is_refused(tmp_path):
+    ct_series(tmp_path / "one", [0.0, 5.0])
+    ds = pydicom.dcmread(tmp_path / "one" / "IM0000")
+    ds.SeriesInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(tmp_path / "one" / "other.dcm")
+    with pytest.raises(ImageLoadError, match="holds 2 DICOM series; give the directory of one"):
+        load_image(tmp_path / "one")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ImageLoadError, match="empty: no DICOM images in the directory"):
+        load_image(tmp_path / "empty")
