@@ -1,8 +1,9 @@
 """Loading medical images (DICOM, NIfTI, PNG, JPEG, TIFF, BMP) into 8-bit RGB, with clear errors.
 
 DICOM slices and NIfTI volumes are rescaled to their physical values (Hounsfield units for CT) and
-windowed to 8 bits the way a radiologist's viewer shows them; a volume gives one axial slice, oriented as
-such a viewer shows it. Everything else goes through Pillow. Pixel and voxel counts are capped before
+windowed to 8 bits the way a radiologist's viewer shows them; a volume (a NIfTI file, or a directory of
+one DICOM series) gives one axial slice, oriented as such a viewer shows it. Everything else goes through
+Pillow. Pixel and voxel counts are capped before
 decoding, so a decompression bomb is refused without being expanded.
 """
 
