@@ -5,6 +5,7 @@ or losing answers."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +16,17 @@ from llama3med.checkpoints import load
 from llama3med.cli import main
 from llama3med.data.benchmarks import VQARecord, load_llava_med
 from llama3med.data.phantoms import write_phantom_set
-from llama3med.eval import closed_hit, majority_baseline, normalize_answer, run, runner, score, token_scores
-from llama3med.eval.report import load_published
+from llama3med.eval import (
+    closed_hit,
+    confidence_intervals,
+    majority_baseline,
+    normalize_answer,
+    run,
+    runner,
+    score,
+    token_scores,
+)
+from llama3med.eval.report import comparison_rows, load_published
 from llama3med.eval.runner import generate_answers, prefix_caches
 from llama3med.eval.scoring import bleu, closest_candidate, exact_match
 from llama3med.inference import answer
@@ -93,6 +103,49 @@ def test_a_prepared_answers_file_scores_as_llava_meds_evaluator_scores_it(capsys
     assert hits / (hits + without_yes_no) == pytest.approx(expected["closed_accuracy_as_published"])
 
 
+def closed_set(right: int, wrong: int, questions_per_image: int = 1, shared_images: bool = True):
+    """Closed questions, `questions_per_image` about each image (each image's all right or all wrong),
+    and their predictions."""
+    records, predictions = [], {}
+    for image in range(right + wrong):
+        for q in range(questions_per_image):
+            qid = f"{image}-{q}"
+            picture = Path(f"img{image}.png" if shared_images else f"img{image}-{q}.png")
+            records.append(VQARecord(qid, picture, "Is it normal?", "yes", "CLOSED", "test"))
+            predictions[qid] = "yes" if image < right else "no"
+    return records, predictions
+
+
+def test_intervals_have_the_binomial_width_and_the_same_answers_give_the_same_interval():
+    records, predictions = closed_set(right=320, wrong=80)
+    intervals = confidence_intervals(records, predictions)
+    low, high = intervals["closed_accuracy"]
+    half_width = 1.96 * math.sqrt(0.8 * 0.2 / 400)  # the normal approximation: 0.039
+    assert low == pytest.approx(0.8 - half_width, abs=0.01) and high == pytest.approx(0.8 + half_width, abs=0.01)
+    assert confidence_intervals(records, predictions) == intervals
+    assert intervals["unit"] == "image" and "open_recall" not in intervals  # no open questions
+
+
+def test_intervals_resample_images_so_many_questions_about_one_image_do_not_narrow_them():
+    one_each = confidence_intervals(*closed_set(right=40, wrong=10))["closed_accuracy"]
+    ten_each = confidence_intervals(*closed_set(right=40, wrong=10, questions_per_image=10))["closed_accuracy"]
+    assert ten_each == one_each  # ten questions that stand or fall together tell no more than one
+    ten_images = closed_set(right=40, wrong=10, questions_per_image=10, shared_images=False)
+    separate = confidence_intervals(*ten_images)["closed_accuracy"]
+    assert separate[1] - separate[0] < 0.5 * (one_each[1] - one_each[0])
+
+
+def test_published_figures_outside_this_runs_interval_are_marked():
+    report = {
+        "model": "ours",
+        "benchmark": "slake",
+        "scores": {"all": {"open_recall": 0.60, "closed_accuracy": 0.80}},
+        "intervals": {"open_recall": [0.55, 0.65], "closed_accuracy": [0.76, 0.84]},
+    }
+    published = {"rows": [{"model": "theirs", "benchmark": "slake", "open": 70.0, "closed": 82.0}]}
+    assert comparison_rows(report, published) == [["this run (ours)", "60.00", "80.00"], ["theirs", "70.00 *", "82.00"]]
+
+
 def test_scores_need_one_prediction_per_question(tmp_path):
     records = [VQARecord("q1", tmp_path, "Is there a lesion?", "yes", "CLOSED", "x", question_type="presence")]
     with pytest.raises(ValueError, match=r"missing \['q1'\], extra \['q9'\]"):
@@ -153,7 +206,9 @@ def test_eval_and_score_commands_use_the_llava_med_answer_format(built_model_dir
     report = json.loads((out / "report.json").read_text())
     markdown = (out / "report.md").read_text()
     assert "| all |" in markdown and "Source: a test's own table" in markdown
-    assert "| model A | 12.50 | 50.00 |" in markdown and "model B" not in markdown  # another benchmark
+    assert re.search(r"\| model A \| 12\.50( \*)? \| 50\.00( \*)? \|", markdown) and "model B" not in markdown
+    low, high = report["intervals"]["closed_accuracy"]
+    assert low <= report["scores"]["all"]["closed_accuracy"] <= high and "% intervals, all questions" in markdown
     records = load_llava_med(test_set)
     assert report["scores"]["all"]["n_closed"] + report["scores"]["all"]["n_open"] == len(records)
     assert report["majority_closed_baseline"] == majority_baseline(records)

@@ -90,7 +90,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from .data.benchmarks import load_benchmark
-    from .eval import majority_baseline, run, score
+    from .eval import confidence_intervals, majority_baseline, run, score
     from .eval.report import comparison_rows, format_table, load_published, write_report
     from .eval.runner import answered_ids, check_run_settings, merge_answers, shard_by_image
     from .inference import best_device, compile_model, inference_dtype, peak_memory_gib
@@ -146,10 +146,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
         report["peak_memory_gib"] = peak_memory_gib(device)  # rank 0's; the GPU's on a GPU
         report["majority_closed_baseline"] = baseline
         report["candidates"] = candidates_source
+        report["intervals"] = confidence_intervals(records, answers)
         if published:
             report["published"] = published
         write_report(out, report)
-        print(format_table(scores, baseline))
+        print(format_table(scores, baseline, report["intervals"]))
         if published:
             print(f"\nbeside published results ({published['source']}):")
             print("\n".join("  ".join(row) for row in comparison_rows(report, published)))
@@ -174,7 +175,7 @@ def cmd_score(args: argparse.Namespace) -> None:
     import json
 
     from .data.benchmarks import load_benchmark
-    from .eval import score
+    from .eval import confidence_intervals, score
     from .eval.report import format_table
     from .eval.runner import read_answers
 
@@ -182,7 +183,10 @@ def cmd_score(args: argparse.Namespace) -> None:
     candidates, _ = _candidate_answers(args, args.gt, records)
     answers = {qid: row["text"] for qid, row in read_answers(Path(args.pred)).items()}
     scores = score(records, answers, strict=args.strict, candidates=candidates)
-    print(json.dumps(scores, indent=1) if args.json else format_table(scores))
+    if args.json:
+        print(json.dumps(scores, indent=1))
+    else:
+        print(format_table(scores, intervals=confidence_intervals(records, answers, strict=args.strict)))
 
 
 def _teacher_spec(text: str) -> tuple[str, float]:

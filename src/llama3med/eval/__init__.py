@@ -1,6 +1,15 @@
 """Zero-shot VQA evaluation with the LLaVA-Med protocol: run, score, report."""
 
 from .runner import generate_answers, run
-from .scoring import closed_hit, majority_baseline, normalize_answer, score, token_scores
+from .scoring import closed_hit, confidence_intervals, majority_baseline, normalize_answer, score, token_scores
 
-__all__ = ["closed_hit", "generate_answers", "majority_baseline", "normalize_answer", "run", "score", "token_scores"]
+__all__ = [
+    "closed_hit",
+    "confidence_intervals",
+    "generate_answers",
+    "majority_baseline",
+    "normalize_answer",
+    "run",
+    "score",
+    "token_scores",
+]

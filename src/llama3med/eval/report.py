@@ -25,7 +25,21 @@ def table_rows(scores: dict) -> list[list[str]]:
     return rows
 
 
-def format_table(scores: dict, baseline: float | None = None) -> str:
+def interval_line(intervals: dict) -> str:
+    """One sentence giving the whole set's intervals, in percent."""
+    names = (("closed_accuracy", "closed"), ("open_recall", "open (recall)"))
+    parts = [
+        f"{label} {100 * intervals[key][0]:.2f}-{100 * intervals[key][1]:.2f}"
+        for key, label in names
+        if key in intervals
+    ]
+    return (
+        f"{100 * intervals['level']:.0f} % intervals, all questions (bootstrap over images, "
+        f"{intervals['resamples']} resamples): {', '.join(parts)}"
+    )
+
+
+def format_table(scores: dict, baseline: float | None = None, intervals: dict | None = None) -> str:
     """A plain-text table (percentages) of every group's scores."""
     header = ["group", *(name for name, _ in COLUMNS), "n closed", "n open"]
     rows = [header, *table_rows(scores)]
@@ -36,6 +50,8 @@ def format_table(scores: dict, baseline: float | None = None) -> str:
         )
         for row in rows
     ]
+    if intervals is not None:
+        lines.append(interval_line(intervals))
     if baseline is not None:
         lines.append(f"majority-answer baseline, closed: {100 * baseline:.2f}")
     return "\n".join(lines)
@@ -59,13 +75,20 @@ def load_published(path: str | Path) -> dict:
 
 
 def comparison_rows(report: dict, published: dict) -> list[list[str]]:
-    """`[model, open recall, closed]` rows in percent: this run first, then the published rows of its benchmark."""
-    ours = report["scores"]["all"]
-    cells = [f"{100 * ours[k]:.2f}" if k in ours else "-" for k in ("open_recall", "closed_accuracy")]
+    """`[model, open recall, closed]` rows in percent: this run first, then the published rows of its
+    benchmark. A published figure outside this run's interval is marked `*`: it differs from ours by more
+    than resampling the test images would explain."""
+    ours, intervals = report["scores"]["all"], report.get("intervals", {})
+    keys = ("open_recall", "closed_accuracy")
+    cells = [f"{100 * ours[k]:.2f}" if k in ours else "-" for k in keys]
     rows = [[f"this run ({report['model']})", *cells]]
     for row in published["rows"]:
         if row["benchmark"] == report["benchmark"]:
-            rows.append([row["model"], f"{row['open']:.2f}", f"{row['closed']:.2f}"])
+            figures = []
+            for key, value in zip(keys, (row["open"], row["closed"]), strict=True):
+                low, high = intervals.get(key, (0.0, 1.0))
+                figures.append(f"{value:.2f}" + ("" if 100 * low <= value <= 100 * high else " *"))
+            rows.append([row["model"], *figures])
     return rows
 
 
@@ -83,6 +106,8 @@ def write_report(out: Path, report: dict) -> None:
         "|" + "---|" * len(header),
         *("| " + " | ".join(row) + " |" for row in table_rows(report["scores"])),
     ]
+    if report.get("intervals"):
+        lines += ["", interval_line(report["intervals"]) + "."]
     if report.get("majority_closed_baseline") is not None:
         lines += ["", f"Majority-answer baseline on closed questions: {100 * report['majority_closed_baseline']:.2f}"]
     if report.get("candidates"):
@@ -91,4 +116,9 @@ def write_report(out: Path, report: dict) -> None:
         lines += ["", "## Beside published results", "", f"Source: {published['source']}", ""]
         lines += ["| model | open (recall) | closed |", "|---|---|---|"]
         lines += ["| " + " | ".join(row) + " |" for row in comparison_rows(report, published)]
+        if report.get("intervals"):
+            lines += [
+                "",
+                "`*`: outside this run's interval, a difference resampling the test images would not explain.",
+            ]
     (out / "report.md").write_text("\n".join(lines) + "\n")

@@ -22,6 +22,8 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from statistics import fmean as mean
 
+import numpy as np
+
 from ..data.benchmarks import VQARecord
 
 PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
@@ -208,6 +210,37 @@ def _group_scores(
             hits = [closest_candidate(p, candidates) == normalize_answer(r) for p, r in pairs]
             result["open_candidate_accuracy"] = mean(hits)
     return result
+
+
+def confidence_intervals(
+    records: Sequence[VQARecord],
+    predictions: Mapping[str, str],
+    strict: bool = False,
+    level: float = 0.95,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """Percentile-bootstrap intervals of the whole set's closed accuracy and open recall (the papers' two
+    columns), resampling images rather than questions: the questions about one image share its
+    difficulty, so resampling them one by one would make the intervals too narrow (SLAKE asks about ten
+    questions per image). The seed is fixed, so the same answers always give the same intervals."""
+    keys = {key: i for i, key in enumerate(dict.fromkeys(r.image_key for r in records))}
+    sums = np.zeros((4, len(keys)))  # per image: closed hits, closed questions, open recall, open questions
+    for record in records:
+        image, prediction = keys[record.image_key], predictions[record.id]
+        if record.answer_type == "CLOSED":
+            sums[0:2, image] += closed_hit(prediction, record.answer, strict), 1
+        else:
+            sums[2:4, image] += token_scores(prediction, record.answer)[2], 1
+    draws = np.random.default_rng(seed).multinomial(len(keys), np.full(len(keys), 1 / len(keys)), size=resamples)
+    resampled = draws @ sums.T  # (resamples, 4): each resample's sums over its drawn images
+    intervals = {"level": level, "resamples": resamples, "unit": "image"}
+    for name, (total, count) in (("closed_accuracy", (0, 1)), ("open_recall", (2, 3))):
+        drawn = resampled[resampled[:, count] > 0]  # a resample may draw no image with such questions
+        if len(drawn):
+            low, high = np.quantile(drawn[:, total] / drawn[:, count], [(1 - level) / 2, (1 + level) / 2])
+            intervals[name] = [float(low), float(high)]
+    return intervals
 
 
 def majority_baseline(records: Sequence[VQARecord]) -> float:
