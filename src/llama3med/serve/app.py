@@ -12,6 +12,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import io
 import json
 import logging
 import time
@@ -132,6 +133,22 @@ def read_image_url(url: str, settings: Settings) -> bytes:
             raise ApiError(400, f"could not fetch the image (HTTP {response.status_code})", "image_url")
         return response.content
     raise ApiError(400, "image_url must be a data:, file:// or http(s) URL", "image_url")
+
+
+def render_png(body: bytes, window: str | None, frame: str | None, settings: Settings) -> tuple[bytes, int, int]:
+    """The image as PNG, the frame shown and how many there are. Off the event loop: a CT volume takes
+    about a second to decompress to its middle slice."""
+    try:
+        count = frame_count(body)
+        chosen = middle_frame(count) if frame is None else int(frame)
+        if chosen >= count:
+            raise ApiError(400, f"frame {chosen} requested but the image has {count}", "frame")
+        image = load_image(body, window=window, frame=chosen, max_pixels=settings.max_image_pixels)
+    except ImageLoadError as err:
+        raise ApiError(400, f"unreadable image: {err.reason}", "image") from None
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue(), chosen, count
 
 
 def build_prompt(request: ChatRequest, engine: Engine, settings: Settings) -> tuple[list[int], list[JobImage]]:
@@ -302,20 +319,9 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
         frame = request.query_params.get("frame") or None
         if frame is not None and not frame.isdigit():
             raise ApiError(400, "frame must be a whole number from 0", "frame")
-        try:
-            count = frame_count(body)
-            chosen = middle_frame(count) if frame is None else int(frame)
-            if chosen >= count:
-                raise ApiError(400, f"frame {chosen} requested but the image has {count}", "frame")
-            image = load_image(body, window=window, frame=chosen, max_pixels=settings.max_image_pixels)
-        except ImageLoadError as err:
-            raise ApiError(400, f"unreadable image: {err.reason}", "image") from None
-        import io
-
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
+        png, chosen, count = await asyncio.to_thread(render_png, body, window, frame, settings)
         headers = {"X-Frame": str(chosen), "X-Frame-Count": str(count)}
-        return Response(buffer.getvalue(), media_type="image/png", headers=headers)
+        return Response(png, media_type="image/png", headers=headers)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
