@@ -3,8 +3,11 @@ own DICOM image, short answers mixed with long ones, through the HTTP API. The s
 running batch, up to `--max-batch` rows, that requests join and leave between steps) against the same
 server taking one request at a time (`--max-batch 1`), same requests, in one run; each server is its own
 `llama3med serve` process, as in use, with the image cache off. Greedy answers must be identical.
+`--sampled-clients K` has K of the clients sample (temperature 1, the OpenAI API's default) while the
+others ask greedily, as a web page and API scripts share a server; their rows share the batch's steps,
+and only the greedy answers are compared.
 
-    python benchmarks/serve_load.py [--model DIR] [--clients 8] [--requests 4] [--max-batch 8]
+    python benchmarks/serve_load.py [--model DIR] [--clients 8] [--requests 4] [--max-batch 8] [--sampled-clients 0]
 """
 
 from __future__ import annotations
@@ -51,8 +54,10 @@ def serving(model: str | None, max_batch: int) -> Iterator[str]:
         process.wait(timeout=30)
 
 
-def client_run(url: str, image: bytes, requests: int, offset: int) -> list[tuple[str, float, str, int]]:
-    """One client's questions in turn: (question, latency in s, answer, new tokens) each."""
+def client_run(
+    url: str, image: bytes, requests: int, offset: int, temperature: float
+) -> list[tuple[str, float, str, int, float]]:
+    """One client's questions in turn: (question, latency in s, answer, new tokens, temperature) each."""
     picture = {
         "type": "image_url",
         "image_url": {"url": "data:application/dicom;base64," + base64.b64encode(image).decode()},
@@ -65,12 +70,13 @@ def client_run(url: str, image: bytes, requests: int, offset: int) -> list[tuple
             start = time.perf_counter()
             reply = client.post(
                 f"{url}/v1/chat/completions",
-                json={"model": "bench", "messages": messages, "max_tokens": 64, "temperature": 0},
+                json={"model": "bench", "messages": messages, "max_tokens": 64, "temperature": temperature},
             )
             reply.raise_for_status()
             body = reply.json()
             answer = body["choices"][0]["message"]["content"]
-            results.append((question, time.perf_counter() - start, answer, body["usage"]["completion_tokens"]))
+            tokens = body["usage"]["completion_tokens"]
+            results.append((question, time.perf_counter() - start, answer, tokens, temperature))
     return results
 
 
@@ -81,7 +87,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=4, help="per client")
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=384, help="phantom size in pixels")
+    parser.add_argument("--sampled-clients", type=int, default=0, help="clients that sample (temperature 1)")
     args = parser.parse_args()
+    temperatures = [1.0 if i < args.sampled_clients else 0.0 for i in range(args.clients)]
     with tempfile.TemporaryDirectory() as tmp:
         paths = [
             save_phantom_dicom(make_phantom(11, i, args.size), Path(tmp) / f"{i}.dcm") for i in range(args.clients)
@@ -90,31 +98,36 @@ def main() -> None:
     rows = {}
     for name, max_batch in (("one request at a time", 1), (f"running batch, <= {args.max_batch} rows", args.max_batch)):
         with serving(args.model, max_batch) as url:
-            client_run(url, images[0], 2, 0)  # warm up
+            client_run(url, images[0], 2, 0, 0.0)  # warm up
             start = time.perf_counter()
             with ThreadPoolExecutor(args.clients) as pool:
                 runs = list(
                     pool.map(
-                        client_run, [url] * args.clients, images, [args.requests] * args.clients, range(args.clients)
+                        client_run,
+                        [url] * args.clients,
+                        images,
+                        [args.requests] * args.clients,
+                        range(args.clients),
+                        temperatures,
                     )
                 )
             rows[name] = (time.perf_counter() - start, [result for run in runs for result in run])
     total = args.clients * args.requests
-    print(
-        f"{args.clients} clients x {args.requests} questions (short and long answers mixed), greedy, "
-        f"up to 64 new tokens"
-    )
+    sampled = f"{args.sampled_clients} of them sampling, the others greedy" if args.sampled_clients else "greedy"
+    mix = "short and long answers mixed"
+    print(f"{args.clients} clients x {args.requests} questions ({mix}), {sampled}, up to 64 new tokens")
+    greedy_total = sum(temperature == 0 for temperature in temperatures) * args.requests
     reference_seconds, reference = rows["one request at a time"]
     for name, (seconds, results) in rows.items():
         tokens = sum(result[3] for result in results)
         latency = {
             kind: [r[1] for r in results if (r[0] == QUESTIONS[0]) == (kind == "long")] for kind in ("short", "long")
         }
-        same = sum(a[2] == b[2] for a, b in zip(results, reference, strict=True))
+        same = sum(a[2] == b[2] for a, b in zip(results, reference, strict=True) if a[4] == 0)
         print(
             f"{name:<26} {total / seconds:6.2f} requests/s {tokens / seconds:7.1f} new tokens/s "
             f"{reference_seconds / seconds:5.2f}x  median latency short {statistics.median(latency['short']):.2f} s, "
-            f"long {statistics.median(latency['long']):.2f} s  identical {same}/{total}"
+            f"long {statistics.median(latency['long']):.2f} s  greedy answers identical {same}/{greedy_total}"
         )
 
 

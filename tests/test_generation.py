@@ -231,3 +231,41 @@ def test_a_prompt_that_would_outrun_the_cache_does_not_fit(tiny_config, model):
     assert not batch.fits([longer], [1])
     with pytest.raises(ValueError, match="does not fit"):
         batch.join(torch.cat([embeds, embeds[:, :1]], dim=1), 1)
+
+
+def hf_warped(model, logits, sampling):
+    """`generate`'s own warpers for one setting (the static-cache decoder's uniform path)."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    top_k = model.generation_config.top_k or 50
+    warpers = [TemperatureLogitsWarper(sampling.temperature), TopKLogitsWarper(top_k)]
+    return LogitsProcessorList([*warpers, TopPLogitsWarper(sampling.top_p)])(None, logits.float())
+
+
+def test_rows_with_their_own_sampling_settings_are_warped_as_generate_warps_each_alone(model):
+    decoder = StaticCacheDecoder(model.language_model, model.generation_config)
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(0)) * 3
+    samplings = [Sampling(0.7, 0.9), None, Sampling(1.5, 0.5), Sampling(1.0, 1.0)]
+    warped = decoder.warp_rows(logits, samplings)
+    for row, sampling in enumerate(samplings):
+        if sampling is not None:
+            alone = hf_warped(model, logits[row : row + 1], sampling)[0]
+            assert torch.equal(torch.isinf(warped[row]), torch.isinf(alone))  # the same tokens are cut
+            torch.testing.assert_close(warped[row].softmax(-1), alone.softmax(-1))
+    torch.manual_seed(0)
+    tokens = decoder.choose_rows(logits, samplings)
+    assert tokens[1] == logits[1].argmax() and not torch.isinf(warped[[0, 2, 3], tokens[[0, 2, 3]]]).any()
+
+
+def test_a_greedy_prompt_sharing_a_running_batch_with_sampled_ones_gets_its_greedy_tokens(tiny_config, model):
+    shapes = [((2, 5), 8), ((4, 1), 8), ((3, 3), 8)]
+    embeds, alone = prompts_decoded_alone(tiny_config, model, shapes)
+    batch = RunningBatch(StaticCacheDecoder(model.language_model, model.generation_config), rows=3, length=128)
+    settings = [Sampling(1.5, 0.9), None, Sampling(1.0, 1.0)]
+    rows = {batch.join(embeds[i], shapes[i][1], settings[i]): i for i in range(3)}
+    got = [[] for _ in shapes]
+    torch.manual_seed(0)
+    while batch.active:
+        step_into(batch, rows, got)
+    assert got[1] == alone[1]
+    assert got[0] != alone[0] and got[2] != alone[2]  # the others drew

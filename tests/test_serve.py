@@ -194,6 +194,36 @@ def test_concurrent_requests_share_forward_passes_and_get_their_own_answers(serv
     assert server.engine.batches - before < len(questions)
 
 
+def test_greedy_and_sampled_requests_decode_in_one_batch_and_the_greedy_answers_stay_their_own(server):
+    """The page asks greedily and OpenAI clients sample by default (temperature 1): they share the steps."""
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    requests = [(0.0, "Is there a lesion?"), (1.0, "What modality is this?"), (0.0, "Is it normal?"), (0.7, "Size?")]
+
+    def one(temperature, question):
+        reply = client.chat.completions.create(
+            model="tiny", messages=ask(data_url(png(60)), question), max_tokens=6, temperature=temperature
+        )
+        return reply.choices[0].message.content
+
+    alone = [one(t, q) for t, q in requests if t == 0]
+    before = server.engine.batches
+    server.engine.lock.acquire()  # hold decoding until all four wait, so they start together
+    held = True
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            replies = [pool.submit(one, *request) for request in requests]
+            while server.engine.queue_depth < len(requests):
+                time.sleep(0.02)
+            server.engine.lock.release()
+            held = False
+            answers = [reply.result() for reply in replies]
+    finally:
+        if held:
+            server.engine.lock.release()
+    assert server.engine.batches - before == 1
+    assert [answers[0], answers[2]] == alone
+
+
 def count_encoded_images(engine: Engine) -> list[int]:
     """The number of images of each `encode_images` call the engine makes from now on."""
     calls, encode = [], engine.model.encode_images

@@ -14,7 +14,7 @@ ends when every row has. A config that asks for any other logits processor is re
 than decoded differently.
 
 `StaticCacheDecoder` decodes a batch from start to end (`answer`, `eval`); `RunningBatch` keeps its rows
-open for prompts that join between steps (`serve`).
+open for prompts that join between steps (`serve`), each row greedy or sampled with its own settings.
 """
 
 from __future__ import annotations
@@ -224,15 +224,47 @@ class StaticCacheDecoder:
         """Raise, naming the field, if the generation config sets something sampling would not apply."""
         _refuse_fields(self.generation_config, UNSUPPORTED_IN_SAMPLING)
 
+    @property
+    def top_k(self) -> int:
+        """The generation config's top-k, else `generate`'s default; 0: no cut."""
+        top_k = self.generation_config.top_k
+        return GenerationConfig._get_default_generation_params()["top_k"] if top_k is None else top_k
+
+    def choose_rows(self, logits: torch.Tensor, samplings: Sequence[Sampling | None]) -> torch.Tensor:
+        """`(B, vocab)` logits -> `(B,)` next tokens, row `i` greedy when `samplings[i]` is None and
+        otherwise drawn after its own temperature and top-p (and the config's top-k), so that requests
+        with other settings share a step. One setting for every row goes through `generate`'s own
+        warpers (`_chooser`); mixed ones through the same operations batched, whose draws are
+        distributed alike but are not `generate`'s under a seed."""
+        if len(set(samplings)) == 1:
+            return self._chooser(samplings[0])(logits)
+        drawn = torch.multinomial(F.softmax(self.warp_rows(logits, samplings), dim=-1), num_samples=1).squeeze(1)
+        is_greedy = torch.tensor([s is None for s in samplings], device=logits.device)
+        return torch.where(is_greedy, logits.argmax(-1), drawn)
+
+    def warp_rows(self, logits: torch.Tensor, samplings: Sequence[Sampling | None]) -> torch.Tensor:
+        """`(B, vocab)` float32 scores to draw from: each row after `generate`'s temperature, top-k and
+        top-p warpers with its own settings (a greedy row's are left whole)."""
+        self.check_sampling()
+        device = logits.device
+        temperatures = torch.tensor([1.0 if s is None else s.temperature for s in samplings], device=device)
+        scores = logits.float() / temperatures.unsqueeze(1)
+        if self.top_k != 0:
+            kth_best = torch.topk(scores, min(self.top_k, scores.shape[-1]))[0][:, -1:]
+            scores = scores.masked_fill(scores < kth_best, -torch.inf)
+        cut = torch.tensor([0.0 if s is None else 1 - s.top_p for s in samplings], device=device)
+        ascending, order = torch.sort(scores)
+        below = ascending.softmax(-1).cumsum(-1) <= cut.unsqueeze(1)  # the least likely tokens, up to 1 - top_p
+        below[:, -1] = False  # the most likely token always stays
+        return scores.masked_fill(below.scatter(1, order, below), -torch.inf)
+
     def _chooser(self, sampling: Sampling | None) -> Callable[[torch.Tensor], torch.Tensor]:
         """`(B, vocab)` logits -> `(B,)` next tokens: the argmax, or a draw after `generate`'s warpers
         (each only where `generate` would add it)."""
         if sampling is None:
             return lambda logits: logits.argmax(-1)
         self.check_sampling()
-        top_k = self.generation_config.top_k
-        if top_k is None:
-            top_k = GenerationConfig._get_default_generation_params()["top_k"]
+        top_k = self.top_k
         warpers = LogitsProcessorList()
         if sampling.temperature != 1.0:
             warpers.append(TemperatureLogitsWarper(sampling.temperature))
@@ -270,12 +302,12 @@ class RunningBatch:
     write position; a prompt longer than that position moves it forward for every row, and the rows
     already there mask the positions skipped. A free row attends to one position, so its unused output
     stays finite. The step keeps its shapes until `grow` adds rows: compiled, one graph serves the batch.
+    Each row is greedy or sampled with the settings its prompt joined with (`StaticCacheDecoder.choose_rows`).
     """
 
     @torch.inference_mode()
-    def __init__(self, decoder: StaticCacheDecoder, rows: int, length: int, sampling: Sampling | None = None):
+    def __init__(self, decoder: StaticCacheDecoder, rows: int, length: int):
         self.decoder = decoder
-        self.choose = decoder._chooser(sampling)
         self.cache = decoder._empty_cache(rows, length)
         self.length = decoder.cache_shape[1]
         device = decoder.language_model.device
@@ -285,6 +317,7 @@ class RunningBatch:
         self.logits = torch.zeros(rows, decoder.language_model.config.vocab_size, device=device)
         self.eos = torch.tensor(decoder.eos, dtype=torch.long, device=device)
         self.budget = [0] * rows  # new tokens each row may still emit; 0: the row is free
+        self.sampling: list[Sampling | None] = [None] * rows  # each row's; None: greedy
         self.written = 0  # the cache's write position
 
     @property
@@ -303,9 +336,9 @@ class RunningBatch:
         return len(prompt_lengths) <= len(self.free_rows) and start + needed <= self.length
 
     @torch.inference_mode()
-    def join(self, inputs_embeds: torch.Tensor, max_new_tokens: int) -> int:
+    def join(self, inputs_embeds: torch.Tensor, max_new_tokens: int, sampling: Sampling | None = None) -> int:
         """Prefill one `(1, T, D)` prompt into a free row, which is returned; its first token comes with the
-        next `step`."""
+        next `step`, greedy or drawn with `sampling`."""
         length = inputs_embeds.shape[1]
         if not self.fits([length], [max_new_tokens]):
             raise ValueError(f"a prompt of {length} positions and {max_new_tokens} new tokens does not fit now")
@@ -331,6 +364,7 @@ class RunningBatch:
         self.positions[row] = length - 1
         self.logits[row] = output.logits[0, -1]
         self.budget[row] = max_new_tokens
+        self.sampling[row] = sampling
         return row
 
     @torch.inference_mode()
@@ -340,7 +374,10 @@ class RunningBatch:
         decoder = self.decoder
         self.logits[:, decoder.suppressed] = -torch.inf
         running = torch.tensor([budget > 0 for budget in self.budget], device=self.mask.device)
-        token = self.choose(self.logits).masked_fill(~running, decoder.pad)
+        # a free row's token is padding: it takes a running row's settings, so that one setting stays one
+        filler = next((s for s, budget in zip(self.sampling, self.budget, strict=True) if budget), None)
+        samplings = [s if budget else filler for s, budget in zip(self.sampling, self.budget, strict=True)]
+        token = decoder.choose_rows(self.logits, samplings).masked_fill(~running, decoder.pad)
         ended = torch.isin(token, self.eos).tolist()
         self.budget = [0 if end else max(budget - 1, 0) for budget, end in zip(self.budget, ended, strict=True)]
         if self.active:
@@ -375,6 +412,7 @@ class RunningBatch:
         self.positions = torch.cat([self.positions, torch.zeros_like(self.positions[:1]).expand(new, -1)])
         self.logits = torch.cat([self.logits, torch.zeros_like(self.logits[:1]).expand(new, -1)])
         self.budget += [0] * new
+        self.sampling += [None] * new
 
     def stop(self, rows: list[int]) -> None:
         """End these rows now (a stop string, a cancelled request); they are free for the next prompt."""

@@ -3,9 +3,10 @@ decoder, greedy or sampled), joining it between two steps and leaving it as soon
 batching); images are encoded once and their features kept for the next request that sends the same
 file; tokens stream back per request; a bounded queue refuses work it cannot take.
 
-One batch runs at a time, on a worker thread. Requests in it share their sampling settings (greedy, or
-the same temperature and top-p): a waiting request joins while it is first in the queue, has those
-settings and fits in the batch's cache; otherwise it starts the next batch once this one drains, so
+One batch runs at a time, on a worker thread. Each row decodes with its own request's settings (greedy,
+or sampled with its temperature and top-p), so requests of any settings share the batch; a seeded
+request decodes alone, so that its seed repeats its answer. A waiting request joins while it is first in
+the queue and fits in the batch's cache; otherwise it starts the next batch once this one drains, so
 none waits behind later ones. Each request keeps its own token budget, stop strings, deadline and
 cancellation, enforced row by row at every step, so a client that leaves frees its row at the next step.
 """
@@ -104,11 +105,13 @@ class Job:
     finish_reason: str | None = None
 
     @property
-    def sampling(self) -> tuple:
-        """Jobs with equal keys can share a decode; a seeded job runs alone to be reproducible."""
-        if self.seed is not None:
-            return ("seeded", self.id)
-        return ("greedy",) if self.temperature <= 0 else ("sample", self.temperature, self.top_p)
+    def sampling(self) -> Sampling | None:
+        return Sampling(self.temperature, self.top_p) if self.temperature > 0 else None
+
+    def decodes_with(self, other: Job) -> bool:
+        """Whether the two may share a batch: any settings may, but a seeded job decodes alone, so that its
+        seed gives `generate`'s draws (and repeats its answer)."""
+        return self.seed is None and other.seed is None
 
 
 def _ended(job: Job) -> bool:
@@ -195,7 +198,7 @@ class Engine:
                 if _ended(job):
                     self._finish(self.pending.popleft(), loop)
                     continue
-                if job.sampling != first.sampling or not fits([*chosen, job]):
+                if not job.decodes_with(first) or not fits([*chosen, job]):
                     break
                 chosen.append(self.pending.popleft())
         return chosen
@@ -203,7 +206,7 @@ class Engine:
     def _waiting_with(self, first: Job) -> int:
         """How many jobs at the head of the queue may decode with `first`."""
         with self.pending_lock:
-            return next((i for i, job in enumerate(self.pending) if job.sampling != first.sampling), len(self.pending))
+            return next((i for i, job in enumerate(self.pending) if not job.decodes_with(first)), len(self.pending))
 
     def _finish(self, job: Job, loop) -> None:
         job.finish_reason = job.finish_reason or "length"
@@ -258,11 +261,10 @@ class Engine:
         need = max(len(job.input_ids) for job in jobs) + max(job.max_new_tokens for job in jobs)
         length = max(need, min(2 * need, self.model.config.text_config.max_position_embeddings))
         first = jobs[0]
-        sampling = Sampling(first.temperature, first.top_p) if first.temperature > 0 else None
-        if sampling is not None and first.seed is not None:
+        if first.sampling is not None and first.seed is not None:
             torch.manual_seed(first.seed)
         rows = self.max_batch if self.spare_rows and first.seed is None else len(jobs)
-        return RunningBatch(static_cache_decoder(self.model), rows, length, sampling)
+        return RunningBatch(static_cache_decoder(self.model), rows, length)
 
     def _join(self, batch: RunningBatch, slots: list[Job | None], jobs: list[Job]) -> None:
         """Prefill each job into a free row; their images not cached are encoded in one call."""
@@ -274,7 +276,7 @@ class Engine:
             input_ids = torch.tensor([job.input_ids], device=device)
             embeds = self.model.embed_inputs(input_ids, features[start : start + count] if count else None)
             start += count
-            slots[batch.join(embeds, job.max_new_tokens)] = job
+            slots[batch.join(embeds, job.max_new_tokens, job.sampling)] = job
 
     def _send(self, job: Job, token: int, loop) -> None:
         """One new token of a running job: its text so far streams out, and a stop string or its budget
