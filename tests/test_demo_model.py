@@ -89,6 +89,18 @@ def test_the_demo_model_passes_the_closed_question_goal_on_unseen_phantoms(tmp_p
     assert presence_accuracy >= majority_baseline(presence) + 0.15
 
 
+def test_the_demo_answers_nifti_phantoms_as_it_answers_the_same_slices_in_dicom(tmp_path):
+    """Lesion sides included: a NIfTI slice shown mirrored or turned would change those answers."""
+    answers = {}
+    for image_format in ("dcm", "nii.gz"):
+        write_phantom_set(tmp_path / image_format, n=24, seed=4242, size=384, image_format=image_format)
+        records = load_llava_med(tmp_path / image_format / "test.json")
+        model, processor = load(DEMO_MODEL_DIR)
+        answers[image_format] = [text for _, _, text in generate_answers(model, processor, records, batch_size=50)]
+    assert answers["nii.gz"] == answers["dcm"]
+    assert any(r.question_type == "side" for r in records)
+
+
 def test_the_demo_answers_unseen_phantoms_in_fp8_as_it_does_in_full_precision(tmp_path):
     write_phantom_set(tmp_path, n=40, seed=4242, size=384, image_format="dcm")
     records = load_llava_med(tmp_path / "test.json")

@@ -133,6 +133,18 @@ def test_dicom_phantoms_load_with_their_soft_tissue_window(tmp_path):
     assert np.abs(shown.astype(int) - phantom_uint8(phantom).astype(int)).max() <= 1  # stored values are rounded
 
 
+def test_nifti_phantoms_load_to_the_dicom_phantoms_images(tmp_path):
+    """As dcm2niix converts: same stored values and scaling, voxels in L, P, S order, the window as cal range."""
+    write_phantom_set(tmp_path / "dcm", 6, seed=3, size=128, image_format="dcm")
+    write_phantom_set(tmp_path / "nii", 6, seed=3, size=128, image_format="nii.gz")
+    truth = [json.loads(line) for line in (tmp_path / "nii" / "phantoms.jsonl").read_text().splitlines()]
+    assert {record["modality"] for record in truth} == {"CT", "MR"}
+    for record in truth:
+        nifti = np.asarray(load_image(tmp_path / "nii" / "images" / record["image"]))
+        dicom = np.asarray(load_image(tmp_path / "dcm" / "images" / record["image"].replace(".nii.gz", ".dcm")))
+        assert record["image"].endswith(".nii.gz") and np.array_equal(nifti, dicom)
+
+
 def test_the_cli_writes_a_set(tmp_path, capsys):
     assert main(["data", "phantoms", "--out", str(tmp_path), "--n", "3", "--seed", "9", "--size", "64"]) == 0
     assert "3 images" in capsys.readouterr().out

@@ -524,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_positive, default=100, help="number of images")
     p.add_argument("--seed", type=int, default=0, help="a test set should use another seed than training")
     p.add_argument("--size", type=_positive, default=1152, help="image side in pixels")
-    p.add_argument("--format", choices=["dcm", "png"], default="dcm")
+    p.add_argument("--format", choices=["dcm", "png", "nii.gz"], default="dcm", help="DICOM, PNG or NIfTI")
     p.set_defaults(func=cmd_data_phantoms)
     return parser
 

@@ -34,6 +34,7 @@ TISSUE = {
 }
 NOISE = {"CT": 8.0, "MR": 25.0}
 LESION_ORGANS = ("liver", "spleen", "kidney")
+PHANTOM_FORMATS = ("dcm", "png", "nii.gz")
 
 
 @dataclass
@@ -144,13 +145,36 @@ def phantom_uint8(phantom: Phantom) -> np.ndarray:
     return window_values(phantom.values, (low + high) / 2, high - low)
 
 
+MR_WINDOW = (825.0, 1650.0)
+
+
+def _stored(phantom: Phantom) -> np.ndarray:
+    """The slice's stored values: CT in HU minus the intercept, MR as they are; uint16, as DICOM holds them."""
+    offset = CT_INTERCEPT if phantom.modality == "CT" else 0.0
+    return np.clip(np.round(phantom.values - offset), 0, 65535).astype(np.uint16)
+
+
 def save_phantom_dicom(phantom: Phantom, path: Path) -> Path:
     """CT as stored values with the HU rescale and soft-tissue window tags; MR as plain uint16."""
     if phantom.modality == "CT":
-        stored = np.clip(np.round(phantom.values - CT_INTERCEPT), 0, 65535).astype(np.uint16)
-        return save_dicom(path, stored, modality="CT", slope=1.0, intercept=CT_INTERCEPT, window=CT_WINDOW)
-    stored = np.clip(np.round(phantom.values), 0, 65535).astype(np.uint16)
-    return save_dicom(path, stored, modality="MR", window=(825.0, 1650.0))
+        return save_dicom(path, _stored(phantom), modality="CT", slope=1.0, intercept=CT_INTERCEPT, window=CT_WINDOW)
+    return save_dicom(path, _stored(phantom), modality="MR", window=MR_WINDOW)
+
+
+def save_phantom_nifti(phantom: Phantom, path: Path) -> Path:
+    """The slice as a one-slice NIfTI volume (`.nii.gz`), as dcm2niix would convert the DICOM: the same
+    stored values and HU scaling, the voxels in the DICOM's L, P, S order, and `cal_min`..`cal_max` set to
+    the range the DICOM's window shows, so both files load to the same 8-bit image."""
+    import nibabel
+
+    centre, width = CT_WINDOW if phantom.modality == "CT" else MR_WINDOW
+    voxels = _stored(phantom).astype(np.int16).T[:, :, None]  # (columns, rows, 1): towards L, P, S
+    volume = nibabel.Nifti1Image(voxels, np.diag([-1.0, -1.0, 1.0, 1.0]))  # 1 mm voxels; RAS+ flips L and P
+    volume.header.set_slope_inter(1.0, CT_INTERCEPT if phantom.modality == "CT" else 0.0)
+    volume.header["cal_min"] = centre - 0.5 - (width - 1) / 2  # DICOM's linear window: these map to 0 and 255
+    volume.header["cal_max"] = centre - 0.5 + (width - 1) / 2
+    nibabel.save(volume, path)
+    return Path(path)
 
 
 def describe(phantom: Phantom) -> str:
@@ -243,8 +267,8 @@ def write_phantom_set(out: str | Path, n: int, seed: int, size: int = 1152, imag
     """Generate `n` phantoms into `out`: `images/`, `captions.json` (pretrain; its lesion boxes are the
     tower stage's finding maps), `conversations.json` (finetune), `test.json` (LLaVA-Med evaluation
     format) and `phantoms.jsonl` (ground truth)."""
-    if image_format not in ("dcm", "png"):
-        raise ValueError(f"image_format must be 'dcm' or 'png', got {image_format!r}")
+    if image_format not in PHANTOM_FORMATS:
+        raise ValueError(f"image_format must be one of {', '.join(PHANTOM_FORMATS)}, got {image_format!r}")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     captions, conversations, tests, truth = [], [], [], []
@@ -253,6 +277,8 @@ def write_phantom_set(out: str | Path, n: int, seed: int, size: int = 1152, imag
         image = f"{phantom.id}.{image_format}"
         if image_format == "dcm":
             save_phantom_dicom(phantom, out / "images" / image)
+        elif image_format == "nii.gz":
+            save_phantom_nifti(phantom, out / "images" / image)
         else:
             Image.fromarray(phantom_uint8(phantom)).save(out / "images" / image)
         description = [
