@@ -102,6 +102,13 @@ def test_the_files_scaling_gives_hounsfield_units_and_its_display_range_is_the_d
     assert grey(volume.to_bytes()).tolist() == [[255, 179], [186, 0]]
 
 
+def test_non_finite_voxels_of_a_float_map_show_as_its_background():
+    voxels = np.array([[[1.0], [np.nan]], [[3.0], [np.inf]]], dtype=np.float32)
+    assert grey(nibabel.Nifti1Image(voxels, np.eye(4)).to_bytes()).tolist() == [[0, 0], [255, 0]]  # anterior up
+    with pytest.raises(ImageLoadError, match="holds no finite values"):
+        load_image(nibabel.Nifti1Image(np.full((2, 2, 1), np.nan, dtype=np.float32), np.eye(4)).to_bytes())
+
+
 def test_a_volume_with_several_time_points_is_refused_by_its_dimensions():
     series = nibabel.Nifti1Image(np.zeros((4, 4, 3, 2), dtype=np.int16), np.eye(4))
     with pytest.raises(ImageLoadError, match=r"NIfTI has 4 dimensions \(4x4x3x2\); give one 3D volume"):

@@ -306,6 +306,10 @@ def nifti_to_uint8(
         raise
     except (OSError, EOFError, ValueError, zlib.error) as err:
         raise ImageLoadError(source, f"corrupt or truncated NIfTI ({' '.join(str(err).split())})") from None
+    finite = np.isfinite(plane)
+    if not finite.any():
+        raise ImageLoadError(source, "the NIfTI slice holds no finite values")
+    plane = np.where(finite, plane, plane[finite].min())  # NaN (outside a mask, in float maps) shows as the background
     low, high = float(volume.header["cal_min"]), float(volume.header["cal_max"])
     own_window = ((low + high) / 2 + 0.5, high - low + 1) if high > low else None  # maps cal_min..cal_max to 0..255
     return _windowed(plane, _resolve_window(window, own_window, source))
