@@ -2,6 +2,8 @@
 
 import json
 
+import nibabel
+import numpy as np
 import pytest
 import torch
 
@@ -84,3 +86,28 @@ def test_the_collator_pads_right_and_masks_padding_in_labels(phantoms, processor
     for row, length in enumerate(lengths):
         assert (batch["labels"][row, length:] == IGNORE_INDEX).all()
         assert (batch["input_ids"][row, :length] == torch.tensor(dataset.samples[row].input_ids)).all()
+
+
+def volume_records(tmp_path, phantoms):
+    """A three-slice NIfTI volume and a record per slice; and the same record with bad frames."""
+    voxels = np.random.default_rng(0).integers(-1000, 1000, size=(40, 30, 3), dtype=np.int16)
+    nibabel.save(nibabel.Nifti1Image(voxels, np.eye(4)), tmp_path / "ct.nii.gz")
+    good = json.loads((phantoms / "conversations.json").read_text())[0]
+    slices = [{**good, "id": f"slice{k}", "image": "ct.nii.gz", "frame": k} for k in range(3)]
+    bad = [{**slices[0], "id": f"bad{i}", "frame": frame} for i, frame in enumerate(["1", -1, True, 1.5])]
+    return slices, bad
+
+
+def test_a_record_may_name_a_slice_of_a_volume_as_its_image(tmp_path, phantoms, processor):
+    slices, bad = volume_records(tmp_path, phantoms)
+    path = tmp_path / "volume.json"
+    path.write_text(json.dumps([*slices, *bad, {**slices[0], "id": "too-deep", "frame": 3}]))
+    dataset = ConversationDataset([Source(path, tmp_path)], processor, 400)
+    assert dataset.skipped == {"malformed": 4} and len(dataset) == 4  # a slice past the last is found when drawn
+    for k in range(3):
+        expected = processor.preprocess_image(tmp_path / "ct.nii.gz", frame=k)
+        assert torch.equal(dataset[k]["pixel_values"], expected)
+    assert not torch.equal(dataset[0]["pixel_values"], dataset[1]["pixel_values"])
+    assert dataset[3] is None and dataset.skipped["bad image"] == 1
+    with pytest.raises(ValueError, match=r"record bad0: frame must be a whole number from 0, got '1'"):
+        ConversationDataset([Source(path, tmp_path)], processor, 400, strict=True)

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel
+import numpy as np
 import pytest
 
 from llama3med.checkpoints import load
@@ -30,6 +32,7 @@ from llama3med.eval.report import comparison_rows, load_published
 from llama3med.eval.runner import generate_answers, prefix_caches
 from llama3med.eval.scoring import bleu, closest_candidate, exact_match
 from llama3med.inference import answer
+from llama3med.processing import load_image
 
 ROOT = Path(__file__).parents[1]
 PARITY = ROOT / "tests" / "fixtures" / "llava_med_parity"
@@ -177,6 +180,25 @@ def test_batched_answers_equal_one_by_one_answers_and_each_image_is_encoded_and_
     # prompt run whole answers the same.
     for record in records[:6]:
         assert batched[record.id] == answer(model, processor, record.image, record.question, max_new_tokens=64)
+
+
+def test_questions_about_slices_of_one_volume_are_answered_about_their_own_slice(model_and_processor, tmp_path):
+    model, processor = model_and_processor
+    voxels = np.random.default_rng(0).integers(-1000, 1000, size=(40, 30, 3), dtype=np.int16)
+    nibabel.save(nibabel.Nifti1Image(voxels, np.eye(4)), tmp_path / "ct.nii.gz")
+    turns = [{"from": "human", "value": "<image>\nIs it normal?"}, {"from": "gpt", "value": "yes"}]
+    rows = [
+        {"id": f"q{k}{i}", "image": "ct.nii.gz", "frame": k, "conversations": turns} for k in (0, 2) for i in (0, 1)
+    ]
+    (tmp_path / "test.json").write_text(
+        json.dumps([*rows, {"id": "middle", "image": "ct.nii.gz", "conversations": turns}])
+    )
+    records = load_llava_med(tmp_path / "test.json")
+    assert len({r.image_key for r in records}) == 3  # slices 0, 2 and the middle one (1) are three images
+    batched = {r.id: text for r, _, text in generate_answers(model, processor, records, batch_size=4)}
+    for record in records:
+        shown = load_image(tmp_path / "ct.nii.gz", frame=record.frame)
+        assert batched[record.id] == answer(model, processor, shown, record.question, max_new_tokens=64)
 
 
 def test_an_interrupted_run_resumes_without_repeating_or_losing_answers(model_and_processor, test_set, tmp_path):

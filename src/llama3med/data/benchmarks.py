@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..processing import IMAGE_PLACEHOLDER
-from .conversations import read_records
+from .conversations import read_records, record_frame
 
 ANSWER_TYPES = ("OPEN", "CLOSED")
 BENCHMARKS = ("vqa-rad", "slake", "pathvqa", "llava-med")
@@ -31,12 +31,13 @@ class VQARecord:
     dataset: str
     split: str = "test"
     question_type: str | None = None
+    frame: int | None = None  # a volume's or series' slice, a multi-frame DICOM's frame; None: the middle
     image_key: str = field(default="", compare=False)  # identifies the image, for encoding it once
 
     def __post_init__(self) -> None:
         if not self.image_key:
             key = hashlib.sha1(self.image).hexdigest() if isinstance(self.image, bytes) else str(self.image)
-            object.__setattr__(self, "image_key", key)
+            object.__setattr__(self, "image_key", key if self.frame is None else f"{key}#frame={self.frame}")
 
 
 def answer_type_of(answer: str) -> str:
@@ -60,7 +61,7 @@ def _answer_type(value, answer: str, name: str) -> str:
 
 def _image_file(root: Path, relative, name: str, check: bool) -> Path:
     image = root / _text(relative, name, "image name")
-    if check and not image.is_file():
+    if check and not image.exists():  # a file, or a directory of one DICOM series
         raise ValueError(f"{name}: image {image} not found")
     return image
 
@@ -110,6 +111,7 @@ def load_llava_med(
                 dataset,
                 "test",
                 question_type,
+                record_frame(raw, name),
             )
         )
     return _unique(records, path)

@@ -47,6 +47,32 @@ class Sample:
     image: Path | None
     input_ids: list[int]
     labels: list[int]
+    frame: int | None = None
+
+
+def record_frame(record: dict, name: str) -> int | None:
+    """A record's `frame`: which slice of a volume or DICOM series (from the feet), or frame of a
+    multi-frame DICOM, its image is; None (no field): the middle one."""
+    frame = record.get("frame")
+    if frame is not None and (isinstance(frame, bool) or not isinstance(frame, int) or frame < 0):
+        raise ValueError(f"{name}: frame must be a whole number from 0, got {frame!r}")
+    return frame
+
+
+def record_image(record: dict, image_root: Path, name: str) -> tuple[Path | None, int | None]:
+    """A record's image (a file, or a directory of one DICOM series, under `image_root`) and its frame,
+    both checked, so that a bad record is named before training starts."""
+    image, frame = record.get("image"), record_frame(record, name)
+    if image is None:
+        if frame is not None:
+            raise ValueError(f"{name}: a frame but no image")
+        return None, None
+    if not isinstance(image, str) or not image:
+        raise ValueError(f"{name}: image must be a file name, got {image!r}")
+    path = image_root / image
+    if not path.exists():
+        raise ImageLoadError(path, "file not found")
+    return path, frame
 
 
 def read_records(path: Path) -> list[dict]:
@@ -117,10 +143,10 @@ class RecordDataset(Dataset):
         else:
             self.skipped["malformed"] += 1
 
-    def _load_image(self, record_id: str, image: Path) -> torch.Tensor | None:
+    def _load_image(self, record_id: str, image: Path, frame: int | None = None) -> torch.Tensor | None:
         """The processed image, or None (counted) when it cannot be read: a run does not crash on it."""
         try:
-            return self.processor.preprocess_image(image)
+            return self.processor.preprocess_image(image, frame=frame)
         except ImageLoadError as err:  # e.g. truncated
             self._skip(f"record {record_id}", err)
             logger.warning("skipped record %s: %s", record_id, err)  # visible from dataloader workers
@@ -151,17 +177,14 @@ class ConversationDataset(RecordDataset):
 
     def _encode(self, number: int, source: Source, record: dict, name: str, max_length: int) -> Sample:
         messages = llava_to_messages(record.get("conversations"), record=name)
-        image = record.get("image")
+        image, frame = record_image(record, source.image_root, name)
         if image is not None:
-            image = source.image_root / image
-            if not image.is_file():
-                raise ImageLoadError(image, "file not found")
             if IMAGE_PLACEHOLDER not in messages[0]["content"]:
                 messages[0]["content"] = f"{IMAGE_PLACEHOLDER}\n{messages[0]['content']}"
         if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
             raise ValueError(f"{name}: no assistant answer to learn from")
         encoded = self.processor.encode_conversation(messages, num_images=int(image is not None), max_length=max_length)
-        return Sample(number, str(record.get("id", "")), image, encoded["input_ids"], encoded["labels"])
+        return Sample(number, str(record.get("id", "")), image, encoded["input_ids"], encoded["labels"], frame)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -175,7 +198,7 @@ class ConversationDataset(RecordDataset):
         sample = self.samples[index]
         item = {"input_ids": sample.input_ids, "labels": sample.labels}
         if sample.image is not None:
-            item["pixel_values"] = self._load_image(sample.record_id, sample.image)
+            item["pixel_values"] = self._load_image(sample.record_id, sample.image, sample.frame)
             if item["pixel_values"] is None:
                 return None
         return item

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..processing import ImageLoadError, Llama3MedProcessor
-from .conversations import RecordDataset, Source, draw, read_records
+from .conversations import RecordDataset, Source, draw, read_records, record_image
 
 Box = tuple[float, float, float, float]
 
@@ -51,6 +51,7 @@ class FindingSample:
     record_id: str
     image: Path
     finding_map: torch.Tensor
+    frame: int | None = None
 
 
 class FindingMapDataset(RecordDataset):
@@ -66,13 +67,11 @@ class FindingMapDataset(RecordDataset):
             for position, record in enumerate(draw(read_records(source.path), source.ratio, rng)):
                 name = f"{source.path}: record {record.get('id', f'#{position}')}"
                 try:
-                    image = record.get("image")
-                    if not isinstance(image, str):
+                    image, frame = record_image(record, source.image_root, name)
+                    if image is None:
                         raise ValueError(f"{name}: no image")
-                    if not (source.image_root / image).is_file():
-                        raise ImageLoadError(source.image_root / image, "file not found")
                     cells = finding_map(finding_boxes(record, name), grid)
-                    self.samples.append(FindingSample(str(record.get("id", "")), source.image_root / image, cells))
+                    self.samples.append(FindingSample(str(record.get("id", "")), image, cells, frame))
                 except (ValueError, ImageLoadError) as err:
                     self._skip(name, err)
 
@@ -81,7 +80,7 @@ class FindingMapDataset(RecordDataset):
 
     def __getitem__(self, index: int) -> dict | None:
         sample = self.samples[index]
-        pixel_values = self._load_image(sample.record_id, sample.image)
+        pixel_values = self._load_image(sample.record_id, sample.image, sample.frame)
         if pixel_values is None:
             return None
         return {"pixel_values": pixel_values, "finding_map": sample.finding_map}

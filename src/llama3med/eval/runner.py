@@ -31,7 +31,6 @@ from ..data.conversations import read_appended_rows, repair_appended_rows
 from ..inference import question_messages, static_cache_decoder
 from ..model import Llama3MedForConditionalGeneration
 from ..processing import Llama3MedProcessor, pad_sequences
-from ..processing.images import ImageSource
 
 PROMPT_STYLES = {
     "plain": "{question}",
@@ -135,11 +134,11 @@ def generate_answers(
             prompts = [processor.chat_prompt(question_messages(prompt_text(r, prompt_style))) for r in batch]
             token_ids = [processor.encode_text(p, num_images=1) for p in prompts]
             prefix_ids = shared_prefix(token_ids, model.config.image_token_id)
-            images = {r.image_key: r.image for r in batch}
+            images = {r.image_key: r for r in batch}  # one record per image: its file and frame
             prefixes = {key: prefixes[key] for key in images if key in prefixes}
             new = [key for key in images if key not in prefixes]
             if new:
-                pixels = torch.stack([_pixels(processor, loading, key, images[key]) for key in new]).to(model.device)
+                pixels = torch.stack([_pixels(processor, loading, images[key]) for key in new]).to(model.device)
                 prefixes.update(zip(new, prefix_caches(model, prefix_ids, pixels), strict=True))
             rows = [prefixes[r.image_key] for r in batch]
             questions = [ids[len(prefix_ids) :] for ids in token_ids]
@@ -159,13 +158,13 @@ def _start_loading(
     held = {r.image_key for r in batch}
     for record in next_batch:
         if record.image_key not in held and record.image_key not in loading:
-            loading[record.image_key] = loader.submit(processor.preprocess_image, record.image)
+            loading[record.image_key] = loader.submit(processor.preprocess_image, record.image, frame=record.frame)
 
 
-def _pixels(processor: Llama3MedProcessor, loading: dict[str, Future], key: str, image: ImageSource) -> torch.Tensor:
-    """An image's preprocessed pixels, from the loading thread where it was started there."""
-    future = loading.pop(key, None)
-    return future.result() if future is not None else processor.preprocess_image(image)
+def _pixels(processor: Llama3MedProcessor, loading: dict[str, Future], record: VQARecord) -> torch.Tensor:
+    """A record's image, preprocessed: from the loading thread where it was started there."""
+    future = loading.pop(record.image_key, None)
+    return future.result() if future is not None else processor.preprocess_image(record.image, frame=record.frame)
 
 
 def shared_prefix(token_ids: list[list[int]], image_token_id: int) -> list[int]:

@@ -71,9 +71,10 @@ class Llama3MedProcessor(ProcessorMixin):
 
     # ---- images -------------------------------------------------------------------------------
 
-    def preprocess_image(self, image: ImageSource, window: Window = None) -> torch.Tensor:
-        """One image -> `(3, image_size, image_size)` normalised float tensor."""
-        rgb = load_image(image, window=window, max_pixels=self.max_pixels)
+    def preprocess_image(self, image: ImageSource, window: Window = None, frame: int | None = None) -> torch.Tensor:
+        """One image (`frame`: which slice of a volume or frame of a multi-frame DICOM, as `load_image`
+        takes it) -> `(3, image_size, image_size)` normalised float tensor."""
+        rgb = load_image(image, window=window, frame=frame, max_pixels=self.max_pixels)
         if self.image_fit == "pad":
             rgb = pad_to_square(rgb, tuple(int(m * 255) for m in self.image_mean))
         rgb = rgb.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
