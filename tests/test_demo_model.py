@@ -30,6 +30,7 @@ def test_the_demo_model_ships_inside_the_package_and_is_small():
         ("phantom_mr_normal.dcm", "What imaging modality is this?", "MRI"),
         ("phantom_mr_normal.dcm", "Is this a CT scan?", "no"),
         ("phantom_ct_lesion.dcm", "Is there a lesion in this image?", "yes"),
+        ("phantom_ct_lesion.nii.gz", "Is there a lesion in this image?", "yes"),  # the same slice as NIfTI
         ("phantom_ct_lesion.dcm", "How many lesions are visible?", "1"),
     ],
 )
