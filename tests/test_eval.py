@@ -23,6 +23,7 @@ from llama3med.eval import (
     confidence_intervals,
     majority_baseline,
     normalize_answer,
+    paired_difference,
     run,
     runner,
     score,
@@ -138,6 +139,21 @@ def test_intervals_resample_images_so_many_questions_about_one_image_do_not_narr
     assert separate[1] - separate[0] < 0.5 * (one_each[1] - one_each[0])
 
 
+def test_a_paired_difference_finds_what_two_separate_intervals_cannot():
+    """B misses 12 of the 300 images A gets right, and nothing else differs: 3 points, which two separate
+    intervals (each about +-4 points) cannot tell apart, but the paired bootstrap does."""
+    records, ours = closed_set(right=300, wrong=100)
+    theirs = {qid: ("no" if int(qid.split("-")[0]) < 12 else text) for qid, text in ours.items()}
+    difference = paired_difference(records, ours, theirs)["closed_accuracy"]
+    assert difference["difference"] == pytest.approx(0.03)
+    low, high = difference["interval"]
+    assert 0 < low < 0.03 < high
+    ours_low, _ = confidence_intervals(records, ours)["closed_accuracy"]
+    assert ours_low < 0.72  # B's score lies inside A's own interval
+    same = paired_difference(records, ours, ours)["closed_accuracy"]
+    assert same == {"difference": 0.0, "interval": [0.0, 0.0]}
+
+
 def test_published_figures_outside_this_runs_interval_are_marked():
     report = {
         "model": "ours",
@@ -241,6 +257,12 @@ def test_eval_and_score_commands_use_the_llava_med_answer_format(built_model_dir
     capsys.readouterr()
     assert main(["score", "--gt", str(test_set), "--pred", str(out / "answers.jsonl"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == report["scores"]
+    score_args = ["score", "--gt", str(test_set), "--pred", str(out / "answers.jsonl")]
+    assert main([*score_args, "--against", str(out / "answers.jsonl")]) == 0
+    assert "closed: +0.00 points (95 % interval +0.00 to +0.00)" in capsys.readouterr().out
+    assert main([*score_args, "--against", str(out / "answers.jsonl"), "--json"]) == 0
+    both = json.loads(capsys.readouterr().out)
+    assert both["scores"] == report["scores"] and both["against"]["closed_accuracy"]["difference"] == 0.0
 
 
 def test_two_processes_under_torchrun_share_the_images_and_write_one_file_in_benchmark_order(

@@ -175,18 +175,26 @@ def cmd_score(args: argparse.Namespace) -> None:
     import json
 
     from .data.benchmarks import load_benchmark
-    from .eval import confidence_intervals, score
-    from .eval.report import format_table
+    from .eval import confidence_intervals, paired_difference, score
+    from .eval.report import difference_lines, format_table
     from .eval.runner import read_answers
 
     records = load_benchmark(args.benchmark, args.gt, args.split, args.image_root, check_images=False)
     candidates, _ = _candidate_answers(args, args.gt, records)
     answers = {qid: row["text"] for qid, row in read_answers(Path(args.pred)).items()}
     scores = score(records, answers, strict=args.strict, candidates=candidates)
+    difference = None
+    if args.against:
+        baseline = {qid: row["text"] for qid, row in read_answers(Path(args.against)).items()}
+        score(records, baseline)  # the same check: one answer per question, named when missing
+        difference = paired_difference(records, answers, baseline, strict=args.strict)
     if args.json:
-        print(json.dumps(scores, indent=1))
-    else:
-        print(format_table(scores, intervals=confidence_intervals(records, answers, strict=args.strict)))
+        print(json.dumps(scores if difference is None else {"scores": scores, "against": difference}, indent=1))
+        return
+    print(format_table(scores, intervals=confidence_intervals(records, answers, strict=args.strict)))
+    if difference is not None:
+        print(f"\n{args.pred} minus {args.against}:")
+        print("\n".join(difference_lines(difference)))
 
 
 def _teacher_spec(text: str) -> tuple[str, float]:
@@ -465,7 +473,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", default=None)
     p.add_argument("--strict", action="store_true", help="closed: compare the first yes/no word only")
     _add_candidates_option(p)
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument(
+        "--against",
+        metavar="ANSWERS",
+        help="another run's answers.jsonl on the same questions: the difference, with a paired 95 %% interval",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON (with --against: {scores, against})")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("datagen", help="turn figure captions into conversations with teacher LLMs")

@@ -1,7 +1,15 @@
 """Zero-shot VQA evaluation with the LLaVA-Med protocol: run, score, report."""
 
 from .runner import generate_answers, run
-from .scoring import closed_hit, confidence_intervals, majority_baseline, normalize_answer, score, token_scores
+from .scoring import (
+    closed_hit,
+    confidence_intervals,
+    majority_baseline,
+    normalize_answer,
+    paired_difference,
+    score,
+    token_scores,
+)
 
 __all__ = [
     "closed_hit",
@@ -9,6 +17,7 @@ __all__ = [
     "generate_answers",
     "majority_baseline",
     "normalize_answer",
+    "paired_difference",
     "run",
     "score",
     "token_scores",

@@ -39,6 +39,20 @@ def interval_line(intervals: dict) -> str:
     )
 
 
+def difference_lines(difference: dict) -> list[str]:
+    """One line per headline metric of a paired difference, in percentage points."""
+    lines = []
+    for key, label in (("closed_accuracy", "closed"), ("open_recall", "open (recall)")):
+        if key in difference:
+            low, high = (100 * bound for bound in difference[key]["interval"])
+            verdict = "" if low <= 0 <= high else ", more than the test images explain"
+            lines.append(
+                f"  {label}: {100 * difference[key]['difference']:+.2f} points "
+                f"({100 * difference['level']:.0f} % interval {low:+.2f} to {high:+.2f}{verdict})"
+            )
+    return lines
+
+
 def format_table(scores: dict, baseline: float | None = None, intervals: dict | None = None) -> str:
     """A plain-text table (percentages) of every group's scores."""
     header = ["group", *(name for name, _ in COLUMNS), "n closed", "n open"]
