@@ -456,6 +456,30 @@ def test_a_nifti_volume_in_a_chat_is_answered_as_its_middle_slice_is(server):
     assert answers[0].message.content == answers[1].message.content
 
 
+def test_an_api_client_picks_a_volumes_slice_with_the_image_urls_frame(server):
+    voxels = np.random.default_rng(1).integers(-1000, 1000, size=(48, 40, 7), dtype=np.int16)
+    volume = gzip.compress(nibabel.Nifti1Image(voxels, np.eye(4)).to_bytes())
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+
+    def reply(image_url: dict):
+        content = [{"type": "image_url", "image_url": image_url}, {"type": "text", "text": "Is it normal?"}]
+        messages = [{"role": "user", "content": content}]
+        return client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0)
+
+    cache = server.engine.features
+    misses = cache.misses
+    first = reply({"url": data_url(volume, "application/gzip"), "frame": 1}).choices[0].message.content
+    assert reply({"url": data_url(volume, "application/gzip"), "frame": 5}) and cache.misses == misses + 2
+    hits = cache.hits
+    assert reply({"url": data_url(volume, "application/gzip"), "frame": 1}).choices[0].message.content == first
+    assert cache.hits == hits + 1  # the slice's features were kept under its file and frame
+    slice_one = httpx.post(f"{server.url}/v1/render?frame=1", content=volume).content
+    assert reply({"url": data_url(slice_one)}).choices[0].message.content == first
+    for frame, message in ((7, "slice 7 requested but the NIfTI volume has 7 axial slices"), (-1, "frame")):
+        with pytest.raises(openai.BadRequestError, match=message):
+            reply({"url": data_url(volume, "application/gzip"), "frame": frame})
+
+
 @pytest.mark.skipif(shutil.which("node") is None, reason="needs Node.js to run the page's script")
 def test_the_web_page_shows_a_nifti_volumes_middle_slice_and_asks_about_the_slice_chosen_on_its_slider(
     server, tmp_path

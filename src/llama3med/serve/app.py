@@ -63,6 +63,7 @@ class ImageURL(BaseModel):
     model_config = ConfigDict(extra="forbid")
     url: str
     detail: Literal["auto", "low", "high"] | None = None
+    frame: int | None = Field(None, ge=0)  # llama3med's: a volume's axial slice or a DICOM's frame; None: the middle
 
 
 class ContentPart(BaseModel):
@@ -169,7 +170,7 @@ def build_prompt(request: ChatRequest, engine: Engine, settings: Settings) -> tu
                 else:
                     if part.image_url is None:
                         raise ApiError(400, "an image_url part needs an image_url", "messages")
-                    images.append(read_image_url(part.image_url.url, settings))
+                    images.append((read_image_url(part.image_url.url, settings), part.image_url.frame))
                     texts.insert(0, IMAGE_PLACEHOLDER)
             text = "\n".join(texts)
         if IMAGE_PLACEHOLDER in text and isinstance(message.content, str):
@@ -178,12 +179,13 @@ def build_prompt(request: ChatRequest, engine: Engine, settings: Settings) -> tu
     if len(images) > settings.max_images:
         raise ApiError(400, f"{len(images)} images sent; this server takes at most {settings.max_images}", "messages")
     job_images = []
-    for data in images:
-        key = image_key(data)
+    for data, frame in images:
+        key = image_key(data, frame)
         image = JobImage(key, features=engine.features.get(key))
         if image.features is None:
             try:
-                image.pixel_values = processor.preprocess_image(load_image(data, max_pixels=settings.max_image_pixels))
+                shown = load_image(data, frame=frame, max_pixels=settings.max_image_pixels)
+                image.pixel_values = processor.preprocess_image(shown)
             except ImageLoadError as err:
                 raise ApiError(400, f"unreadable image: {err.reason}", "image_url") from None
         job_images.append(image)
@@ -330,9 +332,9 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
         try:
             chat_request = ChatRequest.model_validate_json(body)
         except ValidationError as err:
-            first = err.errors()[0]
-            param = ".".join(str(p) for p in first["loc"])
-            raise ApiError(400, f"{param}: {first['msg']}", param) from None
+            deepest = max(err.errors(), key=lambda e: len(e["loc"]))  # where a union's intended branch failed
+            param = ".".join(str(p) for p in deepest["loc"])
+            raise ApiError(400, f"{param}: {deepest['msg']}", param) from None
         if chat_request.n != 1:
             raise ApiError(400, "only n=1 is supported", "n")
         if chat_request.model != settings.model_id:

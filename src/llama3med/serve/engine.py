@@ -34,9 +34,11 @@ class QueueFull(Exception):
     """The engine holds as many requests as it may; the client should retry later."""
 
 
-def image_key(data: bytes) -> str:
-    """What identifies an image file for the feature cache: a digest of its bytes."""
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+def image_key(data: bytes, frame: int | None = None) -> str:
+    """What identifies an image for the feature cache: a digest of its file's bytes, and which of its
+    frames or slices (None: the middle one)."""
+    digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+    return digest if frame is None else f"{digest}#frame={frame}"
 
 
 class FeatureCache:
