@@ -360,7 +360,8 @@ def _axial_slice(volume, frame: int | None, source: object, max_pixels: int) -> 
     count = shape[axial]
     index = middle_frame(count) if frame is None else frame
     if not 0 <= index < count:
-        raise ImageLoadError(source, f"slice {index} requested but the NIfTI volume has {count} axial slices")
+        slices = f"{count} axial slice" + ("" if count == 1 else "s")
+        raise ImageLoadError(source, f"slice {index} requested but the NIfTI volume has {slices}")
     in_plane = [axis for axis in range(3) if axis != axial]
     _check_pixel_count(shape[in_plane[0]] * shape[in_plane[1]], source, max_pixels)
     position = index if orientation[axial, 1] > 0 else count - 1 - index
