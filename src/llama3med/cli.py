@@ -81,6 +81,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.strict:
         recipe.strict = True
     train(recipe, resume=args.resume)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # under torchrun: the Trainer started the group
+        # torn down here, not by destructors at exit, where gloo's threads could abort a rank after a
+        # finished run (seen once in CI: "terminate called without an active exception")
+        dist.destroy_process_group()
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
