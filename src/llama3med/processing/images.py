@@ -3,8 +3,8 @@
 DICOM slices and NIfTI volumes are rescaled to their physical values (Hounsfield units for CT) and
 windowed to 8 bits the way a radiologist's viewer shows them; a volume (a NIfTI file, or a directory of
 one DICOM series) gives one axial slice, oriented as such a viewer shows it. Everything else goes through
-Pillow. Pixel and voxel counts are capped before
-decoding, so a decompression bomb is refused without being expanded.
+Pillow. Pixel and voxel counts are capped before decoding, so a decompression bomb is refused without
+being expanded.
 """
 
 from __future__ import annotations
@@ -119,14 +119,7 @@ def frame_count(source: str | Path | bytes) -> int:
         volume = _open_nifti(data, source)
         return (volume.shape + (1, 1))[:3][_axial_axis(volume)[0]]
     if kind == "dicom":
-        import pydicom
-        from pydicom.errors import InvalidDicomError
-
-        try:
-            header = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=True)
-        except (InvalidDicomError, OSError, ValueError, EOFError) as err:
-            raise ImageLoadError(source, f"unreadable DICOM ({err})") from None
-        return int(getattr(header, "NumberOfFrames", 1) or 1)
+        return int(getattr(_read_dicom(io.BytesIO(data), source, headers_only=True), "NumberOfFrames", 1) or 1)
     return 1
 
 
@@ -134,18 +127,12 @@ def dicom_series(directory: str | Path) -> list[Path]:
     """The DICOM files of the one series in `directory`, ordered from the feet up: by position along the
     slice normal (`ImagePositionPatient`, `ImageOrientationPatient`), else by `InstanceNumber`, else by
     name. Files that are not DICOM images (notes, a DICOMDIR) are passed over; headers only are read."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     headers = []
     for path in sorted(entry for entry in Path(directory).iterdir() if entry.is_file()):
         with path.open("rb") as handle:
             if not is_dicom(handle.read(132)) and path.suffix.lower() not in (".dcm", ".dicom"):
                 continue
-        try:
-            header = pydicom.dcmread(path, force=True, stop_before_pixels=True)
-        except (InvalidDicomError, OSError, ValueError, EOFError) as err:
-            raise ImageLoadError(path, f"unreadable DICOM ({err})") from None
+        header = _read_dicom(path, path, headers_only=True)
         if "Rows" in header:
             headers.append((path, header))
     if not headers:
@@ -238,6 +225,17 @@ def _stretch_to_uint8(values: np.ndarray) -> np.ndarray:
     return np.round((values - low) / (high - low) * 255.0).astype(np.uint8)
 
 
+def _read_dicom(file: io.BytesIO | Path, source: object, headers_only: bool = False):
+    """The parsed dataset (without its pixel data when `headers_only`), or one line naming `source`."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return pydicom.dcmread(file, force=True, stop_before_pixels=headers_only)
+    except (InvalidDicomError, OSError, ValueError, EOFError) as err:
+        raise ImageLoadError(source, f"unreadable DICOM ({err})") from None
+
+
 def dicom_to_uint8(
     data: bytes,
     source: object = "<dicom>",
@@ -247,13 +245,7 @@ def dicom_to_uint8(
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> np.ndarray:
     """Decode a DICOM file to a windowed 8-bit array, `(H, W)` for greyscale or `(H, W, 3)` for colour."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
-    except (InvalidDicomError, OSError, ValueError, EOFError) as err:
-        raise ImageLoadError(source, f"unreadable DICOM ({err})") from None
+    ds = _read_dicom(io.BytesIO(data), source)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ImageLoadError(source, "DICOM has no pixel data")
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
