@@ -192,7 +192,6 @@ def cmd_score(args: argparse.Namespace) -> None:
     difference = None
     if args.against:
         baseline = {qid: row["text"] for qid, row in read_answers(Path(args.against)).items()}
-        score(records, baseline)  # the same check: one answer per question, named when missing
         difference = paired_difference(records, answers, baseline, strict=args.strict)
     if args.json:
         print(json.dumps(scores if difference is None else {"scores": scores, "against": difference}, indent=1))

@@ -174,10 +174,7 @@ def score(
     answers, `train_open_answers.json`); by default, the open answers of `records` themselves.
     Every record needs a prediction and every prediction a record; otherwise the ids are named.
     """
-    ids = {r.id for r in records}
-    missing, extra = sorted(ids - predictions.keys()), sorted(predictions.keys() - ids)
-    if missing or extra:
-        raise ValueError(f"predictions do not match the references: missing {missing[:5]}, extra {extra[:5]}")
+    check_predictions(records, predictions)
     if candidates is None:
         candidates = [r.answer for r in records if r.answer_type == "OPEN"]
     candidates = candidate_answers(candidates)
@@ -187,6 +184,14 @@ def score(
         if record.question_type:
             groups[f"question_type={record.question_type}"].append(record)
     return {name: _group_scores(group, predictions, strict, candidates) for name, group in groups.items()}
+
+
+def check_predictions(records: Sequence[VQARecord], predictions: Mapping[str, str]) -> None:
+    """One prediction per record and a record per prediction; otherwise the ids are named."""
+    ids = {r.id for r in records}
+    missing, extra = sorted(ids - predictions.keys()), sorted(predictions.keys() - ids)
+    if missing or extra:
+        raise ValueError(f"predictions do not match the references: missing {missing[:5]}, extra {extra[:5]}")
 
 
 def _group_scores(
@@ -218,6 +223,7 @@ HEADLINE_METRICS = {"closed_accuracy": (0, 1), "open_recall": (2, 3)}  # (total,
 def _image_sums(records: Sequence[VQARecord], predictions: Mapping[str, str], strict: bool) -> np.ndarray:
     """`(4, images)`: per image, in the records' order of images, the closed hits, closed questions, open
     recall and open questions."""
+    check_predictions(records, predictions)
     keys = {key: i for i, key in enumerate(dict.fromkeys(r.image_key for r in records))}
     sums = np.zeros((4, len(keys)))
     for record in records:
