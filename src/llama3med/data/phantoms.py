@@ -26,6 +26,7 @@ from .dicom import save_dicom
 # Lesion radius as a fraction of the image side; at 1152 px: small 2-5 px, medium 9-17 px, large 29-46 px.
 SIZE_CLASSES = {"small": (0.002, 0.004), "medium": (0.008, 0.015), "large": (0.025, 0.04)}
 CT_WINDOW = (40.0, 400.0)  # soft tissue
+MR_WINDOW = (825.0, 1650.0)  # the DICOM and NIfTI phantoms' default window (the PNGs' range, 0 to 1.1 x lesion)
 CT_INTERCEPT = -1024.0
 # Mean value of each tissue: Hounsfield units for CT, arbitrary T2-like units for MR.
 TISSUE = {
@@ -143,9 +144,6 @@ def phantom_uint8(phantom: Phantom) -> np.ndarray:
         return window_values(phantom.values, *CT_WINDOW)
     low, high = 0.0, float(TISSUE["MR"]["lesion"]) * 1.1
     return window_values(phantom.values, (low + high) / 2, high - low)
-
-
-MR_WINDOW = (825.0, 1650.0)
 
 
 def _stored(phantom: Phantom) -> np.ndarray:

@@ -25,12 +25,14 @@ def table_rows(scores: dict) -> list[list[str]]:
     return rows
 
 
+HEADLINE_LABELS = {"closed_accuracy": "closed", "open_recall": "open (recall)"}  # the papers' two columns
+
+
 def interval_line(intervals: dict) -> str:
     """One sentence giving the whole set's intervals, in percent."""
-    names = (("closed_accuracy", "closed"), ("open_recall", "open (recall)"))
     parts = [
         f"{label} {100 * intervals[key][0]:.2f}-{100 * intervals[key][1]:.2f}"
-        for key, label in names
+        for key, label in HEADLINE_LABELS.items()
         if key in intervals
     ]
     return (
@@ -42,7 +44,7 @@ def interval_line(intervals: dict) -> str:
 def difference_lines(difference: dict) -> list[str]:
     """One line per headline metric of a paired difference, in percentage points."""
     lines = []
-    for key, label in (("closed_accuracy", "closed"), ("open_recall", "open (recall)")):
+    for key, label in HEADLINE_LABELS.items():
         if key in difference:
             low, high = (100 * bound for bound in difference[key]["interval"])
             verdict = "" if low <= 0 <= high else ", more than the test images explain"
