@@ -67,6 +67,16 @@ def test_multiframe_takes_the_middle_frame_or_the_chosen_one(tmp_path):
     assert frame_count(path) == 5 and frame_count(write_dicom(tmp_path / "one.dcm", frames[0])) == 1
 
 
+def test_a_one_frame_image_refuses_any_frame_but_its_first(tmp_path):
+    single = write_dicom(tmp_path / "one.dcm", np.array([[0, 255]], dtype=np.uint8))
+    photo = tmp_path / "photo.png"
+    Image.new("L", (4, 4), 80).save(photo)
+    for source in (single, photo, Image.open(photo)):
+        assert np.asarray(load_image(source, frame=0)).shape[:2] == np.asarray(load_image(source)).shape[:2]
+        with pytest.raises(ImageLoadError, match="frame 3 requested but the image has 1 frame"):
+            load_image(source, frame=3)
+
+
 def test_pydicoms_real_ct_and_mr_slices_load():
     for name in ("CT_small.dcm", "MR_small.dcm"):
         image = load_image(pydicom.data.get_testdata_file(name))

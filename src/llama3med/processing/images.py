@@ -90,6 +90,7 @@ def load_image(
     from the feet (default: the middle one).
     """
     if isinstance(source, Image.Image):
+        _check_single_frame(frame, source)
         return _to_rgb(source, source, max_pixels)
     if not isinstance(source, bytes) and Path(source).is_dir():
         slices = dicom_series(source)
@@ -102,6 +103,7 @@ def load_image(
     data = _read_bytes(source)
     kind = _medical_kind(source, data)
     if kind is None:
+        _check_single_frame(frame, source)
         return _open_with_pillow(data, source, max_pixels)
     to_uint8 = dicom_to_uint8 if kind == "dicom" else nifti_to_uint8
     return Image.fromarray(to_uint8(data, source, window=window, frame=frame, max_pixels=max_pixels)).convert("RGB")
@@ -205,6 +207,13 @@ def _open_with_pillow(data: bytes, source: object, max_pixels: int) -> Image.Ima
     return _to_rgb(image, source, max_pixels)
 
 
+def _check_single_frame(frame: int | None, source: object) -> None:
+    """A frame other than 0 of a one-frame image is a mistake (a volume expected, say), not a request to
+    ignore."""
+    if frame not in (None, 0):
+        raise ImageLoadError(source, f"frame {frame} requested but the image has 1 frame")
+
+
 def _check_pixel_count(pixels: int, source: object, max_pixels: int) -> None:
     if pixels > max_pixels:
         raise ImageLoadError(source, f"{pixels} pixels exceed the limit of {max_pixels} (decompression bomb?)")
@@ -263,6 +272,8 @@ def dicom_to_uint8(
         if not 0 <= index < frames:
             raise ImageLoadError(source, f"frame {index} requested but the DICOM has {frames} frames")
         pixels = pixels[index]
+    else:
+        _check_single_frame(frame, source)
     if samples == 3:
         return np.clip(pixels, 0, 255).astype(np.uint8)
     values = pixels.astype(np.float64) * float(getattr(ds, "RescaleSlope", 1) or 1) + float(
