@@ -74,6 +74,39 @@ def cmd_ask(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_chat(args: argparse.Namespace) -> None:
+    from .inference import ImageChat, best_device
+    from .processing import load_image
+
+    image = load_image(args.image, window=args.window, frame=args.frame)  # a bad image fails before loading
+    model, processor = _load_for_answering(_model_dir(args.model), best_device(), args)
+    chat = ImageChat(model, processor, image, system=args.system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        import readline  # noqa: F401  (line editing and history for input())
+
+        print(f"chatting about {args.image}; an empty line is skipped, Ctrl-D ends", file=sys.stderr)
+    while True:
+        try:
+            question = input("you> " if interactive else "")
+        except (EOFError, KeyboardInterrupt):
+            break
+        if not question.strip():
+            continue
+        if interactive:
+            print("model> ", end="", flush=True)
+        try:
+            chat.ask(
+                question,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                on_text=lambda text: print(text, end="", flush=True),
+            )
+        except KeyboardInterrupt:  # stops this answer; the conversation goes on without the turn
+            print(" [stopped]", end="")
+        print(flush=True)
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from .train import load_recipe, train
 
@@ -372,6 +405,25 @@ def _add_compile_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_image_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", required=True, help="image file, or a directory holding one DICOM series")
+    p.add_argument(
+        "--frame",
+        type=int,
+        default=None,
+        help="a slice of a NIfTI volume or a DICOM series, from 0 at the feet, or a multi-frame DICOM's frame "
+        "(default: the middle one)",
+    )
+    p.add_argument("--window", type=_window, default=None, help="DICOM/NIfTI window: CENTRE,WIDTH or a CT preset")
+
+
+def _add_answering_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model directory (default: the built-in phantom demo model)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="the most tokens an answer may have")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    _add_precision_options(p)
+
+
 def _add_precision_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype",
@@ -389,6 +441,7 @@ def _add_precision_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .data.benchmarks import BENCHMARKS
+    from .data.phantoms import PHANTOM_FORMATS
 
     parser = argparse.ArgumentParser(
         prog="llama3med", description="Llama3-Med: high-resolution biomedical vision-language assistants."
@@ -413,20 +466,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ask", help="answer a question about one image (DICOM, NIfTI, PNG, JPEG, ...)")
     p.add_argument("question", help="the question, e.g. 'Is there a lesion?'")
-    p.add_argument("--image", required=True, help="image file, or a directory holding one DICOM series")
-    p.add_argument(
-        "--frame",
-        type=int,
-        default=None,
-        help="a slice of a NIfTI volume or a DICOM series, from 0 at the feet, or a multi-frame DICOM's frame "
-        "(default: the middle one)",
-    )
-    p.add_argument("--model", default=None, help="model directory (default: the built-in phantom demo model)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--window", type=_window, default=None, help="DICOM/NIfTI window: CENTRE,WIDTH or a CT preset")
-    _add_precision_options(p)
+    _add_image_options(p)
+    _add_answering_options(p)
     p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("chat", help="a multi-turn chat about one image in the terminal, answers streamed")
+    _add_image_options(p)
+    p.add_argument("--system", default=None, help="a system message before the conversation")
+    _add_answering_options(p)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("train", help="run a training stage from a recipe (tower, pretrain or finetune)")
     p.add_argument("recipe", help="recipe YAML, e.g. recipes/llama3med-8b/pretrain.yaml")
@@ -542,7 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_positive, default=100, help="number of images")
     p.add_argument("--seed", type=int, default=0, help="a test set should use another seed than training")
     p.add_argument("--size", type=_positive, default=1152, help="image side in pixels")
-    p.add_argument("--format", choices=["dcm", "png", "nii.gz"], default="dcm", help="DICOM, PNG or NIfTI")
+    p.add_argument("--format", choices=PHANTOM_FORMATS, default="dcm", help="DICOM, PNG or NIfTI")
     p.set_defaults(func=cmd_data_phantoms)
     return parser
 

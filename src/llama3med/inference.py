@@ -1,15 +1,17 @@
-"""Answering a question about one image: processor -> model -> greedy decoder (or sampling) -> text."""
+"""Answering questions about one image, one at a time or as a conversation: processor -> model -> greedy
+decoder (or sampling) -> text."""
 
 from __future__ import annotations
 
 import sys
 import weakref
+from collections.abc import Callable
 
 import torch
 
 from .generation import Sampling, StaticCacheDecoder
 from .model import Llama3MedForConditionalGeneration
-from .processing import IMAGE_PLACEHOLDER, Llama3MedProcessor
+from .processing import IMAGE_PLACEHOLDER, Llama3MedProcessor, SampleTooLongError
 from .processing.images import ImageSource, Window
 
 
@@ -75,17 +77,94 @@ def compile_model(model: Llama3MedForConditionalGeneration) -> None:
     static_cache_decoder(model).compile()
 
 
-def question_messages(question: str, system: str | None = None) -> list[dict[str, str]]:
-    """A single-turn chat about one image, the placeholder before the question (LLaVA-Med's layout)."""
+def _checked_question(question: str) -> str:
     if not question.strip():
         raise ValueError("the question is empty")
     if IMAGE_PLACEHOLDER in question:
         raise ValueError(f"the question must not contain {IMAGE_PLACEHOLDER}; the image is added for you")
+    return question
+
+
+def question_messages(question: str, system: str | None = None) -> list[dict[str, str]]:
+    """A single-turn chat about one image, the placeholder before the question (LLaVA-Med's layout)."""
     messages = [{"role": "system", "content": system}] if system else []
-    return [*messages, {"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{question}"}]
+    return [*messages, {"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{_checked_question(question)}"}]
 
 
-@torch.inference_mode()
+class _TextStream:
+    """`StaticCacheDecoder`'s `on_step` for one answer: hands each piece of new text to `on_text` as it
+    comes, leading whitespace dropped as the finished answer drops it; stops nothing."""
+
+    def __init__(self, processor: Llama3MedProcessor, eos: list[int], on_text: Callable[[str], None]):
+        self.processor, self.eos, self.on_text = processor, eos, on_text
+        self.tokens: list[int] = []
+        self.shown = ""
+
+    def __call__(self, token: torch.Tensor) -> torch.Tensor:
+        if int(token[0]) not in self.eos:
+            self.tokens.append(int(token[0]))
+            text = self.processor.decode_so_far(self.tokens)
+            if text is not None and len(text.lstrip()) > len(self.shown):
+                delta, self.shown = text.lstrip()[len(self.shown) :], text.lstrip()
+                self.on_text(delta)
+        return torch.zeros(1, dtype=torch.bool)
+
+
+class ImageChat:
+    """A conversation about one image, turn by turn, as LLaVA's terminal chat holds it: the image is
+    encoded once, and each question is answered with the whole conversation before it in the prompt."""
+
+    def __init__(
+        self,
+        model: Llama3MedForConditionalGeneration,
+        processor: Llama3MedProcessor,
+        image: ImageSource,
+        *,
+        window: Window = None,
+        frame: int | None = None,
+        system: str | None = None,
+    ):
+        self.model, self.processor = model, processor
+        pixel_values = processor.preprocess_image(image, window=window, frame=frame)  # (3, S_max, S_max)
+        with torch.inference_mode():
+            self.image_features = model.encode_images(pixel_values[None].to(model.device))  # (1, N, D)
+        self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+
+    @torch.inference_mode()
+    def ask(
+        self,
+        question: str,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        on_text: Callable[[str], None] | None = None,
+    ) -> str:
+        """The answer to `question`, greedy unless `temperature > 0`; `on_text` sees its text piece by
+        piece as it is generated. The turn joins the conversation only once its answer is complete."""
+        first_turn = all(message["role"] != "user" for message in self.messages)
+        if first_turn:
+            messages = [*self.messages, *question_messages(question)]
+        else:
+            messages = [*self.messages, {"role": "user", "content": _checked_question(question)}]
+        context = self.model.config.text_config.max_position_embeddings
+        try:
+            prompt = self.processor.encode_text(self.processor.chat_prompt(messages), 1, max_length=context - 1)
+        except SampleTooLongError as err:
+            raise ValueError(f"the conversation no longer fits the model's context: {err}") from None
+        input_ids = torch.tensor([prompt], device=self.model.device)
+        embeds = self.model.embed_inputs(input_ids, self.image_features)
+        decoder = static_cache_decoder(self.model)
+        new_tokens = decoder(
+            embeds,
+            torch.ones_like(input_ids),
+            min(max_new_tokens, context - len(prompt)),
+            on_step=None if on_text is None else _TextStream(self.processor, decoder.eos, on_text),
+            sampling=Sampling(temperature=temperature) if temperature > 0 else None,
+        )
+        text = self.processor.decode(new_tokens[0]).strip()
+        self.messages = [*messages, {"role": "assistant", "content": text}]
+        return text
+
+
 def answer(
     model: Llama3MedForConditionalGeneration,
     processor: Llama3MedProcessor,
@@ -96,9 +175,6 @@ def answer(
     window: Window = None,
 ) -> str:
     """The model's answer to `question` about `image`; greedy unless `temperature > 0`."""
-    prompt = processor.chat_prompt(question_messages(question))
-    inputs = processor(prompt, images=image, window=window).to(model.device)
-    embeds = model.embed_inputs(inputs["input_ids"], model.encode_images(inputs["pixel_values"]))
-    sampling = Sampling(temperature=temperature) if temperature > 0 else None
-    new_tokens = static_cache_decoder(model)(embeds, inputs["attention_mask"], max_new_tokens, sampling=sampling)
-    return processor.decode(new_tokens[0]).strip()
+    _checked_question(question)  # before the image is encoded
+    chat = ImageChat(model, processor, image, window=window)
+    return chat.ask(question, max_new_tokens=max_new_tokens, temperature=temperature)

@@ -180,6 +180,12 @@ class Llama3MedProcessor(ProcessorMixin):
     def decode(self, token_ids, skip_special_tokens: bool = True, **kwargs) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs)
 
+    def decode_so_far(self, token_ids: list[int]) -> str | None:
+        """The text of an answer still being generated, or None while its last token is half of a
+        multi-byte character (the next token completes it): what a stream may show yet."""
+        text = self.decode(token_ids)
+        return None if text.endswith("\ufffd") else text
+
     def batch_decode(self, sequences, skip_special_tokens: bool = True, **kwargs) -> list[str]:
         return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
 

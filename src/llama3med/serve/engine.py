@@ -289,8 +289,8 @@ class Engine:
             job.finish_reason = "stop"
             return
         job.tokens.append(token)
-        text = self.processor.decode(job.tokens)
-        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+        text = self.processor.decode_so_far(job.tokens)
+        if text is None:
             return
         for stop in job.stop:
             if stop in text:
