@@ -6,8 +6,9 @@ goal (0.85), far above always giving the most common answer.
 from pathlib import Path
 
 import pytest
+import torch
 
-from llama3med.checkpoints import DEMO_MODEL_DIR, load
+from llama3med.checkpoints import DEMO_MODEL_DIR, load, nf4_quantization
 from llama3med.cli import main
 from llama3med.data.benchmarks import load_llava_med
 from llama3med.data.phantoms import DESCRIBE, WORDINGS, write_phantom_set
@@ -65,6 +66,14 @@ def test_ask_runs_the_demo_with_fp8_matmuls_with_the_same_answer(capsys):
     assert capsys.readouterr().out.strip() == "1"
 
 
+def test_ask_runs_the_demo_with_4bit_weights_with_the_same_answer(capsys):
+    question = "How many lesions are visible?"
+    assert main(["ask", "--load-4bit", "--image", str(EXAMPLES / "phantom_ct_lesion.dcm"), question]) == 0
+    assert capsys.readouterr().out.strip() == "1"
+    assert main(["ask", "--load-4bit", "--fp8", "--image", str(EXAMPLES / "phantom_ct_lesion.dcm"), question]) == 1
+    assert "choose one" in capsys.readouterr().err
+
+
 def answers_on_unseen_phantoms(tmp_path, n: int, keep) -> tuple[list, dict[str, str]]:
     """The demo's answers to the test questions `keep` selects, on `n` phantoms of a seed training never used."""
     write_phantom_set(tmp_path, n=n, seed=4242, size=384, image_format="dcm")  # training used seed 0
@@ -111,4 +120,29 @@ def test_the_demo_answers_unseen_phantoms_in_fp8_as_it_does_in_full_precision(tm
     fp8 = {r.id: text for r, _, text in generate_answers(model, processor, records, batch_size=50, max_new_tokens=8)}
     assert sum(full[k] == fp8[k] for k in full) >= 0.95 * len(records)  # 214 of 214 when written
     closed = [score(records, answers)["all"]["closed_accuracy"] for answers in (full, fp8)]
+    assert abs(closed[0] - closed[1]) <= 0.02
+
+
+def test_the_demo_answers_unseen_phantoms_with_4bit_weights_as_it_does_in_full_precision(tmp_path):
+    from bitsandbytes.nn import Linear4bit
+
+    write_phantom_set(tmp_path, n=40, seed=4242, size=384, image_format="dcm")
+    records = load_llava_med(tmp_path / "test.json")
+    answers, footprints = [], []
+    for quantization in (None, nf4_quantization(torch.float32)):
+        model, processor = load(DEMO_MODEL_DIR, "cpu", torch.float32, quantization_config=quantization)
+        generated = generate_answers(model, processor, records, batch_size=50, max_new_tokens=8)
+        answers.append({r.id: text for r, _, text in generated})
+        footprints.append(model.get_memory_footprint())
+    lm = model.language_model
+    assert all(
+        isinstance(m, Linear4bit) for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"
+    )
+    assert not isinstance(lm.lm_head, Linear4bit) and not any(
+        isinstance(m, Linear4bit) for m in model.vision_tower.modules()
+    )
+    assert footprints[1] < 0.5 * footprints[0]
+    full, nf4 = answers
+    assert sum(full[k] == nf4[k] for k in full) >= 0.95 * len(records)  # 214 of 214 when written
+    closed = [score(records, a)["all"]["closed_accuracy"] for a in answers]
     assert abs(closed[0] - closed[1]) <= 0.02

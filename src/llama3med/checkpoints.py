@@ -228,6 +228,25 @@ def _suppress_image_token(model: PreTrainedModel) -> None:
         model.generation_config.suppress_tokens = [*suppressed, model.config.image_token_id]
 
 
+def nf4_quantization(compute_dtype: torch.dtype):
+    """transformers' config for storing the LM's linear layers in 4-bit NF4 with double quantization
+    (QLoRA's storage, bitsandbytes' kernels), computing in `compute_dtype`; the tower, the projector and
+    the LM head keep their precision."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RuntimeError("4-bit weights need bitsandbytes: pip install 'llama3med[qlora]'")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"],
+    )
+
+
 def load(
     model_dir: str | Path,
     device: str | torch.device | None = None,

@@ -156,6 +156,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         "max_new_tokens": args.max_new_tokens,
         "dtype": str(inference_dtype(device, args.dtype)).removeprefix("torch."),
         "fp8": args.fp8,
+        "load_4bit": args.load_4bit,
     }
     check_run_settings(out, settings)
     answers_path = out / "answers.jsonl"
@@ -181,7 +182,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         scores = score(records, answers, candidates=candidates)
         baseline = majority_baseline(records)
         report = {"benchmark": args.benchmark, "model": str(args.model), "prompt": args.prompt, "scores": scores}
-        report["dtype"], report["fp8"] = settings["dtype"], settings["fp8"]  # fp8: the LM's linear layers
+        for key in ("dtype", "fp8", "load_4bit"):  # fp8, load_4bit: how the LM's linear layers were stored
+            report[key] = settings[key]
         report["peak_memory_gib"] = peak_memory_gib(device)  # rank 0's; the GPU's on a GPU
         report["majority_closed_baseline"] = baseline
         report["candidates"] = candidates_source
@@ -327,15 +329,19 @@ def _resolved(path: str) -> str:
 
 def _load_for_answering(model_dir, device, args: argparse.Namespace):
     """The model and processor on `device` at the precision `--dtype` names, or the device's default,
-    the LM's linear layers in fp8 with `--fp8`."""
-    from .checkpoints import load
+    the LM's linear layers in fp8 with `--fp8` or in 4-bit NF4 with `--load-4bit`."""
+    from .checkpoints import load, nf4_quantization
     from .inference import inference_dtype
 
+    if args.fp8 and args.load_4bit:
+        raise ValueError("--fp8 and --load-4bit are two ways to store the LM's linear layers; choose one")
     if args.fp8:
         from .fp8 import check_fp8_device, quantize_language_model_fp8
 
         check_fp8_device(device)  # before minutes of loading
-    model, processor = load(model_dir, device, inference_dtype(device, args.dtype))
+    dtype = inference_dtype(device, args.dtype)
+    quantization = nf4_quantization(dtype) if args.load_4bit else None
+    model, processor = load(model_dir, device, dtype, quantization_config=quantization)
     if args.fp8:
         quantize_language_model_fp8(model.language_model)
     return model, processor
@@ -436,6 +442,12 @@ def _add_precision_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="the LM's linear layers in fp8, for GPUs of compute capability 8.9+ (e.g. H100): half their "
         "memory; answers move a little, compare scores",
+    )
+    p.add_argument(
+        "--load-4bit",
+        action="store_true",
+        help="the LM's linear layers in 4-bit NF4 (bitsandbytes; an 8B LM in about 6 GB instead of 16, for "
+        "smaller GPUs): answers move a little, compare scores",
     )
 
 

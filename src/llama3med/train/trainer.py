@@ -148,19 +148,8 @@ def corpus_texts(recipe: Recipe) -> list[str]:
 
 
 def qlora_config(args: TrainingArguments):
-    """QLoRA's storage for the LM: 4-bit NF4 with double quantization, computing in the run's precision.
-    The tower, the projector and the LM head keep their dtype."""
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise RuntimeError("QLoRA (lora.bits: 4) needs bitsandbytes: pip install 'llama3med[qlora]'")
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32,
-        llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"],
-    )
+    """QLoRA's storage for the LM, computing in the run's precision."""
+    return checkpoints.nf4_quantization(torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32)
 
 
 def prepare_model(recipe: Recipe, args: TrainingArguments):
