@@ -67,6 +67,22 @@ def test_multiframe_takes_the_middle_frame_or_the_chosen_one(tmp_path):
     assert frame_count(path) == 5 and frame_count(write_dicom(tmp_path / "one.dcm", frames[0])) == 1
 
 
+@pytest.mark.parametrize("lut_bits", [16, 8])
+def test_a_palette_color_image_is_shown_in_its_lookup_tables_colours(tmp_path, lut_bits):
+    path = write_dicom(tmp_path / "us.dcm", np.array([[0, 1], [2, 3]], dtype=np.uint8), photometric="PALETTE COLOR")
+    ds = pydicom.dcmread(path)
+    full = 2**lut_bits - 1
+    tables = {"Red": [0, full, 0, full], "Green": [0, 0, full, full // 2], "Blue": [0, 0, 0, full]}
+    for colour, entries in tables.items():
+        descriptor = pydicom.datadict.tag_for_keyword(f"{colour}PaletteColorLookupTableDescriptor")
+        ds.add_new(descriptor, "US", [4, 0, lut_bits])  # 4 entries, the first for index 0
+        data = np.array(entries, dtype=np.uint16 if lut_bits == 16 else np.uint8).tobytes()
+        ds.add_new(pydicom.datadict.tag_for_keyword(f"{colour}PaletteColorLookupTableData"), "OW", data)
+    ds.save_as(path)
+    got = np.asarray(load_image(path, window="lung")).reshape(-1, 3)  # a window does not apply to colour
+    np.testing.assert_array_equal(got, [[0, 0, 0], [255, 0, 0], [0, 255, 0], [255, 127, 255]])
+
+
 def test_a_one_frame_image_refuses_any_frame_but_its_first(tmp_path):
     single = write_dicom(tmp_path / "one.dcm", np.array([[0, 255]], dtype=np.uint8))
     photo = tmp_path / "photo.png"

@@ -276,6 +276,8 @@ def dicom_to_uint8(
         _check_single_frame(frame, source)
     if samples == 3:
         return np.clip(pixels, 0, 255).astype(np.uint8)
+    if getattr(ds, "PhotometricInterpretation", "") == "PALETTE COLOR":  # ultrasound, nuclear medicine
+        return _palette_to_rgb(pixels, ds, source)
     values = pixels.astype(np.float64) * float(getattr(ds, "RescaleSlope", 1) or 1) + float(
         getattr(ds, "RescaleIntercept", 0) or 0
     )
@@ -286,6 +288,19 @@ def dicom_to_uint8(
     if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
         out = 255 - out  # MONOCHROME1: low values are bright
     return out
+
+
+def _palette_to_rgb(indices: np.ndarray, ds, source: object) -> np.ndarray:
+    """A PALETTE COLOR image's `(H, W, 3)` 8-bit colours, through its red, green and blue lookup tables
+    (entries of 8 or 16 bits, as their descriptors say); windowing does not apply to it."""
+    from pydicom.pixels import apply_color_lut
+
+    try:
+        colours = apply_color_lut(indices, ds)
+    except (ValueError, KeyError, AttributeError) as err:
+        raise ImageLoadError(source, f"PALETTE COLOR DICOM with unusable lookup tables ({err})") from None
+    bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+    return (colours >> (bits - 8)).astype(np.uint8) if bits > 8 else colours.astype(np.uint8)
 
 
 def nifti_to_uint8(
