@@ -67,6 +67,32 @@ def test_multiframe_takes_the_middle_frame_or_the_chosen_one(tmp_path):
     assert frame_count(path) == 5 and frame_count(write_dicom(tmp_path / "one.dcm", frames[0])) == 1
 
 
+def test_a_radiographs_voi_lut_is_its_display_curve_unless_a_window_is_asked_for(tmp_path):
+    stored = np.array([[0, 1024, 2048], [3072, 4095, 100]], dtype=np.uint16)
+    path = write_dicom(tmp_path / "dx.dcm", stored, modality="DX", window=(2048.0, 4096.0))
+    ds = pydicom.dcmread(path)
+    curve = np.round(np.sqrt(np.arange(4096) / 4095) * 4095).astype(np.uint16)  # 16-bit entries up to 4095
+    item = pydicom.Dataset()
+    item.add_new(pydicom.datadict.tag_for_keyword("LUTDescriptor"), "US", [4096, 0, 16])
+    item.add_new(pydicom.datadict.tag_for_keyword("LUTData"), "OW", curve.tobytes())
+    ds.VOILUTSequence = pydicom.Sequence([item])
+    ds.save_as(path)
+    got = np.asarray(load_image(path))[..., 0]
+    np.testing.assert_array_equal(got, np.round(curve[stored] / 4095 * 255).astype(np.uint8))
+    windowed = np.asarray(load_image(path, window=(2048, 4096)))[..., 0]
+    np.testing.assert_array_equal(windowed, dicom_window(stored.astype(float), 2048.0, 4096.0))
+
+
+def test_a_sigmoid_voi_function_is_applied_to_the_files_own_window(tmp_path):
+    path = write_dicom(tmp_path / "mg.dcm", np.array([[50, 100, 150]], dtype=np.uint16), window=(100.0, 50.0))
+    ds = pydicom.dcmread(path)
+    ds.VOILUTFunction = "SIGMOID"
+    ds.save_as(path)
+    np.testing.assert_array_equal(
+        np.asarray(load_image(path))[..., 0], [[5, 128, 250]]
+    )  # 255 / (1 + e^(-4 (x - c) / w))
+
+
 @pytest.mark.parametrize("lut_bits", [16, 8])
 def test_a_palette_color_image_is_shown_in_its_lookup_tables_colours(tmp_path, lut_bits):
     path = write_dicom(tmp_path / "us.dcm", np.array([[0, 1], [2, 3]], dtype=np.uint8), photometric="PALETTE COLOR")

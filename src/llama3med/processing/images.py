@@ -85,7 +85,8 @@ def load_image(
     image.
 
     `window` (DICOM and NIfTI) is a `(centre, width)` pair or a name from `CT_WINDOWS`; without it the
-    file's own window is used (DICOM's window tags, NIfTI's `cal_min`/`cal_max`), else its full range.
+    file's own display curve is used (DICOM's VOI LUT or window tags, NIfTI's `cal_min`/`cal_max`), else
+    its full range.
     `frame` picks a frame of a multi-frame DICOM, or a slice of a DICOM series or a NIfTI volume counted
     from the feet (default: the middle one).
     """
@@ -284,10 +285,38 @@ def dicom_to_uint8(
     own_window = None
     if "WindowCenter" in ds and "WindowWidth" in ds:
         own_window = _first(ds.WindowCenter), _first(ds.WindowWidth)
-    out = _windowed(values, _resolve_window(window, own_window, source))
+    if window is None and ds.get("VOILUTSequence"):  # radiographs, mammograms: the vendor's own curve
+        out = _voi_lut_to_uint8(values, ds, source)
+    elif window is None and own_window and str(ds.get("VOILUTFunction", "")).upper() == "SIGMOID":
+        out = _sigmoid_window(values, *own_window)
+    else:
+        out = _windowed(values, _resolve_window(window, own_window, source))
     if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
         out = 255 - out  # MONOCHROME1: low values are bright
     return out
+
+
+def _voi_lut_to_uint8(values: np.ndarray, ds, source: object) -> np.ndarray:
+    """The file's first VOI LUT (PS3.3 C.11.2; where a file also gives a window, the LUT comes first, as
+    in pydicom's `apply_voi_lut`), its output range spread over 0..255. The range is the one its entries
+    span, not the one their bit depth allows: some files declare 16-bit entries that reach only 4095."""
+    from pydicom.pixels import apply_voi
+
+    try:
+        entries, first = ds.VOILUTSequence[0].LUTDescriptor[:2]
+        table = apply_voi(np.arange(first, first + (entries or 2**16)), ds).astype(np.float64)
+        mapped = apply_voi(np.rint(values).astype(np.int64), ds).astype(np.float64)
+    except (ValueError, KeyError, AttributeError, IndexError, TypeError, NotImplementedError) as err:
+        raise ImageLoadError(source, f"DICOM with an unusable VOI LUT ({err})") from None
+    low, high = table.min(), table.max()
+    if high <= low:
+        return np.zeros(mapped.shape, dtype=np.uint8)
+    return np.round((mapped - low) / (high - low) * 255.0).astype(np.uint8)
+
+
+def _sigmoid_window(values: np.ndarray, centre: float, width: float) -> np.ndarray:
+    """The DICOM SIGMOID VOI function (PS3.3 C.11.2.1.3.1), which some mammograms ask for, to 0..255."""
+    return np.round(255.0 / (1.0 + np.exp(-4.0 * (values - centre) / width))).astype(np.uint8)
 
 
 def _palette_to_rgb(indices: np.ndarray, ds, source: object) -> np.ndarray:
