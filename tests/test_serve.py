@@ -8,6 +8,7 @@ import base64
 import gzip
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -441,6 +442,24 @@ def test_the_web_page_renders_a_dicom_and_streams_an_answer(server, tmp_path):
     assert [m["cls"] for m in shown["log"]] == ["msg user", "msg assistant"]
     assert shown["history"][0]["content"][0]["type"] == "image_url"
     assert shown["history"][1] == {"role": "assistant", "content": shown["log"][1]["text"]}
+    assert shown["button"] == "Ask"
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs Node.js to run the page's script")
+def test_the_web_pages_button_stops_an_answer_and_drops_its_turn(server, tmp_path):
+    script = re.search(r"<script>(.*)</script>", httpx.get(f"{server.url}/").text, re.S).group(1)
+    (tmp_path / "page.js").write_text(script)
+    harness = Path(__file__).parent / "web" / "page_harness.js"
+    ct = pydicom.data.get_testdata_file("CT_small.dcm")
+    command = ["node", str(harness), str(tmp_path / "page.js"), server.url, ct, "Describe the image."]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, env={**os.environ, "STOP_ANSWER": "1"})
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert [m["cls"] for m in shown["log"]] == ["msg user", "msg assistant"]
+    assert shown["log"][1]["text"].endswith("(stopped)")
+    assert shown["history"] == [] and shown["button"] == "Ask"  # the next question starts with the image again
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    assert client.chat.completions.create(model="tiny", messages=ask(data_url(png())), max_tokens=2).choices
 
 
 def test_a_nifti_volume_in_a_chat_is_answered_as_its_middle_slice_is(server):

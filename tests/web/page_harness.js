@@ -1,6 +1,7 @@
 // Runs the web page's own script in Node against a live server, with just enough of a DOM for it:
 // picks an image file, renders it, moves the slice slider to FRAME when given, asks a question, and prints
-// what the page would show as JSON.
+// what the page would show as JSON. With STOP_ANSWER=1 in the environment, the user presses the button
+// again as soon as the answer's stream opens.
 // Usage: node page_harness.js PAGE_SCRIPT SERVER_URL IMAGE QUESTION [FRAME]
 "use strict";
 const fs = require("fs");
@@ -22,7 +23,13 @@ class FileReader { readAsDataURL(blob) { blob.arrayBuffer().then((b) => {
   this.result = `data:${blob.type};base64,` + Buffer.from(b).toString("base64"); this.onload(); }); } }
 global.FileReader = FileReader;
 const realFetch = fetch;
-global.fetch = (url, options) => realFetch(server + url, options);
+global.fetch = async (url, options) => {
+  const response = await realFetch(server + url, options);
+  if (process.env.STOP_ANSWER && url === "/v1/chat/completions") {
+    setImmediate(() => document.getElementById("ask").onsubmit({ preventDefault() {} }));
+  }
+  return response;
+};
 
 const test = `
 (async () => {
@@ -37,7 +44,7 @@ const test = `
   await document.getElementById("ask").onsubmit({ preventDefault() {} });
   const log = document.getElementById("log").children.map((c) => ({ cls: c.className, text: c.textContent }));
   console.log(JSON.stringify({ preview: document.getElementById("preview").src, image: imageUrl, log, history,
-    first, shownFrame }));
+    first, shownFrame, button: document.getElementById("send").textContent }));
 })().catch((err) => { console.error(err); process.exit(1); });
 `;
 new Function("fs", "imagePath", "question", "chosenFrame", fs.readFileSync(pageScript, "utf8") + test)(
