@@ -78,7 +78,7 @@ def test_a_question_with_its_own_placeholder_is_refused(built_model_dir, capsys)
     assert "must not contain <image>" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["build", "convert", "ask", "chat"])
+@pytest.mark.parametrize("command", ["build", "convert", "ask", "chat", "answer"])
 def test_every_subcommand_has_help(command):
     result = run_cli(command, "--help")
     assert result.returncode == 0 and "usage: llama3med" in result.stdout

@@ -265,6 +265,36 @@ def test_eval_and_score_commands_use_the_llava_med_answer_format(built_model_dir
     assert both["scores"] == report["scores"] and both["against"]["closed_accuracy"]["difference"] == 0.0
 
 
+def test_answer_answers_a_question_file_without_references_in_its_order_and_resumes(
+    model_and_processor, built_model_dir, test_set, tmp_path, capsys
+):
+    images = test_set.parent / "images"
+    ct = sorted(images.iterdir())[0]
+    questions = [
+        {"question_id": 7, "image": ct.name, "text": "Is there a lesion?"},
+        {"id": "b", "image": ct.name, "question": "Which organ is shown?"},  # llama3med's own field names too
+        {"question_id": "c", "image": sorted(images.iterdir())[1].name, "text": "<image>\nIs it normal?"},
+    ]
+    path = tmp_path / "questions.jsonl"
+    path.write_text("".join(json.dumps(q) + "\n" for q in questions))
+    args = ["answer", str(path), "--model", str(built_model_dir), "--image-root", str(images)]
+    args += ["--out", str(tmp_path / "run"), "--max-new-tokens", "4"]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "answers.jsonl").read_text().splitlines()]
+    assert [row["question_id"] for row in rows] == ["7", "b", "c"]
+    model, processor = model_and_processor
+    asked = ["Is there a lesion?", "Which organ is shown?", "Is it normal?"]
+    for row, question, text in zip(rows, questions, asked, strict=True):
+        assert row["text"] == answer(model, processor, images / question["image"], text, max_new_tokens=4)
+    (tmp_path / "run" / "answers.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows[:2]))
+    assert main(args) == 0  # resumed: only the missing answer is made again
+    again = [json.loads(line) for line in (tmp_path / "run" / "answers.jsonl").read_text().splitlines()]
+    assert [row["answer_id"] for row in again[:2]] == [row["answer_id"] for row in rows[:2]] and len(again) == 3
+    path.write_text(json.dumps({"question_id": 1, "image": ct.name, "text": " "}) + "\n")
+    assert main(args) == 1
+    assert f"{path}: record 1: empty question" in capsys.readouterr().err
+
+
 def test_two_processes_under_torchrun_share_the_images_and_write_one_file_in_benchmark_order(
     built_model_dir, test_set, tmp_path
 ):

@@ -212,6 +212,41 @@ def _candidate_answers(args: argparse.Namespace, data: str, records: list) -> tu
     return None, "the test set's own open answers"
 
 
+def cmd_answer(args: argparse.Namespace) -> None:
+    from .data.benchmarks import load_questions
+    from .eval.runner import check_run_settings, merge_answers, run
+    from .inference import best_device, compile_model, inference_dtype
+
+    records = load_questions(args.questions, args.image_root)
+    device, out = best_device(), Path(args.out)
+    settings = {
+        "model": _resolved(args.model),
+        "questions": _resolved(args.questions),
+        "prompt": args.prompt,
+        "max_new_tokens": args.max_new_tokens,
+        "dtype": str(inference_dtype(device, args.dtype)).removeprefix("torch."),
+        "fp8": args.fp8,
+        "load_4bit": args.load_4bit,
+    }
+    check_run_settings(out, settings)
+    model, processor = _load_for_answering(args.model, device, args)
+    if args.compile:
+        compile_model(model)
+    answers_path = out / "answers.jsonl"
+    run(
+        model,
+        processor,
+        records,
+        answers_path,
+        model_id=Path(args.model).name,
+        prompt_style=args.prompt,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+    )
+    merge_answers(answers_path, records)
+    print(f"wrote {answers_path}: {len(records)} answers", file=sys.stderr)
+
+
 def cmd_score(args: argparse.Namespace) -> None:
     import json
 
@@ -411,6 +446,14 @@ def _add_compile_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_batch_answering_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", choices=["plain", "short"], default="plain", help="question wording")
+    p.add_argument("--batch-size", type=_positive, default=16)
+    p.add_argument("--max-new-tokens", type=_positive, default=64)
+    _add_precision_options(p)
+    _add_compile_option(p)
+
+
 def _add_image_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", required=True, help="image file, or a directory holding one DICOM series")
     p.add_argument(
@@ -515,12 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--image-root", default=None, help="image folder (default: the data file's images/ or folder)")
     p.add_argument("--out", required=True, help="output directory: answers.jsonl, report.md, report.json")
-    p.add_argument("--prompt", choices=["plain", "short"], default="plain", help="question wording")
-    p.add_argument("--batch-size", type=_positive, default=16)
-    p.add_argument("--max-new-tokens", type=_positive, default=64)
     p.add_argument("--limit", type=_positive, default=None, help="first N questions only")
-    _add_precision_options(p)
-    _add_compile_option(p)
+    _add_batch_answering_options(p)
     p.add_argument(
         "--compare",
         default=None,
@@ -529,6 +568,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_candidates_option(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("answer", help="answer a file of questions about images, batched and resumable")
+    p.add_argument("questions", help="JSON/JSONL of {question_id, image, text} (LLaVA-Med's model_vqa input)")
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--image-root", default=None, help="image folder (default: the file's images/ or folder)")
+    p.add_argument("--out", required=True, help="output directory: answers.jsonl (LLaVA-Med's answer format)")
+    _add_batch_answering_options(p)
+    p.set_defaults(func=cmd_answer)
 
     p = sub.add_parser("score", help="score an answers.jsonl against references (LLaVA-Med protocol)")
     p.add_argument("--gt", required=True, help="the benchmark's file or folder")

@@ -26,8 +26,8 @@ class VQARecord:
     id: str
     image: Path | bytes  # a file, or the encoded bytes embedded in a parquet file
     question: str
-    answer: str
-    answer_type: str  # OPEN or CLOSED
+    answer: str  # the reference; "" for a question asked without one (`load_questions`)
+    answer_type: str  # OPEN or CLOSED; "" without a reference
     dataset: str
     split: str = "test"
     question_type: str | None = None
@@ -77,6 +77,13 @@ def _unique(records: list[VQARecord], source: Path) -> list[VQARecord]:
     return records
 
 
+def _default_image_root(path: Path, image_root: str | Path | None) -> Path:
+    """`image_root`, else the file's `images/` folder when it exists, else the file's own folder."""
+    if image_root is not None:
+        return Path(image_root)
+    return path.parent / "images" if (path.parent / "images").is_dir() else path.parent
+
+
 def load_llava_med(
     path: str | Path, image_root: str | Path | None = None, dataset: str = "llava-med", check_images: bool = True
 ) -> list[VQARecord]:
@@ -88,8 +95,7 @@ def load_llava_med(
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: benchmark file not found")
-    if image_root is None:
-        image_root = path.parent / "images" if (path.parent / "images").is_dir() else path.parent
+    image_root = _default_image_root(path, image_root)
     records = []
     for position, raw in enumerate(read_records(path)):
         name = f"{path}: record {raw.get('id', f'#{position}')}"
@@ -104,7 +110,7 @@ def load_llava_med(
         records.append(
             VQARecord(
                 str(raw["id"]),
-                _image_file(Path(image_root), raw.get("image"), name, check_images),
+                _image_file(image_root, raw.get("image"), name, check_images),
                 question,
                 answer,
                 _answer_type(raw.get("answer_type"), answer, name),
@@ -114,6 +120,27 @@ def load_llava_med(
                 record_frame(raw, name),
             )
         )
+    return _unique(records, path)
+
+
+def load_questions(path: str | Path, image_root: str | Path | None = None) -> list[VQARecord]:
+    """Questions to answer without references, in LLaVA-Med's `model_vqa` question format (JSON or
+    JSONL): `{question_id, image, text}` per record (`id` and `question` are read too), with an optional
+    `frame`; images are looked up as `load_llava_med` looks them up."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: questions file not found")
+    root = _default_image_root(path, image_root)
+    records = []
+    for position, raw in enumerate(read_records(path)):
+        qid = raw.get("question_id", raw.get("id"))
+        name = f"{path}: record {qid if qid is not None else f'#{position}'}"
+        if qid is None:
+            raise ValueError(f"{name}: needs a 'question_id'")
+        text = raw.get("text", raw.get("question"))
+        question = _text(None if text is None else str(text).replace(IMAGE_PLACEHOLDER, ""), name, "question")
+        image = _image_file(root, raw.get("image"), name, check=True)
+        records.append(VQARecord(str(qid), image, question, "", "", "questions", frame=record_frame(raw, name)))
     return _unique(records, path)
 
 
