@@ -320,6 +320,22 @@ def test_two_processes_under_torchrun_share_the_images_and_write_one_file_in_ben
     assert report("two") == report("one")
 
 
+def test_answer_under_torchrun_writes_the_answers_of_one_process(built_model_dir, test_set, tmp_path):
+    questions = [{"question_id": r.id, "image": r.image.name, "text": r.question} for r in load_llava_med(test_set)]
+    path = test_set.parent / "questions.json"
+    path.write_text(json.dumps(questions))
+    args = ["answer", str(path), "--model", str(built_model_dir), "--max-new-tokens", "4"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "llama3med.cli", *args, "--out", str(tmp_path / "two")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = ((tmp_path / name / "answers.jsonl").read_text().splitlines() for name in ("one", "two"))
+    assert [json.loads(row)["text"] for row in two] == [json.loads(row)["text"] for row in one]
+    assert [json.loads(row)["question_id"] for row in two] == [q["question_id"] for q in questions]
+
+
 def test_a_compiled_language_model_answers_the_same(built_model_dir, test_set, tmp_path):
     args = ["eval", "--model", str(built_model_dir), "--data", str(test_set), "--max-new-tokens", "6"]
     assert main([*args, "--out", str(tmp_path / "eager")]) == 0

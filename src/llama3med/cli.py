@@ -123,62 +123,26 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    import os
-
-    import torch
-    import torch.distributed as dist
-
     from .data.benchmarks import load_benchmark
-    from .eval import confidence_intervals, majority_baseline, run, score
+    from .eval import confidence_intervals, majority_baseline, score
     from .eval.report import comparison_rows, format_table, load_published, write_report
-    from .eval.runner import answered_ids, check_run_settings, merge_answers, shard_by_image
-    from .inference import best_device, compile_model, inference_dtype, peak_memory_gib
+    from .eval.runner import check_run_settings
+    from .inference import compile_model, peak_memory_gib
 
     records = load_benchmark(args.benchmark, args.data, args.split, args.image_root)
     candidates, candidates_source = _candidate_answers(args, args.data, records)
     published = load_published(args.compare) if args.compare else None
     if args.limit:
         records = records[: args.limit]
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = best_device()
-    if world_size > 1:  # under torchrun: each process answers whole images, rank 0 merges and reports
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank, world_size, device = _start_answering_processes()
     out = Path(args.out)
-    settings = {
-        "model": _resolved(args.model),
-        "benchmark": args.benchmark,
-        "data": _resolved(args.data),
-        "split": args.split,
-        "prompt": args.prompt,
-        "max_new_tokens": args.max_new_tokens,
-        "dtype": str(inference_dtype(device, args.dtype)).removeprefix("torch."),
-        "fp8": args.fp8,
-        "load_4bit": args.load_4bit,
-    }
+    settings = _run_settings(args, device, benchmark=args.benchmark, data=_resolved(args.data), split=args.split)
     check_run_settings(out, settings)
-    answers_path = out / "answers.jsonl"
-    answered = answered_ids(answers_path)
-    pending = [r for r in records if r.id not in answered]
     model, processor = _load_for_answering(args.model, device, args)
     if args.compile:
         compile_model(model)
-    run(
-        model,
-        processor,
-        shard_by_image(pending, rank, world_size),
-        answers_path if world_size == 1 else out / f"answers.part{rank}.jsonl",
-        model_id=Path(args.model).name,
-        prompt_style=args.prompt,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-    )
-    if world_size > 1:
-        dist.barrier()
+    answers = _answer_in_processes(args, model, processor, records, out, rank, world_size)
     if rank == 0:
-        answers = merge_answers(answers_path, records)
         scores = score(records, answers, candidates=candidates)
         baseline = majority_baseline(records)
         report = {"benchmark": args.benchmark, "model": str(args.model), "prompt": args.prompt, "scores": scores}
@@ -195,6 +159,60 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if published:
             print(f"\nbeside published results ({published['source']}):")
             print("\n".join("  ".join(row) for row in comparison_rows(report, published)))
+    _end_answering_processes(world_size)
+
+
+def _start_answering_processes():
+    """This process's rank, the number of processes and its device: one process, or one of torchrun's
+    (each on its own GPU where there are GPUs), which answer whole images each and meet at the end."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from .inference import best_device
+
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = best_device()
+    if world_size > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device
+
+
+def _answer_in_processes(args, model, processor, records: list, out: Path, rank: int, world_size: int):
+    """Answer what `out/answers.jsonl` lacks, this process's share of the images (in
+    `answers.partN.jsonl` under torchrun); rank 0 then merges every answer into `answers.jsonl` in the
+    records' order and returns them (the other ranks: None)."""
+    import torch.distributed as dist
+
+    from .eval.runner import answered_ids, merge_answers, run, shard_by_image
+
+    answers_path = out / "answers.jsonl"
+    answered = answered_ids(answers_path)
+    pending = [r for r in records if r.id not in answered]
+    run(
+        model,
+        processor,
+        shard_by_image(pending, rank, world_size),
+        answers_path if world_size == 1 else out / f"answers.part{rank}.jsonl",
+        model_id=Path(args.model).name,
+        prompt_style=args.prompt,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+    )
+    if world_size > 1:
+        dist.barrier()
+    return merge_answers(answers_path, records) if rank == 0 else None
+
+
+def _end_answering_processes(world_size: int) -> None:
+    """Under torchrun: wait for rank 0's last work, then tear the group down here rather than in
+    destructors at exit."""
+    import torch.distributed as dist
+
     if world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -214,37 +232,19 @@ def _candidate_answers(args: argparse.Namespace, data: str, records: list) -> tu
 
 def cmd_answer(args: argparse.Namespace) -> None:
     from .data.benchmarks import load_questions
-    from .eval.runner import check_run_settings, merge_answers, run
-    from .inference import best_device, compile_model, inference_dtype
+    from .eval.runner import check_run_settings
+    from .inference import compile_model
 
     records = load_questions(args.questions, args.image_root)
-    device, out = best_device(), Path(args.out)
-    settings = {
-        "model": _resolved(args.model),
-        "questions": _resolved(args.questions),
-        "prompt": args.prompt,
-        "max_new_tokens": args.max_new_tokens,
-        "dtype": str(inference_dtype(device, args.dtype)).removeprefix("torch."),
-        "fp8": args.fp8,
-        "load_4bit": args.load_4bit,
-    }
-    check_run_settings(out, settings)
+    rank, world_size, device = _start_answering_processes()
+    out = Path(args.out)
+    check_run_settings(out, _run_settings(args, device, questions=_resolved(args.questions)))
     model, processor = _load_for_answering(args.model, device, args)
     if args.compile:
         compile_model(model)
-    answers_path = out / "answers.jsonl"
-    run(
-        model,
-        processor,
-        records,
-        answers_path,
-        model_id=Path(args.model).name,
-        prompt_style=args.prompt,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-    )
-    merge_answers(answers_path, records)
-    print(f"wrote {answers_path}: {len(records)} answers", file=sys.stderr)
+    if _answer_in_processes(args, model, processor, records, out, rank, world_size) is not None:
+        print(f"wrote {out / 'answers.jsonl'}: {len(records)} answers", file=sys.stderr)
+    _end_answering_processes(world_size)
 
 
 def cmd_score(args: argparse.Namespace) -> None:
@@ -354,6 +354,22 @@ def _model_dir(model: str | None):
         raise ValueError("no --model given and the built-in demo model is not installed")
     print("(demo model trained on synthetic phantoms; a research toy, not for diagnosis)", file=sys.stderr)
     return DEMO_MODEL_DIR
+
+
+def _run_settings(args: argparse.Namespace, device, **inputs: object) -> dict[str, object]:
+    """What an `eval` or `answer` run resumed in the same `--out` must share with the run that began it:
+    the model, what it answers (`inputs`), the prompt and the precision."""
+    from .inference import inference_dtype
+
+    return {
+        "model": _resolved(args.model),
+        **inputs,
+        "prompt": args.prompt,
+        "max_new_tokens": args.max_new_tokens,
+        "dtype": str(inference_dtype(device, args.dtype)).removeprefix("torch."),
+        "fp8": args.fp8,
+        "load_4bit": args.load_4bit,
+    }
 
 
 def _resolved(path: str) -> str:
