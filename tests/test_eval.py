@@ -30,7 +30,7 @@ from llama3med.eval import (
     token_scores,
 )
 from llama3med.eval.report import comparison_rows, load_published
-from llama3med.eval.runner import generate_answers, prefix_caches
+from llama3med.eval.runner import generate_answers, prefix_caches, unanswered_share
 from llama3med.eval.scoring import bleu, closest_candidate, exact_match
 from llama3med.inference import answer
 from llama3med.processing import load_image
@@ -295,16 +295,38 @@ def test_answer_answers_a_question_file_without_references_in_its_order_and_resu
     assert f"{path}: record 1: empty question" in capsys.readouterr().err
 
 
+def torchrun_cli(*args) -> None:
+    """`llama3med ARGS` in two CPU processes under torchrun (gloo), as a user starts it."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "llama3med.cli", *map(str, args)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_each_process_keeps_its_share_of_the_images_however_far_the_others_have_got(tmp_path):
+    records = [
+        VQARecord(f"{image}-{q}", Path(f"{image}.png"), "Is it?", "yes", "CLOSED", "t")
+        for image in "abc"
+        for q in (0, 1)
+    ]
+    answers = tmp_path / "answers.jsonl"
+    alone = {rank: unanswered_share(records, answers, rank, 2) for rank in (0, 1)}
+    assert [r.id for r in alone[0]] == ["a-0", "a-1", "c-0", "c-1"] and [r.id for r in alone[1]] == ["b-0", "b-1"]
+    (tmp_path / "answers.part1.jsonl").write_text(
+        "".join(json.dumps({"question_id": r.id, "text": "yes"}) + "\n" for r in alone[1])
+    )
+    assert unanswered_share(records, answers, 0, 2) == alone[0]  # process 1 has already answered its image
+    (tmp_path / "answers.part0.jsonl").write_text(json.dumps({"question_id": "a-0", "text": "no"}) + "\n")
+    assert [r.id for r in unanswered_share(records, answers, 0, 2)] == ["a-1", "c-0", "c-1"]  # resumed
+
+
 def test_two_processes_under_torchrun_share_the_images_and_write_one_file_in_benchmark_order(
     built_model_dir, test_set, tmp_path
 ):
     args = ["eval", "--model", str(built_model_dir), "--data", str(test_set), "--max-new-tokens", "4"]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += ["-m", "llama3med.cli", *args, "--out", str(tmp_path / "two")]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun_cli(*args, "--out", tmp_path / "two")
 
     def answers(name):
         return [(row["question_id"], row["text"]) for row in map(json.loads, open(tmp_path / name / "answers.jsonl"))]
@@ -326,11 +348,7 @@ def test_answer_under_torchrun_writes_the_answers_of_one_process(built_model_dir
     path.write_text(json.dumps(questions))
     args = ["answer", str(path), "--model", str(built_model_dir), "--max-new-tokens", "4"]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += ["-m", "llama3med.cli", *args, "--out", str(tmp_path / "two")]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun_cli(*args, "--out", tmp_path / "two")
     one, two = ((tmp_path / name / "answers.jsonl").read_text().splitlines() for name in ("one", "two"))
     assert [json.loads(row)["text"] for row in two] == [json.loads(row)["text"] for row in one]
     assert [json.loads(row)["question_id"] for row in two] == [q["question_id"] for q in questions]

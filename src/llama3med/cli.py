@@ -188,15 +188,13 @@ def _answer_in_processes(args, model, processor, records: list, out: Path, rank:
     records' order and returns them (the other ranks: None)."""
     import torch.distributed as dist
 
-    from .eval.runner import answered_ids, merge_answers, run, shard_by_image
+    from .eval.runner import merge_answers, run, unanswered_share
 
     answers_path = out / "answers.jsonl"
-    answered = answered_ids(answers_path)
-    pending = [r for r in records if r.id not in answered]
     run(
         model,
         processor,
-        shard_by_image(pending, rank, world_size),
+        unanswered_share(records, answers_path, rank, world_size),
         answers_path if world_size == 1 else out / f"answers.part{rank}.jsonl",
         model_id=Path(args.model).name,
         prompt_style=args.prompt,

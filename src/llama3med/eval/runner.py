@@ -88,6 +88,15 @@ def shard_by_image(records: Sequence[VQARecord], rank: int, world_size: int) -> 
     return [r for r in records if r.image_key in mine]
 
 
+def unanswered_share(records: Sequence[VQARecord], answers_path: Path, rank: int, world_size: int) -> list[VQARecord]:
+    """Process `rank`'s records still to answer: its deal of all the images, less what `answers.jsonl` or
+    any part already holds. The deal is over all the records, not over the unanswered ones: the other
+    processes are appending to their parts while this one reads them, and a deal over what is left would
+    differ between processes and leave some images to none."""
+    answered = answered_ids(answers_path)
+    return [r for r in shard_by_image(records, rank, world_size) if r.id not in answered]
+
+
 def merge_answers(answers_path: Path, records: Sequence[VQARecord]) -> dict[str, str]:
     """Rewrite `answers.jsonl` with every answer (its own and the parts') in the benchmark's order, then
     delete the parts. The new file replaces the old in one step, so a crash loses nothing."""
