@@ -3,6 +3,7 @@ modality off phantom images it never saw, and finds lesions in them well enough 
 goal (0.85), far above always giving the most common answer.
 """
 
+import json
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,20 @@ def test_ask_without_a_model_answers_from_the_demo(image, question, expected, ca
     captured = capsys.readouterr()
     assert captured.out.strip() == expected
     assert "not for diagnosis" in captured.err
+
+
+def test_answer_on_the_example_questions_gives_the_demos_answers(tmp_path):
+    out = tmp_path / "answers"
+    assert main(["answer", str(EXAMPLES / "questions.jsonl"), "--model", str(DEMO_MODEL_DIR), "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert {row["question_id"]: row["text"] for row in rows} == {
+        "ct-1": "yes",
+        "ct-2": "1",
+        "ct-3": "CT",
+        "ct-4": "left",
+        "mr-1": "MRI",
+        "mr-2": "no",
+    }
 
 
 @pytest.mark.parametrize("wording", WORDINGS["modality", "OPEN"])
