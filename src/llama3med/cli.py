@@ -255,11 +255,15 @@ def cmd_score(args: argparse.Namespace) -> None:
 
     records = load_benchmark(args.benchmark, args.gt, args.split, args.image_root, check_images=False)
     candidates, _ = _candidate_answers(args, args.gt, records)
-    answers = {qid: row["text"] for qid, row in read_answers(Path(args.pred)).items()}
+
+    def texts(path: str) -> dict[str, str]:
+        return {qid: row["text"] for qid, row in read_answers(Path(path)).items()}
+
+    answers = texts(args.pred)
     scores = score(records, answers, strict=args.strict, candidates=candidates)
     difference = None
     if args.against:
-        baseline = {qid: row["text"] for qid, row in read_answers(Path(args.against)).items()}
+        baseline = texts(args.against)
         difference = paired_difference(records, answers, baseline, strict=args.strict)
     if args.json:
         print(json.dumps(scores if difference is None else {"scores": scores, "against": difference}, indent=1))

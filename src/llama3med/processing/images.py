@@ -228,8 +228,10 @@ def _to_rgb(image: Image.Image, source: object, max_pixels: int) -> Image.Image:
     return image.convert("RGB")
 
 
-def _stretch_to_uint8(values: np.ndarray) -> np.ndarray:
-    low, high = float(values.min()), float(values.max())
+def _stretch_to_uint8(values: np.ndarray, low: float | None = None, high: float | None = None) -> np.ndarray:
+    """`low..high` (default: the values' own range) spread over 0..255; all 0 when the range is empty."""
+    low = float(values.min()) if low is None else low
+    high = float(values.max()) if high is None else high
     if high <= low:
         return np.zeros(values.shape, dtype=np.uint8)
     return np.round((values - low) / (high - low) * 255.0).astype(np.uint8)
@@ -308,10 +310,7 @@ def _voi_lut_to_uint8(values: np.ndarray, ds, source: object) -> np.ndarray:
         mapped = apply_voi(np.rint(values).astype(np.int64), ds).astype(np.float64)
     except (ValueError, KeyError, AttributeError, IndexError, TypeError, NotImplementedError) as err:
         raise ImageLoadError(source, f"DICOM with an unusable VOI LUT ({err})") from None
-    low, high = table.min(), table.max()
-    if high <= low:
-        return np.zeros(mapped.shape, dtype=np.uint8)
-    return np.round((mapped - low) / (high - low) * 255.0).astype(np.uint8)
+    return _stretch_to_uint8(mapped, float(table.min()), float(table.max()))
 
 
 def _sigmoid_window(values: np.ndarray, centre: float, width: float) -> np.ndarray:
