@@ -115,3 +115,50 @@ def test_a_tokenizer_without_the_image_token_is_refused():
     bare = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="a")
     with pytest.raises(ValueError, match="no '<image>' token"):
         Llama3MedProcessor(tokenizer=bare)
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_style_tokenizer():
+    """A tokenizer that marks only the start of a text with "▁", as transformers 5 builds Llama-2's,
+    Vicuna's and Mistral's (`legacy=False`): the start of text after a special token gets no mark."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import CORPUS
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    special = ["<unk>", "<s>", "</s>", "<image>"]
+    backend.train_from_iterator(
+        [*CORPUS, "[INST] USER: ASSISTANT:\n"] * 4, trainers.BpeTrainer(vocab_size=300, special_tokens=special)
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_llava_tokenization_tokenizes_each_piece_around_the_image_on_its_own(sentencepiece_style_tokenizer):
+    """As the original LLaVA code's `tokenizer_image_token`: BOS, then the text before `<image>` and the
+    text after it, each tokenized as a text of its own."""
+    tokenizer = sentencepiece_style_tokenizer
+    prompt = "<s>[INST] <image>\nIs there a lesion in the liver? [/INST]"
+    llava = Llama3MedProcessor(tokenizer=tokenizer, image_size=32, num_image_tokens=1, llava_tokenization=True)
+    image = tokenizer.convert_tokens_to_ids("<image>")
+    pieces = [
+        tokenizer(text, add_special_tokens=False)["input_ids"]
+        for text in ("[INST] ", "\nIs there a lesion in the liver? [/INST]")
+    ]
+    assert llava.encode_text(prompt, num_images=1) == [tokenizer.bos_token_id, *pieces[0], image, *pieces[1]]
+    joint = Llama3MedProcessor(tokenizer=tokenizer, image_size=32, num_image_tokens=1)
+    assert joint.encode_text(prompt, num_images=1) != llava.encode_text(prompt, num_images=1)  # the "▁" marks
+
+
+def test_llava_tokenization_labels_the_same_assistant_text(sentencepiece_style_tokenizer):
+    from llama3med.processing.chat import LLAVA_CHAT_TEMPLATES
+
+    tokenizer = sentencepiece_style_tokenizer
+    tokenizer.chat_template = LLAVA_CHAT_TEMPLATES["mistral_instruct"]
+    processor = Llama3MedProcessor(tokenizer=tokenizer, image_size=32, num_image_tokens=4, llava_tokenization=True)
+    encoded = processor.encode_conversation(llava_to_messages(CHAT))
+    supervised = [t for t, label in zip(encoded["input_ids"], encoded["labels"], strict=True) if label != IGNORE_INDEX]
+    assert tokenizer.decode(supervised).replace(" ", "") == "Yes,thereisonesmalllesion.</s>Theleftside.</s>"
+    assert encoded["input_ids"].count(processor.image_token_id) == 4

@@ -8,6 +8,7 @@ through the tokenizer's chat template (Llama-3's); each `<image>` placeholder be
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -37,6 +38,11 @@ class Llama3MedProcessor(ProcessorMixin):
         num_image_tokens: tokens per image in the LM (the config's `num_image_tokens`).
         image_token: the placeholder written in prompts and expanded here.
         max_pixels: images with more pixels are refused before decoding.
+        llava_tokenization: tokenize the text before, between and after the BOS and `<image>` tokens
+            separately, as the original LLaVA code does (`tokenizer_image_token`: each piece gets the
+            tokenizer's leading-space marker anew). Set for converted LLaVA checkpoints, so that their
+            prompts are the token ids they were trained on; it changes nothing for byte-level BPE
+            tokenizers (Llama-3's), only for SentencePiece ones that mark the start of text only.
     """
 
     def __init__(
@@ -49,6 +55,7 @@ class Llama3MedProcessor(ProcessorMixin):
         num_image_tokens: int = 729,
         image_token: str = IMAGE_PLACEHOLDER,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        llava_tokenization: bool = False,
         **kwargs,
     ):
         if image_fit not in IMAGE_FITS:
@@ -60,6 +67,7 @@ class Llama3MedProcessor(ProcessorMixin):
         self.num_image_tokens = int(num_image_tokens)
         self.image_token = image_token
         self.max_pixels = int(max_pixels)
+        self.llava_tokenization = bool(llava_tokenization)
         super().__init__(tokenizer=tokenizer, **kwargs)
         if tokenizer.chat_template is None:
             tokenizer.chat_template = LLAMA3_CHAT_TEMPLATE
@@ -91,8 +99,26 @@ class Llama3MedProcessor(ProcessorMixin):
 
     def encode_text(self, text: str, num_images: int, max_length: int | None = None) -> list[int]:
         """Token ids of a rendered prompt, with its `<image>` placeholder expanded."""
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids, _ = self._tokenize(text)
         return self._expand_image_tokens(ids, None, num_images, max_length)[0]
+
+    def _tokenize(self, text: str) -> tuple[list[int], list[int]]:
+        """Token ids of `text` and the character offset where each starts."""
+        if not self.llava_tokenization:
+            encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            return encoded["input_ids"], [begin for begin, _ in encoded["offset_mapping"]]
+        markers = {self.tokenizer.bos_token: self.tokenizer.bos_token_id, self.image_token: self.image_token_id}
+        ids, starts, at = [], [], 0
+        for piece in re.split("(" + "|".join(re.escape(m) for m in markers if m) + ")", text):
+            if piece in markers:
+                ids.append(markers[piece])
+                starts.append(at)
+            elif piece:
+                encoded = self.tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
+                ids.extend(encoded["input_ids"])
+                starts.extend(at + begin for begin, _ in encoded["offset_mapping"])
+            at += len(piece)
+        return ids, starts
 
     def encode_conversation(
         self,
@@ -111,12 +137,12 @@ class Llama3MedProcessor(ProcessorMixin):
             start = len(self.chat_prompt(messages[:i], add_generation_prompt=True))
             end = len(self.chat_prompt(messages[: i + 1], add_generation_prompt=False))
             spans.append((start, end))
-        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, starts = self._tokenize(text)
         labels = [
             token if any(s <= begin < e for s, e in spans) else IGNORE_INDEX
-            for token, (begin, _) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)
+            for token, begin in zip(ids, starts, strict=True)
         ]
-        input_ids, labels = self._expand_image_tokens(encoded["input_ids"], labels, num_images, max_length)
+        input_ids, labels = self._expand_image_tokens(ids, labels, num_images, max_length)
         return {"input_ids": input_ids, "labels": labels}
 
     def _expand_image_tokens(
