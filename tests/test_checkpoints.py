@@ -110,3 +110,179 @@ def test_generation_never_picks_the_input_only_image_token(built_model_dir):
         head[image_id] = 100 * hidden / hidden.norm()
         output = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert image_id not in output[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+# ---- checkpoints of the original LLaVA code (LLaVA-1.5, LLaVA-Med v1.5) ---------------------------------
+
+ORIGINAL_LLAVA_FIELDS = dict(  # what the original LLaVA code writes beside the LM's own config fields
+    mm_hidden_size=TINY_CLIP["hidden_size"],
+    mm_projector_type="mlp2x_gelu",
+    mm_vision_select_layer=-2,
+    mm_vision_select_feature="patch",
+    mm_patch_merge_type="flat",
+    mm_use_im_start_end=False,
+    mm_use_im_patch_token=False,
+    image_aspect_ratio="pad",
+    tokenizer_model_max_length=512,
+    tokenizer_padding_side="right",
+    tune_mm_mlp_adapter=False,
+    use_mm_proj=True,
+    use_cache=False,
+)
+
+
+def write_original_llava(
+    root: Path, lm_type: str, with_tower: bool = True, **fields
+) -> tuple[Path, LlavaForConditionalGeneration]:
+    """A tiny checkpoint in the original LLaVA code's layout (`LlavaLlamaForCausalLM` or
+    `LlavaMistralForCausalLM`: its config fields and state-dict names, the text-only tokenizer, the CLIP
+    tower in a directory of its own that `mm_vision_tower` names), and the transformers LLaVA holding the
+    same weights, which computes what the original code computes. The layout was checked once against
+    llava-torch 1.2.2's own classes: converted, identical logits and greedy tokens."""
+    from safetensors.torch import save_file
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
+    from conftest import CORPUS
+    from llama3med.processing import train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(CORPUS * 4, vocab_size=320, model_max_length=512, image_token=False)
+    vocab = len(tokenizer)
+    text = dict(tiny_llama(vocab + 1), model_type=lm_type, bos_token_id=tokenizer.bos_token_id)
+    torch.manual_seed(0)
+    reference = LlavaForConditionalGeneration(
+        LlavaConfig(
+            vision_config=AutoConfig.for_model(**TINY_CLIP),
+            text_config=AutoConfig.for_model(**text),
+            image_token_index=vocab,  # the id the conversion gives <image>
+            image_seq_length=16,
+            vision_feature_layer=-2,
+        )
+    ).eval()
+
+    tower_dir = root / "clip"
+    tower = CLIPVisionModel(AutoConfig.for_model(**TINY_CLIP))
+    tower_state = {
+        k.removeprefix("model.vision_tower."): v
+        for k, v in reference.state_dict().items()
+        if k.startswith("model.vision_tower.")
+    }
+    tower.load_state_dict(tower_state)
+    tower.save_pretrained(tower_dir)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tower_dir)
+
+    state = {}
+    for key, value in reference.state_dict().items():
+        if key.startswith("model.language_model."):
+            key = "model." + key.removeprefix("model.language_model.")
+        elif key.startswith("model.multi_modal_projector."):
+            key = key.replace("multi_modal_projector.linear_1", "mm_projector.0")
+            key = key.replace("multi_modal_projector.linear_2", "mm_projector.2")
+        elif key.startswith("model.vision_tower."):
+            if not with_tower:
+                continue
+            # transformers 4 (which wrote every published LLaVA) named CLIP's weights "vision_model.*"
+            key = "model.vision_tower.vision_tower.vision_model." + key.removeprefix("model.vision_tower.")
+        if key in ("model.embed_tokens.weight", "lm_head.weight"):
+            value = value[:vocab]  # the original vocabulary has no <image> row
+        state[key] = value.contiguous()
+    llava_dir = root / "llava"
+    llava_dir.mkdir()
+    save_file(state, llava_dir / "model.safetensors")
+    config = {**text, "vocab_size": vocab, "architectures": [f"Llava{lm_type.title()}ForCausalLM"]}
+    config.update(ORIGINAL_LLAVA_FIELDS, model_type=f"llava_{lm_type}", mm_vision_tower=str(tower_dir))
+    config.update(fields)
+    (llava_dir / "config.json").write_text(json.dumps(config))
+    tokenizer.save_pretrained(llava_dir)
+    return llava_dir, reference
+
+
+@pytest.mark.parametrize("lm_type", ["llama", "mistral"])
+def test_an_original_llava_checkpoint_converts_to_the_same_logits_and_greedy_tokens(tmp_path, lm_type):
+    llava_dir, reference = write_original_llava(tmp_path, lm_type)
+    assert main(["convert", "--llava", str(llava_dir), "--out", str(tmp_path / "ours")]) == 0
+    ours, processor = load(tmp_path / "ours")
+    assert ours.config.text_config.model_type == lm_type and processor.num_image_tokens == 16
+    assert processor.llava_tokenization  # prompts tokenized as LLaVA's tokenizer_image_token does
+    assert ours.config.image_token_id == processor.image_token_id == reference.config.image_token_id
+    input_ids, pixel_values = llava_inputs(processor.image_token_id)
+    vocab = processor.image_token_id  # the original rows; the <image> row is new
+    with torch.no_grad():
+        expected = reference(input_ids=input_ids, pixel_values=pixel_values).logits[..., :vocab]
+        got = ours(input_ids=input_ids, pixel_values=pixel_values).logits[..., :vocab]
+    assert (expected - got).abs().max() < 1e-5
+    kwargs = dict(input_ids=input_ids, pixel_values=pixel_values, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert torch.equal(reference.generate(**kwargs, suppress_tokens=[vocab]), ours.generate(**kwargs))
+
+
+VICUNA_PROMPT = (  # what llava/conversation.py's conv_vicuna_v1 renders, behind the tokenizer's BOS
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the user's questions. USER: <image>\nIs there a lesion? ASSISTANT: yes"
+    "</s>USER: Where? ASSISTANT:"
+)
+MISTRAL_PROMPT = "[INST] <image>\nIs there a lesion? [/INST] yes </s>[INST] Where? [/INST]"  # conv_mistral_instruct
+
+
+@pytest.mark.parametrize(
+    ("lm_type", "conv_mode", "expected"),
+    [
+        ("llama", None, VICUNA_PROMPT),
+        ("mistral", None, MISTRAL_PROMPT),
+        ("llama", "mistral_instruct", MISTRAL_PROMPT),
+    ],
+)
+def test_a_converted_llava_is_prompted_in_its_conversation_mode(tmp_path, lm_type, conv_mode, expected):
+    llava_dir, _ = write_original_llava(tmp_path, lm_type)
+    mode = ["--conv-mode", conv_mode] if conv_mode else []
+    assert main(["convert", "--llava", str(llava_dir), "--out", str(tmp_path / "ours"), *mode]) == 0
+    _, processor = load(tmp_path / "ours")
+    tokenizer = processor.tokenizer
+    messages = [
+        {"role": "user", "content": "<image>\nIs there a lesion?"},
+        {"role": "assistant", "content": "yes"},
+        {"role": "user", "content": "Where?"},
+    ]
+    assert processor.chat_prompt(messages) == tokenizer.bos_token + expected.replace("</s>", tokenizer.eos_token)
+
+
+def test_mistral_instruct_puts_a_system_message_in_the_first_instruction(tmp_path):
+    llava_dir, _ = write_original_llava(tmp_path, "mistral")
+    assert main(["convert", "--llava", str(llava_dir), "--out", str(tmp_path / "ours")]) == 0
+    _, processor = load(tmp_path / "ours")
+    prompt = processor.chat_prompt([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    assert prompt == processor.tokenizer.bos_token + "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST]"
+
+
+def test_a_checkpoint_without_its_tower_takes_it_from_vision(tmp_path, capsys):
+    trained_with = str(tmp_path / "elsewhere" / "clip-vit-large-patch14-336")  # the path it was trained with
+    llava_dir, reference = write_original_llava(tmp_path, "llama", with_tower=False, mm_vision_tower=trained_with)
+    command = ["convert", "--llava", str(llava_dir), "--out", str(tmp_path / "ours")]
+    assert main(command) == 1
+    assert f"its vision tower {trained_with} cannot be read" in capsys.readouterr().err
+    assert main([*command, "--vision", str(tmp_path / "clip")]) == 0
+    ours, processor = load(tmp_path / "ours")
+    input_ids, pixel_values = llava_inputs(processor.image_token_id)
+    with torch.no_grad():
+        expected = reference(input_ids=input_ids, pixel_values=pixel_values).logits[..., :-1]
+        got = ours(input_ids=input_ids, pixel_values=pixel_values).logits[..., :-1]
+    assert (expected - got).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "reason"),
+    [
+        ("mm_use_im_start_end", True, "image start/end tokens"),
+        ("image_aspect_ratio", "anyres", "only 'pad'"),
+        ("mm_patch_merge_type", "spatial_unpad", "any-resolution"),
+        ("mm_vision_select_feature", "cls_patch", "CLS token"),
+    ],
+)
+def test_convert_refuses_what_the_original_llava_computes_differently(tmp_path, capsys, field, value, reason):
+    llava_dir, _ = write_original_llava(tmp_path, "llama", **{field: value})
+    assert main(["convert", "--llava", str(llava_dir), "--out", str(tmp_path / "ours")]) == 1
+    error = capsys.readouterr().err
+    assert f"{field}=" in error and reason in error and not (tmp_path / "ours").exists()
+
+
+def test_conv_mode_is_refused_for_a_transformers_llava(llava_dir, tmp_path, capsys):
+    assert main(["convert", "--llava", str(llava_dir), "--out", str(tmp_path / "x"), "--conv-mode", "vicuna_v1"]) == 1
+    assert "original LLaVA" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""Making and loading Llama3-Med checkpoints: build from local components, convert from HF LLaVA, load.
+"""Making and loading Llama3-Med checkpoints: build from local components, convert from LLaVA (transformers'
+format, or the original LLaVA code's, as LLaVA-1.5 and LLaVA-Med v1.5 are published), load.
 
 Nothing here downloads weights by itself: a directory is read from disk, and a hub id is passed to
 transformers only when the user names one.
@@ -6,6 +7,7 @@ transformers only when the user names one.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,17 +15,22 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import (
+    MODEL_FOR_CAUSAL_LM_MAPPING,
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
     AutoTokenizer,
+    CLIPVisionModel,
+    GenerationConfig,
     LlavaForConditionalGeneration,
+    PreTrainedConfig,
     PreTrainedModel,
 )
 
 from .config import Llama3MedConfig
 from .model import Llama3MedForConditionalGeneration
 from .processing import IMAGE_PLACEHOLDER, Llama3MedProcessor
+from .processing.chat import LLAVA_CHAT_TEMPLATES
 
 # The demo model that ships inside the package (trained on synthetic phantoms by recipes/demo/).
 DEMO_MODEL_DIR = Path(__file__).parent / "demo_model"
@@ -48,7 +55,9 @@ def image_stats(vision_dir: str | Path, model_type: str) -> tuple[list[float], l
     return list(mean), list(std)
 
 
-def make_processor(tokenizer, config: Llama3MedConfig, mean: Sequence[float], std: Sequence[float]):
+def make_processor(
+    tokenizer, config: Llama3MedConfig, mean: Sequence[float], std: Sequence[float], llava_tokenization: bool = False
+):
     """A processor whose image size and token count are read off the model config."""
     return Llama3MedProcessor(
         tokenizer=tokenizer,
@@ -56,6 +65,7 @@ def make_processor(tokenizer, config: Llama3MedConfig, mean: Sequence[float], st
         image_mean=mean,
         image_std=std,
         num_image_tokens=config.num_image_tokens,
+        llava_tokenization=llava_tokenization,
     )
 
 
@@ -174,6 +184,177 @@ def convert_llava(llava_dir: str | Path) -> tuple[Llama3MedForConditionalGenerat
         raise ValueError(f"{llava_dir}: the tokenizer's <image> id differs from image_token_id {lc.image_token_id}")
     mean, std = image_stats(llava_dir, lc.vision_config.model_type)
     return model, make_processor(tokenizer, config, mean, std)
+
+
+# The original LLaVA code's model types and the LM each wraps, with the conversation mode its models were
+# trained with (LLaVA-1.5: Vicuna; LLaVA-Med v1.5: Mistral-Instruct).
+ORIGINAL_LLAVA_LMS = {"llava": "llama", "llava_llama": "llama", "llava_mistral": "mistral"}
+DEFAULT_CONV_MODES = {"llama": "vicuna_v1", "mistral": "mistral_instruct"}
+# Where the original LLaVA code keeps the projector and (when saved) the CLIP tower in its state dict.
+_ORIGINAL_PROJECTOR = "model.mm_projector."
+_ORIGINAL_TOWER = "model.vision_tower.vision_tower."
+
+
+def is_original_llava(model_dir: str | Path) -> bool:
+    """A checkpoint written by the original LLaVA code (its config names an `mm_vision_tower`)."""
+    path = Path(model_dir) / "config.json"
+    return path.is_file() and "mm_vision_tower" in json.loads(path.read_text())
+
+
+def _original_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint in safetensors or PyTorch files, sharded or not."""
+    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("pytorch_model*.bin"))
+    if not files:
+        raise ValueError(f"{model_dir}: no *.safetensors or pytorch_model*.bin weights")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(file) if file.suffix == ".safetensors" else torch.load(file, weights_only=True))
+    return state
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
+def _original_tokenizer(model_dir: Path, text_config: PreTrainedConfig):
+    """The checkpoint's tokenizer. Published LLaVA checkpoints hold only a SentencePiece `tokenizer.model`,
+    which transformers reads through the sentencepiece and protobuf packages."""
+    if not (model_dir / "tokenizer.json").is_file() and (model_dir / "tokenizer.model").is_file():
+        if not all(_importable(name) for name in ("sentencepiece", "google.protobuf")):
+            raise RuntimeError(
+                f"{model_dir}: reading its tokenizer.model needs sentencepiece and protobuf: "
+                "pip install 'llama3med[llava]'"
+            )
+    return AutoTokenizer.from_pretrained(model_dir, config=text_config)
+
+
+def _refuse_unsupported_llava(model_dir: Path, raw: dict) -> None:
+    """What the original LLaVA code can be configured for but a Llama3-Med cannot compute the same way."""
+    unsupported = {
+        "model_type": (raw.get("model_type") in ORIGINAL_LLAVA_LMS, "an MPT or other non-Llama/Mistral LM"),
+        "mm_use_im_start_end": (not raw.get("mm_use_im_start_end"), "image start/end tokens"),
+        "mm_vision_select_feature": (raw.get("mm_vision_select_feature", "patch") == "patch", "the CLS token kept"),
+        "image_aspect_ratio": (raw.get("image_aspect_ratio") == "pad", "images not padded to a square (only 'pad')"),
+        "mm_patch_merge_type": (raw.get("mm_patch_merge_type", "flat") == "flat", "LLaVA-NeXT's any-resolution tiles"),
+        "mm_projector_type": (raw.get("mm_projector_type", "linear") in ("linear", "mlp2x_gelu"), "this projector"),
+    }
+    for field, (ok, what) in unsupported.items():
+        if not ok:
+            raise ValueError(f"{model_dir}: {field}={raw.get(field)!r} ({what}) cannot be converted")
+
+
+def convert_original_llava(
+    llava_dir: str | Path, vision: str | Path | None = None, conv_mode: str | None = None
+) -> tuple[Llama3MedForConditionalGeneration, Llama3MedProcessor]:
+    """Import a checkpoint of the original LLaVA code (`LlavaLlamaForCausalLM`, `LlavaMistralForCausalLM`:
+    LLaVA-1.5, LLaVA-Med v1.5) as a single-scale Llama3-Med that computes what it computes.
+
+    Such a checkpoint holds the LM and the projector and names its CLIP tower (`mm_vision_tower`); the
+    tower's config and image statistics, and its weights when the checkpoint lacks them, come from
+    `vision` (default: that name, a local directory or a hub id). The tokenizer gains an `<image>` token,
+    and its chat template becomes the LLaVA conversation mode `conv_mode` (default: the LM's, see
+    `DEFAULT_CONV_MODES`), so that prompts are worded exactly as LLaVA's own evaluation words them.
+    """
+    path = Path(llava_dir)
+    raw = json.loads((path / "config.json").read_text())
+    _refuse_unsupported_llava(path, raw)
+    lm_type = ORIGINAL_LLAVA_LMS[raw["model_type"]]
+    conv_mode = conv_mode or DEFAULT_CONV_MODES[lm_type]
+    if conv_mode not in LLAVA_CHAT_TEMPLATES:
+        raise ValueError(f"conv_mode must be one of {sorted(LLAVA_CHAT_TEMPLATES)}, got {conv_mode!r}")
+
+    vision = vision or raw["mm_vision_tower"]
+    try:
+        vision_config = AutoConfig.from_pretrained(vision)
+    except OSError as err:
+        raise OSError(
+            f"{llava_dir}: its vision tower {vision} cannot be read ({err}); give a local copy (--vision DIR)"
+        ) from None
+    vision_config = getattr(vision_config, "vision_config", vision_config)
+    if vision_config.model_type != "clip_vision_model":
+        raise ValueError(f"{vision}: a {vision_config.model_type!r} tower; the original LLaVA code reads CLIP towers")
+    if vision_config.hidden_size != raw["mm_hidden_size"]:
+        raise ValueError(
+            f"{vision}: width {vision_config.hidden_size}, but {llava_dir} has mm_hidden_size {raw['mm_hidden_size']}"
+        )
+
+    state = _original_state_dict(path)
+    # "vision_model." is in the names transformers 4 wrote (every published LLaVA), not in transformers 5's
+    tower_weights = {
+        k.removeprefix(_ORIGINAL_TOWER).removeprefix("vision_model."): v
+        for k, v in state.items()
+        if k.startswith(_ORIGINAL_TOWER)
+    }
+    tower = CLIPVisionModel.from_pretrained(vision, dtype="auto")
+    if tower_weights:  # the checkpoint's own tower (LLaVA saves it; frozen, it equals the named one)
+        tower.load_state_dict(tower_weights)
+
+    text_fields = {k: v for k, v in raw.items() if not k.startswith("mm_") and k not in _LLAVA_ONLY_FIELDS}
+    text_config = AutoConfig.for_model(lm_type, **text_fields)
+    text_config.use_cache = True  # LLaVA saves use_cache=False from training
+    lm_weights = {k: v for k, v in state.items() if not k.startswith((_ORIGINAL_PROJECTOR, "model.vision_tower."))}
+    language_model, loading = MODEL_FOR_CAUSAL_LM_MAPPING[type(text_config)].from_pretrained(
+        None, config=text_config, state_dict=lm_weights, dtype="auto", output_loading_info=True
+    )
+    missing, unexpected = sorted(loading["missing_keys"]), sorted(loading["unexpected_keys"])
+    if missing or unexpected:
+        raise ValueError(f"{llava_dir}: LM weights missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if (path / "generation_config.json").is_file():
+        language_model.generation_config = GenerationConfig.from_pretrained(path)
+
+    tokenizer = _original_tokenizer(path, text_config)
+    tokenizer.chat_template = LLAVA_CHAT_TEMPLATES[conv_mode]
+    if IMAGE_PLACEHOLDER not in tokenizer.get_vocab():
+        tokenizer.add_tokens([IMAGE_PLACEHOLDER], special_tokens=True)
+    if len(tokenizer) > language_model.get_input_embeddings().weight.shape[0]:
+        # the new row is never read: the image features replace it, and generation never picks it
+        language_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+
+    config = Llama3MedConfig(
+        vision_config=vision_config.to_dict(),
+        text_config=language_model.config.to_dict(),
+        scales=[vision_config.image_size],
+        vision_feature_layer=raw.get("mm_vision_select_layer", -2),
+        projector_type=raw.get("mm_projector_type", "linear"),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
+    )
+    model = Llama3MedForConditionalGeneration.from_components(config, tower, language_model)
+    projector = {k.removeprefix(_ORIGINAL_PROJECTOR): v for k, v in state.items() if k.startswith(_ORIGINAL_PROJECTOR)}
+    names = {"0.": "linear_1.", "2.": "linear_2."} if config.projector_type == "mlp2x_gelu" else {"": "linear_1."}
+    model.multi_modal_projector.load_state_dict(
+        {
+            names[prefix] + k.removeprefix(prefix): v
+            for k, v in projector.items()
+            for prefix in names
+            if k.startswith(prefix)
+        }
+    )
+    _check_materialised(model)
+    _set_stop_tokens(model, tokenizer)
+    mean, std = image_stats(vision, "clip_vision_model")
+    return model, make_processor(tokenizer, config, mean, std, llava_tokenization=True)
+
+
+# Fields of an original LLaVA config that describe the vision side or training, not the LM.
+_LLAVA_ONLY_FIELDS = {
+    "architectures",
+    "model_type",
+    "image_aspect_ratio",
+    "image_grid_pinpoints",
+    "use_mm_proj",
+    "tune_mm_mlp_adapter",
+    "freeze_mm_mlp_adapter",
+    "unfreeze_mm_vision_tower",
+    "tokenizer_model_max_length",
+    "tokenizer_padding_side",
+    "_name_or_path",
+    "transformers_version",
+}
 
 
 def _set_stop_tokens(model: PreTrainedModel, tokenizer) -> None:

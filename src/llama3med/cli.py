@@ -48,9 +48,14 @@ def cmd_build(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from .checkpoints import convert_llava, save
+    from .checkpoints import convert_llava, convert_original_llava, is_original_llava, save
 
-    model, processor = convert_llava(args.llava)
+    if is_original_llava(args.llava):
+        model, processor = convert_original_llava(args.llava, vision=args.vision, conv_mode=args.conv_mode)
+    elif args.vision or args.conv_mode:
+        raise ValueError(f"{args.llava}: --vision and --conv-mode are for checkpoints of the original LLaVA code")
+    else:
+        model, processor = convert_llava(args.llava)
     save(model, processor, args.out, max_shard_size=args.max_shard_size)
     print(f"converted {args.llava} -> {args.out}")
 
@@ -515,6 +520,7 @@ def _add_precision_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .data.benchmarks import BENCHMARKS
     from .data.phantoms import PHANTOM_FORMATS
+    from .processing.chat import LLAVA_CHAT_TEMPLATES
 
     parser = argparse.ArgumentParser(
         prog="llama3med", description="Llama3-Med: high-resolution biomedical vision-language assistants."
@@ -531,8 +537,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="5GB")
     p.set_defaults(func=cmd_build)
 
-    p = sub.add_parser("convert", help="import a transformers LLaVA checkpoint (single scale)")
-    p.add_argument("--llava", required=True, help="LlavaForConditionalGeneration dir")
+    p = sub.add_parser("convert", help="import a LLaVA or LLaVA-Med checkpoint (single scale)")
+    p.add_argument(
+        "--llava",
+        required=True,
+        help="a transformers LlavaForConditionalGeneration dir, or a checkpoint of the original LLaVA code "
+        "(LLaVA-1.5, LLaVA-Med v1.5)",
+    )
+    p.add_argument(
+        "--vision", default=None, help="original LLaVA: its CLIP tower's dir (default: the mm_vision_tower it names)"
+    )
+    p.add_argument(
+        "--conv-mode",
+        choices=sorted(LLAVA_CHAT_TEMPLATES),
+        default=None,
+        help="original LLaVA: the conversation format it was trained with (default: mistral_instruct for "
+        "Mistral LMs, vicuna_v1 for Llama ones)",
+    )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--max-shard-size", default="5GB")
     p.set_defaults(func=cmd_convert)
