@@ -286,3 +286,32 @@ def test_convert_refuses_what_the_original_llava_computes_differently(tmp_path, 
 def test_conv_mode_is_refused_for_a_transformers_llava(llava_dir, tmp_path, capsys):
     assert main(["convert", "--llava", str(llava_dir), "--out", str(tmp_path / "x"), "--conv-mode", "vicuna_v1"]) == 1
     assert "original LLaVA" in capsys.readouterr().err
+
+
+def test_a_converted_llava_med_answers_a_questions_file_as_the_original_would(tmp_path):
+    """The whole `answer` run (DICOM images, LLaVA's prompt and tokenization, batches, the image's prompt
+    prefix cached) on a converted Mistral LLaVA gives, for every question, the greedy answer of the
+    reference LLaVA on the same prompt and pixels."""
+    from llama3med.inference import question_messages
+
+    llava_dir, reference = write_original_llava(tmp_path, "mistral")
+    assert main(["convert", "--llava", str(llava_dir), "--out", str(tmp_path / "ours")]) == 0
+    questions = Path(__file__).parents[1] / "examples" / "questions.jsonl"
+    command = ["answer", str(questions), "--model", str(tmp_path / "ours"), "--out", str(tmp_path / "answers")]
+    assert main([*command, "--max-new-tokens", "6", "--batch-size", "4"]) == 0
+    answers = [json.loads(line) for line in (tmp_path / "answers" / "answers.jsonl").read_text().splitlines()]
+    model, processor = load(tmp_path / "ours")
+    for record, answered in zip(map(json.loads, questions.read_text().splitlines()), answers, strict=True):
+        prompt = processor.chat_prompt(question_messages(record["text"]))
+        assert answered["prompt"] == prompt and prompt.startswith(processor.tokenizer.bos_token + "[INST] <image>\n")
+        input_ids = torch.tensor([processor.encode_text(prompt, num_images=1)])
+        pixel_values = processor.preprocess_image(questions.parent / record["image"])[None]
+        output = reference.generate(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            max_new_tokens=6,
+            do_sample=False,
+            suppress_tokens=[processor.image_token_id],
+            eos_token_id=model.generation_config.eos_token_id,
+        )
+        assert answered["text"] == processor.decode(output[0, input_ids.shape[1] :]).strip()

@@ -11,13 +11,27 @@ from llama3med.inference import compile_model, static_cache_decoder
 from llama3med.processing import pad_sequences
 
 
-@pytest.fixture()
-def model(tiny_config):
+def make_model(config):
     torch.manual_seed(0)
-    model = Llama3MedForConditionalGeneration(tiny_config).eval()
+    model = Llama3MedForConditionalGeneration(config).eval()
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = None
     return model
+
+
+@pytest.fixture()
+def model(tiny_config):
+    return make_model(tiny_config)
+
+
+@pytest.fixture(params=["llama", "mistral"])
+def lm_config(request, tiny_config):
+    """The tiny config with a Llama LM, or with a Mistral one (LLaVA-Med's), whose layers attend within a
+    4,096-position sliding window: wider than any prompt here, so the answers are full attention's."""
+    if request.param == "llama":
+        return tiny_config
+    text = {**tiny_config.text_config.to_dict(), "model_type": "mistral", "sliding_window": 4096}
+    return type(tiny_config)(**{**tiny_config.to_dict(), "text_config": text})
 
 
 def prompts(config, lengths=((2, 5), (4, 1), (3, 3)), seed=1):
@@ -81,9 +95,10 @@ def test_all_rows_finished_ends_decoding_early(tiny_config, model):
     assert decode(model, *inputs, 8).tolist() == [[int(first[0, 0])]]
 
 
-def test_a_shared_prefix_cache_gives_the_same_tokens_as_the_whole_prompt(tiny_config, model):
+def test_a_shared_prefix_cache_gives_the_same_tokens_as_the_whole_prompt(lm_config):
     """As `eval` asks: every row starts with the same text and an image (rows 0 and 2 the same image), its
     own question follows, left-padded after the prefix. The prefix is run once per image and repeated."""
+    tiny_config, model = lm_config, make_model(lm_config)
     generator = torch.Generator().manual_seed(2)
     ordinary = (tiny_config.image_token_id + 1, tiny_config.text_config.vocab_size)
     image = [tiny_config.image_token_id] * tiny_config.num_image_tokens
@@ -182,9 +197,10 @@ def step_into(batch, rows, got):
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_prompts_that_join_a_running_batch_get_the_tokens_they_get_alone(tiny_config, model, compiled):
+def test_prompts_that_join_a_running_batch_get_the_tokens_they_get_alone(lm_config, compiled):
     """As `serve` batches: two rows, four prompts. The second ends first and the third, longer than the
     write position so far, takes its row (moving the position forward); the fourth waits for a free row."""
+    tiny_config, model = lm_config, make_model(lm_config)
     shapes = [((2, 5), 7), ((4, 1), 2), ((9, 9), 4), ((1, 2), 3)]  # (text before, after the image), new tokens
     embeds, alone = prompts_decoded_alone(tiny_config, model, shapes)
     decoder = StaticCacheDecoder(model.language_model, model.generation_config)

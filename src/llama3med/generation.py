@@ -35,7 +35,7 @@ from transformers import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
-from transformers.cache_utils import DynamicCache, StaticLayer
+from transformers.cache_utils import DynamicCache, StaticLayer, StaticSlidingWindowLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
@@ -161,7 +161,7 @@ class StaticCacheDecoder:
         length = -(-length // LENGTH_BUCKET) * LENGTH_BUCKET
         if self.cache_shape != (batch, length):
             self.cache = None  # free the old one before allocating
-            self.cache = StaticCache(config=self.language_model.config, max_cache_len=length)
+            self.cache = static_cache(self.language_model.config, length)
             self.cache_shape = (batch, length)
         else:
             self.cache.reset()
@@ -290,6 +290,20 @@ class StaticCacheDecoder:
             static.keys[:, :, : keys.shape[2]].copy_(keys)
             static.values[:, :, : values.shape[2]].copy_(values)
             static.cumulative_length.fill_(keys.shape[2])
+
+
+def static_cache(config, length: int) -> StaticCache:
+    """A static cache of `length` positions. A sliding-window layer whose window holds them all (Mistral's
+    4,096 positions, LLaVA-Med's LM) attends to every position as a full-attention layer does, so it is
+    made one: a shared prompt prefix and a joining request are written into full-attention layers."""
+    cache = StaticCache(config=config, max_cache_len=length)
+    cache.layers = [
+        StaticLayer(max_cache_len=length)
+        if type(layer) is StaticSlidingWindowLayer and layer.max_cache_len == length  # its window >= length
+        else layer
+        for layer in cache.layers
+    ]
+    return cache
 
 
 class RunningBatch:
