@@ -283,6 +283,13 @@ def test_convert_refuses_what_the_original_llava_computes_differently(tmp_path, 
     assert f"{field}=" in error and reason in error and not (tmp_path / "ours").exists()
 
 
+def test_convert_refuses_lora_adapters_that_are_not_merged(tmp_path, capsys):
+    llava_dir, _ = write_original_llava(tmp_path, "llama")
+    (llava_dir / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    assert main(["convert", "--llava", str(llava_dir), "--out", str(tmp_path / "ours")]) == 1
+    assert "merge them into their base first" in capsys.readouterr().err
+
+
 def test_conv_mode_is_refused_for_a_transformers_llava(llava_dir, tmp_path, capsys):
     assert main(["convert", "--llava", str(llava_dir), "--out", str(tmp_path / "x"), "--conv-mode", "vicuna_v1"]) == 1
     assert "original LLaVA" in capsys.readouterr().err

@@ -259,6 +259,10 @@ def convert_original_llava(
     `DEFAULT_CONV_MODES`), so that prompts are worded exactly as LLaVA's own evaluation words them.
     """
     path = Path(llava_dir)
+    if (path / "adapter_config.json").is_file():
+        raise ValueError(
+            f"{llava_dir}: LoRA adapters; merge them into their base first (LLaVA's merge_lora_weights.py)"
+        )
     raw = json.loads((path / "config.json").read_text())
     _refuse_unsupported_llava(path, raw)
     lm_type = ORIGINAL_LLAVA_LMS[raw["model_type"]]
