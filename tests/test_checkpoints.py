@@ -69,6 +69,8 @@ def test_build_assembles_a_model_from_a_siglip_dir_and_a_llama_dir(component_dir
     out = tmp_path / "built"
     assert main(["build", "--vision", str(vision), "--llm", str(llm), "--out", str(out), "--scales", "32,64,96"]) == 0
     assert "16 image tokens" in capsys.readouterr().out
+    card = (out / "README.md").read_text()  # the model card: what it is, and that it is untrained yet
+    assert "encodes each image at 32/64/96 px (S2, 16 image tokens)" in card and "freshly initialised" in card
     model, processor = load(out)
     assert model.config.scales == [32, 64, 96] and processor.image_size == 96
     # the tokenizer had no <image> token: it was added and the embeddings grew by one row
@@ -203,6 +205,8 @@ def test_an_original_llava_checkpoint_converts_to_the_same_logits_and_greedy_tok
     ours, processor = load(tmp_path / "ours")
     assert ours.config.text_config.model_type == lm_type and processor.num_image_tokens == 16
     assert processor.llava_tokenization  # prompts tokenized as LLaVA's tokenizer_image_token does
+    expected_mode = {"llama": "vicuna_v1", "mistral": "mistral_instruct"}[lm_type]
+    assert f"prompted in LLaVA's `{expected_mode}` format" in (tmp_path / "ours" / "README.md").read_text()
     assert ours.config.image_token_id == processor.image_token_id == reference.config.image_token_id
     input_ids, pixel_values = llava_inputs(processor.image_token_id)
     vocab = processor.image_token_id  # the original rows; the <image> row is new
@@ -322,3 +326,15 @@ def test_a_converted_llava_med_answers_a_questions_file_as_the_original_would(tm
             eos_token_id=model.generation_config.eos_token_id,
         )
         assert answered["text"] == processor.decode(output[0, input_ids.shape[1] :]).strip()
+
+
+def test_a_model_card_names_hub_models_as_base_models_and_keeps_local_paths_out_of_its_metadata(tiny_config):
+    import yaml
+
+    from llama3med.model_card import model_card
+
+    hub, local = "meta-llama/Meta-Llama-3-8B-Instruct", "/models/siglip-so400m-patch14-384"
+    card = model_card(tiny_config, "runs/x", "Built for a test.", base_models=[hub, local, "examples"])
+    metadata = yaml.safe_load(card.split("---\n")[1])
+    assert metadata["base_model"] == [hub] and "llama3med" in metadata["tags"]
+    assert "Built for a test." in card and "--model runs/x" in card

@@ -115,6 +115,15 @@ def test_pretrain_then_finetune_lowers_the_loss_and_the_output_answers(tmp_path,
     image = load_image(phantoms / "images" / "phantom-1-000000.png")
     assert answer(model, processor, image, "Is this a CT scan?", max_new_tokens=4).strip()
 
+    # each stage's model card says where it started and holds the recipe it ran, overrides included
+    card = (tmp_path / "finetune" / "README.md").read_text()
+    front, body = card.removeprefix("---\n").split("---\n", 1)
+    assert yaml.safe_load(front)["pipeline_tag"] == "image-text-to-text"
+    assert "stage `finetune`: the paper's stage 2" in body and f"From `{tmp_path / 'pretrain'}`" in body
+    assert "24 steps" in body and "must not be used for diagnosis" in body
+    ran = yaml.safe_load(body.split("```yaml\n", 1)[1].split("```", 1)[0])
+    assert ran["stage"] == "finetune" and ran["training"]["logging_steps"] == 1
+
 
 def write_marked_images(folder: Path, n: int, seed: int) -> list[dict]:
     """Noisy grey PNGs, every other one with a bright square somewhere, and the question whether it has one."""

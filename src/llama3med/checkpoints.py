@@ -29,6 +29,7 @@ from transformers import (
 
 from .config import Llama3MedConfig
 from .model import Llama3MedForConditionalGeneration
+from .model_card import looks_like_hub_id
 from .processing import IMAGE_PLACEHOLDER, Llama3MedProcessor
 from .processing.chat import LLAVA_CHAT_TEMPLATES
 
@@ -441,8 +442,7 @@ def load(
     """Model and processor of a Llama3-Med directory, checked to agree on image size and token count.
     A `quantization_config` (transformers') loads the weights quantized, straight onto `device`."""
     path = Path(model_dir)
-    looks_like_hub_id = not path.is_absolute() and str(model_dir).count("/") == 1 and not str(model_dir).startswith(".")
-    if not path.exists() and not looks_like_hub_id:
+    if not path.exists() and not looks_like_hub_id(model_dir):
         raise ValueError(f"{model_dir}: model directory not found")
     if path.exists() and not (path / "config.json").is_file():
         raise ValueError(f"{model_dir}: not a model directory (no config.json)")

@@ -31,6 +31,7 @@ def _window(text: str):
 
 def cmd_build(args: argparse.Namespace) -> None:
     from .checkpoints import build, save
+    from .model_card import write_model_card
 
     model, processor = build(
         args.vision,
@@ -40,6 +41,14 @@ def cmd_build(args: argparse.Namespace) -> None:
         projector_type=args.projector_type,
     )
     save(model, processor, args.out, max_shard_size=args.max_shard_size)
+    write_model_card(
+        args.out,
+        model.config,
+        f"Assembled by `llama3med build` from the vision tower `{args.vision}` and the LM `{args.llm}`. Its "
+        "projector is freshly initialised, so it answers nothing useful until the paper's two training stages "
+        "(projector alignment on captions, then instruction tuning) have run.",
+        base_models=[args.vision, args.llm],
+    )
     config = model.config
     print(
         f"built {args.out}: scales {config.scales}, {config.num_image_tokens} image tokens, "
@@ -49,14 +58,26 @@ def cmd_build(args: argparse.Namespace) -> None:
 
 def cmd_convert(args: argparse.Namespace) -> None:
     from .checkpoints import convert_llava, convert_original_llava, is_original_llava, save
+    from .model_card import write_model_card
+    from .processing.chat import LLAVA_CHAT_TEMPLATES
 
     if is_original_llava(args.llava):
         model, processor = convert_original_llava(args.llava, vision=args.vision, conv_mode=args.conv_mode)
+        mode = next(m for m, t in LLAVA_CHAT_TEMPLATES.items() if t == processor.tokenizer.chat_template)
+        origin = (
+            f"Converted by `llama3med convert` from `{args.llava}`, a checkpoint of the original LLaVA code. It "
+            f"computes what the original computes, at one scale, and is prompted in LLaVA's `{mode}` format."
+        )
     elif args.vision or args.conv_mode:
         raise ValueError(f"{args.llava}: --vision and --conv-mode are for checkpoints of the original LLaVA code")
     else:
         model, processor = convert_llava(args.llava)
+        origin = (
+            f"Converted by `llama3med convert` from the transformers LLaVA checkpoint `{args.llava}`; at its one "
+            "scale it computes the original's logits."
+        )
     save(model, processor, args.out, max_shard_size=args.max_shard_size)
+    write_model_card(args.out, model.config, origin, base_models=[args.llava])
     print(f"converted {args.llava} -> {args.out}")
 
 

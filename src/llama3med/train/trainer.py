@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
@@ -25,6 +26,7 @@ from .. import checkpoints
 from ..data.conversations import ConversationCollator, ConversationDataset, RecordDataset, read_records
 from ..data.findings import FindingMapDataset, collate_finding_maps
 from ..inference import peak_memory_gib
+from ..model_card import write_model_card
 from ..processing import train_bpe_tokenizer
 from .recipe import MODEL_PARTS, Recipe
 from .tower import FindingMapModel
@@ -229,6 +231,35 @@ def training_arguments(recipe: Recipe) -> TrainingArguments:
     return TrainingArguments(**options)
 
 
+STAGE_PURPOSES = {
+    "tower": "the vision tower taught where findings are, from their boxes",
+    "pretrain": "the paper's stage 1: the projector aligned on image captions",
+    "finetune": "the paper's stage 2: instruction tuning on visual conversations",
+}
+
+
+def write_training_card(out: Path, config, recipe: Recipe, summary: dict, total_parameters: int) -> None:
+    """The model card of a trained stage: where it started, on what data, how far, and the whole recipe."""
+    started = f"`{recipe.model}`" if isinstance(recipe.model, str) else "the components the recipe names"
+    data = ", ".join(f"`{s.path}` (ratio {s.ratio:g})" for s in recipe.sources)
+    adapters = f"; LoRA r={recipe.lora.get('r')} merged into the LM" if recipe.lora is not None else ""
+    peak = summary["peak_memory_gib"]
+    memory = f"; peak memory {peak:.2f} GiB" if peak is not None else ""
+    training = (
+        f"From {started} on {data}: {summary['samples']} samples, {summary['steps']} steps, mean training loss "
+        f"{summary['train_loss']:.4f}; {summary['trainable_parameters']:,} of {total_parameters:,} parameters "
+        f"trained{adapters}{memory}. The loss curve is in `train_summary.json`."
+    )
+    recipe_text = yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False)
+    write_model_card(
+        out,
+        config,
+        f"Trained by `llama3med train`, stage `{recipe.stage}`: {STAGE_PURPOSES[recipe.stage]}.",
+        base_models=[recipe.model] if isinstance(recipe.model, str) else [],
+        sections={"Training": training, "Recipe": f"```yaml\n{recipe_text}```"},
+    )
+
+
 def skipped_text(dataset: RecordDataset) -> str:
     return ", ".join(f"{n} {kind}" for kind, n in sorted(dataset.skipped.items())) or "none"
 
@@ -326,6 +357,7 @@ def train(recipe: Recipe, resume: bool | str = False) -> Path:
         (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
         peak = summary["peak_memory_gib"]
         memory = f", peak memory {peak:.2f} GiB" if peak is not None else ""
+        write_training_card(out, model.config, recipe, summary, total)
         print(
             f"saved {out}: {result.global_step} steps, mean loss {result.training_loss:.4f}, "
             f"skipped records: {skipped_text(dataset)}{memory}"
