@@ -287,6 +287,13 @@ def test_convert_refuses_what_the_original_llava_computes_differently(tmp_path, 
     assert f"{field}=" in error and reason in error and not (tmp_path / "ours").exists()
 
 
+def test_asking_an_unconverted_llava_checkpoint_says_to_convert_it(tmp_path, capsys):
+    llava_dir, _ = write_original_llava(tmp_path, "mistral")
+    image = Path(__file__).parents[1] / "examples" / "phantom_ct_lesion.dcm"
+    assert main(["ask", "--model", str(llava_dir), "--image", str(image), "Is there a lesion?"]) == 1
+    assert "original LLaVA code; run `llama3med convert --llava` first" in capsys.readouterr().err
+
+
 def test_convert_refuses_lora_adapters_that_are_not_merged(tmp_path, capsys):
     llava_dir, _ = write_original_llava(tmp_path, "llama")
     (llava_dir / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))

@@ -446,6 +446,8 @@ def load(
         raise ValueError(f"{model_dir}: model directory not found")
     if path.exists() and not (path / "config.json").is_file():
         raise ValueError(f"{model_dir}: not a model directory (no config.json)")
+    if is_original_llava(path):
+        raise ValueError(f"{model_dir}: a checkpoint of the original LLaVA code; run `llama3med convert --llava` first")
     config = AutoConfig.from_pretrained(model_dir)
     if not isinstance(config, Llama3MedConfig):
         raise ValueError(f"{model_dir}: a {config.model_type!r} checkpoint; run `llama3med convert` first")
