@@ -34,6 +34,8 @@ from llama3med.inference import question_messages
 from llama3med.processing import train_bpe_tokenizer
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
+from test_checkpoints import ORIGINAL_LLAVA_FIELDS  # noqa: E402
+
 from conftest import CORPUS, TINY_CLIP, tiny_llama  # noqa: E402
 
 QUESTION = "Is there a lesion in the liver?"
@@ -77,15 +79,8 @@ def run(root: Path, lm_type: str, tokenizer) -> bool:
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(root / "clip")
     text = {k: v for k, v in tiny_llama(len(tokenizer)).items() if k != "model_type"}
     mm = dict(
+        ORIGINAL_LLAVA_FIELDS,
         mm_vision_tower=str(root / "clip"),
-        mm_hidden_size=TINY_CLIP["hidden_size"],
-        mm_projector_type="mlp2x_gelu",
-        mm_vision_select_layer=-2,
-        mm_vision_select_feature="patch",
-        image_aspect_ratio="pad",
-        mm_use_im_start_end=False,
-        mm_use_im_patch_token=False,
-        mm_patch_merge_type="flat",
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
