@@ -287,6 +287,25 @@ def test_convert_refuses_what_the_original_llava_computes_differently(tmp_path, 
     assert f"{field}=" in error and reason in error and not (tmp_path / "ours").exists()
 
 
+def test_a_llava_1_5_layout_converts_too_model_type_llava_and_pytorch_shards(tmp_path):
+    """LLaVA-1.5 as published: `model_type: llava` and the weights in `pytorch_model-*.bin` shards."""
+    from safetensors.torch import load_file
+
+    llava_dir, reference = write_original_llava(tmp_path, "llama", model_type="llava")
+    state = load_file(llava_dir / "model.safetensors")
+    (llava_dir / "model.safetensors").unlink()
+    names = sorted(state)
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :])):
+        torch.save({k: state[k] for k in part}, llava_dir / f"pytorch_model-0000{i + 1}-of-00002.bin")
+    assert main(["convert", "--llava", str(llava_dir), "--out", str(tmp_path / "ours")]) == 0
+    ours, processor = load(tmp_path / "ours")
+    input_ids, pixel_values = llava_inputs(processor.image_token_id)
+    with torch.no_grad():
+        expected = reference(input_ids=input_ids, pixel_values=pixel_values).logits[..., :-1]
+        got = ours(input_ids=input_ids, pixel_values=pixel_values).logits[..., :-1]
+    assert (expected - got).abs().max() < 1e-5
+
+
 def test_asking_an_unconverted_llava_checkpoint_says_to_convert_it(tmp_path, capsys):
     llava_dir, _ = write_original_llava(tmp_path, "mistral")
     image = Path(__file__).parents[1] / "examples" / "phantom_ct_lesion.dcm"
