@@ -205,50 +205,76 @@ def decoding(dev: Device, tiny: bool, model: LlamaForCausalLM, copy_tb_per_s: fl
     return {"paths": rows, "identical_tokens": identical, "batch1_floor_tokens_per_s": floor}
 
 
-def fp8_decoding(dev: Device, tiny: bool, copy_tb_per_s: float, bf16_rates: dict[int, float]) -> dict:
-    """`--fp8`: the LM's linear layers with e4m3 weights and activations (`llama3med.fp8`), decoded by our
-    static-cache decoder, its step compiled into a CUDA graph on a GPU, at batch 1 and 16. Against the
-    same LM in bf16 (the weights `decoding` had): the weights' memory, the batch-1 floor, how far a
-    probe's logits move, and how many greedy tokens match the bf16 decoder's before the first that
-    differs. Random weights give nearly flat logits, where greedy tokens flip at the least change, so
-    the match is a lower bound; on real weights compare benchmark scores (`llama3med eval --fp8`)."""
-    from llama3med.fp8 import quantize_language_model_fp8
-
+def quantized_decoding(
+    dev: Device, tiny: bool, copy_tb_per_s: float, bf16_rates: dict[int, float], quantize: Callable
+) -> dict:
+    """The LM's linear layers quantized in place by `quantize` (`--fp8`'s e4m3, `--load-4bit`'s NF4),
+    decoded by our static-cache decoder, its step compiled into a CUDA graph on a GPU (eager where the
+    compile fails, with the error kept), at batch 1 and 16. Against the same LM in bf16 (the weights
+    `decoding` had): the weights' memory, the batch-1 floor, how far a probe's logits move, and how many
+    greedy tokens match the bf16 decoder's before the first that differs. Random weights give nearly
+    flat logits, where greedy tokens flip at the least change, so the match is a lower bound; on real
+    weights compare benchmark scores (`llama3med eval --fp8` or `--load-4bit`)."""
     model, new_tokens = build_llama(dev, tiny), decode_length(tiny)
-    probe = torch.randint(10, model.config.vocab_size, (1, 32), device=dev.torch)
     bf16_bytes, prompts, reference = weight_bytes(model), {}, {}
     with torch.inference_mode():
-        probe_logits = model(probe).logits.float()
         for batch in (1, 16):
             ids, mask = prompts[batch] = decode_prompt(dev, model, batch)
             embeds = model.get_input_embeddings()(ids)
             reference[batch] = StaticCacheDecoder(model, model.generation_config)(embeds, mask, new_tokens, new_tokens)
-    layers = quantize_language_model_fp8(model)
+    layers, moved = logits_moved(model, quantize)
     if dev.cuda:
         torch.cuda.empty_cache()  # the bf16 weights just dropped
+    quantized_bytes = weight_bytes(model)
+    figures = {
+        "layers": layers,
+        "weights_gib": {"bf16": bf16_bytes / 2**30, "quantized": quantized_bytes / 2**30},
+        "logits_relative_diff": moved,
+        "compiled": dev.cuda,
+    }
     decoder = StaticCacheDecoder(model, model.generation_config)
     if dev.cuda:
         decoder.compile()
-    fp8_bytes = weight_bytes(model)
-    figures = {"fp8_layers": layers, "weights_gib": {"bf16": bf16_bytes / 2**30, "fp8": fp8_bytes / 2**30}}
     with torch.inference_mode():
-        figures["logits_relative_diff"] = (
-            (model(probe).logits.float() - probe_logits).norm() / probe_logits.norm()
-        ).item()
         for batch, (ids, mask) in prompts.items():
             run = partial(decoder, model.get_input_embeddings()(ids), mask, new_tokens, min_new_tokens=new_tokens)
-            tokens = run()
+            try:
+                tokens = run()
+            except Exception as err:  # noqa: BLE001 - a step that does not compile is timed eagerly instead
+                if not figures["compiled"]:
+                    raise
+                figures["compiled"], figures["compile_error"] = False, f"{type(err).__name__}: {err}"[:300]
+                decoder = StaticCacheDecoder(model, model.generation_config)
+                run = partial(decoder, model.get_input_embeddings()(ids), mask, new_tokens, min_new_tokens=new_tokens)
+                tokens = run()
             same = (tokens == reference[batch]).long().cumprod(dim=1).sum(dim=1).float()  # matching prefix per row
-            rate_fp8 = batch * new_tokens / dev.seconds(run, 1 if tiny else 3)
+            rate_quantized = batch * new_tokens / dev.seconds(run, 1 if tiny else 3)
             figures[f"batch {batch}"] = {
-                "new_tokens_per_s": rate_fp8,
-                "x_bf16": rate_fp8 / bf16_rates.get(batch, float("nan")),
+                "new_tokens_per_s": rate_quantized,
+                "x_bf16": rate_quantized / bf16_rates.get(batch, float("nan")),
                 "tokens_before_first_difference": same.mean().item(),
                 "identical_rows": int((same == new_tokens).sum()),
             }
-    figures["batch1_floor_tokens_per_s"] = copy_tb_per_s * 1e12 / fp8_bytes
-    figures["new_tokens"], figures["compiled"] = new_tokens, dev.cuda
+    figures["batch1_floor_tokens_per_s"] = copy_tb_per_s * 1e12 / quantized_bytes
+    figures["new_tokens"] = new_tokens
     return figures
+
+
+def quantize_fp8(model: LlamaForCausalLM) -> int:
+    """`--fp8`, in place: e4m3 weights, one scale per output channel, activations quantized per token."""
+    from llama3med.fp8 import quantize_language_model_fp8
+
+    return quantize_language_model_fp8(model)
+
+
+def logits_moved(model: LlamaForCausalLM, quantize: Callable[[LlamaForCausalLM], int]) -> tuple[int, float]:
+    """`quantize(model)` in place: the layers it converted, and how far a probe's logits moved (relative norm)."""
+    probe = torch.randint(10, model.config.vocab_size, (1, 32), device=model.device)
+    with torch.inference_mode():
+        reference = model(probe).logits.float()
+    layers = quantize(model)
+    with torch.inference_mode():
+        return layers, ((model(probe).logits.float() - reference).norm() / reference.norm()).item()
 
 
 def inference_memory(dev: Device, tiny: bool, model: LlamaForCausalLM) -> dict:
@@ -282,7 +308,7 @@ def finetune(dev: Device, tiny: bool) -> dict:
         model = train_memory.random_model(config, train_memory.recipe_dtype(recipe, dev.torch), dev.torch)
         extra = {}
         if quantized:
-            extra["nf4_logits_relative_diff"] = quantize_nf4(model.language_model)
+            extra["nf4_logits_relative_diff"] = logits_moved(model.language_model, quantize_nf4)[1]
         model = train_memory.prepare_finetune(model, qlora if quantized else recipe)
         step = train_memory.finetune_step(model, inputs, reference, autocast)
         rows[name] = {
@@ -308,34 +334,32 @@ def finetune(dev: Device, tiny: bool) -> dict:
     return {**figures, "arms": rows}
 
 
-def quantize_nf4(model: LlamaForCausalLM) -> float:
-    """QLoRA's storage, in place: the decoder's linear layers become bitsandbytes NF4 ones (double
-    quantization, bf16 compute) holding the same weights; embeddings and the LM head stay as they are.
-    Returns how far the logits of a probe moved (relative norm)."""
+def quantize_nf4(model: LlamaForCausalLM) -> int:
+    """QLoRA's storage and `--load-4bit`'s, in place: the decoder's linear layers become bitsandbytes NF4
+    ones (double quantization, computing in the model's dtype) holding the same weights; embeddings and
+    the LM head stay as they are. Returns how many layers were converted."""
     import bitsandbytes as bnb
 
-    probe = torch.randint(10, model.config.vocab_size, (1, 32), device=model.device)
-    with torch.inference_mode():
-        reference = model(probe).logits.float()
+    converted = 0
     for layer in model.model.layers:
         for block in (layer.self_attn, layer.mlp):
             for name, linear in list(block.named_children()):
                 if isinstance(linear, torch.nn.Linear):
                     quantized = bnb.nn.Linear4bit(
-                        linear.in_features, linear.out_features, bias=False, compute_dtype=torch.bfloat16
+                        linear.in_features, linear.out_features, bias=False, compute_dtype=linear.weight.dtype
                     )
                     quantized.weight = bnb.nn.Params4bit(
                         linear.weight.data, requires_grad=False, quant_type="nf4", compress_statistics=True
                     )
                     setattr(block, name, quantized.to(linear.weight.device))
+                    converted += 1
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the bf16 weights just dropped
-    with torch.inference_mode():
-        return ((model(probe).logits.float() - reference).norm() / reference.norm()).item()
+    return converted
 
 
 def bf16_decoder_rates(section: dict, dev: Device) -> dict[int, float]:
-    """New tokens/s of the bf16 static-cache decoder as `fp8_decoding` runs its fp8 one (compiled on a GPU)."""
+    """New tokens/s of the bf16 static-cache decoder as `quantized_decoding` runs its own (compiled on a GPU)."""
     name = "ours: static-cache decoder" + (", step compiled (CUDA graph)" if dev.cuda else "")
     rows = {batch: section.get("paths", {}).get(f"{name}, batch {batch}") for batch in (1, 16)}
     return {batch: row["new_tokens_per_s"] for batch, row in rows.items() if row is not None}
@@ -382,13 +406,14 @@ def table_lines(name: str, section: dict) -> list[str]:
             peak = "n/a (CPU)" if row["peak_gib"] is None else f"{row['peak_gib']:.1f} GiB"
             lines.append(f"  {arm:<46} peak {peak:>10}  {row['seconds']:6.2f} s  loss {row['loss']:.3f}")
         return lines
-    if name == "fp8":
+    if name in ("fp8", "nf4"):
         weights = section["weights_gib"]
         lines = [
-            f"fp8 LM ({section['fp8_layers']} linear layers): weights "
-            f"{weights['bf16']:.2f} -> {weights['fp8']:.2f} GiB, "
+            f"{name} LM ({section['layers']} linear layers): weights "
+            f"{weights['bf16']:.2f} -> {weights['quantized']:.2f} GiB, "
             f"batch-1 floor {section['batch1_floor_tokens_per_s']:.0f} tokens/s, probe logits relative diff "
             f"{section['logits_relative_diff']:.1e}; {'compiled' if section['compiled'] else 'eager'} decoder"
+            + (f" (compile failed: {section['compile_error']})" if "compile_error" in section else "")
         ]
         for batch in (1, 16):
             row = section[f"batch {batch}"]
@@ -445,8 +470,13 @@ def main() -> None:
     del model
     measure("finetune", lambda: finetune(dev, args.tiny))
     measure("evaluation", lambda: evaluation(dev, args.tiny, images=3 if args.tiny else 10))  # compiles most
-    measure("fp8", partial(fp8_decoding, dev, args.tiny, bandwidth, bf16_decoder_rates(figures["decoding"], dev)))
-    sections = ("ceilings", "encoder", "decoding", "evaluation", "memory", "finetune", "fp8")
+    bf16_rates = bf16_decoder_rates(figures["decoding"], dev)
+    measure("fp8", partial(quantized_decoding, dev, args.tiny, bandwidth, bf16_rates, quantize_fp8))
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        measure("nf4", partial(quantized_decoding, dev, args.tiny, bandwidth, bf16_rates, quantize_nf4))
+    else:
+        figures["nf4"] = {"error": "skipped: bitsandbytes is not installed"}
+    sections = ("ceilings", "encoder", "decoding", "evaluation", "memory", "finetune", "fp8", "nf4")
     print(
         "\n".join(
             [f"device: {dev.name}", *(line for name in sections for line in ["", *table_lines(name, figures[name])])]
