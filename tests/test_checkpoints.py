@@ -1,6 +1,7 @@
 """Checkpoints: parity with HF LLaVA through `llama3med convert`, and `llama3med build` from local parts."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -275,7 +276,7 @@ def test_a_checkpoint_without_its_tower_takes_it_from_vision(tmp_path, capsys):
     ("field", "value", "reason"),
     [
         ("mm_use_im_start_end", True, "image start/end tokens"),
-        ("image_aspect_ratio", "anyres", "only 'pad'"),
+        ("image_aspect_ratio", "anyres_max_9", "any-resolution"),
         ("mm_patch_merge_type", "spatial_unpad", "any-resolution"),
         ("mm_vision_select_feature", "cls_patch", "CLS token"),
     ],
@@ -304,6 +305,27 @@ def test_a_llava_1_5_layout_converts_too_model_type_llava_and_pytorch_shards(tmp
         expected = reference(input_ids=input_ids, pixel_values=pixel_values).logits[..., :-1]
         got = ours(input_ids=input_ids, pixel_values=pixel_values).logits[..., :-1]
     assert (expected - got).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize(("aspect_ratio", "fit"), [("pad", "pad"), ("square", "crop"), (None, "crop")])
+def test_a_converted_llava_fits_images_as_the_original_code_does(tmp_path, aspect_ratio, fit):
+    """LLaVA pads to a square only with image_aspect_ratio 'pad'; otherwise CLIP's processor crops."""
+    llava_dir, _ = write_original_llava(tmp_path, "llama", image_aspect_ratio=aspect_ratio)
+    assert main(["convert", "--llava", str(llava_dir), "--out", str(tmp_path / "ours")]) == 0
+    assert load(tmp_path / "ours")[1].image_fit == fit
+
+
+@pytest.mark.parametrize(
+    ("settings", "fit"), [({"do_center_crop": True}, "crop"), ({"do_pad": True}, "pad"), ({}, "pad")]
+)
+def test_a_converted_transformers_llava_fits_images_as_its_image_processor_does(llava_dir, tmp_path, settings, fit):
+    """llava-hf's ports of LLaVA-1.5 centre-crop (CLIP's processor); LlavaImageProcessor with do_pad pads."""
+    source = tmp_path / "llava"
+    shutil.copytree(llava_dir, source)
+    stats = json.loads((source / "preprocessor_config.json").read_text())
+    (source / "preprocessor_config.json").write_text(json.dumps({**stats, **settings}))
+    assert main(["convert", "--llava", str(source), "--out", str(tmp_path / "ours")]) == 0
+    assert load(tmp_path / "ours")[1].image_fit == fit
 
 
 def test_asking_an_unconverted_llava_checkpoint_says_to_convert_it(tmp_path, capsys):

@@ -162,3 +162,19 @@ def test_llava_tokenization_labels_the_same_assistant_text(sentencepiece_style_t
     supervised = [t for t, label in zip(encoded["input_ids"], encoded["labels"], strict=True) if label != IGNORE_INDEX]
     assert tokenizer.decode(supervised).replace(" ", "") == "Yes,thereisonesmalllesion.</s>Theleftside.</s>"
     assert encoded["input_ids"].count(processor.image_token_id) == 4
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (61, 23), (100, 37), (17, 17)])
+def test_the_crop_fit_is_clips_own_preprocessing(tokenizer, shape):
+    """`crop`: the shorter side resized, the centre square kept, pixel for pixel as transformers'
+    CLIPImageProcessor gives them (what LLaVA checkpoints trained without padding saw)."""
+    from transformers import CLIPImageProcessor
+
+    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    ours = Llama3MedProcessor(tokenizer=tokenizer, image_size=32, image_mean=mean, image_std=std, image_fit="crop")
+    clip = CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=mean, image_std=std
+    )
+    image = Image.fromarray((np.random.default_rng(0).random((*shape, 3)) * 255).astype(np.uint8))
+    expected = clip(image, return_tensors="pt")["pixel_values"][0]
+    assert torch.equal(ours.preprocess_image(image), expected)

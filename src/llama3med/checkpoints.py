@@ -57,7 +57,12 @@ def image_stats(vision_dir: str | Path, model_type: str) -> tuple[list[float], l
 
 
 def make_processor(
-    tokenizer, config: Llama3MedConfig, mean: Sequence[float], std: Sequence[float], llava_tokenization: bool = False
+    tokenizer,
+    config: Llama3MedConfig,
+    mean: Sequence[float],
+    std: Sequence[float],
+    image_fit: str = "pad",
+    llava_tokenization: bool = False,
 ):
     """A processor whose image size and token count are read off the model config."""
     return Llama3MedProcessor(
@@ -65,9 +70,19 @@ def make_processor(
         image_size=config.max_image_size,
         image_mean=mean,
         image_std=std,
+        image_fit=image_fit,
         num_image_tokens=config.num_image_tokens,
         llava_tokenization=llava_tokenization,
     )
+
+
+def llava_image_fit(model_dir: str | Path) -> str:
+    """How a transformers LLaVA directory's own image processor fits images to a square: `pad` (its
+    `do_pad`, LLaVA's convention, also where it says nothing) or `crop` (CLIP's centre crop, as the
+    llava-hf ports of LLaVA-1.5 do)."""
+    path = Path(model_dir) / "preprocessor_config.json"
+    settings = json.loads(path.read_text()) if path.is_file() else {}
+    return "crop" if settings.get("do_center_crop") and not settings.get("do_pad") else "pad"
 
 
 def build(
@@ -184,7 +199,7 @@ def convert_llava(llava_dir: str | Path) -> tuple[Llama3MedForConditionalGenerat
     if tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER) != lc.image_token_id:
         raise ValueError(f"{llava_dir}: the tokenizer's <image> id differs from image_token_id {lc.image_token_id}")
     mean, std = image_stats(llava_dir, lc.vision_config.model_type)
-    return model, make_processor(tokenizer, config, mean, std)
+    return model, make_processor(tokenizer, config, mean, std, image_fit=llava_image_fit(llava_dir))
 
 
 # The original LLaVA code's model types and the LM each wraps, with the conversation mode its models were
@@ -238,7 +253,10 @@ def _refuse_unsupported_llava(model_dir: Path, raw: dict) -> None:
         "model_type": (raw.get("model_type") in ORIGINAL_LLAVA_LMS, "an MPT or other non-Llama/Mistral LM"),
         "mm_use_im_start_end": (not raw.get("mm_use_im_start_end"), "image start/end tokens"),
         "mm_vision_select_feature": (raw.get("mm_vision_select_feature", "patch") == "patch", "the CLS token kept"),
-        "image_aspect_ratio": (raw.get("image_aspect_ratio") == "pad", "images not padded to a square (only 'pad')"),
+        "image_aspect_ratio": (
+            not str(raw.get("image_aspect_ratio")).startswith("anyres"),
+            "LLaVA-NeXT's any-resolution tiles",
+        ),
         "mm_patch_merge_type": (raw.get("mm_patch_merge_type", "flat") == "flat", "LLaVA-NeXT's any-resolution tiles"),
         "mm_projector_type": (raw.get("mm_projector_type", "linear") in ("linear", "mlp2x_gelu"), "this projector"),
     }
@@ -342,7 +360,9 @@ def convert_original_llava(
     _check_materialised(model)
     _set_stop_tokens(model, tokenizer)
     mean, std = image_stats(vision, "clip_vision_model")
-    return model, make_processor(tokenizer, config, mean, std, llava_tokenization=True)
+    # LLaVA pads to a square only with image_aspect_ratio "pad"; otherwise CLIP's processor crops
+    fit = "pad" if raw.get("image_aspect_ratio") == "pad" else "crop"
+    return model, make_processor(tokenizer, config, mean, std, image_fit=fit, llava_tokenization=True)
 
 
 # Fields of an original LLaVA config that describe the vision side or training, not the LM.

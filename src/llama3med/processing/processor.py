@@ -20,7 +20,7 @@ from .chat import IMAGE_PLACEHOLDER, LLAMA3_CHAT_TEMPLATE
 from .images import DEFAULT_MAX_PIXELS, ImageSource, Window, load_image
 
 IGNORE_INDEX = -100
-IMAGE_FITS = ("pad", "resize")
+IMAGE_FITS = ("pad", "resize", "crop")
 
 
 class SampleTooLongError(ValueError):
@@ -34,7 +34,9 @@ class Llama3MedProcessor(ProcessorMixin):
         tokenizer: the LM's tokenizer; must know `image_token` as one token.
         image_size: side the images are resized to (the config's largest scale).
         image_mean, image_std: the vision tower's normalisation.
-        image_fit: `pad` (to a square with the mean colour, then resize) or `resize` (stretch).
+        image_fit: `pad` (to a square with the mean colour, then resize), `resize` (stretch) or `crop`
+            (the shorter side resized, then the centre square kept: CLIP's own preprocessing, which
+            LLaVA checkpoints not trained on padded images saw).
         num_image_tokens: tokens per image in the LM (the config's `num_image_tokens`).
         image_token: the placeholder written in prompts and expanded here.
         max_pixels: images with more pixels are refused before decoding.
@@ -85,7 +87,9 @@ class Llama3MedProcessor(ProcessorMixin):
         rgb = load_image(image, window=window, frame=frame, max_pixels=self.max_pixels)
         if self.image_fit == "pad":
             rgb = pad_to_square(rgb, tuple(int(m * 255) for m in self.image_mean))
-        rgb = rgb.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+        elif self.image_fit == "crop":
+            rgb = centre_square(resize_shorter_side(rgb, self.image_size))
+        rgb = rgb.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)  # a copy if already so
         pixels = torch.from_numpy(np.array(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)
         mean = torch.tensor(self.image_mean).view(3, 1, 1)
         std = torch.tensor(self.image_std).view(3, 1, 1)
@@ -214,6 +218,23 @@ class Llama3MedProcessor(ProcessorMixin):
 
     def batch_decode(self, sequences, skip_special_tokens: bool = True, **kwargs) -> list[str]:
         return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
+
+
+def resize_shorter_side(image: Image.Image, side: int) -> Image.Image:
+    """Bicubic resize to a shorter side of `side` px, the longer one in proportion (rounded down, as
+    CLIP's image processor does)."""
+    width, height = image.size
+    longer = int(side * max(width, height) / min(width, height))
+    size = (side, longer) if width <= height else (longer, side)
+    return image.resize(size, Image.Resampling.BICUBIC)
+
+
+def centre_square(image: Image.Image) -> Image.Image:
+    """The centred square of the shorter side's length."""
+    width, height = image.size
+    side = min(width, height)
+    left, top = int((width - side) / 2), int((height - side) / 2)
+    return image.crop((left, top, left + side, top + side))
 
 
 def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
