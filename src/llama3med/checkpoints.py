@@ -249,7 +249,7 @@ def _original_tokenizer(model_dir: Path, text_config: PreTrainedConfig):
 
 def _refuse_unsupported_llava(model_dir: Path, raw: dict) -> None:
     """What the original LLaVA code can be configured for but a Llama3-Med cannot compute the same way."""
-    unsupported = {
+    checks = {  # field: (convertible, what it would need)
         "model_type": (raw.get("model_type") in ORIGINAL_LLAVA_LMS, "an MPT or other non-Llama/Mistral LM"),
         "mm_use_im_start_end": (not raw.get("mm_use_im_start_end"), "image start/end tokens"),
         "mm_vision_select_feature": (raw.get("mm_vision_select_feature", "patch") == "patch", "the CLS token kept"),
@@ -260,8 +260,8 @@ def _refuse_unsupported_llava(model_dir: Path, raw: dict) -> None:
         "mm_patch_merge_type": (raw.get("mm_patch_merge_type", "flat") == "flat", "LLaVA-NeXT's any-resolution tiles"),
         "mm_projector_type": (raw.get("mm_projector_type", "linear") in ("linear", "mlp2x_gelu"), "this projector"),
     }
-    for field, (ok, what) in unsupported.items():
-        if not ok:
+    for field, (convertible, what) in checks.items():
+        if not convertible:
             raise ValueError(f"{model_dir}: {field}={raw.get(field)!r} ({what}) cannot be converted")
 
 
