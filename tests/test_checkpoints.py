@@ -87,6 +87,28 @@ def test_build_assembles_a_model_from_a_siglip_dir_and_a_llama_dir(component_dir
     assert model.vision_tower.num_layers == TINY_SIGLIP["num_hidden_layers"] - 1
 
 
+def test_build_from_a_converted_llava_med_gives_it_the_pyramid_with_a_fresh_projector(tmp_path):
+    """The paper's S2 tried on the baseline: LLaVA-Med's CLIP tower and LM at 1x/2x/3x, its prompts kept."""
+    llava_dir, _ = write_original_llava(tmp_path, "mistral")
+    assert main(["convert", "--llava", str(llava_dir), "--out", str(tmp_path / "llava-med")]) == 0
+    assert main(["build", "--from", str(tmp_path / "llava-med"), "--out", str(tmp_path / "s2")]) == 0
+    source, source_processor = load(tmp_path / "llava-med")
+    model, processor = load(tmp_path / "s2")
+    assert model.config.scales == [32, 64, 96] and processor.image_size == 96 and processor.num_image_tokens == 16
+    assert model.multi_modal_projector.linear_1.in_features == 3 * source.multi_modal_projector.linear_1.in_features
+    for name, weight in [*source.vision_tower.state_dict().items(), *source.language_model.state_dict().items()]:
+        kept = model.vision_tower if name in source.vision_tower.state_dict() else model.language_model
+        assert torch.equal(kept.state_dict()[name], weight), name
+    assert processor.tokenizer.chat_template == source_processor.tokenizer.chat_template  # mistral_instruct
+    assert (processor.llava_tokenization, processor.image_fit) == (True, "pad")
+    assert "freshly initialised" in (tmp_path / "s2" / "README.md").read_text()
+
+
+def test_build_needs_a_tower_and_an_lm_or_a_model_to_start_from(tmp_path, capsys):
+    assert main(["build", "--vision", "x", "--out", str(tmp_path / "out")]) == 1
+    assert "--vision and --llm, or --from" in capsys.readouterr().err
+
+
 def test_build_defaults_to_one_two_and_three_times_the_towers_resolution(component_dirs, tmp_path):
     from llama3med.checkpoints import build
 

@@ -129,6 +129,40 @@ def build(
     return model, make_processor(tokenizer, config, mean, std)
 
 
+def rescale(
+    model_dir: str | Path, scales: Sequence[int] | None = None
+) -> tuple[Llama3MedForConditionalGeneration, Llama3MedProcessor]:
+    """A model's tower, LM and tokenizer (chat template and image fit included) encoding at other S2
+    scales, default 1x, 2x and 3x the tower's resolution: the paper's pyramid tried on an existing model,
+    such as a converted LLaVA-Med. The projector's input width is the tower's times the number of
+    scales, so it starts afresh: the result needs both training stages, as a built model does."""
+    source, processor = load(model_dir)
+    base = source.config.base_image_size
+    config = Llama3MedConfig(
+        vision_config=source.config.vision_config.to_dict(),
+        text_config=source.config.text_config.to_dict(),
+        scales=list(scales) if scales else [base, 2 * base, 3 * base],
+        vision_feature_layer=source.config.vision_feature_layer,
+        projector_type=source.config.projector_type,
+        image_token_id=source.config.image_token_id,
+    )
+    model = Llama3MedForConditionalGeneration.from_components(
+        config, source.vision_tower.vision_model, source.language_model
+    )
+    model.generation_config = source.generation_config  # its stop tokens and suppressed <image>
+    rescaled = Llama3MedProcessor(
+        tokenizer=processor.tokenizer,
+        image_size=config.max_image_size,
+        image_mean=processor.image_mean,
+        image_std=processor.image_std,
+        image_fit=processor.image_fit,
+        num_image_tokens=config.num_image_tokens,
+        max_pixels=processor.max_pixels,
+        llava_tokenization=processor.llava_tokenization,
+    )
+    return model, rescaled
+
+
 def build_scratch(
     vision_config: dict,
     text_config: dict,

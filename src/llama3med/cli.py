@@ -30,25 +30,39 @@ def _window(text: str):
 
 
 def cmd_build(args: argparse.Namespace) -> None:
-    from .checkpoints import build, save
+    from .checkpoints import build, rescale, save
     from .model_card import write_model_card
 
-    model, processor = build(
-        args.vision,
-        args.llm,
-        scales=args.scales,
-        vision_feature_layer=args.vision_feature_layer,
-        projector_type=args.projector_type,
+    untrained = (
+        "Its projector is freshly initialised, so it answers nothing useful until the paper's two training "
+        "stages (projector alignment on captions, then instruction tuning) have run."
     )
+    if args.source:
+        if args.vision or args.llm:
+            raise ValueError("--from takes the tower and the LM from its model; leave out --vision and --llm")
+        model, processor = rescale(args.source, scales=args.scales)
+        origin = (
+            f"Made by `llama3med build --from` with the vision tower and the LM of `{args.source}`, encoding at "
+            "new scales. Its projector is freshly initialised (its input width changes with the number of "
+            "scales), so it answers nothing useful until at least the projector-alignment stage has run."
+        )
+        base_models = [args.source]
+    elif args.vision and args.llm:
+        model, processor = build(
+            args.vision,
+            args.llm,
+            scales=args.scales,
+            vision_feature_layer=args.vision_feature_layer,
+            projector_type=args.projector_type,
+        )
+        origin = (
+            f"Assembled by `llama3med build` from the vision tower `{args.vision}` and the LM `{args.llm}`. {untrained}"
+        )
+        base_models = [args.vision, args.llm]
+    else:
+        raise ValueError("build needs --vision and --llm, or --from MODEL_DIR")
     save(model, processor, args.out, max_shard_size=args.max_shard_size)
-    write_model_card(
-        args.out,
-        model.config,
-        f"Assembled by `llama3med build` from the vision tower `{args.vision}` and the LM `{args.llm}`. Its "
-        "projector is freshly initialised, so it answers nothing useful until the paper's two training stages "
-        "(projector alignment on captions, then instruction tuning) have run.",
-        base_models=[args.vision, args.llm],
-    )
+    write_model_card(args.out, model.config, origin, base_models=base_models)
     config = model.config
     print(
         f"built {args.out}: scales {config.scales}, {config.num_image_tokens} image tokens, "
@@ -549,12 +563,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("build", help="assemble a new model from a local vision tower and LLM")
-    p.add_argument("--vision", required=True, help="SigLIP/CLIP model dir (or hub id)")
-    p.add_argument("--llm", required=True, help="causal LM dir (or hub id), e.g. Llama-3-8B-Instruct")
+    p.add_argument("--vision", default=None, help="SigLIP/CLIP model dir (or hub id)")
+    p.add_argument("--llm", default=None, help="causal LM dir (or hub id), e.g. Llama-3-8B-Instruct")
+    p.add_argument(
+        "--from",
+        dest="source",
+        default=None,
+        help="instead of --vision and --llm: a Llama3-Med dir (e.g. a converted LLaVA-Med) whose tower and LM "
+        "encode at --scales, with a fresh projector",
+    )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--scales", type=_scales, default=None, help="e.g. 384,768,1152 (default: 1x,2x,3x the tower's)")
-    p.add_argument("--vision-feature-layer", type=int, default=-2)
-    p.add_argument("--projector-type", choices=["mlp2x_gelu", "linear"], default="mlp2x_gelu")
+    p.add_argument("--vision-feature-layer", type=int, default=-2, help="with --vision (--from keeps its own)")
+    p.add_argument(
+        "--projector-type",
+        choices=["mlp2x_gelu", "linear"],
+        default="mlp2x_gelu",
+        help="with --vision (--from: its own)",
+    )
     p.add_argument("--max-shard-size", default="5GB")
     p.set_defaults(func=cmd_build)
 
