@@ -28,6 +28,7 @@ from transformers import AutoConfig, AutoModel, LlamaConfig, LlamaForCausalLM
 
 from llama3med import Llama3MedConfig
 from llama3med.config import LLAMA3_8B
+from llama3med.fp8 import quantize_language_model_fp8
 from llama3med.generation import StaticCacheDecoder
 from llama3med.model.multiscale import encode_multiscale
 from llama3med.model.vision_tower import VisionTower
@@ -208,7 +209,8 @@ def decoding(dev: Device, tiny: bool, model: LlamaForCausalLM, copy_tb_per_s: fl
 def quantized_decoding(
     dev: Device, tiny: bool, copy_tb_per_s: float, bf16_rates: dict[int, float], quantize: Callable
 ) -> dict:
-    """The LM's linear layers quantized in place by `quantize` (`--fp8`'s e4m3, `--load-4bit`'s NF4),
+    """The LM's linear layers quantized in place by `quantize` (`--fp8`'s `quantize_language_model_fp8`,
+    `--load-4bit`'s NF4),
     decoded by our static-cache decoder, its step compiled into a CUDA graph on a GPU (eager where the
     compile fails, with the error kept), at batch 1 and 16. Against the same LM in bf16 (the weights
     `decoding` had): the weights' memory, the batch-1 floor, how far a probe's logits move, and how many
@@ -237,7 +239,8 @@ def quantized_decoding(
         decoder.compile()
     with torch.inference_mode():
         for batch, (ids, mask) in prompts.items():
-            run = partial(decoder, model.get_input_embeddings()(ids), mask, new_tokens, min_new_tokens=new_tokens)
+            embeds = model.get_input_embeddings()(ids)
+            run = partial(decoder, embeds, mask, new_tokens, min_new_tokens=new_tokens)
             try:
                 tokens = run()
             except Exception as err:  # noqa: BLE001 - a step that does not compile is timed eagerly instead
@@ -245,7 +248,7 @@ def quantized_decoding(
                     raise
                 figures["compiled"], figures["compile_error"] = False, f"{type(err).__name__}: {err}"[:300]
                 decoder = StaticCacheDecoder(model, model.generation_config)
-                run = partial(decoder, model.get_input_embeddings()(ids), mask, new_tokens, min_new_tokens=new_tokens)
+                run = partial(decoder, embeds, mask, new_tokens, min_new_tokens=new_tokens)
                 tokens = run()
             same = (tokens == reference[batch]).long().cumprod(dim=1).sum(dim=1).float()  # matching prefix per row
             rate_quantized = batch * new_tokens / dev.seconds(run, 1 if tiny else 3)
@@ -258,13 +261,6 @@ def quantized_decoding(
     figures["batch1_floor_tokens_per_s"] = copy_tb_per_s * 1e12 / quantized_bytes
     figures["new_tokens"] = new_tokens
     return figures
-
-
-def quantize_fp8(model: LlamaForCausalLM) -> int:
-    """`--fp8`, in place: e4m3 weights, one scale per output channel, activations quantized per token."""
-    from llama3med.fp8 import quantize_language_model_fp8
-
-    return quantize_language_model_fp8(model)
 
 
 def logits_moved(model: LlamaForCausalLM, quantize: Callable[[LlamaForCausalLM], int]) -> tuple[int, float]:
@@ -471,7 +467,7 @@ def main() -> None:
     measure("finetune", lambda: finetune(dev, args.tiny))
     measure("evaluation", lambda: evaluation(dev, args.tiny, images=3 if args.tiny else 10))  # compiles most
     bf16_rates = bf16_decoder_rates(figures["decoding"], dev)
-    measure("fp8", partial(quantized_decoding, dev, args.tiny, bandwidth, bf16_rates, quantize_fp8))
+    measure("fp8", partial(quantized_decoding, dev, args.tiny, bandwidth, bf16_rates, quantize_language_model_fp8))
     if importlib.util.find_spec("bitsandbytes") is not None:
         measure("nf4", partial(quantized_decoding, dev, args.tiny, bandwidth, bf16_rates, quantize_nf4))
     else:

@@ -32,6 +32,7 @@ from .model import Llama3MedForConditionalGeneration
 from .model_card import looks_like_hub_id
 from .processing import IMAGE_PLACEHOLDER, Llama3MedProcessor
 from .processing.chat import LLAVA_CHAT_TEMPLATES
+from .processing.images import DEFAULT_MAX_PIXELS
 
 # The demo model that ships inside the package (trained on synthetic phantoms by recipes/demo/).
 DEMO_MODEL_DIR = Path(__file__).parent / "demo_model"
@@ -63,6 +64,7 @@ def make_processor(
     std: Sequence[float],
     image_fit: str = "pad",
     llava_tokenization: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ):
     """A processor whose image size and token count are read off the model config."""
     return Llama3MedProcessor(
@@ -72,6 +74,7 @@ def make_processor(
         image_std=std,
         image_fit=image_fit,
         num_image_tokens=config.num_image_tokens,
+        max_pixels=max_pixels,
         llava_tokenization=llava_tokenization,
     )
 
@@ -135,7 +138,7 @@ def rescale(
     """A model's tower, LM and tokenizer (chat template and image fit included) encoding at other S2
     scales, default 1x, 2x and 3x the tower's resolution: the paper's pyramid tried on an existing model,
     such as a converted LLaVA-Med. The projector's input width is the tower's times the number of
-    scales, so it starts afresh: the result needs both training stages, as a built model does."""
+    scales, so it starts afresh: the result needs at least the projector-alignment stage."""
     source, processor = load(model_dir)
     base = source.config.base_image_size
     config = Llama3MedConfig(
@@ -150,17 +153,15 @@ def rescale(
         config, source.vision_tower.vision_model, source.language_model
     )
     model.generation_config = source.generation_config  # its stop tokens and suppressed <image>
-    rescaled = Llama3MedProcessor(
-        tokenizer=processor.tokenizer,
-        image_size=config.max_image_size,
-        image_mean=processor.image_mean,
-        image_std=processor.image_std,
+    return model, make_processor(
+        processor.tokenizer,
+        config,
+        processor.image_mean,
+        processor.image_std,
         image_fit=processor.image_fit,
-        num_image_tokens=config.num_image_tokens,
-        max_pixels=processor.max_pixels,
         llava_tokenization=processor.llava_tokenization,
+        max_pixels=processor.max_pixels,
     )
-    return model, rescaled
 
 
 def build_scratch(

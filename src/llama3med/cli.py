@@ -33,10 +33,6 @@ def cmd_build(args: argparse.Namespace) -> None:
     from .checkpoints import build, rescale, save
     from .model_card import write_model_card
 
-    untrained = (
-        "Its projector is freshly initialised, so it answers nothing useful until the paper's two training "
-        "stages (projector alignment on captions, then instruction tuning) have run."
-    )
     if args.source:
         if args.vision or args.llm:
             raise ValueError("--from takes the tower and the LM from its model; leave out --vision and --llm")
@@ -56,7 +52,9 @@ def cmd_build(args: argparse.Namespace) -> None:
             projector_type=args.projector_type,
         )
         origin = (
-            f"Assembled by `llama3med build` from the vision tower `{args.vision}` and the LM `{args.llm}`. {untrained}"
+            f"Assembled by `llama3med build` from the vision tower `{args.vision}` and the LM `{args.llm}`. Its "
+            "projector is freshly initialised, so it answers nothing useful until the paper's two training stages "
+            "(projector alignment on captions, then instruction tuning) have run."
         )
         base_models = [args.vision, args.llm]
     else:
@@ -562,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("build", help="assemble a new model from a local vision tower and LLM")
+    p = sub.add_parser("build", help="assemble a new model from a vision tower and an LLM, or re-scale one")
     p.add_argument("--vision", default=None, help="SigLIP/CLIP model dir (or hub id)")
     p.add_argument("--llm", default=None, help="causal LM dir (or hub id), e.g. Llama-3-8B-Instruct")
     p.add_argument(
