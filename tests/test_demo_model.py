@@ -161,3 +161,37 @@ def test_the_demo_answers_unseen_phantoms_with_4bit_weights_as_it_does_in_full_p
     assert sum(full[k] == nf4[k] for k in full) >= 0.95 * len(records)  # 214 of 214 when written
     closed = [score(records, a)["all"]["closed_accuracy"] for a in answers]
     assert abs(closed[0] - closed[1]) <= 0.02
+
+
+def test_transformers_image_text_to_text_pipeline_answers_as_ask_does():
+    from transformers import pipeline
+
+    answerer = pipeline("image-text-to-text", model=str(DEMO_MODEL_DIR))
+    for image, question, expected in [
+        ("phantom_ct_lesion.dcm", "Is there a lesion in this image?", "yes"),
+        ("phantom_mr_normal.dcm", "What imaging modality is this?", "MRI"),
+    ]:
+        chat = [
+            {
+                "role": "user",
+                "content": [{"type": "image", "path": str(EXAMPLES / image)}, {"type": "text", "text": question}],
+            }
+        ]
+        reply = answerer(text=chat, max_new_tokens=16, return_full_text=False)
+        assert reply[0]["generated_text"].strip() == expected
+
+
+def test_generate_on_a_tokenized_multimodal_chat_answers_as_ask_does():
+    model, processor = load(DEMO_MODEL_DIR)
+    chat = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "path": str(EXAMPLES / "phantom_ct_lesion.dcm")},
+                {"type": "text", "text": "How many lesions are visible?"},
+            ],
+        }
+    ]
+    inputs = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)
+    output = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+    assert processor.decode(output[0, inputs["input_ids"].shape[1] :]).strip() == "1"

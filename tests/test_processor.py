@@ -1,5 +1,7 @@
 """The processor: chat template, image-token expansion, assistant-only labels, pixels, round trip."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -178,3 +180,104 @@ def test_the_crop_fit_is_clips_own_preprocessing(tokenizer, shape):
     image = Image.fromarray((np.random.default_rng(0).random((*shape, 3)) * 255).astype(np.uint8))
     expected = clip(image, return_tensors="pt")["pixel_values"][0]
     assert torch.equal(ours.preprocess_image(image), expected)
+
+
+# ---- transformers' multimodal chat messages (what `pipeline("image-text-to-text")` sends) -------------
+
+
+def image_chat(image_part: dict, question: str = "Is there a lesion?") -> list[dict]:
+    return [{"role": "user", "content": [image_part, {"type": "text", "text": question}]}]
+
+
+def test_a_multimodal_chat_renders_as_the_question_with_its_image_placeholder_first(processor):
+    expected = processor.chat_prompt([{"role": "user", "content": "<image>\nIs there a lesion?"}])
+    image_first = image_chat({"type": "image", "path": "scan.dcm"})
+    text_first = [{"role": "user", "content": image_first[0]["content"][::-1]}]
+    for chat in (image_first, text_first):
+        assert processor.apply_chat_template(chat, add_generation_prompt=True) == expected
+
+
+def test_a_tokenized_multimodal_chat_is_what_the_processor_gives_for_its_prompt_and_image(processor, tmp_path):
+    dicom = write_dicom(tmp_path / "ct.dcm", np.arange(64, dtype=np.uint16).reshape(8, 8) * 30, intercept=-1024)
+    chat = image_chat({"type": "image", "path": str(dicom), "window": "lung"})
+    encoded = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)
+    prompt = processor.chat_prompt([{"role": "user", "content": "<image>\nIs there a lesion?"}])
+    reference = processor(prompt, images=dicom, window="lung")
+    assert set(encoded) == {"input_ids", "attention_mask", "pixel_values"}
+    for key in encoded:
+        assert torch.equal(encoded[key], reference[key]), key
+    assert not torch.equal(encoded["pixel_values"], processor(prompt, images=dicom)["pixel_values"])  # windowed
+    ids = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+    assert torch.equal(ids, reference["input_ids"])
+
+
+def test_an_image_part_may_name_its_image_by_path_url_data_url_base64_or_object(processor, tmp_path):
+    import base64
+    import http.server
+    import threading
+
+    png = tmp_path / "slice.png"
+    Image.fromarray(np.arange(30 * 20 * 3, dtype=np.uint8).reshape(30, 20, 3)).save(png)
+    encoded = base64.b64encode(png.read_bytes()).decode()
+    handler = lambda *args: http.server.SimpleHTTPRequestHandler(*args, directory=str(tmp_path))  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        parts = [
+            {"type": "image", "image": Image.open(png)},
+            {"type": "image", "image": png.read_bytes()},
+            {"type": "image", "path": str(png)},
+            {"type": "image", "url": str(png)},
+            {"type": "image", "url": png.as_uri()},
+            {"type": "image", "url": f"data:image/png;base64,{encoded}"},
+            {"type": "image", "base64": encoded},
+            {"type": "image", "url": f"http://127.0.0.1:{server.server_port}/slice.png"},
+        ]
+        pixels = [
+            processor.apply_chat_template(image_chat(part), tokenize=True, return_dict=True)["pixel_values"]
+            for part in parts
+        ]
+    finally:
+        server.shutdown()
+    for part, got in zip(parts, pixels, strict=True):
+        assert torch.equal(got, pixels[0]), part
+
+
+def test_a_batch_of_multimodal_chats_is_left_padded_with_one_image_each(processor):
+    chats = [
+        image_chat({"type": "image", "image": Image.new("RGB", (20, 30))}),
+        image_chat(
+            {"type": "image", "image": Image.new("RGB", (30, 20))}, "Which side is the lesion on, left or right?"
+        ),
+    ]
+    batch = processor.apply_chat_template(chats, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert batch["pixel_values"].shape == (2, 3, 96, 96)
+    assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][1].all()
+    text_only = [[{"role": "user", "content": "Hello"}]]
+    with pytest.raises(ValueError, match="chats with 0 and 1 images"):
+        processor.apply_chat_template([*chats, *text_only], tokenize=True)
+
+
+@pytest.mark.parametrize(
+    "chat, message",
+    [
+        ([{"role": "user", "content": "<image>\nWhat is shown?"}], "put images in {'type': 'image'} parts"),
+        (
+            [
+                {"role": "user", "content": "What is shown?"},
+                {"role": "assistant", "content": [{"type": "image", "path": "x.png"}]},
+            ],
+            "images are only read in user messages, not in 'assistant' ones",
+        ),
+        ([{"role": "user", "content": [{"type": "video", "path": "x.mp4"}]}], "message 0, part 0: expected a text"),
+        ([{"content": "What is shown?"}], "message 0: needs 'role' and 'content'"),
+    ],
+)
+def test_malformed_multimodal_chats_are_refused_naming_the_message(processor, chat, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        processor.apply_chat_template(chat)
+
+
+def test_an_image_part_without_an_image_is_refused(processor):
+    with pytest.raises(ValueError, match="an image part needs 'image', 'path', 'url' or 'base64'"):
+        processor.apply_chat_template(image_chat({"type": "image"}), tokenize=True)

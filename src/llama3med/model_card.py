@@ -66,11 +66,11 @@ def model_card(
         "```\n\n"
         "```python\n"
         "import llama3med  # registers the Auto classes\n"
-        "from transformers import AutoModelForImageTextToText, AutoProcessor\n"
-        "from llama3med.inference import answer\n\n"
-        f'model = AutoModelForImageTextToText.from_pretrained("{model_dir}").eval()\n'
-        f'processor = AutoProcessor.from_pretrained("{model_dir}")\n'
-        'print(answer(model, processor, "scan.dcm", "Which organ is shown?"))\n'
+        "from transformers import pipeline\n\n"
+        f'ask = pipeline("image-text-to-text", model="{model_dir}")\n'
+        'chat = [{"role": "user", "content": [{"type": "image", "path": "scan.dcm", "window": "soft_tissue"},\n'
+        '                                     {"type": "text", "text": "Which organ is shown?"}]}]\n'
+        'print(ask(text=chat, max_new_tokens=64, return_full_text=False)[0]["generated_text"])\n'
         "```",
     ]
     parts += [f"## {title}\n\n{body}" for title, body in (sections or {}).items()]

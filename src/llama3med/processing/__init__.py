@@ -1,4 +1,4 @@
-from .chat import IMAGE_PLACEHOLDER, LLAMA3_CHAT_TEMPLATE, llava_to_messages
+from .chat import IMAGE_PLACEHOLDER, LLAMA3_CHAT_TEMPLATE, llava_to_messages, message_content, multimodal_to_messages
 from .images import (
     CT_WINDOWS,
     ImageLoadError,
@@ -25,6 +25,8 @@ __all__ = [
     "frame_count",
     "llava_to_messages",
     "load_image",
+    "message_content",
+    "multimodal_to_messages",
     "nifti_to_uint8",
     "pad_sequences",
     "train_bpe_tokenizer",

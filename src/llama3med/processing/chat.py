@@ -1,5 +1,6 @@
 """The Llama-3 chat format, the conversation formats of the original LLaVA code (for imported LLaVA and
-LLaVA-Med checkpoints), and LLaVA's conversation records turned into chat messages."""
+LLaVA-Med checkpoints), and LLaVA's conversation records and transformers' multimodal messages turned
+into chat messages."""
 
 from __future__ import annotations
 
@@ -79,3 +80,44 @@ def llava_to_messages(conversations: list[dict], record: str = "conversation") -
             raise ValueError(f"{record}: turn {i} has no text value")
         messages.append({"role": _ROLES[role], "content": content})
     return messages
+
+
+def message_content(parts: list[str | None]) -> str:
+    """A message's text from its parts in order, `None` standing for an image: the image placeholders
+    first, then the texts, a line each (LLaVA-Med's layout, `"<image>\nquestion"`)."""
+    placeholders = [IMAGE_PLACEHOLDER for part in parts if part is None]
+    return "\n".join([*placeholders, *(part for part in parts if part is not None)])
+
+
+def multimodal_to_messages(chat: list[dict]) -> tuple[list[dict[str, str]], list[dict]]:
+    """transformers' multimodal chat (`content` a string, or a list of `{"type": "text", "text": ...}`
+    and `{"type": "image", ...}` parts) -> text messages with an image placeholder per image, and the
+    image parts in the order their placeholders appear."""
+    if not isinstance(chat, (list, tuple)) or not chat:
+        raise ValueError("a chat must be a non-empty list of messages")
+    messages, images = [], []
+    for i, message in enumerate(chat):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ValueError(f"message {i}: needs 'role' and 'content'")
+        role, content = message["role"], message["content"]
+        if isinstance(content, str):
+            if IMAGE_PLACEHOLDER in content:
+                raise ValueError(
+                    f"message {i}: put images in {{'type': 'image'}} parts, not as {IMAGE_PLACEHOLDER} in the text"
+                )
+            messages.append({"role": role, "content": content})
+            continue
+        parts: list[str | None] = []
+        for j, part in enumerate(content if isinstance(content, (list, tuple)) else [content]):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+            elif kind == "image" and role == "user":
+                parts.append(None)
+                images.append(part)
+            elif kind == "image":
+                raise ValueError(f"message {i}: images are only read in user messages, not in {role!r} ones")
+            else:
+                raise ValueError(f"message {i}, part {j}: expected a text part with 'text' or an image part")
+        messages.append({"role": role, "content": message_content(parts)})
+    return messages, images

@@ -8,7 +8,10 @@ through the tokenizer's chat template (Llama-3's); each `<image>` placeholder be
 
 from __future__ import annotations
 
+import base64
 import re
+import urllib.parse
+import urllib.request
 from collections.abc import Sequence
 
 import numpy as np
@@ -16,7 +19,7 @@ import torch
 from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
 
-from .chat import IMAGE_PLACEHOLDER, LLAMA3_CHAT_TEMPLATE
+from .chat import IMAGE_PLACEHOLDER, LLAMA3_CHAT_TEMPLATE, multimodal_to_messages
 from .images import DEFAULT_MAX_PIXELS, ImageSource, Window, load_image
 
 IGNORE_INDEX = -100
@@ -175,6 +178,62 @@ class Llama3MedProcessor(ProcessorMixin):
             )
         return out_ids, (out_labels if labels is not None else None)
 
+    def apply_chat_template(
+        self,
+        conversation: list[dict] | list[list[dict]],
+        chat_template: str | None = None,
+        add_generation_prompt: bool = False,
+        continue_final_message: bool = False,
+        tokenize: bool = False,
+        return_dict: bool = False,
+        return_tensors: str = "pt",
+        processor_kwargs: dict | None = None,
+        **template_kwargs,
+    ) -> str | list[str] | torch.Tensor | BatchFeature:
+        """One chat, or a batch of them, in transformers' multimodal message format rendered with the chat
+        template; with `tokenize=True` encoded with their images as `__call__` encodes them (a
+        `BatchFeature` with `return_dict=True`, else the `input_ids`). This is what transformers' own
+        processors offer and what `pipeline("image-text-to-text")` calls.
+
+        An image part names its image by `image` (a PIL image, a path or bytes), `path`, `url` (a path,
+        `file://`, `data:` or http(s) URL) or `base64`; DICOM, NIfTI and series directories are read
+        as `load_image` reads them, and the part may carry `window` and `frame` for them. One image per
+        chat, at most."""
+        batched = isinstance(conversation, (list, tuple)) and bool(conversation)
+        batched = batched and isinstance(conversation[0], (list, tuple))
+        chats = list(conversation) if batched else [conversation]
+        prompts, image_parts = [], []
+        for chat in chats:
+            messages, parts = multimodal_to_messages(chat)
+            prompts.append(
+                self.tokenizer.apply_chat_template(
+                    messages,
+                    chat_template=chat_template,
+                    tokenize=False,
+                    add_generation_prompt=add_generation_prompt,
+                    continue_final_message=continue_final_message,
+                    **template_kwargs,
+                )
+            )
+            image_parts.append(parts)
+        if not tokenize:
+            return prompts if batched else prompts[0]
+        counts = sorted({len(parts) for parts in image_parts})
+        if counts not in ([0], [1]):
+            raise ValueError(
+                f"chats with {' and '.join(map(str, counts))} images: each chat of a batch needs one image, "
+                f"or none of them"
+            )
+        images = [
+            load_image(
+                _image_of_part(part), window=part.get("window"), frame=part.get("frame"), max_pixels=self.max_pixels
+            )
+            for parts in image_parts
+            for part in parts
+        ]
+        encoded = self(prompts, images=images or None, return_tensors=return_tensors, **(processor_kwargs or {}))
+        return encoded if return_dict else encoded["input_ids"]
+
     # ---- batches ------------------------------------------------------------------------------
 
     def __call__(
@@ -185,11 +244,15 @@ class Llama3MedProcessor(ProcessorMixin):
         padding_side: str = "left",
         max_length: int | None = None,
         return_tensors: str = "pt",
+        padding: bool | str = True,
     ) -> BatchFeature:
         """Rendered prompts (one `<image>` each when `images` are given, one image per prompt) ->
-        padded `input_ids`, `attention_mask` and `pixel_values`. Left padding suits generation."""
+        `input_ids`, `attention_mask` and `pixel_values`, padded to the longest prompt (the only padding
+        there is: prompts are never cut, see `SampleTooLongError`). Left padding suits generation."""
         if return_tensors != "pt":
             raise ValueError(f"only PyTorch tensors are returned (return_tensors='pt'), got {return_tensors!r}")
+        if padding not in (True, "longest"):
+            raise ValueError(f"prompts are padded to the longest one (padding=True), got padding={padding!r}")
         texts = [text] if isinstance(text, str) else list(text)
         if images is None:
             image_list = []
@@ -218,6 +281,30 @@ class Llama3MedProcessor(ProcessorMixin):
 
     def batch_decode(self, sequences, skip_special_tokens: bool = True, **kwargs) -> list[str]:
         return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
+
+
+def _image_of_part(part: dict) -> ImageSource:
+    """The image an image part of a chat message names, as `load_image` takes it."""
+    if "image" in part:
+        return part["image"]
+    if "path" in part:
+        return part["path"]
+    if "base64" in part:
+        return base64.b64decode(part["base64"], validate=True)
+    url = part.get("url")
+    if not isinstance(url, str):
+        raise ValueError("an image part needs 'image', 'path', 'url' or 'base64'")
+    if url.startswith("data:"):
+        header, _, payload = url.partition(",")
+        if not header.endswith(";base64"):
+            raise ValueError("an image data URL must be base64-encoded")
+        return base64.b64decode(payload, validate=True)
+    if url.startswith("file://"):
+        return urllib.request.url2pathname(urllib.parse.urlparse(url).path)
+    if url.startswith(("http://", "https://")):
+        with urllib.request.urlopen(url, timeout=60) as response:
+            return response.read()
+    return url
 
 
 def resize_shorter_side(image: Image.Image, side: int) -> Image.Image:

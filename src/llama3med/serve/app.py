@@ -26,7 +26,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..processing import IMAGE_PLACEHOLDER, ImageLoadError, SampleTooLongError, frame_count, load_image
+from ..processing import (
+    IMAGE_PLACEHOLDER,
+    ImageLoadError,
+    SampleTooLongError,
+    frame_count,
+    load_image,
+    message_content,
+)
 from ..processing.images import CT_WINDOWS, middle_frame
 from .engine import Engine, FeatureCache, Job, JobImage, QueueFull, image_key
 
@@ -161,18 +168,18 @@ def build_prompt(request: ChatRequest, engine: Engine, settings: Settings) -> tu
         if isinstance(message.content, str):
             text = message.content
         else:
-            texts = []
+            parts: list[str | None] = []
             for part in message.content:
                 if part.type == "text":
-                    texts.append(part.text or "")
+                    parts.append(part.text or "")
                 elif message.role != "user":
                     raise ApiError(400, "images are only accepted in user messages", "messages")
                 else:
                     if part.image_url is None:
                         raise ApiError(400, "an image_url part needs an image_url", "messages")
                     images.append((read_image_url(part.image_url.url, settings), part.image_url.frame))
-                    texts.insert(0, IMAGE_PLACEHOLDER)
-            text = "\n".join(texts)
+                    parts.append(None)
+            text = message_content(parts)
         if IMAGE_PLACEHOLDER in text and isinstance(message.content, str):
             raise ApiError(400, f"send images as image_url parts, not as {IMAGE_PLACEHOLDER} in the text", "messages")
         messages.append({"role": message.role, "content": text})
