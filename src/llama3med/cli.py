@@ -478,6 +478,25 @@ def cmd_data_phantoms(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
 
 
+def cmd_data_llava_med_images(args: argparse.Namespace) -> None:
+    from .data.pmc import FAILED_FILE, fetch_llava_med_images, read_image_list
+
+    prefix = None
+    if args.url_prefix is not None:
+        old, sep, new = args.url_prefix.partition("=")
+        if not sep or not old:
+            raise ValueError(f"--url-prefix takes OLD=NEW, got {args.url_prefix!r}")
+        prefix = (old, new)
+    figures = read_image_list(args.image_list)
+    counts = fetch_llava_med_images(
+        figures, args.out, archives=args.archives, url_prefix=prefix, concurrency=args.concurrency
+    )
+    print(
+        f"{args.out}: {counts['written']} figures written, {counts['present']} already there, "
+        f"{counts['failed']} failed" + (f" (see {Path(args.out) / FAILED_FILE})" if counts["failed"] else "")
+    )
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -735,6 +754,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=_positive, default=1152, help="image side in pixels")
     p.add_argument("--format", choices=PHANTOM_FORMATS, default="dcm", help="DICOM, PNG or NIfTI")
     p.set_defaults(func=cmd_data_phantoms)
+    p = data.add_parser("llava-med-images", help="LLaVA-Med's figure images out of PMC's article packages; resumable")
+    p.add_argument("image_list", help="LLaVA-Med's llava_med_image_urls.jsonl (pair_id, pmc_tar_url, image_file_path)")
+    p.add_argument("--out", required=True, help="image folder: <pair_id>.jpg, as LLaVA-Med's conversations name them")
+    p.add_argument(
+        "--archives",
+        default=None,
+        help="folder of article packages (PMC*.tar.gz): read from it when there, and downloads are kept in it",
+    )
+    p.add_argument(
+        "--url-prefix",
+        default=None,
+        metavar="OLD=NEW",
+        help="rewrite the start of each package URL, e.g. to a mirror (PMC removed the original URLs in 2026)",
+    )
+    p.add_argument("--concurrency", type=_positive, default=8, help="packages fetched at once")
+    p.set_defaults(func=cmd_data_llava_med_images)
     return parser
 
 

@@ -1,0 +1,232 @@
+"""LLaVA-Med's figure images, taken out of PubMed Central's open-access article packages.
+
+LLaVA-Med publishes no images, only where they are: `llava_med_image_urls.jsonl` has a record per figure,
+its `pair_id` (LLaVA-Med's conversation files name the image `<pair_id>.jpg`), `pmc_tar_url` (the
+article's package, a `.tar.gz`) and `image_file_path` (the figure inside it). Many figures share a
+package, so each package is fetched once for all of them. Only the named figures are read out of it,
+as bytes: nothing is extracted to disk by the archive's own paths. Each figure is checked to be an
+image and written atomically, so a rerun skips what is done and retries only what is not; what could
+not be had is listed in `failed.jsonl` with its reason.
+
+PMC moved its legacy packages in April 2026 and removed them in August 2026, so the published URLs no
+longer answer: `archives` reads packages from a folder that holds copies, and `url_prefix` rewrites the
+URLs' start to a mirror (http(s) or `file://`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+FAILED_FILE = "failed.jsonl"
+RETRIES = 3
+GIVE_UP_AFTER = 50  # packages that could not be downloaded, with none yet that could, before the run stops
+DOWNLOAD_FAILED = "download failed"
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One figure of LLaVA-Med's image list: where its package is, where it is inside, what to call it."""
+
+    pair_id: str
+    package_url: str
+    member: str
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.pair_id}.jpg"
+
+
+def read_image_list(path: str | Path) -> list[Figure]:
+    """The figures of a `llava_med_image_urls.jsonl`; a bad line stops the read, named by line and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: image list not found")
+    figures, seen = [], set()
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: not JSON ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: not a JSON object")
+        for field in ("pair_id", "pmc_tar_url", "image_file_path"):
+            if not isinstance(record.get(field), str) or not record[field].strip():
+                raise ValueError(f"{where}: '{field}' must be a non-empty string")
+        pair_id = record["pair_id"]
+        if "/" in pair_id or "\\" in pair_id or pair_id.startswith("."):
+            raise ValueError(f"{where}: 'pair_id' {pair_id!r} is not a plain file name")
+        if pair_id in seen:
+            continue
+        seen.add(pair_id)
+        figures.append(Figure(pair_id, record["pmc_tar_url"], record["image_file_path"]))
+    return figures
+
+
+def package_name(url: str) -> str:
+    """The package's file name, e.g. `PMC6149739.tar.gz`."""
+    return Path(urllib.parse.urlparse(url).path).name
+
+
+def fetch_llava_med_images(
+    figures: list[Figure],
+    out: str | Path,
+    *,
+    archives: str | Path | None = None,
+    url_prefix: tuple[str, str] | None = None,
+    concurrency: int = 8,
+    progress: bool = True,
+    open_url: Callable = urllib.request.urlopen,
+) -> dict[str, int]:
+    """Write each figure not yet in `out` as `<pair_id>.jpg`; returns how many were written, already
+    there and failed. A package is read from `archives` when it holds one of its name, else downloaded
+    (to `archives`, kept, when given; else to a temporary file); `url_prefix` `(old, new)` rewrites the
+    start of every package URL."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    archive_dir = Path(archives) if archives is not None else None
+    if archive_dir is not None:
+        archive_dir.mkdir(parents=True, exist_ok=True)
+    pending: dict[str, list[Figure]] = {}
+    for figure in figures:
+        if not (out / figure.file_name).exists():
+            pending.setdefault(figure.package_url, []).append(figure)
+    counts = {"written": 0, "present": len(figures) - sum(map(len, pending.values())), "failed": 0}
+    failures: list[dict[str, str]] = []
+    with (
+        ThreadPoolExecutor(max_workers=concurrency) as pool,
+        tqdm(total=len(pending), unit="package", desc="llava-med images", disable=not progress) as bar,
+    ):
+        jobs = [
+            pool.submit(_take_figures, url, members, out, archive_dir, url_prefix, open_url)
+            for url, members in pending.items()
+        ]
+        downloads_failed = 0
+        try:
+            for job in as_completed(jobs):
+                written, failed = job.result()
+                downloads_failed += bool(failed) and failed[0]["reason"].startswith(DOWNLOAD_FAILED)
+                if downloads_failed >= GIVE_UP_AFTER and counts["written"] + written == 0:
+                    raise RuntimeError(
+                        f"the first {downloads_failed} packages could not be downloaded (last: {failed[0]['reason']}); "
+                        "PMC no longer serves the original package URLs: give --archives or --url-prefix"
+                    )
+                counts["written"] += written
+                counts["failed"] += len(failed)
+                failures.extend(failed)
+                bar.update(1)
+                bar.set_postfix(figures=counts["written"], failed=counts["failed"])
+        except BaseException:  # Ctrl-C: what is written stays written; packages not started are not
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    failures.sort(key=lambda f: f["pair_id"])
+    (out / FAILED_FILE).write_text("".join(json.dumps(f) + "\n" for f in failures))
+    return counts
+
+
+def _take_figures(
+    url: str,
+    figures: list[Figure],
+    out: Path,
+    archive_dir: Path | None,
+    url_prefix: tuple[str, str] | None,
+    open_url: Callable,
+) -> tuple[int, list[dict[str, str]]]:
+    """One package's figures into `out`: how many were written, and a failure record for each other."""
+
+    def failed(figure: Figure, reason: str) -> dict[str, str]:
+        return {"pair_id": figure.pair_id, "pmc_tar_url": url, "image_file_path": figure.member, "reason": reason}
+
+    name = package_name(url)
+    kept = archive_dir / name if archive_dir is not None else None
+    downloaded = kept is None or not kept.exists()
+    source = kept if kept is not None else out / f".{name}.download"
+    if downloaded:
+        if url_prefix is not None and url.startswith(url_prefix[0]):
+            url = url_prefix[1] + url[len(url_prefix[0]) :]
+        try:
+            _download(url, source, open_url)
+        except (OSError, ValueError) as err:
+            return 0, [failed(figure, f"{DOWNLOAD_FAILED}: {err}") for figure in figures]
+    written, failures, done = 0, [], set()
+    try:
+        with tarfile.open(source, "r:gz") as package:
+            for figure in figures:
+                reason = _write_figure(package, figure, out)
+                if reason is None:
+                    written += 1
+                else:
+                    failures.append(failed(figure, f"{reason} in {name}"))
+                done.add(figure.pair_id)
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
+        if downloaded:  # fetched again by the next run; a copy the user gave is left alone
+            source.unlink(missing_ok=True)
+        failures.extend(
+            failed(figure, f"unreadable package {name}: {err}") for figure in figures if figure.pair_id not in done
+        )
+    if kept is None:
+        source.unlink(missing_ok=True)
+    return written, failures
+
+
+def _write_figure(package, figure: Figure, out: Path) -> str | None:
+    """The figure read out of its open package and written to `out`; else why not."""
+    try:
+        member = package.getmember(figure.member)
+    except KeyError:
+        return f"no file {figure.member}"
+    data = package.extractfile(member).read() if member.isfile() else b""
+    if not _is_image(data):
+        return f"{figure.member} is not an image"
+    partial = out / f".{figure.file_name}.partial"
+    partial.write_bytes(data)
+    os.replace(partial, out / figure.file_name)
+    return None
+
+
+def _download(url: str, target: Path, open_url: Callable) -> None:
+    """`url` to `target`, whole or not at all; server errors and timeouts are retried with back-off, a
+    missing file (HTTP 4xx) is not."""
+    partial = target.with_name(target.name + ".partial")
+    for attempt in range(RETRIES + 1):
+        try:
+            with open_url(url, timeout=120) as response, open(partial, "wb") as file:
+                while chunk := response.read(1 << 20):
+                    file.write(chunk)
+            os.replace(partial, target)
+            return
+        except urllib.error.HTTPError as err:
+            if (err.code < 500 and err.code != 429) or attempt == RETRIES:
+                raise OSError(f"HTTP {err.code} from {url}") from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
+            if attempt == RETRIES:
+                raise OSError(f"{url}: {getattr(err, 'reason', err)}") from None
+        finally:
+            partial.unlink(missing_ok=True)
+        time.sleep(2**attempt)
+
+
+def _is_image(data: bytes) -> bool:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+    except Exception:  # Pillow raises many kinds for bytes that are not an image
+        return False
+    return True
