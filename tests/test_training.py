@@ -1,5 +1,6 @@
 """`llama3med train`: both stages on a tiny model over phantom data, exact resume, two processes under
-torchrun equal to one, bad records skipped or fatal with --strict, and recipes that load."""
+torchrun (DDP, FSDP, DeepSpeed ZeRO-2 and ZeRO-3) equal to one, bad records skipped or fatal with --strict,
+and recipes that load."""
 
 import json
 import os
@@ -323,26 +324,67 @@ def test_resume_after_an_interruption_gives_the_same_weights(tmp_path, phantoms)
 ENGINES = {
     "ddp": [],
     "fsdp": ["training.fsdp=full_shard auto_wrap", f"training.fsdp_config={ROOT / 'recipes/engines/fsdp.json'}"],
+    "deepspeed-zero2": [f"training.deepspeed={ROOT / 'recipes/engines/ds_zero2.json'}"],
 }
 
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_two_processes_under_torchrun_train_like_one_with_the_same_global_batch(tmp_path, phantoms, engine):
+    if engine.startswith("deepspeed"):
+        pytest.importorskip("deepspeed")
     recipe = pretrain_recipe(tmp_path, phantoms, max_steps=6)
     assert main(["train", str(recipe)]) == 0
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     overrides = [f"output_dir={tmp_path / engine}", "training.per_device_train_batch_size=2", *ENGINES[engine]]
-    command = [
-        *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"),
-        *("-m", "llama3med.cli", "train", str(recipe)),
-        *(arg for override in overrides for arg in ("--set", override)),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    result = torchrun_train(recipe, overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     assert summary(tmp_path / engine)["steps"] == 6
     assert max_difference(weights(tmp_path / "pretrain"), weights(tmp_path / engine)) < 1e-5
     assert result.stdout.count("step 6/6 | loss") == 1 and "{'loss'" not in result.stdout  # rank 0's lines only
     assert re.search(r"step 3/6 \| loss [\d.]+ \| lr \S+ \| [\d.]+ samples/s \| ETA \d+:\d\d:\d\d\n", result.stdout)
+
+
+def torchrun_train(recipe: Path, overrides: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    command = [
+        *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"),
+        *("-m", "llama3med.cli", "train", str(recipe)),
+        *(arg for override in overrides for arg in ("--set", override)),
+    ]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.parametrize("lora", [None, {"r": 4, "alpha": 8, "dropout": 0.0}], ids=["full", "lora"])
+def test_two_processes_under_deepspeed_zero3_finetune_like_one(tmp_path, phantoms, lora):
+    pytest.importorskip("deepspeed")
+    assert main(["train", str(pretrain_recipe(tmp_path, phantoms, max_steps=2))]) == 0
+    training = {
+        "per_device_train_batch_size": 4,
+        "max_steps": 4,
+        "learning_rate": 1e-3,
+        "disable_tqdm": True,
+        "logging_steps": 1,
+    }
+    recipe = finetune_recipe(tmp_path, phantoms, "finetune", lora=lora, training=training)
+    assert main(["train", str(recipe)]) == 0
+    zero3 = f"training.deepspeed={ROOT / 'recipes/engines/ds_zero3.json'}"
+    result = torchrun_train(
+        recipe, [f"output_dir={tmp_path / 'zero3'}", "training.per_device_train_batch_size=2", zero3]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = summary(tmp_path / "finetune"), summary(tmp_path / "zero3")
+    assert two["trainable_parameters"] == one["trainable_parameters"] > 0  # whole weights counted, not parts
+    assert np.allclose([loss for _, loss in two["losses"]], [loss for _, loss in one["losses"]], rtol=1e-5)
+    (alone, _), (sharded, _) = load(tmp_path / "finetune"), load(tmp_path / "zero3")
+    sharded_weights = sharded.state_dict()
+    assert max((w - sharded_weights[k]).abs().max().item() for k, w in alone.state_dict().items()) < 1e-5
+
+
+def test_zero3_refuses_a_model_from_scratch_saying_why(tmp_path, phantoms):
+    pytest.importorskip("deepspeed")
+    zero3 = f"training.deepspeed={ROOT / 'recipes/engines/ds_zero3.json'}"
+    result = torchrun_train(pretrain_recipe(tmp_path, phantoms), [zero3])
+    assert result.returncode != 0
+    assert "ZeRO-3 partitions a model as it is built, which a model from scratch" in result.stderr
 
 
 def test_bad_records_are_skipped_and_counted_and_strict_names_the_first(tmp_path, phantoms, capsys):

@@ -158,8 +158,15 @@ def prepare_model(recipe: Recipe, args: TrainingArguments):
     """Model and processor the recipe starts from: a checkpoint, components to build, or a scratch spec.
     Whatever the stage then initialises before the Trainer seeds itself (a scratch model, LoRA adapters,
     the tower stage's finding head) is drawn from the recipe's seed, so a rerun starts the same."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
     torch.manual_seed(recipe.seed)
     spec = recipe.model
+    if is_deepspeed_zero3_enabled() and (recipe.stage == "tower" or isinstance(spec, dict) and "scratch" in spec):
+        raise ValueError(
+            "recipe: DeepSpeed ZeRO-3 partitions a model as it is built, which a model from scratch and the tower "
+            "stage do not support; run them with DDP or ZeRO-2"
+        )
     if recipe.quantized:
         if not isinstance(spec, str):
             raise ValueError("recipe: QLoRA (lora.bits: 4) starts from a Llama3-Med directory (a pretrain output)")
@@ -200,11 +207,15 @@ def apply_lora(model, spec: dict, train_vision_tower: bool):
 
 def merged_model(model, recipe: Recipe, adapter_dir: Path):
     """The trained model as a plain one: the adapters folded into the LM. Under QLoRA they are folded into
-    the base weights reloaded at full precision, not into their 4-bit copies, whose rounding would blur them."""
-    if not recipe.quantized:
+    the base weights reloaded at full precision, not into their 4-bit copies, whose rounding would blur
+    them; under ZeRO-3 into the base reloaded whole, since each process holds only a part of its own."""
+    from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+    if not recipe.quantized and not is_deepspeed_zero3_enabled():
         return model.merge_and_unload()
     from peft import PeftModel
 
+    unset_hf_deepspeed_config()  # the reload is this process's alone, not partitioned across all of them
     base, _ = checkpoints.load(recipe.model, dtype=recipe.dtype)
     return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
 
@@ -228,7 +239,12 @@ def training_arguments(recipe: Recipe) -> TrainingArguments:
     unknown = sorted(set(options) - known)
     if unknown:
         raise ValueError(f"recipe: training has options TrainingArguments does not know: {unknown}")
-    return TrainingArguments(**options)
+    args = TrainingArguments(**options)
+    if args.deepspeed and args.use_cpu and args.world_size > 1:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+    return args
 
 
 STAGE_PURPOSES = {
@@ -271,15 +287,18 @@ def model_part(parameter_name: str) -> str | None:
 
 
 def count_parameters(model) -> tuple[int, int]:
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    """Trainable and all parameters; under DeepSpeed ZeRO-3, whose processes each hold a part of every
+    weight, the whole weights' sizes."""
+    sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
+    return sum(n for n, trainable in sizes if trainable), sum(n for n, _ in sizes)
 
 
 def float32_master_weights(module: torch.nn.Module) -> None:
     """Trainable parameters in float32, so that the optimizer updates full-precision master weights; the
-    frozen ones keep their dtype (bf16 halves an 8B LM's memory under LoRA), and bf16 is for compute."""
+    frozen ones keep their dtype (bf16 halves an 8B LM's memory under LoRA), and bf16 is for compute.
+    Weights ZeRO-3 has partitioned are left to it: it keeps float32 master copies of its parts itself."""
     for parameter in module.parameters():
-        if parameter.requires_grad and parameter.dtype != torch.float32:
+        if parameter.requires_grad and parameter.dtype != torch.float32 and not hasattr(parameter, "ds_id"):
             parameter.data = parameter.data.float()
 
 
@@ -336,8 +355,8 @@ def train(recipe: Recipe, resume: bool | str = False) -> Path:
         if args.process_index == 0:
             checkpoints.save(model, processor, out)
     elif recipe.lora is not None:
+        trainer.save_model(str(out / "adapter"))  # by every process: under ZeRO-3 it gathers the adapters
         if args.process_index == 0:
-            trainer.model.save_pretrained(out / "adapter")
             checkpoints.save(merged_model(trainer.model, recipe, out / "adapter"), processor, out)
     else:
         trainer.save_model(str(out))
