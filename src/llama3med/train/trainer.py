@@ -162,10 +162,11 @@ def prepare_model(recipe: Recipe, args: TrainingArguments):
 
     torch.manual_seed(recipe.seed)
     spec = recipe.model
-    if is_deepspeed_zero3_enabled() and (recipe.stage == "tower" or isinstance(spec, dict) and "scratch" in spec):
+    if is_deepspeed_zero3_enabled() and (recipe.stage == "tower" or not isinstance(spec, str)):
         raise ValueError(
-            "recipe: DeepSpeed ZeRO-3 partitions a model as it is built, which a model from scratch and the tower "
-            "stage do not support; run them with DDP or ZeRO-2"
+            "recipe: DeepSpeed ZeRO-3 loads a saved Llama3-Med directory partitioned, but cannot build one from "
+            "components or from scratch, nor run the tower stage: make the model first (`llama3med build`, or a "
+            "stage under DDP or ZeRO-2) and name its directory as the recipe's model"
         )
     if recipe.quantized:
         if not isinstance(spec, str):
