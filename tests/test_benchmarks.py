@@ -128,3 +128,45 @@ def test_malformed_records_are_named(tmp_path):
     (tmp_path / "train_open_answers.json").write_text('{"1": ["liver"]}')
     with pytest.raises(ValueError, match=r"train_open_answers.json: expected a JSON list"):
         load_candidate_answers(tmp_path / "train_open_answers.json")
+
+
+def test_slake_reads_its_images_from_imgs_zip_where_the_release_is_still_zipped(tmp_path):
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "imgs.zip", "w") as archive:
+        archive.writestr("imgs/xmlab1/source.jpg", png_bytes(5))
+        archive.writestr("imgs/xmlab2/source.jpg", png_bytes(6))
+    base = {"answer_type": "OPEN", "q_lang": "en", "question": "Which organ?", "answer": "Lung"}
+    rows = [{**base, "qid": i, "img_name": f"xmlab{1 + i // 2}/source.jpg"} for i in range(4)]
+    (tmp_path / "test.json").write_text(json.dumps(rows))
+    records = load_slake(tmp_path)
+    assert [r.image for r in records] == [png_bytes(5), png_bytes(5), png_bytes(6), png_bytes(6)]
+    assert len({r.image_key for r in records}) == 2  # each image encoded once
+    (tmp_path / "test.json").write_text(json.dumps([{**base, "qid": 9, "img_name": "xmlab3/source.jpg"}]))
+    with pytest.raises(ValueError, match="record 9: image imgs/xmlab3/source.jpg not found in .*imgs.zip"):
+        load_slake(tmp_path)
+
+
+@pytest.fixture()
+def hub_cache(tmp_path, monkeypatch):
+    """An offline machine's Hugging Face cache, in the hub client's own layout."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def test_a_hugging_face_dataset_id_is_read_from_the_hubs_copy(tmp_path, hub_cache):
+    snapshot = hub_cache / "datasets--flaviagiammarino--vqa-rad" / "snapshots" / "0123abcd"
+    write_parquet(snapshot / "data" / "test-00000-of-00001.parquet", [(png_bytes(1), "Is it normal?", "no")])
+    (hub_cache / "datasets--flaviagiammarino--vqa-rad" / "refs").mkdir()
+    (hub_cache / "datasets--flaviagiammarino--vqa-rad" / "refs" / "main").write_text("0123abcd")
+    records = load_benchmark("vqa-rad", "flaviagiammarino/vqa-rad")
+    assert [(r.question, r.answer, r.image) for r in records] == [("Is it normal?", "no", png_bytes(1))]
+
+
+def test_an_id_neither_on_disk_nor_to_be_had_from_the_hub_is_named(hub_cache):
+    with pytest.raises(ValueError, match="owner/missing: no such file or folder, and no Hugging Face dataset"):
+        load_benchmark("pathvqa", "owner/missing")

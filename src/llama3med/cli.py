@@ -657,7 +657,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="zero-shot VQA with the LLaVA-Med protocol; resumable")
     p.add_argument("--model", required=True, help="model directory")
     p.add_argument("--benchmark", choices=BENCHMARKS, default="llava-med", help="dataset and its layout")
-    p.add_argument("--data", required=True, help="the dataset's file or folder as released (see docs/evaluation.md)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="the dataset's file or folder as released, or a Hugging Face dataset id (see docs/evaluation.md)",
+    )
     p.add_argument("--split", default="test")
     p.add_argument("--image-root", default=None, help="image folder (default: the data file's images/ or folder)")
     p.add_argument("--out", required=True, help="output directory: answers.jsonl, report.md, report.json")
@@ -681,7 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_answer)
 
     p = sub.add_parser("score", help="score an answers.jsonl against references (LLaVA-Med protocol)")
-    p.add_argument("--gt", required=True, help="the benchmark's file or folder")
+    p.add_argument("--gt", required=True, help="the benchmark's file or folder, or a Hugging Face dataset id")
     p.add_argument("--benchmark", choices=BENCHMARKS, default="llava-med")
     p.add_argument("--split", default="test")
     p.add_argument("--pred", required=True, help="answers.jsonl")

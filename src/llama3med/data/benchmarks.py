@@ -11,9 +11,11 @@ import hashlib
 import io
 import json
 import pickle
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..model_card import looks_like_hub_id
 from ..processing import IMAGE_PLACEHOLDER
 from .conversations import read_records, record_frame
 
@@ -190,6 +192,7 @@ def load_slake(
     root = file.parent
     if not file.is_file():
         raise ValueError(f"{file}: SLAKE split file not found")
+    image_of = _slake_images(root, check_images)
     records = []
     for position, raw in enumerate(json.loads(file.read_text(encoding="utf-8"))):
         name = f"{file}: record {raw.get('qid', f'#{position}')}"
@@ -199,7 +202,7 @@ def load_slake(
         records.append(
             VQARecord(
                 str(raw.get("qid", position)),
-                _image_file(root / "imgs", raw.get("img_name"), name, check_images),
+                image_of(raw.get("img_name"), name),
                 _text(raw.get("question"), name, "question"),
                 answer,
                 _answer_type(raw.get("answer_type"), answer, name),
@@ -209,6 +212,29 @@ def load_slake(
             )
         )
     return _unique(records, file)
+
+
+def _slake_images(root: Path, check: bool):
+    """SLAKE's image lookup: files under `imgs/`, or, where the release is still zipped as the Hugging
+    Face copy keeps it, the images inside `imgs.zip`, read once each."""
+    archive = root / "imgs.zip"
+    if (root / "imgs").is_dir() or not archive.is_file():
+        return lambda relative, name: _image_file(root / "imgs", relative, name, check)
+    images = zipfile.ZipFile(archive)
+    members = set(images.namelist())
+    read: dict[str, bytes] = {}
+
+    def image_of(relative, name: str) -> Path | bytes:
+        member = f"imgs/{_text(relative, name, 'image name')}"
+        if member not in members:
+            if check:
+                raise ValueError(f"{name}: image {member} not found in {archive}")
+            return archive / member
+        if member not in read:
+            read[member] = images.read(member)
+        return read[member]
+
+    return image_of
 
 
 class _PlainDataUnpickler(pickle.Unpickler):
@@ -286,11 +312,30 @@ def _load_parquet(root: Path, split: str, dataset: str) -> list[VQARecord]:
     return _unique(records, root)
 
 
+def local_dataset(path: str | Path) -> Path:
+    """Where a benchmark's files are: `path` itself, or for a Hugging Face dataset id (`owner/name`, such
+    as `flaviagiammarino/vqa-rad`) that is no local path, the Hub's copy of that dataset, downloaded on
+    first use and read from the Hub's cache after that (also offline, `HF_HUB_OFFLINE=1`)."""
+    if Path(path).exists() or not looks_like_hub_id(path):
+        return Path(path)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=str(path), repo_type="dataset"))
+    except Exception as err:  # the Hub client's many kinds: no network, no such repo, gated, offline cache miss
+        raise ValueError(
+            f"{path}: no such file or folder, and no Hugging Face dataset of that id could be had "
+            f"({type(err).__name__}: {' '.join(str(err).split())[:300]})"
+        ) from None
+
+
 def load_benchmark(
     name: str, path: str | Path, split: str = "test", image_root: str | Path | None = None, check_images: bool = True
 ) -> list[VQARecord]:
-    """Records of benchmark `name` (vqa-rad, slake, pathvqa, llava-med) from `path`. Scoring needs no
-    images, so `check_images=False` reads the questions and answers alone."""
+    """Records of benchmark `name` (vqa-rad, slake, pathvqa, llava-med) from `path`, a local file or
+    folder or a Hugging Face dataset id (`local_dataset`). Scoring needs no images, so
+    `check_images=False` reads the questions and answers alone."""
+    path = local_dataset(path)
     if name == "llava-med":
         return load_llava_med(path, image_root, check_images=check_images)
     if name == "slake":
