@@ -96,6 +96,10 @@ def test_a_batch_is_left_padded_with_one_image_per_prompt(processor, tmp_path):
     assert batch["input_ids"].shape == batch["attention_mask"].shape
     with pytest.raises(ValueError, match="got 1 images for 2 prompts"):
         processor(prompts, images=[dicom])
+    nested = processor(prompts, images=[[dicom], [Image.new("RGB", (20, 30))]])  # as transformers batches them
+    assert all(torch.equal(nested[key], batch[key]) for key in batch)
+    with pytest.raises(ValueError, match="got 2 images for one prompt"):
+        processor(prompts, images=[[dicom, dicom], [dicom]])
 
 
 def test_save_and_load_round_trip(processor, tmp_path):

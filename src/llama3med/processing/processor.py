@@ -259,7 +259,7 @@ class Llama3MedProcessor(ProcessorMixin):
         elif isinstance(images, (str, bytes, Image.Image)) or not isinstance(images, Sequence):
             image_list = [images]
         else:
-            image_list = list(images)
+            image_list = [_one_image(item) for item in images]  # transformers' batches nest: [[a], [b]]
         if image_list and len(image_list) != len(texts):
             raise ValueError(f"got {len(image_list)} images for {len(texts)} prompts; give one image per prompt")
         per_prompt = 1 if image_list else 0
@@ -281,6 +281,15 @@ class Llama3MedProcessor(ProcessorMixin):
 
     def batch_decode(self, sequences, skip_special_tokens: bool = True, **kwargs) -> list[str]:
         return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
+
+
+def _one_image(item):
+    """A prompt's image, given alone or as the one-image list transformers' processors take per prompt."""
+    if isinstance(item, (list, tuple)):
+        if len(item) != 1:
+            raise ValueError(f"got {len(item)} images for one prompt; give one image per prompt")
+        return item[0]
+    return item
 
 
 def _image_of_part(part: dict) -> ImageSource:
