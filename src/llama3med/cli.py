@@ -497,6 +497,19 @@ def cmd_data_llava_med_images(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_data_pmc_figures(args: argparse.Namespace) -> None:
+    from .data.pmc_figures import FAILED_FILE, FIGURES_FILE, extract_pmc_figures
+
+    counts = extract_pmc_figures(args.articles, args.out)
+    out = Path(args.out)
+    print(
+        f"{out / FIGURES_FILE}: {counts['figures']} figures from {counts['articles']} articles "
+        f"({counts['without image or caption']} figures without an image or caption passed over, "
+        f"{counts['already done']} articles done before, {counts['failed']} unreadable"
+        + (f": see {out / FAILED_FILE})" if counts["failed"] else ")")
+    )
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -774,6 +787,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--concurrency", type=_positive, default=8, help="packages fetched at once")
     p.set_defaults(func=cmd_data_llava_med_images)
+    p = data.add_parser(
+        "pmc-figures", help="figures, captions and citing sentences out of PMC articles, for datagen; resumable"
+    )
+    p.add_argument("articles", help="folder of PMC article packages (PMC*.tar.gz) or article folders (JATS + images)")
+    p.add_argument("--out", required=True, help="output folder: figures.jsonl and images/")
+    p.set_defaults(func=cmd_data_pmc_figures)
     return parser
 
 

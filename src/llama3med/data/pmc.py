@@ -193,7 +193,7 @@ def _write_figure(package, figure: Figure, out: Path) -> str | None:
     except KeyError:
         return f"no file {figure.member}"
     data = package.extractfile(member).read() if member.isfile() else b""
-    if not _is_image(data):
+    if not is_image(data):
         return f"{figure.member} is not an image"
     partial = out / f".{figure.file_name}.partial"
     partial.write_bytes(data)
@@ -223,7 +223,8 @@ def _download(url: str, target: Path, open_url: Callable) -> None:
         time.sleep(2**attempt)
 
 
-def _is_image(data: bytes) -> bool:
+def is_image(data: bytes) -> bool:
+    """Whether Pillow reads `data` as an image."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.verify()

@@ -1,0 +1,261 @@
+"""Figures, their captions and the sentences that cite them, out of PubMed Central open-access articles:
+the input `llama3med datagen` turns into conversations (the paper's data: figure captions of biomedical
+papers, as in PMC-15M and LLaVA-Med).
+
+An article is a JATS XML file (`.nxml`, or `.xml`) with its figures' image files beside it: a PMC
+article package (`PMCID.tar.gz`) or a folder holding one article's files. Each `<fig>` gives one record,
+its image the figure's `<graphic>` (whose `xlink:href` often names the file without its extension), its
+caption the label and caption text, its mentions the sentences of the body whose `<xref>` cites it, and
+the article's license as `<permissions>` states it, so a mix can keep to licenses that allow its use.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tarfile
+import xml.etree.ElementTree as ET
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .pmc import is_image
+
+FIGURES_FILE = "figures.jsonl"
+DONE_FILE = "articles.done"
+FAILED_FILE = "failed.jsonl"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".tif", ".tiff")
+XLINK_HREF = "{http://www.w3.org/1999/xlink}href"
+FLOATS = ("fig", "fig-group", "table-wrap")  # placed in the text, but not part of it
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z(\[])")
+
+
+def article_sources(folder: str | Path) -> list[Path]:
+    """The articles under `folder`: package files (`*.tar.gz`, `*.tgz`) and folders holding a JATS file."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: not a folder of PMC article packages or article folders")
+    found = [p for p in sorted(folder.iterdir()) if p.name.endswith((".tar.gz", ".tgz")) and p.is_file()]
+    found += [p for p in sorted(folder.iterdir()) if p.is_dir() and _jats_names(p.iterdir())]
+    return found
+
+
+def article_name(source: Path) -> str:
+    return source.name.removesuffix(".tar.gz").removesuffix(".tgz")
+
+
+def read_article(source: Path) -> tuple[bytes, dict[str, bytes]]:
+    """An article's JATS XML and its image files (by file name, without folders)."""
+    if source.is_dir():
+        files = {p.name: p for p in source.iterdir() if p.is_file()}
+        jats = _jats_names(files.values())
+        return files[jats[0].name].read_bytes(), {
+            name: path.read_bytes() for name, path in files.items() if name.lower().endswith(IMAGE_EXTENSIONS)
+        }
+    with tarfile.open(source, "r:*") as package:
+        members = [m for m in package.getmembers() if m.isfile()]
+        jats = [m for m in members if m.name.endswith((".nxml", ".xml"))]
+        if not jats:
+            raise ValueError("no JATS XML (.nxml) in the package")
+        images = {
+            Path(m.name).name: package.extractfile(m).read()
+            for m in members
+            if m.name.lower().endswith(IMAGE_EXTENSIONS)
+        }
+        return package.extractfile(sorted(jats, key=lambda m: not m.name.endswith(".nxml"))[0]).read(), images
+
+
+def figure_records(jats: bytes, images: dict[str, bytes], article: str) -> tuple[list[tuple[dict, bytes]], int]:
+    """`(record, image bytes)` for each figure of an article with a caption and an image among `images`
+    that is one, and how many figures lacked either."""
+    root = ET.fromstring(jats)
+    pmcid = _pmcid(root) or article
+    license_text = _license(root)
+    mentions = _mentions(root)
+    found, lacking = [], 0
+    for number, figure in enumerate(root.iter("fig")):
+        figure_id = figure.get("id") or f"fig{number + 1}"
+        graphic = figure.find(".//graphic")
+        href = graphic.get(XLINK_HREF) if graphic is not None else None
+        name = _image_file(href, images) if href else None
+        caption = _caption(figure)
+        if name is None or not caption or not is_image(images[name]):
+            lacking += 1
+            continue
+        record_id = f"{pmcid}_{re.sub(r'[^A-Za-z0-9_.-]', '_', figure_id)}"
+        record = {
+            "id": record_id,
+            "image": record_id + Path(name).suffix.lower(),
+            "caption": caption,
+            "in_text_mention": mentions.get(figure_id, []),
+            "pmcid": pmcid,
+            "license": license_text,
+            "article": article,
+        }
+        found.append((record, images[name]))
+    return found, lacking
+
+
+def extract_pmc_figures(articles: str | Path, out: str | Path, progress: bool = True) -> dict[str, int]:
+    """Every figure of the articles in `articles` into `out/images/`, and its record into
+    `out/figures.jsonl`; resumable (an article is done once its name is in `out/articles.done`), with
+    the articles that could not be read listed in `out/failed.jsonl`. Returns the counts."""
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    done = set((out / DONE_FILE).read_text().split()) if (out / DONE_FILE).exists() else set()
+    _drop_unfinished(out / FIGURES_FILE, done)
+    sources = [s for s in article_sources(articles) if article_name(s) not in done]
+    counts = {"articles": 0, "figures": 0, "without image or caption": 0, "failed": 0, "already done": len(done)}
+    failures = []
+    with (
+        open(out / FIGURES_FILE, "a") as figures_file,
+        open(out / DONE_FILE, "a") as done_file,
+        tqdm(sources, unit="article", desc="pmc figures", disable=not progress) as bar,
+    ):
+        for source in bar:
+            try:
+                jats, images = read_article(source)
+                found, lacking = figure_records(jats, images, article_name(source))
+            except (ET.ParseError, tarfile.TarError, EOFError, zlib.error, OSError, ValueError) as err:
+                failures.append({"article": source.name, "reason": " ".join(str(err).split())})
+                counts["failed"] += 1
+                continue
+            for record, data in found:
+                (out / "images" / record["image"]).write_bytes(data)
+                figures_file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            figures_file.flush()
+            counts["figures"] += len(found)
+            counts["without image or caption"] += lacking
+            done_file.write(article_name(source) + "\n")
+            done_file.flush()
+            counts["articles"] += 1
+            bar.set_postfix(figures=counts["figures"], failed=counts["failed"])
+    (out / FAILED_FILE).write_text("".join(json.dumps(f) + "\n" for f in failures))
+    return counts
+
+
+def _drop_unfinished(path: Path, done: set[str]) -> None:
+    """Records of an article a kill interrupted (not yet in the done list) are dropped; it is redone."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.endswith("\n") and _article_of(line) in done]
+    if len(kept) != len(lines):
+        path.write_text("".join(kept))
+
+
+def _article_of(line: str) -> str | None:
+    try:
+        return json.loads(line)["article"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
+def _jats_names(paths) -> list[Path]:
+    return sorted((p for p in paths if p.name.endswith((".nxml", ".xml"))), key=lambda p: not p.name.endswith(".nxml"))
+
+
+def _pmcid(root: ET.Element) -> str | None:
+    for article_id in root.iter("article-id"):
+        if article_id.get("pub-id-type") in ("pmc", "pmcid") and article_id.text and article_id.text.strip():
+            value = article_id.text.strip()
+            return value if value.startswith("PMC") else f"PMC{value}"
+    return None
+
+
+def _license(root: ET.Element) -> str | None:
+    """The article's license: its link (`ali:license_ref`, else the license's `xlink:href`; a Creative
+    Commons URL says which one), else its `license-type`, else its text."""
+    license_element = root.find(".//permissions/license")
+    if license_element is None:
+        return None
+    for element in license_element.iter():
+        if element.tag.endswith("}license_ref") and element.text and element.text.strip():
+            return element.text.strip()
+    return license_element.get(XLINK_HREF) or license_element.get("license-type") or _text_of(license_element) or None
+
+
+def _caption(figure: ET.Element) -> str:
+    label = figure.find("label")
+    caption = figure.find("caption")
+    parts = [_text_of(label) if label is not None else "", _text_of(caption) if caption is not None else ""]
+    return " ".join(part for part in parts if part)
+
+
+def _text_of(element: ET.Element) -> str:
+    return " ".join("".join(element.itertext()).split())
+
+
+def _mentions(root: ET.Element) -> dict[str, list[str]]:
+    """The body's sentences that cite each figure, by figure id, in the order they come."""
+    body = root.find("body")
+    found: dict[str, list[str]] = {}
+    if body is None:
+        return found
+    for paragraph in _running_paragraphs(body):
+        text, cited = _paragraph_with_citations(paragraph)
+        for sentence_start, sentence in _sentences(text):
+            sentence_end = sentence_start + len(sentence)
+            for at, figure_id in cited:
+                if sentence_start <= at < sentence_end:
+                    clean = " ".join(sentence.split())
+                    if clean not in found.setdefault(figure_id, []):
+                        found[figure_id].append(clean)
+    return found
+
+
+def _running_paragraphs(element: ET.Element) -> Iterator[ET.Element]:
+    """The paragraphs of the running text, in document order: not those of figure or table captions."""
+    for child in element:
+        if child.tag == "p":
+            yield child
+        if child.tag not in FLOATS:
+            yield from _running_paragraphs(child)
+
+
+def _paragraph_with_citations(paragraph: ET.Element) -> tuple[str, list[tuple[int, str]]]:
+    """A paragraph's running text (nested paragraphs, as in a boxed text, left to their own turn; figures
+    and tables placed inside it left out) and where in it each figure citation (`<xref ref-type="fig"
+    rid=...>`, one or several ids) stands."""
+    pieces: list[str] = []
+    cited: list[tuple[int, str]] = []
+    length = 0
+
+    def walk(element: ET.Element) -> None:
+        nonlocal length
+        if element.tag == "xref" and element.get("ref-type") == "fig":
+            cited.extend((length, rid) for rid in (element.get("rid") or "").split())
+        if element.text:
+            pieces.append(element.text)
+            length += len(element.text)
+        for child in element:
+            if child.tag != "p" and child.tag not in FLOATS:
+                walk(child)
+            if child.tail:
+                pieces.append(child.tail)
+                length += len(child.tail)
+
+    walk(paragraph)
+    return "".join(pieces), cited
+
+
+def _sentences(text: str) -> Iterator[tuple[int, str]]:
+    start = 0
+    for boundary in SENTENCE_END.finditer(text):
+        yield start, text[start : boundary.start()]
+        start = boundary.end()
+    yield start, text[start:]
+
+
+def _image_file(href: str, images: dict[str, bytes]) -> str | None:
+    """The file a graphic's `xlink:href` names: itself, or (as PMC packages store them) the name with an
+    image extension added, JPEG first."""
+    name = Path(href).name
+    if name in images:
+        return name
+    for extension in IMAGE_EXTENSIONS:
+        if name + extension in images:
+            return name + extension
+    return None
