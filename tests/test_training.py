@@ -1,5 +1,5 @@
 """`llama3med train`: both stages on a tiny model over phantom data, exact resume, two processes under
-torchrun (DDP, FSDP, DeepSpeed ZeRO-2 and ZeRO-3) equal to one, bad records skipped or fatal with --strict,
+torchrun (DDP, FSDP, DeepSpeed ZeRO-3) equal to one, bad records skipped or fatal with --strict,
 and recipes that load."""
 
 import json
@@ -324,14 +324,11 @@ def test_resume_after_an_interruption_gives_the_same_weights(tmp_path, phantoms)
 ENGINES = {
     "ddp": [],
     "fsdp": ["training.fsdp=full_shard auto_wrap", f"training.fsdp_config={ROOT / 'recipes/engines/fsdp.json'}"],
-    "deepspeed-zero2": [f"training.deepspeed={ROOT / 'recipes/engines/ds_zero2.json'}"],
 }
 
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_two_processes_under_torchrun_train_like_one_with_the_same_global_batch(tmp_path, phantoms, engine):
-    if engine.startswith("deepspeed"):
-        pytest.importorskip("deepspeed")
     recipe = pretrain_recipe(tmp_path, phantoms, max_steps=6)
     assert main(["train", str(recipe)]) == 0
     overrides = [f"output_dir={tmp_path / engine}", "training.per_device_train_batch_size=2", *ENGINES[engine]]
@@ -357,13 +354,7 @@ def torchrun_train(recipe: Path, overrides: list[str]) -> subprocess.CompletedPr
 def test_two_processes_under_deepspeed_zero3_finetune_like_one(tmp_path, phantoms, lora):
     pytest.importorskip("deepspeed")
     assert main(["train", str(pretrain_recipe(tmp_path, phantoms, max_steps=2))]) == 0
-    training = {
-        "per_device_train_batch_size": 4,
-        "max_steps": 4,
-        "learning_rate": 1e-3,
-        "disable_tqdm": True,
-        "logging_steps": 1,
-    }
+    training = {"per_device_train_batch_size": 4, "max_steps": 4, "learning_rate": 1e-3, "disable_tqdm": True}
     recipe = finetune_recipe(tmp_path, phantoms, "finetune", lora=lora, training=training)
     assert main(["train", str(recipe)]) == 0
     zero3 = f"training.deepspeed={ROOT / 'recipes/engines/ds_zero3.json'}"
@@ -373,6 +364,8 @@ def test_two_processes_under_deepspeed_zero3_finetune_like_one(tmp_path, phantom
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = summary(tmp_path / "finetune"), summary(tmp_path / "zero3")
     assert two["trainable_parameters"] == one["trainable_parameters"] > 0  # whole weights counted, not parts
+    # logged every 10 steps, only the last step is logged: its loss, and the run's, are both processes'
+    assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
     assert np.allclose([loss for _, loss in two["losses"]], [loss for _, loss in one["losses"]], rtol=1e-5)
     (alone, _), (sharded, _) = load(tmp_path / "finetune"), load(tmp_path / "zero3")
     sharded_weights = sharded.state_dict()

@@ -93,8 +93,8 @@ class Llama3MedTrainer(Trainer):
 
 
 class ProgressLog(ProgressCallback):
-    """The Trainer's progress bar (steps, ETA), with each log written as one readable line; with
-    `training.disable_tqdm` the lines alone, as a log file wants them."""
+    """The Trainer's progress bar (steps, ETA), with each log written as one readable line (the last
+    step's always); with `training.disable_tqdm` the lines alone, as a log file wants them."""
 
     def __init__(self):
         super().__init__()
@@ -106,6 +106,10 @@ class ProgressLog(ProgressCallback):
             super().on_train_begin(args, state, control, **kwargs)
 
     def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            # The last steps' loss is logged, averaged over all processes like every logged loss, so the
+            # run's mean loss is too: unlogged, the Trainer adds the first process's own loss alone.
+            control.should_log = True
         if self.training_bar is not None:
             super().on_step_end(args, state, control, **kwargs)
 
