@@ -144,6 +144,9 @@ def server():
     server.shutdown()
 
 
+CC_BY = "https://creativecommons.org/licenses/by/4.0/"
+
+
 def captions(path: Path, cases: list[str]) -> Path:
     rows = [
         {
@@ -152,6 +155,7 @@ def captions(path: Path, cases: list[str]) -> Path:
             "caption": f"Axial CT: a 3 cm hypodense liver lesion. CASE:{case}",
             "in_text_mention": ["A cyst."],
             "domain": "CT",
+            "license": CC_BY,
         }
         for i, case in enumerate(cases)
     ]
@@ -214,6 +218,7 @@ def test_both_sdks_generate_retry_and_reject_against_their_wire_protocols(kind, 
     assert all(
         r["teacher"] == kind and r["prompt"] == "conversation_v1" and len(r["input_hash"]) == 16 for r in written
     )
+    assert all(r["license"] == CC_BY for r in written)  # the caption's license goes with its conversations
     assert written[0]["conversations"][0]["value"].startswith("<image>\n")
     assert dict(stats.rejected) == {"refusal": 1, "unparseable": 1, "leak": 1, "ungrounded": 1}
     assert sorted(r["id"] for r in read_jsonl(tmp_path / "out.rejected.jsonl")) == ["r2", "r3", "r4", "r5"]
@@ -299,6 +304,25 @@ def test_a_paid_run_needs_confirmation_and_mix_reports_its_sources(tmp_path, cap
         "2 question(s)": 2,
     }
     assert len(json.loads((tmp_path / "mixed.json").read_text())) == 6
+
+
+def test_mix_can_keep_only_records_under_the_licenses_named(tmp_path):
+    rows = [
+        {"id": "a", "image": "a.png", "license": CC_BY, "conversations": GOOD},
+        {
+            "id": "b",
+            "image": "b.png",
+            "license": "https://creativecommons.org/licenses/by-nc/4.0/",
+            "conversations": GOOD,
+        },
+        {"id": "c", "image": "c.png", "conversations": GOOD},
+    ]
+    (tmp_path / "set.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stats = mix([(tmp_path / "set.jsonl", 1.0)], tmp_path / "all.json")
+    assert stats["by_license"] == {CC_BY: 1, rows[1]["license"]: 1, "unknown": 1}
+    stats = mix([(tmp_path / "set.jsonl", 1.0)], tmp_path / "cc-by.json", licenses=["creativecommons.org/licenses/by/"])
+    assert [r["id"] for r in json.loads((tmp_path / "cc-by.json").read_text())] == ["a"]
+    assert stats["left_out_for_license"] == 2
 
 
 @pytest.mark.parametrize("sdk", ["anthropic", "openai"])

@@ -381,7 +381,7 @@ def cmd_datagen_mix(args: argparse.Namespace) -> None:
             sources.append((Path(path), float(ratio)))
         except ValueError:
             raise ValueError(f"--source must be FILE or FILE:RATIO, got {text!r}") from None
-    stats = mix(sources, args.out, seed=args.seed)
+    stats = mix(sources, args.out, seed=args.seed, licenses=args.license)
     print(json.dumps(stats, indent=1))
 
 
@@ -737,6 +737,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", action="append", required=True, help="FILE[:RATIO], repeatable")
     p.add_argument("--out", required=True, help="output JSON")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--license",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="keep only records whose license contains TEXT (repeatable), e.g. creativecommons.org/licenses/by/",
+    )
     p.set_defaults(func=cmd_datagen_mix)
 
     p = sub.add_parser("serve", help="OpenAI-compatible API and web page for asking about images")

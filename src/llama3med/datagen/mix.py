@@ -6,27 +6,45 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..data.conversations import draw, read_records
 
 
-def mix(sources: list[tuple[Path, float]], out: str | Path, seed: int = 0) -> dict:
-    """Write the mixture (JSON list, shuffled) and return its stats: records per source, teacher, domain
-    and number of turns, and whitespace-token totals."""
+def mix(sources: list[tuple[Path, float]], out: str | Path, seed: int = 0, licenses: Sequence[str] = ()) -> dict:
+    """Write the mixture (JSON list, shuffled) and return its stats: records per source, teacher, domain,
+    license and number of turns, and whitespace-token totals. With `licenses`, only records whose
+    `license` contains one of them are drawn (e.g. `creativecommons.org/licenses/by/` keeps CC BY and
+    not CC BY-NC); records that name no license are left out too."""
     rng = random.Random(seed)
     mixed, stats = (
         [],
-        {"records": 0, "by_source": {}, "by_teacher": Counter(), "by_domain": Counter(), "turns": Counter()},
+        {
+            "records": 0,
+            "by_source": {},
+            "by_teacher": Counter(),
+            "by_domain": Counter(),
+            "by_license": Counter(),
+            "turns": Counter(),
+        },
     )
+    if licenses:
+        stats["left_out_for_license"] = 0
     tokens = 0
     for path, ratio in sources:
-        records = draw(read_records(path), ratio, rng)
+        records = read_records(path)
+        if licenses:
+            allowed = [r for r in records if any(wanted in str(r.get("license") or "") for wanted in licenses)]
+            stats["left_out_for_license"] += len(records) - len(allowed)
+            records = allowed
+        records = draw(records, ratio, rng)
         stats["by_source"][str(path)] = len(records)
         for record in records:
             turns = record.get("conversations") or []
             stats["by_teacher"][record.get("teacher", "unknown")] += 1
             stats["by_domain"][record.get("domain") or "unknown"] += 1
+            stats["by_license"][record.get("license") or "unknown"] += 1
             stats["turns"][len(turns) // 2] += 1
             tokens += sum(len(str(t.get("value", "")).split()) for t in turns if isinstance(t, dict))
         mixed += records

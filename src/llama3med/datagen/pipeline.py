@@ -100,6 +100,7 @@ def read_captions(path: str | Path) -> list[dict]:
                 "caption": str(caption).strip(),
                 "mentions": [str(m) for m in mentions],
                 "domain": raw.get("domain"),
+                "license": raw.get("license"),
             }
         )
     return records
@@ -226,6 +227,7 @@ async def generate(
                     "image": record["image"],
                     "conversations": conversations,
                     "domain": record.get("domain"),
+                    **({"license": record["license"]} if record.get("license") else {}),
                     **meta,
                 }
                 good.write(json.dumps(row) + "\n")
