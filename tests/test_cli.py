@@ -79,6 +79,7 @@ def test_a_question_with_its_own_placeholder_is_refused(built_model_dir, capsys)
 
 
 @pytest.mark.parametrize("command", ["build", "convert", "ask", "chat", "answer"])
-def test_every_subcommand_has_help(command):
-    result = run_cli(command, "--help")
-    assert result.returncode == 0 and "usage: llama3med" in result.stdout
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0 and "usage: llama3med" in capsys.readouterr().out
