@@ -24,7 +24,6 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,7 +92,6 @@ def fetch_llava_med_images(
     url_prefix: tuple[str, str] | None = None,
     concurrency: int = 8,
     progress: bool = True,
-    open_url: Callable = urllib.request.urlopen,
 ) -> dict[str, int]:
     """Write each figure not yet in `out` as `<pair_id>.jpg`; returns how many were written, already
     there and failed. A package is read from `archives` when it holds one of its name, else downloaded
@@ -115,8 +113,7 @@ def fetch_llava_med_images(
         tqdm(total=len(pending), unit="package", desc="llava-med images", disable=not progress) as bar,
     ):
         jobs = [
-            pool.submit(_take_figures, url, members, out, archive_dir, url_prefix, open_url)
-            for url, members in pending.items()
+            pool.submit(_take_figures, url, members, out, archive_dir, url_prefix) for url, members in pending.items()
         ]
         downloads_failed = 0
         try:
@@ -147,7 +144,6 @@ def _take_figures(
     out: Path,
     archive_dir: Path | None,
     url_prefix: tuple[str, str] | None,
-    open_url: Callable,
 ) -> tuple[int, list[dict[str, str]]]:
     """One package's figures into `out`: how many were written, and a failure record for each other."""
 
@@ -162,7 +158,7 @@ def _take_figures(
         if url_prefix is not None and url.startswith(url_prefix[0]):
             url = url_prefix[1] + url[len(url_prefix[0]) :]
         try:
-            _download(url, source, open_url)
+            _download(url, source)
         except (OSError, ValueError) as err:
             return 0, [failed(figure, f"{DOWNLOAD_FAILED}: {err}") for figure in figures]
     written, failures, done = 0, [], set()
@@ -201,13 +197,13 @@ def _write_figure(package, figure: Figure, out: Path) -> str | None:
     return None
 
 
-def _download(url: str, target: Path, open_url: Callable) -> None:
+def _download(url: str, target: Path) -> None:
     """`url` to `target`, whole or not at all; server errors and timeouts are retried with back-off, a
     missing file (HTTP 4xx) is not."""
     partial = target.with_name(target.name + ".partial")
     for attempt in range(RETRIES + 1):
         try:
-            with open_url(url, timeout=120) as response, open(partial, "wb") as file:
+            with urllib.request.urlopen(url, timeout=120) as response, open(partial, "wb") as file:
                 while chunk := response.read(1 << 20):
                     file.write(chunk)
             os.replace(partial, target)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .conversations import read_appended_rows
 from .pmc import is_image
 
 FIGURES_FILE = "figures.jsonl"
@@ -38,7 +39,7 @@ def article_sources(folder: str | Path) -> list[Path]:
     if not folder.is_dir():
         raise ValueError(f"{folder}: not a folder of PMC article packages or article folders")
     found = [p for p in sorted(folder.iterdir()) if p.name.endswith((".tar.gz", ".tgz")) and p.is_file()]
-    found += [p for p in sorted(folder.iterdir()) if p.is_dir() and _jats_names(p.iterdir())]
+    found += [p for p in sorted(folder.iterdir()) if p.is_dir() and _jats_file(f.name for f in p.iterdir())]
     return found
 
 
@@ -50,21 +51,20 @@ def read_article(source: Path) -> tuple[bytes, dict[str, bytes]]:
     """An article's JATS XML and its image files (by file name, without folders)."""
     if source.is_dir():
         files = {p.name: p for p in source.iterdir() if p.is_file()}
-        jats = _jats_names(files.values())
-        return files[jats[0].name].read_bytes(), {
+        return files[_jats_file(files)].read_bytes(), {
             name: path.read_bytes() for name, path in files.items() if name.lower().endswith(IMAGE_EXTENSIONS)
         }
     with tarfile.open(source, "r:*") as package:
-        members = [m for m in package.getmembers() if m.isfile()]
-        jats = [m for m in members if m.name.endswith((".nxml", ".xml"))]
-        if not jats:
+        members = {m.name: m for m in package.getmembers() if m.isfile()}
+        jats = _jats_file(members)
+        if jats is None:
             raise ValueError("no JATS XML (.nxml) in the package")
         images = {
-            Path(m.name).name: package.extractfile(m).read()
-            for m in members
-            if m.name.lower().endswith(IMAGE_EXTENSIONS)
+            Path(name).name: package.extractfile(member).read()
+            for name, member in members.items()
+            if name.lower().endswith(IMAGE_EXTENSIONS)
         }
-        return package.extractfile(sorted(jats, key=lambda m: not m.name.endswith(".nxml"))[0]).read(), images
+        return package.extractfile(members[jats]).read(), images
 
 
 def figure_records(jats: bytes, images: dict[str, bytes], article: str) -> tuple[list[tuple[dict, bytes]], int]:
@@ -138,23 +138,15 @@ def extract_pmc_figures(articles: str | Path, out: str | Path, progress: bool = 
 
 def _drop_unfinished(path: Path, done: set[str]) -> None:
     """Records of an article a kill interrupted (not yet in the done list) are dropped; it is redone."""
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.endswith("\n") and _article_of(line) in done]
-    if len(kept) != len(lines):
-        path.write_text("".join(kept))
+    if path.exists():
+        kept = [row for row in read_appended_rows(path) if row.get("article") in done]
+        path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in kept))
 
 
-def _article_of(line: str) -> str | None:
-    try:
-        return json.loads(line)["article"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return None
-
-
-def _jats_names(paths) -> list[Path]:
-    return sorted((p for p in paths if p.name.endswith((".nxml", ".xml"))), key=lambda p: not p.name.endswith(".nxml"))
+def _jats_file(names) -> str | None:
+    """The article's JATS file among the file names: PMC's `.nxml`, else an `.xml`."""
+    candidates = sorted((n for n in names if n.endswith((".nxml", ".xml"))), key=lambda n: not n.endswith(".nxml"))
+    return candidates[0] if candidates else None
 
 
 def _pmcid(root: ET.Element) -> str | None:
