@@ -220,8 +220,8 @@ def _slake_images(root: Path, check: bool):
     archive = root / "imgs.zip"
     if (root / "imgs").is_dir() or not archive.is_file():
         return lambda relative, name: _image_file(root / "imgs", relative, name, check)
-    images = zipfile.ZipFile(archive)
-    members = set(images.namelist())
+    with zipfile.ZipFile(archive) as images:
+        members = set(images.namelist())
     read: dict[str, bytes] = {}
 
     def image_of(relative, name: str) -> Path | bytes:
@@ -231,7 +231,8 @@ def _slake_images(root: Path, check: bool):
                 raise ValueError(f"{name}: image {member} not found in {archive}")
             return archive / member
         if member not in read:
-            read[member] = images.read(member)
+            with zipfile.ZipFile(archive) as images:  # opened per image, so no handle outlives the load
+                read[member] = images.read(member)
         return read[member]
 
     return image_of
