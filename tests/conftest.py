@@ -3,7 +3,13 @@ configs, and DICOM files written with pydicom. Nothing is downloaded."""
 
 from __future__ import annotations
 
+import base64
+import http.server
+import threading
+import urllib.parse
 from pathlib import Path
+from types import SimpleNamespace
+from xml.sax.saxutils import escape
 
 import numpy as np
 import pydicom
@@ -98,3 +104,68 @@ def write_dicom(path: Path, pixels: np.ndarray, *, with_pixels: bool = True, **t
         del ds.PixelData
         ds.save_as(path)
     return path
+
+
+@pytest.fixture()
+def pmc_cloud():
+    """A local stand-in for PMC's Cloud Service bucket, speaking S3 over HTTP: ListObjectsV2 (two keys a
+    page, so a listing takes several, with opaque continuation tokens) and object GETs (404 NoSuchKey
+    for a missing key). `objects` maps keys to bytes, `requests` records the paths asked for, and a key
+    in `unavailable_once` answers 503 the first time."""
+    objects: dict[str, bytes] = {}
+    requests: list[str] = []
+    unavailable_once: set[str] = set()
+
+    def listing(query: dict[str, list[str]]) -> bytes:
+        prefix = query.get("prefix", [""])[0]
+        token = query.get("continuation-token", [None])[0]
+        keys = sorted(k for k in objects if k.startswith(prefix))
+        start = int(base64.b64decode(token)) if token else 0
+        page, more = keys[start : start + 2], start + 2 < len(keys)
+        body = '<?xml version="1.0" encoding="UTF-8"?>\n'
+        body += '<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Name>pmc-oa-opendata</Name>'
+        body += f"<Prefix>{escape(prefix)}</Prefix><KeyCount>{len(page)}</KeyCount><MaxKeys>2</MaxKeys>"
+        body += f"<IsTruncated>{str(more).lower()}</IsTruncated>"
+        if token:
+            body += f"<ContinuationToken>{token}</ContinuationToken>"
+        if more:
+            body += (
+                f"<NextContinuationToken>{base64.b64encode(str(start + 2).encode()).decode()}</NextContinuationToken>"
+            )
+        for key in page:
+            body += f"<Contents><Key>{escape(key)}</Key><Size>{len(objects[key])}</Size>"
+            body += "<StorageClass>STANDARD</StorageClass></Contents>"
+        return (body + "</ListBucketResult>").encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            url = urllib.parse.urlsplit(self.path)
+            key = urllib.parse.unquote(url.path[1:])
+            if key in unavailable_once:
+                unavailable_once.discard(key)
+                return self.answer(503, b"<Error><Code>SlowDown</Code></Error>")
+            if not key:
+                return self.answer(200, listing(urllib.parse.parse_qs(url.query)))
+            if key not in objects:
+                return self.answer(404, b"<Error><Code>NoSuchKey</Code></Error>")
+            self.answer(200, objects[key])
+
+        def answer(self, status: int, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield SimpleNamespace(
+        url=f"http://127.0.0.1:{server.server_port}",
+        objects=objects,
+        requests=requests,
+        unavailable_once=unavailable_once,
+    )
+    server.shutdown()

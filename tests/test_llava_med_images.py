@@ -1,5 +1,6 @@
-"""LLaVA-Med's figure images out of PMC article packages: each package fetched once, only the listed
-figures written (as `<pair_id>.jpg`, checked to be images), resumable, failures listed with reasons."""
+"""LLaVA-Med's figure images out of PMC's articles: from the PMC Cloud one file at a time, or from article
+packages (copies, or a mirror of the old layout) each fetched once; only the listed figures written (as
+`<pair_id>.jpg`, checked to be images), resumable, failures listed with reasons."""
 
 import http.server
 import io
@@ -216,7 +217,7 @@ def test_a_run_whose_packages_cannot_be_downloaded_at_all_stops_early_saying_why
         }
         for i in range(6)
     ]
-    with pytest.raises(RuntimeError, match="the first 2 packages could not be downloaded .*HTTP 404.* give --archives"):
+    with pytest.raises(RuntimeError, match="the first 2 articles could not be downloaded .*HTTP 404.* give --archives"):
         fetch_llava_med_images(
             read_image_list(image_list(tmp_path, records)),
             tmp_path / "images",
@@ -225,3 +226,81 @@ def test_a_run_whose_packages_cannot_be_downloaded_at_all_stops_early_saying_why
             progress=False,
         )
     assert len(mirror.requests) < 6
+
+
+def png(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(jpeg(seed))).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_without_a_package_each_figure_is_fetched_alone_from_the_pmc_cloud_by_its_file_name(
+    tmp_path, pmc_cloud, capsys
+):
+    pmc_cloud.objects.update(
+        {
+            "PMC100.1/PMC100.1.xml": b"<article/>",
+            "PMC100.1/fig1.jpg": jpeg(10),  # superseded by version 2
+            "PMC100.1/fig2.jpg": FIGURES["PMC100/fig2.jpg"],  # only in version 1
+            "PMC100.2/PMC100.2.xml": b"<article/>",
+            "PMC100.2/PMC100.2.pdf": b"%PDF-1.7",
+            "PMC100.2/fig1.jpg": FIGURES["PMC100/fig1.jpg"],
+            "PMC100.2/media-1.mp4": b"\0" * 64,
+            "PMC200.1/gr1.png": png(3),  # the package's gr1.jpg, stored since as PNG
+            "PMC2000.1/gr1.jpg": jpeg(11),  # another article, whose PMCID starts alike
+        }
+    )
+    pmc_cloud.unavailable_once.add("PMC100.2/fig1.jpg")
+    out = tmp_path / "images"
+    argv = ["data", "llava-med-images", str(image_list(tmp_path)), "--out", str(out), "--cloud-url", pmc_cloud.url]
+    assert main(argv) == 0
+    assert "3 figures written, 0 already there, 0 failed" in capsys.readouterr().out
+    assert (out / "PMC100_fig1_0.jpg").read_bytes() == FIGURES["PMC100/fig1.jpg"]
+    assert (out / "PMC100_fig2_1.jpg").read_bytes() == FIGURES["PMC100/fig2.jpg"]
+    assert (out / "PMC200_gr1_2.jpg").read_bytes() == pmc_cloud.objects["PMC200.1/gr1.png"]
+    fetched = sorted(path for path in pmc_cloud.requests if not path.startswith("/?"))
+    assert fetched == ["/PMC100.1/fig2.jpg", "/PMC100.2/fig1.jpg", "/PMC100.2/fig1.jpg", "/PMC200.1/gr1.png"]
+
+    asked = len(pmc_cloud.requests)
+    assert main(argv) == 0  # a rerun asks the cloud for nothing
+    assert "0 figures written, 3 already there, 0 failed" in capsys.readouterr().out
+    assert len(pmc_cloud.requests) == asked
+
+
+def test_what_the_pmc_cloud_lacks_is_listed_with_its_reason(tmp_path, pmc_cloud):
+    pmc_cloud.objects.update({"PMC100.1/fig1.jpg": b"<html>not found</html>", "PMC100.1/fig2.jpg": jpeg(2)})
+    records = LIST + [
+        {"pair_id": "PMC100_fig9_3", "pmc_tar_url": LIST[0]["pmc_tar_url"], "image_file_path": "PMC100/fig9.jpg"}
+    ]
+    out = tmp_path / "images"
+    counts = fetch_llava_med_images(
+        read_image_list(image_list(tmp_path, records)), out, cloud_url=pmc_cloud.url, progress=False
+    )
+    assert counts == {"written": 1, "present": 0, "failed": 3}
+    reasons = {f["pair_id"]: f["reason"] for f in map(json.loads, (out / "failed.jsonl").read_text().splitlines())}
+    assert reasons == {
+        "PMC100_fig1_0": "PMC100.1/fig1.jpg is not an image",
+        "PMC100_fig9_3": "no file fig9.jpg in PMC100 in the PMC Cloud",
+        "PMC200_gr1_2": "PMC200 is not in the PMC Cloud",
+    }
+
+
+def test_a_run_that_cannot_reach_the_pmc_cloud_stops_early_saying_why(tmp_path, monkeypatch):
+    monkeypatch.setattr("llama3med.data.pmc.GIVE_UP_AFTER", 2)
+    monkeypatch.setattr("llama3med.data.pmc_cloud.RETRIES", 0)
+    records = [
+        {
+            "pair_id": f"PMC9{i}_f_{i}",
+            "pmc_tar_url": f"{PMC}oa_package/ff/ff/PMC9{i}.tar.gz",
+            "image_file_path": "f.jpg",
+        }
+        for i in range(6)
+    ]
+    with pytest.raises(RuntimeError, match="the first 2 articles could not be downloaded .* give --cloud-url"):
+        fetch_llava_med_images(
+            read_image_list(image_list(tmp_path, records)),
+            tmp_path / "images",
+            cloud_url="http://127.0.0.1:9",  # nothing listens there
+            concurrency=1,
+            progress=False,
+        )

@@ -489,11 +489,30 @@ def cmd_data_llava_med_images(args: argparse.Namespace) -> None:
         prefix = (old, new)
     figures = read_image_list(args.image_list)
     counts = fetch_llava_med_images(
-        figures, args.out, archives=args.archives, url_prefix=prefix, concurrency=args.concurrency
+        figures,
+        args.out,
+        archives=args.archives,
+        url_prefix=prefix,
+        cloud_url=args.cloud_url,
+        concurrency=args.concurrency,
     )
     print(
         f"{args.out}: {counts['written']} figures written, {counts['present']} already there, "
         f"{counts['failed']} failed" + (f" (see {Path(args.out) / FAILED_FILE})" if counts["failed"] else "")
+    )
+
+
+def cmd_data_pmc_articles(args: argparse.Namespace) -> None:
+    from .data.pmc_articles import FAILED_FILE, fetch_pmc_articles, read_pmcids
+
+    pmcids = read_pmcids(args.pmcids)
+    if not pmcids:
+        raise ValueError(f"no PMCID in {' '.join(args.pmcids)}")
+    counts = fetch_pmc_articles(pmcids, args.out, cloud_url=args.cloud_url, concurrency=args.concurrency)
+    print(
+        f"{args.out}: {counts['fetched']} articles fetched ({counts['figures']} figure images), "
+        f"{counts['present']} already there, {counts['failed']} failed"
+        + (f" (see {Path(args.out) / FAILED_FILE})" if counts["failed"] else "")
     )
 
 
@@ -585,6 +604,7 @@ def _add_precision_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .data.benchmarks import BENCHMARKS
     from .data.phantoms import PHANTOM_FORMATS
+    from .data.pmc_cloud import CLOUD_URL
     from .processing.chat import LLAVA_CHAT_TEMPLATES
 
     parser = argparse.ArgumentParser(
@@ -778,22 +798,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=_positive, default=1152, help="image side in pixels")
     p.add_argument("--format", choices=PHANTOM_FORMATS, default="dcm", help="DICOM, PNG or NIfTI")
     p.set_defaults(func=cmd_data_phantoms)
-    p = data.add_parser("llava-med-images", help="LLaVA-Med's figure images out of PMC's article packages; resumable")
+    p = data.add_parser(
+        "llava-med-images", help="LLaVA-Med's figure images, from the PMC Cloud or article packages; resumable"
+    )
     p.add_argument("image_list", help="LLaVA-Med's llava_med_image_urls.jsonl (pair_id, pmc_tar_url, image_file_path)")
     p.add_argument("--out", required=True, help="image folder: <pair_id>.jpg, as LLaVA-Med's conversations name them")
     p.add_argument(
         "--archives",
         default=None,
-        help="folder of article packages (PMC*.tar.gz): read from it when there, and downloads are kept in it",
+        help="folder of article packages (PMC*.tar.gz) read when they are there (and --url-prefix downloads kept)",
     )
     p.add_argument(
         "--url-prefix",
         default=None,
         metavar="OLD=NEW",
-        help="rewrite the start of each package URL, e.g. to a mirror (PMC removed the original URLs in 2026)",
+        help="download the packages, rewriting the start of each URL to a mirror of PMC's old layout "
+        "(PMC removed the originals in 2026); without it, figures come from the PMC Cloud",
     )
-    p.add_argument("--concurrency", type=_positive, default=8, help="packages fetched at once")
+    p.add_argument(
+        "--cloud-url", default=CLOUD_URL, help="the PMC Cloud's bucket, or a mirror of it (default: %(default)s)"
+    )
+    p.add_argument("--concurrency", type=_positive, default=8, help="articles fetched at once")
     p.set_defaults(func=cmd_data_llava_med_images)
+    p = data.add_parser(
+        "pmc-articles", help="open-access articles' JATS XML and figure images from the PMC Cloud; resumable"
+    )
+    p.add_argument("pmcids", nargs="+", help="PMCIDs (PMC6149739, or PMC6149739.2 for a version) or files of them")
+    p.add_argument("--out", required=True, help="article folder, one folder per PMCID: what pmc-figures reads")
+    p.add_argument(
+        "--cloud-url", default=CLOUD_URL, help="the PMC Cloud's bucket, or a mirror of it (default: %(default)s)"
+    )
+    p.add_argument("--concurrency", type=_positive, default=8, help="articles fetched at once")
+    p.set_defaults(func=cmd_data_pmc_articles)
     p = data.add_parser(
         "pmc-figures", help="figures, captions and citing sentences out of PMC articles, for datagen; resumable"
     )

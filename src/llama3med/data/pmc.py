@@ -1,16 +1,16 @@
-"""LLaVA-Med's figure images, taken out of PubMed Central's open-access article packages.
+"""LLaVA-Med's figure images, out of PubMed Central's open-access articles.
 
-LLaVA-Med publishes no images, only where they are: `llava_med_image_urls.jsonl` has a record per figure,
-its `pair_id` (LLaVA-Med's conversation files name the image `<pair_id>.jpg`), `pmc_tar_url` (the
-article's package, a `.tar.gz`) and `image_file_path` (the figure inside it). Many figures share a
-package, so each package is fetched once for all of them. Only the named figures are read out of it,
-as bytes: nothing is extracted to disk by the archive's own paths. Each figure is checked to be an
-image and written atomically, so a rerun skips what is done and retries only what is not; what could
-not be had is listed in `failed.jsonl` with its reason.
-
-PMC moved its legacy packages in April 2026 and removed them in August 2026, so the published URLs no
-longer answer: `archives` reads packages from a folder that holds copies, and `url_prefix` rewrites the
-URLs' start to a mirror (http(s) or `file://`).
+LLaVA-Med publishes no images, only where they were: `llava_med_image_urls.jsonl` has a record per
+figure, its `pair_id` (LLaVA-Med's conversation files name the image `<pair_id>.jpg`), `pmc_tar_url` (the
+article's package, a `.tar.gz`) and `image_file_path` (the figure inside it). PMC removed those packages
+in August 2026 and now serves each article's files one by one from its Cloud Service, so by default each
+figure is fetched from there (`pmc_cloud`), found by its file name in the article's newest version that
+has it. A package is read instead when `archives` holds a copy, or downloaded from a mirror of PMC's old
+layout when `url_prefix` rewrites the URLs' start (http(s) or `file://`); then one download serves all
+its figures, and only the named figures are read out of it, as bytes: nothing is extracted to disk by
+the archive's own paths. Each figure is checked to be an image and written atomically, so a rerun skips
+what is done and retries only what is not; what could not be had is listed in `failed.jsonl` with its
+reason.
 """
 
 from __future__ import annotations
@@ -19,10 +19,7 @@ import io
 import json
 import os
 import tarfile
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import zlib
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -31,10 +28,12 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from .pmc_cloud import CLOUD_URL, article_versions, download, fetch, object_url, parse_pmcid
+
 FAILED_FILE = "failed.jsonl"
-RETRIES = 3
-GIVE_UP_AFTER = 50  # packages that could not be downloaded, with none yet that could, before the run stops
+GIVE_UP_AFTER = 50  # articles that could not be downloaded, with none yet that could, before the run stops
 DOWNLOAD_FAILED = "download failed"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".tif", ".tiff")  # as figures' files are named in PMC
 
 
 @dataclass(frozen=True)
@@ -90,13 +89,14 @@ def fetch_llava_med_images(
     *,
     archives: str | Path | None = None,
     url_prefix: tuple[str, str] | None = None,
+    cloud_url: str = CLOUD_URL,
     concurrency: int = 8,
     progress: bool = True,
 ) -> dict[str, int]:
     """Write each figure not yet in `out` as `<pair_id>.jpg`; returns how many were written, already
-    there and failed. A package is read from `archives` when it holds one of its name, else downloaded
-    (to `archives`, kept, when given; else to a temporary file); `url_prefix` `(old, new)` rewrites the
-    start of every package URL."""
+    there and failed. An article's figures come from its package when `archives` holds one of its name,
+    else from the package's URL with `url_prefix` `(old, new)` rewriting its start (the download kept in
+    `archives` when given), else one by one from the PMC Cloud at `cloud_url`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     archive_dir = Path(archives) if archives is not None else None
@@ -110,10 +110,11 @@ def fetch_llava_med_images(
     failures: list[dict[str, str]] = []
     with (
         ThreadPoolExecutor(max_workers=concurrency) as pool,
-        tqdm(total=len(pending), unit="package", desc="llava-med images", disable=not progress) as bar,
+        tqdm(total=len(pending), unit="article", desc="llava-med images", disable=not progress) as bar,
     ):
         jobs = [
-            pool.submit(_take_figures, url, members, out, archive_dir, url_prefix) for url, members in pending.items()
+            pool.submit(_take_figures, url, members, out, archive_dir, url_prefix, cloud_url)
+            for url, members in pending.items()
         ]
         downloads_failed = 0
         try:
@@ -122,15 +123,19 @@ def fetch_llava_med_images(
                 downloads_failed += bool(failed) and failed[0]["reason"].startswith(DOWNLOAD_FAILED)
                 if downloads_failed >= GIVE_UP_AFTER and counts["written"] + written == 0:
                     raise RuntimeError(
-                        f"the first {downloads_failed} packages could not be downloaded (last: {failed[0]['reason']}); "
-                        "PMC no longer serves the original package URLs: give --archives or --url-prefix"
+                        f"the first {downloads_failed} articles could not be downloaded (last: {failed[0]['reason']}); "
+                        + (
+                            "PMC no longer serves the original package URLs: give --archives or another --url-prefix"
+                            if url_prefix is not None
+                            else "check the network, or give --cloud-url (a mirror of the PMC Cloud) or --archives"
+                        )
                     )
                 counts["written"] += written
                 counts["failed"] += len(failed)
                 failures.extend(failed)
                 bar.update(1)
                 bar.set_postfix(figures=counts["written"], failed=counts["failed"])
-        except BaseException:  # Ctrl-C: what is written stays written; packages not started are not
+        except BaseException:  # Ctrl-C: what is written stays written; articles not started are not
             pool.shutdown(wait=False, cancel_futures=True)
             raise
     failures.sort(key=lambda f: f["pair_id"])
@@ -144,8 +149,9 @@ def _take_figures(
     out: Path,
     archive_dir: Path | None,
     url_prefix: tuple[str, str] | None,
+    cloud_url: str,
 ) -> tuple[int, list[dict[str, str]]]:
-    """One package's figures into `out`: how many were written, and a failure record for each other."""
+    """One article's figures into `out`: how many were written, and a failure record for each other."""
 
     def failed(figure: Figure, reason: str) -> dict[str, str]:
         return {"pair_id": figure.pair_id, "pmc_tar_url": url, "image_file_path": figure.member, "reason": reason}
@@ -153,12 +159,14 @@ def _take_figures(
     name = package_name(url)
     kept = archive_dir / name if archive_dir is not None else None
     downloaded = kept is None or not kept.exists()
+    if downloaded and url_prefix is None:
+        return _take_from_cloud(name, figures, out, cloud_url, failed)
     source = kept if kept is not None else out / f".{name}.download"
     if downloaded:
-        if url_prefix is not None and url.startswith(url_prefix[0]):
+        if url.startswith(url_prefix[0]):
             url = url_prefix[1] + url[len(url_prefix[0]) :]
         try:
-            _download(url, source)
+            download(url, source)
         except (OSError, ValueError) as err:
             return 0, [failed(figure, f"{DOWNLOAD_FAILED}: {err}") for figure in figures]
     written, failures, done = 0, [], set()
@@ -182,6 +190,51 @@ def _take_figures(
     return written, failures
 
 
+def _take_from_cloud(package: str, figures: list[Figure], out: Path, cloud_url: str, failed):
+    """One article's figures fetched from the PMC Cloud, each by its file name in the package."""
+    article = package.removesuffix(".tar.gz").removesuffix(".tgz")
+    try:
+        parse_pmcid(article)
+        versions = article_versions(article, cloud_url)
+    except ValueError:
+        return 0, [failed(figure, f"the package name {package} names no PMCID") for figure in figures]
+    except OSError as err:
+        return 0, [failed(figure, f"{DOWNLOAD_FAILED}: {err}") for figure in figures]
+    if not versions:
+        return 0, [failed(figure, f"{article} is not in the PMC Cloud") for figure in figures]
+    written, failures = 0, []
+    for figure in figures:
+        key = cloud_key(Path(figure.member).name, versions)
+        if key is None:
+            failures.append(failed(figure, f"no file {Path(figure.member).name} in {article} in the PMC Cloud"))
+            continue
+        try:
+            data = fetch(object_url(key, cloud_url))
+        except OSError as err:
+            failures.append(failed(figure, f"{DOWNLOAD_FAILED}: {err}"))
+            continue
+        reason = _write_image(data, figure, out)
+        if reason is None:
+            written += 1
+        else:
+            failures.append(failed(figure, f"{key} {reason}"))
+    return written, failures
+
+
+def cloud_key(file_name: str, versions: dict[str, list[str]]) -> str | None:
+    """The key of the file a package named `file_name`, in the newest version that has it: the same
+    name, else the same name with another image extension (a figure converted since, JPEG first)."""
+    stem = Path(file_name).stem
+    for version, names in versions.items():
+        by_name = {Path(name).name: name for name in names}
+        if file_name in by_name:
+            return f"{version}/{by_name[file_name]}"
+        for extension in IMAGE_EXTENSIONS:
+            if stem + extension in by_name:
+                return f"{version}/{by_name[stem + extension]}"
+    return None
+
+
 def _write_figure(package, figure: Figure, out: Path) -> str | None:
     """The figure read out of its open package and written to `out`; else why not."""
     try:
@@ -189,34 +242,17 @@ def _write_figure(package, figure: Figure, out: Path) -> str | None:
     except KeyError:
         return f"no file {figure.member}"
     data = package.extractfile(member).read() if member.isfile() else b""
+    reason = _write_image(data, figure, out)
+    return f"{figure.member} {reason}" if reason else None
+
+
+def _write_image(data: bytes, figure: Figure, out: Path) -> str | None:
     if not is_image(data):
-        return f"{figure.member} is not an image"
+        return "is not an image"
     partial = out / f".{figure.file_name}.partial"
     partial.write_bytes(data)
     os.replace(partial, out / figure.file_name)
     return None
-
-
-def _download(url: str, target: Path) -> None:
-    """`url` to `target`, whole or not at all; server errors and timeouts are retried with back-off, a
-    missing file (HTTP 4xx) is not."""
-    partial = target.with_name(target.name + ".partial")
-    for attempt in range(RETRIES + 1):
-        try:
-            with urllib.request.urlopen(url, timeout=120) as response, open(partial, "wb") as file:
-                while chunk := response.read(1 << 20):
-                    file.write(chunk)
-            os.replace(partial, target)
-            return
-        except urllib.error.HTTPError as err:
-            if (err.code < 500 and err.code != 429) or attempt == RETRIES:
-                raise OSError(f"HTTP {err.code} from {url}") from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-            if attempt == RETRIES:
-                raise OSError(f"{url}: {getattr(err, 'reason', err)}") from None
-        finally:
-            partial.unlink(missing_ok=True)
-        time.sleep(2**attempt)
 
 
 def is_image(data: bytes) -> bool:

@@ -16,30 +16,32 @@ import re
 import tarfile
 import xml.etree.ElementTree as ET
 import zlib
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 from tqdm import tqdm
 
 from .conversations import read_appended_rows
-from .pmc import is_image
+from .pmc import IMAGE_EXTENSIONS, is_image
 
 FIGURES_FILE = "figures.jsonl"
 DONE_FILE = "articles.done"
 FAILED_FILE = "failed.jsonl"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".tif", ".tiff")
 XLINK_HREF = "{http://www.w3.org/1999/xlink}href"
 FLOATS = ("fig", "fig-group", "table-wrap")  # placed in the text, but not part of it
+JATS_NAMESPACES = ("{https://jats.nlm.nih.gov/ns/", "{http://jats.nlm.nih.gov/ns/")
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z(\[])")
 
 
 def article_sources(folder: str | Path) -> list[Path]:
-    """The articles under `folder`: package files (`*.tar.gz`, `*.tgz`) and folders holding a JATS file."""
+    """The articles under `folder`: package files (`*.tar.gz`, `*.tgz`) and folders holding a JATS file;
+    hidden entries (an article still being fetched) are not."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"{folder}: not a folder of PMC article packages or article folders")
-    found = [p for p in sorted(folder.iterdir()) if p.name.endswith((".tar.gz", ".tgz")) and p.is_file()]
-    found += [p for p in sorted(folder.iterdir()) if p.is_dir() and _jats_file(f.name for f in p.iterdir())]
+    entries = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".")]
+    found = [p for p in entries if p.name.endswith((".tar.gz", ".tgz")) and p.is_file()]
+    found += [p for p in entries if p.is_dir() and jats_file(f.name for f in p.iterdir())]
     return found
 
 
@@ -51,12 +53,12 @@ def read_article(source: Path) -> tuple[bytes, dict[str, bytes]]:
     """An article's JATS XML and its image files (by file name, without folders)."""
     if source.is_dir():
         files = {p.name: p for p in source.iterdir() if p.is_file()}
-        return files[_jats_file(files)].read_bytes(), {
+        return files[jats_file(files)].read_bytes(), {
             name: path.read_bytes() for name, path in files.items() if name.lower().endswith(IMAGE_EXTENSIONS)
         }
     with tarfile.open(source, "r:*") as package:
         members = {m.name: m for m in package.getmembers() if m.isfile()}
-        jats = _jats_file(members)
+        jats = jats_file(members)
         if jats is None:
             raise ValueError("no JATS XML (.nxml) in the package")
         images = {
@@ -67,19 +69,36 @@ def read_article(source: Path) -> tuple[bytes, dict[str, bytes]]:
         return package.extractfile(members[jats]).read(), images
 
 
+def parse_jats(jats: bytes) -> ET.Element:
+    """The `<article>` of a JATS file, with JATS's own namespace taken off its tags: PMC's packages carry
+    none, while its OAI-PMH XML (which its cloud now serves) may declare one, and may wrap the article."""
+    root = ET.fromstring(jats)
+    for element in root.iter():
+        if element.tag.startswith(JATS_NAMESPACES):
+            element.tag = element.tag.rsplit("}", 1)[1]
+    article = root if root.tag == "article" else root.find(".//article")
+    if article is None:
+        raise ValueError("no <article> in the JATS XML")
+    return article
+
+
+def figure_graphics(article: ET.Element) -> list[str]:
+    """The image each figure names (its first `<graphic>`'s `xlink:href`), in the figures' order."""
+    return [href for figure in article.iter("fig") if (href := _graphic_href(figure))]
+
+
 def figure_records(jats: bytes, images: dict[str, bytes], article: str) -> tuple[list[tuple[dict, bytes]], int]:
     """`(record, image bytes)` for each figure of an article with a caption and an image among `images`
     that is one, and how many figures lacked either."""
-    root = ET.fromstring(jats)
+    root = parse_jats(jats)
     pmcid = _pmcid(root) or article
     license_text = _license(root)
     mentions = _mentions(root)
     found, lacking = [], 0
     for number, figure in enumerate(root.iter("fig")):
         figure_id = figure.get("id") or f"fig{number + 1}"
-        graphic = figure.find(".//graphic")
-        href = graphic.get(XLINK_HREF) if graphic is not None else None
-        name = _image_file(href, images) if href else None
+        href = _graphic_href(figure)
+        name = graphic_file(href, images) if href else None
         caption = _caption(figure)
         if name is None or not caption or not is_image(images[name]):
             lacking += 1
@@ -143,10 +162,16 @@ def _drop_unfinished(path: Path, done: set[str]) -> None:
         path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in kept))
 
 
-def _jats_file(names) -> str | None:
-    """The article's JATS file among the file names: PMC's `.nxml`, else an `.xml`."""
+def jats_file(names) -> str | None:
+    """The article's JATS file among the file names: the packages' `.nxml`, else an `.xml` (the cloud's
+    `PMC<id>.<version>.xml`)."""
     candidates = sorted((n for n in names if n.endswith((".nxml", ".xml"))), key=lambda n: not n.endswith(".nxml"))
     return candidates[0] if candidates else None
+
+
+def _graphic_href(figure: ET.Element) -> str | None:
+    graphic = figure.find(".//graphic")
+    return graphic.get(XLINK_HREF) if graphic is not None else None
 
 
 def _pmcid(root: ET.Element) -> str | None:
@@ -241,13 +266,13 @@ def _sentences(text: str) -> Iterator[tuple[int, str]]:
     yield start, text[start:]
 
 
-def _image_file(href: str, images: dict[str, bytes]) -> str | None:
-    """The file a graphic's `xlink:href` names: itself, or (as PMC packages store them) the name with an
-    image extension added, JPEG first."""
+def graphic_file(href: str, names: Collection[str]) -> str | None:
+    """The file among `names` a graphic's `xlink:href` names: itself, or (as PMC stores them) the name
+    with an image extension added, JPEG first."""
     name = Path(href).name
-    if name in images:
+    if name in names:
         return name
     for extension in IMAGE_EXTENSIONS:
-        if name + extension in images:
+        if name + extension in names:
             return name + extension
     return None
