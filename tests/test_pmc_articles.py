@@ -19,6 +19,29 @@ OAI_ARTICLE = (
 OLDER_ARTICLE = ARTICLE.replace("T2-weighted MRI of the same lesion.", "MRI of the lesion.")
 
 
+def metadata(version: str, retracted: bool = False) -> bytes:
+    """The cloud's record of an article version, `metadata/<version>.json`, with the fields PMC gives."""
+    pmcid, number = version.split(".")
+    folder = f"s3://pmc-oa-opendata/{version}/{version}"
+    record = {
+        "pmcid": pmcid,
+        "version": int(number),
+        "pmid": 31234567,
+        "doi": "10.1016/j.radcr.2018.06.001",
+        "title": "Hepatic lesion in a 54-year-old",
+        "is_pmc_openaccess": True,
+        "is_manuscript": False,
+        "is_historical_ocr": False,
+        "is_retracted": retracted,
+        "license_code": "CC BY",
+        "xml_url": f"{folder}.xml",
+        "pdf_url": f"{folder}.pdf",
+        "media_urls": [],
+        "text_url": f"{folder}.txt",
+    }
+    return json.dumps(record).encode()
+
+
 def cloud_with_article(pmc_cloud) -> None:
     pmc_cloud.objects.update(
         {
@@ -31,6 +54,8 @@ def cloud_with_article(pmc_cloud) -> None:
             "PMC6149739.2/gr1.jpg": FILES["gr1.jpg"],
             "PMC6149739.2/gr2.png": FILES["gr2.png"],
             "PMC6149739.2/media-1.zip": b"PK\x05\x06" + b"\0" * 18,
+            "metadata/PMC6149739.1.json": metadata("PMC6149739.1"),
+            "metadata/PMC6149739.2.json": metadata("PMC6149739.2"),
         }
     )
 
@@ -44,14 +69,16 @@ def test_an_article_is_its_newest_version_s_jats_and_figure_images_and_pmc_figur
     assert main(["data", "pmc-articles", "PMC6149739", "--out", str(articles), "--cloud-url", pmc_cloud.url]) == 0
     assert "1 articles fetched (2 figure images), 0 already there, 0 failed" in capsys.readouterr().out
     folder = articles / "PMC6149739"
-    assert sorted(p.name for p in folder.iterdir()) == ["PMC6149739.2.xml", "gr1.jpg", "gr2.png"]
+    assert sorted(p.name for p in folder.iterdir()) == ["PMC6149739.2.json", "PMC6149739.2.xml", "gr1.jpg", "gr2.png"]
     assert (folder / "gr2.png").read_bytes() == FILES["gr2.png"]
+    assert json.loads((folder / "PMC6149739.2.json").read_text())["license_code"] == "CC BY"
     fetched = [path for path in pmc_cloud.requests if not path.startswith("/?")]
     assert sorted(fetched) == [  # no PDF, text or supplementary file; gr1.jpg twice, after a server error
         "/PMC6149739.2/PMC6149739.2.xml",
         "/PMC6149739.2/gr1.jpg",
         "/PMC6149739.2/gr1.jpg",
         "/PMC6149739.2/gr2.png",
+        "/metadata/PMC6149739.2.json",
     ]
 
     assert main(["data", "pmc-figures", str(articles), "--out", str(tmp_path / "from-cloud")]) == 0
@@ -64,7 +91,9 @@ def test_an_article_is_its_newest_version_s_jats_and_figure_images_and_pmc_figur
 
 def test_a_version_can_be_named_what_cannot_be_had_is_listed_and_a_rerun_asks_only_for_that(tmp_path, pmc_cloud):
     cloud_with_article(pmc_cloud)
-    pmc_cloud.objects["PMC7000001.1/PMC7000001.1.xml"] = b"<article><front>"
+    pmc_cloud.objects["PMC7000001.1/PMC7000001.1.xml"] = b"<article><front>"  # no metadata record: none needed
+    pmc_cloud.objects["PMC7000002.1/PMC7000002.1.xml"] = ARTICLE.encode()
+    pmc_cloud.objects["metadata/PMC7000002.1.json"] = metadata("PMC7000002.1", retracted=True)
     ids = tmp_path / "oa_file_list.csv"
     ids.write_text(
         "File,Article Citation,Accession ID,Last Updated (YYYY-MM-DD HH:MM:SS),PMID,License\n"
@@ -72,27 +101,29 @@ def test_a_version_can_be_named_what_cannot_be_had_is_listed_and_a_rerun_asks_on
         "\n"
         "oa_package/1a/2b/PMC555.tar.gz,Gone,PMC555,2019-01-01 00:00:00,,CC BY\n"
     )
-    pmcids = read_pmcids([str(ids), "PMC6149739.1", "PMC6149739.7", "PMC7000001", "PMC6149739"])
-    assert pmcids == ["PMC6149739", "PMC555", "PMC6149739.1", "PMC6149739.7", "PMC7000001"]
+    pmcids = read_pmcids([str(ids), "PMC6149739.1", "PMC6149739.7", "PMC7000001", "PMC7000002", "PMC6149739"])
+    assert pmcids == ["PMC6149739", "PMC555", "PMC6149739.1", "PMC6149739.7", "PMC7000001", "PMC7000002"]
     out = tmp_path / "articles"
     counts = fetch_pmc_articles(pmcids, out, cloud_url=pmc_cloud.url, progress=False)
-    assert counts == {"fetched": 2, "present": 0, "failed": 3, "figures": 4}
+    assert counts == {"fetched": 2, "present": 0, "failed": 4, "figures": 4}
     assert (out / "PMC6149739.1" / "PMC6149739.1.xml").read_text() == OLDER_ARTICLE
     failures = [json.loads(line) for line in (out / "failed.jsonl").read_text().splitlines()]
     assert failures == [
         {"pmcid": "PMC555", "reason": "not in the PMC Cloud"},
         {"pmcid": "PMC6149739.7", "reason": "the PMC Cloud has no PMC6149739.7, only PMC6149739.2, PMC6149739.1"},
         {"pmcid": "PMC7000001", "reason": "unreadable JATS XML PMC7000001.1.xml: no element found: line 1, column 16"},
+        {"pmcid": "PMC7000002", "reason": "PMC7000002.1 is retracted"},
     ]
 
     pmc_cloud.requests.clear()
     pmc_cloud.objects["PMC555.3/PMC555.3.xml"] = ARTICLE.encode()  # published since
     counts = fetch_pmc_articles(pmcids, out, cloud_url=pmc_cloud.url, progress=False)
-    assert counts == {"fetched": 1, "present": 2, "failed": 2, "figures": 0}
+    assert counts == {"fetched": 1, "present": 2, "failed": 3, "figures": 0}
     assert {path.split("prefix=")[1].split("&")[0] for path in pmc_cloud.requests if path.startswith("/?")} == {
         "PMC555.",
         "PMC6149739.",  # for PMC6149739.7
         "PMC7000001.",
+        "PMC7000002.",
     }
 
 

@@ -1,10 +1,11 @@
 """Open-access articles fetched from the PMC Cloud, into the folders `llama3med data pmc-figures` reads.
 
-For each PMCID: its JATS XML and the image files its figures name, nothing else (not the PDF, the plain
-text or the supplementary files, which can be large), from the newest version unless the PMCID names one
-(`PMC123.2`). An article is fetched into a hidden folder and renamed to `OUT/<PMCID>/` once whole, so an
-interruption loses nothing finished and a rerun fetches only what is missing; the articles that could not
-be had are listed in `OUT/failed.jsonl` with their reasons.
+For each PMCID: its JATS XML, the cloud's metadata record and the image files its figures name, nothing
+else (not the PDF, the plain text or the supplementary files, which can be large), from the newest
+version unless the PMCID names one (`PMC123.2`). An article whose record says it is retracted is not
+fetched: its figures should not teach a model. An article is fetched into a hidden folder and renamed
+to `OUT/<PMCID>/` once whole, so an interruption loses nothing finished and a rerun fetches only what
+is missing; the articles that could not be had are listed in `OUT/failed.jsonl` with their reasons.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .pmc_cloud import CLOUD_URL, PMCID, article_versions, fetch, object_url, parse_pmcid
+from .pmc_cloud import CLOUD_URL, PMCID, article_metadata, article_versions, fetch, object_url, parse_pmcid
 from .pmc_figures import figure_graphics, graphic_file, jats_file, parse_jats
 
 FAILED_FILE = "failed.jsonl"
@@ -107,6 +108,12 @@ def _fetch_article(pmcid: str, out: Path, cloud_url: str) -> int:
     version = f"PMC{number}.{wanted}" if wanted else next(iter(versions))
     if version not in versions:
         raise ArticleError(f"the PMC Cloud has no {version}, only {', '.join(versions)}")
+    try:
+        metadata = article_metadata(version, cloud_url)
+    except OSError as err:
+        raise ArticleError(f"download failed: {err}", download=True) from None
+    if metadata is not None and metadata.get("is_retracted") is True:
+        raise ArticleError(f"{version} is retracted")
     by_name = {Path(key).name: key for key in versions[version] if not Path(key).name.startswith(".")}
     jats_name = f"{version}.xml" if f"{version}.xml" in by_name else jats_file(by_name)
     if jats_name is None:
@@ -122,6 +129,8 @@ def _fetch_article(pmcid: str, out: Path, cloud_url: str) -> int:
     partial.mkdir()
     try:
         (partial / jats_name).write_bytes(jats)
+        if metadata is not None:
+            (partial / f"{version}.json").write_text(json.dumps(metadata, indent=1))
         for name in images:
             (partial / name).write_bytes(_get(version, by_name[name], cloud_url))
         os.replace(partial, out / pmcid)

@@ -10,6 +10,7 @@ HTTPS, and a prefix is listed with S3's ListObjectsV2 call, which needs no accou
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import re
 import time
@@ -22,6 +23,10 @@ from pathlib import Path
 CLOUD_URL = "https://pmc-oa-opendata.s3.amazonaws.com"
 RETRIES = 3
 PMCID = re.compile(r"\bPMC(\d+)(?:\.(\d+))?\b")
+
+
+class NotFound(OSError):
+    """HTTP 404: the object is not there (not retried)."""
 
 
 def object_url(key: str, base_url: str = CLOUD_URL) -> str:
@@ -56,6 +61,18 @@ def article_versions(pmcid: str, base_url: str = CLOUD_URL) -> dict[str, list[st
         if name and version.isdigit():
             versions.setdefault(folder, []).append(name)
     return dict(sorted(versions.items(), key=lambda item: -int(item[0].rsplit(".", 1)[1])))
+
+
+def article_metadata(version: str, base_url: str = CLOUD_URL) -> dict | None:
+    """The cloud's record of an article version (`metadata/PMC<id>.<version>.json`: its license code, its
+    flags such as `is_retracted`, its files' URLs), or None where it has none."""
+    try:
+        record = json.loads(fetch(object_url(f"metadata/{version}.json", base_url)))
+    except NotFound:
+        return None
+    except ValueError as err:
+        raise OSError(f"metadata/{version}.json: not JSON ({err})") from None
+    return record if isinstance(record, dict) else None
 
 
 def parse_pmcid(text: str) -> tuple[str, str | None]:
@@ -95,7 +112,7 @@ def _retrying(url: str, read, timeout: float):
                 return read(response)
         except urllib.error.HTTPError as err:
             if (err.code < 500 and err.code != 429) or attempt == RETRIES:
-                raise OSError(f"HTTP {err.code} from {url}") from None
+                raise (NotFound if err.code == 404 else OSError)(f"HTTP {err.code} from {url}") from None
         except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as err:
             if attempt == RETRIES:
                 raise OSError(f"{url}: {getattr(err, 'reason', err)}") from None
