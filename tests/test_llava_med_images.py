@@ -207,8 +207,15 @@ def test_a_bad_line_of_the_image_list_is_named(tmp_path, capsys, line, message):
     assert message in capsys.readouterr().err
 
 
-def test_a_run_whose_packages_cannot_be_downloaded_at_all_stops_early_saying_why(tmp_path, mirror, monkeypatch):
+@pytest.mark.parametrize(
+    "source, advice",
+    [("packages from a mirror", "HTTP 404.* give --archives"), ("the PMC Cloud", "give --cloud-url")],
+)
+def test_a_run_whose_articles_cannot_be_downloaded_at_all_stops_early_saying_why(
+    tmp_path, mirror, monkeypatch, source, advice
+):
     monkeypatch.setattr("llama3med.data.pmc.GIVE_UP_AFTER", 2)
+    monkeypatch.setattr("llama3med.data.pmc_cloud.RETRIES", 0)
     records = [
         {
             "pair_id": f"PMC9{i}_f_{i}",
@@ -217,13 +224,10 @@ def test_a_run_whose_packages_cannot_be_downloaded_at_all_stops_early_saying_why
         }
         for i in range(6)
     ]
-    with pytest.raises(RuntimeError, match="the first 2 articles could not be downloaded .*HTTP 404.* give --archives"):
+    where = {"url_prefix": mirror.prefix} if source.startswith("packages") else {"cloud_url": "http://127.0.0.1:9"}
+    with pytest.raises(RuntimeError, match=f"the first 2 articles could not be downloaded .*{advice}"):
         fetch_llava_med_images(
-            read_image_list(image_list(tmp_path, records)),
-            tmp_path / "images",
-            url_prefix=mirror.prefix,
-            concurrency=1,
-            progress=False,
+            read_image_list(image_list(tmp_path, records)), tmp_path / "images", **where, concurrency=1, progress=False
         )
     assert len(mirror.requests) < 6
 
@@ -283,24 +287,3 @@ def test_what_the_pmc_cloud_lacks_is_listed_with_its_reason(tmp_path, pmc_cloud)
         "PMC100_fig9_3": "no file fig9.jpg in PMC100 in the PMC Cloud",
         "PMC200_gr1_2": "PMC200 is not in the PMC Cloud",
     }
-
-
-def test_a_run_that_cannot_reach_the_pmc_cloud_stops_early_saying_why(tmp_path, monkeypatch):
-    monkeypatch.setattr("llama3med.data.pmc.GIVE_UP_AFTER", 2)
-    monkeypatch.setattr("llama3med.data.pmc_cloud.RETRIES", 0)
-    records = [
-        {
-            "pair_id": f"PMC9{i}_f_{i}",
-            "pmc_tar_url": f"{PMC}oa_package/ff/ff/PMC9{i}.tar.gz",
-            "image_file_path": "f.jpg",
-        }
-        for i in range(6)
-    ]
-    with pytest.raises(RuntimeError, match="the first 2 articles could not be downloaded .* give --cloud-url"):
-        fetch_llava_med_images(
-            read_image_list(image_list(tmp_path, records)),
-            tmp_path / "images",
-            cloud_url="http://127.0.0.1:9",  # nothing listens there
-            concurrency=1,
-            progress=False,
-        )

@@ -4,6 +4,7 @@ reads; resumable, what cannot be had listed with its reason."""
 
 import json
 
+import pytest
 from test_pmc_figures import ARTICLE, FILES, records, write_package
 
 from llama3med.cli import main
@@ -140,3 +141,12 @@ def test_an_article_a_kill_left_half_written_is_fetched_again_and_never_read_mea
 def test_an_argument_that_is_neither_a_pmcid_nor_a_file_is_named(tmp_path, capsys):
     assert main(["data", "pmc-articles", "6149739", "--out", str(tmp_path / "articles")]) == 1
     assert "6149739: neither a PMCID (such as PMC6149739) nor a file of them" in capsys.readouterr().err
+
+
+def test_a_run_that_cannot_reach_the_pmc_cloud_stops_early_saying_why(tmp_path, monkeypatch):
+    monkeypatch.setattr("llama3med.data.pmc_articles.GIVE_UP_AFTER", 2)
+    monkeypatch.setattr("llama3med.data.pmc_cloud.RETRIES", 0)
+    with pytest.raises(RuntimeError, match="the first 2 articles could not be downloaded .* give --cloud-url"):
+        fetch_pmc_articles(
+            [f"PMC9{i}" for i in range(6)], tmp_path, cloud_url="http://127.0.0.1:9", concurrency=1, progress=False
+        )
