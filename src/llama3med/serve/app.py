@@ -12,6 +12,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import hmac
 import io
 import json
 import logging
@@ -282,7 +283,8 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
     async def guard(request: Request, call_next):
         started = time.monotonic()
         if request.url.path not in ("/health", "/") and settings.api_key:
-            if request.headers.get("authorization") != f"Bearer {settings.api_key}":
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, f"Bearer {settings.api_key}".encode()):  # in constant time
                 return error_response(ApiError(401, "missing or wrong API key (Authorization: Bearer ...)"))
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
