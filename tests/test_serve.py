@@ -1,17 +1,22 @@
 """`llama3med serve` as clients see it: the official openai client with images (PNG and DICOM), streaming
 exactly like OpenAI, batching of concurrent requests, images encoded once while their features are cached, a
-bounded queue, disconnects, auth, and a 4xx with an OpenAI error for every kind of bad input while the server
+bounded queue, disconnects, auth, HTTPS, and a 4xx with an OpenAI error for every kind of bad input while the server
 keeps serving."""
 
 import asyncio
 import base64
+import datetime
 import gzip
 import io
+import ipaddress
 import json
 import os
 import re
 import shutil
+import socket
+import ssl
 import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +34,7 @@ from PIL import Image
 
 from conftest import write_dicom
 from llama3med.checkpoints import load
+from llama3med.cli import _exposure_warnings, main
 from llama3med.processing import load_image, window_values
 from llama3med.serve import Engine, Settings, create_app
 from llama3med.serve.engine import FeatureCache, JobImage
@@ -405,6 +411,88 @@ def test_with_an_api_key_every_endpoint_but_health_needs_it(built_model_dir):
         assert page.status_code == 200 and "not for diagnosis" in page.text and "https://" not in page.text  # no CDN
     finally:
         server.stop()
+
+
+def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, as PEM files, for a test to trust."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = folder / "cert.pem", folder / "key.pem"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_file, key_file
+
+
+def test_serve_speaks_https_with_the_given_certificate_and_reads_its_api_key_from_the_environment(
+    built_model_dir, tmp_path
+):
+    cert_file, key_file = self_signed_certificate(tmp_path)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "llama3med.cli", "serve", "--model", str(built_model_dir), "--port", str(port)]
+    command += ["--ssl-certfile", str(cert_file), "--ssl-keyfile", str(key_file)]
+    process = subprocess.Popen(command, env={**os.environ, "LLAMA3MED_API_KEY": KEY}, stderr=subprocess.PIPE, text=True)
+    trusted = ssl.create_default_context(cafile=str(cert_file))
+    url = f"https://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                assert httpx.get(f"{url}/health", verify=trusted).json()["status"] == "ok"
+                break
+            except httpx.TransportError:
+                assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+                time.sleep(0.5)
+        assert httpx.get(f"{url}/v1/models", verify=trusted).status_code == 401
+        models = httpx.get(f"{url}/v1/models", verify=trusted, headers={"Authorization": f"Bearer {KEY}"})
+        assert models.status_code == 200 and KEY not in " ".join(command)
+        with pytest.raises(httpx.TransportError):  # an untrusted certificate is refused
+            httpx.get(f"{url}/health")
+        with pytest.raises(httpx.TransportError):  # nor is plain HTTP spoken there
+            httpx.get(f"http://127.0.0.1:{port}/health")
+    finally:
+        process.terminate()
+        _, stderr = process.communicate(timeout=30)
+    assert f"serving {built_model_dir.name} on https://127.0.0.1:{port}" in stderr and "warning" not in stderr
+
+
+def test_serve_refuses_half_a_tls_setting_before_loading_the_model(tmp_path, capsys):
+    assert main(["serve", "--ssl-certfile", str(tmp_path / "cert.pem")]) == 1
+    assert "--ssl-certfile and --ssl-keyfile go together" in capsys.readouterr().err
+    assert main(["serve", "--ssl-certfile", str(tmp_path / "c.pem"), "--ssl-keyfile", str(tmp_path / "k.pem")]) == 1
+    assert f"{tmp_path / 'c.pem'}: no such file" in capsys.readouterr().err
+
+
+def test_a_server_reachable_from_other_machines_is_warned_of_what_it_lacks():
+    assert _exposure_warnings("127.0.0.1", tls=False, api_key=False) == []
+    assert _exposure_warnings("localhost", tls=False, api_key=False) == []
+    assert _exposure_warnings("0.0.0.0", tls=True, api_key=True) == []
+    plain, open_to_all = _exposure_warnings("0.0.0.0", tls=False, api_key=False)
+    assert "plain HTTP" in plain and "--ssl-certfile" in plain and "without an API key" in open_to_all
+    assert len(_exposure_warnings("10.1.2.3", tls=True, api_key=False)) == 1
 
 
 def test_no_prompt_or_image_reaches_the_logs(server, caplog):

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+API_KEY_VARIABLE = "LLAMA3MED_API_KEY"  # `serve`'s key, kept out of the process list
 
 
 def _scales(text: str) -> list[int]:
@@ -446,13 +450,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from .inference import best_device, compile_model
     from .serve import Engine, Settings, create_app
 
+    api_key = args.api_key or os.environ.get(API_KEY_VARIABLE) or None
+    tls = _tls_files(args.ssl_certfile, args.ssl_keyfile)
     model_dir = _model_dir(args.model)
     model, processor = _load_for_answering(model_dir, best_device(), args)
     if args.compile:
         compile_model(model)
     settings = Settings(
         model_id=args.model_id or ("llama3med-demo" if args.model is None else Path(model_dir).name),
-        api_key=args.api_key,
+        api_key=api_key,
         allow_dirs=[Path(d).resolve() for d in args.allow_dir],
         allow_remote=args.allow_remote,
         max_body_bytes=int(args.max_body_mb * 2**20),
@@ -467,8 +473,54 @@ def cmd_serve(args: argparse.Namespace) -> None:
         feature_cache_bytes=int(args.image_cache_mb * 2**20),
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    print(f"serving {settings.model_id} on http://{args.host}:{args.port} (web page at /, API at /v1)", file=sys.stderr)
-    uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, access_log=False, log_level="warning")
+    for warning in _exposure_warnings(args.host, tls=tls is not None, api_key=api_key is not None):
+        print(f"llama3med: warning: {warning}", file=sys.stderr)
+    scheme = "https" if tls else "http"
+    print(
+        f"serving {settings.model_id} on {scheme}://{args.host}:{args.port} (web page at /, API at /v1)",
+        file=sys.stderr,
+    )
+    uvicorn.run(
+        create_app(engine, settings),
+        host=args.host,
+        port=args.port,
+        access_log=False,
+        log_level="warning",
+        ssl_certfile=tls[0] if tls else None,
+        ssl_keyfile=tls[1] if tls else None,
+    )
+
+
+def _tls_files(certfile: str | None, keyfile: str | None) -> tuple[str, str] | None:
+    """The certificate and key `serve` speaks HTTPS with, both given or neither, checked before the
+    model loads."""
+    if (certfile is None) != (keyfile is None):
+        raise ValueError("--ssl-certfile and --ssl-keyfile go together: give both, or neither for plain HTTP")
+    if certfile is None:
+        return None
+    for path in (certfile, keyfile):
+        if not Path(path).is_file():
+            raise ValueError(f"{path}: no such file")
+    return certfile, keyfile
+
+
+def _exposure_warnings(host: str, *, tls: bool, api_key: bool) -> list[str]:
+    """What a server reachable from other machines lacks: images and questions are patient data."""
+    try:
+        local = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        local = False
+    if local:
+        return []
+    warnings = []
+    if not tls:
+        warnings.append(
+            f"serving on {host} over plain HTTP: images, questions, answers and the API key cross the network "
+            "unencrypted; give --ssl-certfile and --ssl-keyfile"
+        )
+    if not api_key:
+        warnings.append(f"serving on {host} without an API key: anyone who can reach it can use it; give --api-key")
+    return warnings
 
 
 def cmd_data_phantoms(args: argparse.Namespace) -> None:
@@ -771,7 +823,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-id", default=None, help="name clients use (default: the directory's name)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (all but /health and the page)")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help=f"require Authorization: Bearer KEY (all but /health and the page); default: ${API_KEY_VARIABLE}, "
+        "which unlike a flag other users of the machine cannot read in the process list",
+    )
+    p.add_argument("--ssl-certfile", default=None, help="PEM certificate (chain): serve HTTPS, with --ssl-keyfile")
+    p.add_argument("--ssl-keyfile", default=None, help="PEM private key of --ssl-certfile")
     p.add_argument("--allow-dir", action="append", default=[], help="directory file:// images may come from")
     p.add_argument("--allow-remote", action="store_true", help="fetch http(s) image URLs")
     p.add_argument("--max-batch", type=_positive, default=8, help="requests decoding together (batch rows)")
