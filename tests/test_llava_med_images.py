@@ -215,7 +215,7 @@ def test_a_run_whose_articles_cannot_be_downloaded_at_all_stops_early_saying_why
     tmp_path, mirror, monkeypatch, source, advice
 ):
     monkeypatch.setattr("llama3med.data.pmc.GIVE_UP_AFTER", 2)
-    monkeypatch.setattr("llama3med.data.pmc_cloud.RETRIES", 0)
+    monkeypatch.setattr("llama3med.data.web.RETRIES", 0)
     records = [
         {
             "pair_id": f"PMC9{i}_f_{i}",

@@ -554,6 +554,16 @@ def cmd_data_llava_med_images(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_data_pmc_search(args: argparse.Namespace) -> None:
+    from .data.europe_pmc import search_pmcids
+
+    counts = search_pmcids(args.query, args.out, limit=args.limit, search_url=args.search_url)
+    print(
+        f"{args.out}: {counts['pmcids']} PMCIDs of open-access articles ({counts['matched']} matched)"
+        + (", found by an earlier run" if counts["already done"] else "")
+    )
+
+
 def cmd_data_pmc_articles(args: argparse.Namespace) -> None:
     from .data.pmc_articles import FAILED_FILE, fetch_pmc_articles, read_pmcids
 
@@ -655,6 +665,7 @@ def _add_precision_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .data.benchmarks import BENCHMARKS
+    from .data.europe_pmc import SEARCH_URL
     from .data.phantoms import PHANTOM_FORMATS
     from .data.pmc_cloud import CLOUD_URL
     from .processing.chat import LLAVA_CHAT_TEMPLATES
@@ -879,6 +890,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--concurrency", type=_positive, default=8, help="articles fetched at once")
     p.set_defaults(func=cmd_data_llava_med_images)
+    p = data.add_parser("pmc-search", help="PMCIDs of the open-access articles a Europe PMC search finds; resumable")
+    p.add_argument("query", help='Europe PMC query, e.g. \'"computed tomography" AND LICENSE:"cc by"\'')
+    p.add_argument("--out", required=True, help="file of PMCIDs, one a line: what pmc-articles reads")
+    p.add_argument("--limit", type=_positive, default=None, help="at most this many PMCIDs")
+    p.add_argument("--search-url", default=SEARCH_URL, help="Europe PMC's REST search (default: %(default)s)")
+    p.set_defaults(func=cmd_data_pmc_search)
     p = data.add_parser(
         "pmc-articles", help="open-access articles' JATS XML and figure images from the PMC Cloud; resumable"
     )

@@ -28,7 +28,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from .pmc_cloud import CLOUD_URL, article_versions, download, fetch, object_url, parse_pmcid
+from .pmc_cloud import CLOUD_URL, article_versions, object_url, parse_pmcid
+from .web import download, fetch
 
 FAILED_FILE = "failed.jsonl"
 GIVE_UP_AFTER = 50  # articles that could not be downloaded, with none yet that could, before the run stops

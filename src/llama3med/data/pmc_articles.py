@@ -19,8 +19,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .pmc_cloud import CLOUD_URL, PMCID, article_metadata, article_versions, fetch, object_url, parse_pmcid
+from .pmc_cloud import CLOUD_URL, PMCID, article_metadata, article_versions, object_url, parse_pmcid
 from .pmc_figures import figure_graphics, graphic_file, jats_file, parse_jats
+from .web import fetch
 
 FAILED_FILE = "failed.jsonl"
 GIVE_UP_AFTER = 50  # articles whose download failed, with none yet that did not, before the run stops

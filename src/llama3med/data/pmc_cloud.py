@@ -9,24 +9,15 @@ HTTPS, and a prefix is listed with S3's ListObjectsV2 call, which needs no accou
 
 from __future__ import annotations
 
-import http.client
 import json
-import os
 import re
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import xml.etree.ElementTree as ET
-from pathlib import Path
+
+from .web import NotFound, fetch
 
 CLOUD_URL = "https://pmc-oa-opendata.s3.amazonaws.com"
-RETRIES = 3
 PMCID = re.compile(r"\bPMC(\d+)(?:\.(\d+))?\b")
-
-
-class NotFound(OSError):
-    """HTTP 404: the object is not there (not retried)."""
 
 
 def object_url(key: str, base_url: str = CLOUD_URL) -> str:
@@ -81,42 +72,6 @@ def parse_pmcid(text: str) -> tuple[str, str | None]:
     if match is None:
         raise ValueError(f"{text!r} is not a PMCID (PMC followed by digits, optionally .VERSION)")
     return match.group(1), match.group(2)
-
-
-def fetch(url: str, timeout: float = 120) -> bytes:
-    """The body at `url`, retried as `download` retries."""
-    return _retrying(url, lambda response: response.read(), timeout)
-
-
-def download(url: str, target: Path, timeout: float = 120) -> None:
-    """`url` to `target`, whole or not at all; server errors, timeouts and cut connections are retried
-    with back-off, a missing file (HTTP 4xx) is not."""
-    partial = target.with_name(target.name + ".partial")
-
-    def write(response) -> None:
-        with open(partial, "wb") as file:
-            while chunk := response.read(1 << 20):
-                file.write(chunk)
-        os.replace(partial, target)
-
-    try:
-        _retrying(url, write, timeout)
-    finally:
-        partial.unlink(missing_ok=True)
-
-
-def _retrying(url: str, read, timeout: float):
-    for attempt in range(RETRIES + 1):
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:
-                return read(response)
-        except urllib.error.HTTPError as err:
-            if (err.code < 500 and err.code != 429) or attempt == RETRIES:
-                raise (NotFound if err.code == 404 else OSError)(f"HTTP {err.code} from {url}") from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as err:
-            if attempt == RETRIES:
-                raise OSError(f"{url}: {getattr(err, 'reason', err)}") from None
-        time.sleep(2**attempt)
 
 
 def _children(element: ET.Element, name: str) -> list[ET.Element]:

@@ -1,0 +1,52 @@
+"""HTTP reads for the data commands: whole or not at all, retried where retrying can help."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+RETRIES = 3
+
+
+class NotFound(OSError):
+    """HTTP 404: the object is not there (not retried)."""
+
+
+def fetch(url: str, timeout: float = 120) -> bytes:
+    """The body at `url`, retried as `download` retries."""
+    return _retrying(url, lambda response: response.read(), timeout)
+
+
+def download(url: str, target: Path, timeout: float = 120) -> None:
+    """`url` to `target`, whole or not at all; server errors, timeouts and cut connections are retried
+    with back-off, a missing file (HTTP 4xx) is not."""
+    partial = target.with_name(target.name + ".partial")
+
+    def write(response) -> None:
+        with open(partial, "wb") as file:
+            while chunk := response.read(1 << 20):
+                file.write(chunk)
+        os.replace(partial, target)
+
+    try:
+        _retrying(url, write, timeout)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _retrying(url: str, read, timeout: float):
+    for attempt in range(RETRIES + 1):
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                return read(response)
+        except urllib.error.HTTPError as err:
+            if (err.code < 500 and err.code != 429) or attempt == RETRIES:
+                raise (NotFound if err.code == 404 else OSError)(f"HTTP {err.code} from {url}") from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as err:
+            if attempt == RETRIES:
+                raise OSError(f"{url}: {getattr(err, 'reason', err)}") from None
+        time.sleep(2**attempt)
