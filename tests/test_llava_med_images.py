@@ -229,7 +229,7 @@ def test_a_run_whose_articles_cannot_be_downloaded_at_all_stops_early_saying_why
         fetch_llava_med_images(
             read_image_list(image_list(tmp_path, records)), tmp_path / "images", **where, concurrency=1, progress=False
         )
-    assert len(mirror.requests) < 6
+    assert len(mirror.requests) <= 3  # the 2 that failed, and at most the 1 handed out meanwhile
 
 
 def png(seed: int) -> bytes:
@@ -261,7 +261,10 @@ def test_without_a_package_each_figure_is_fetched_alone_from_the_pmc_cloud_by_it
     assert "3 figures written, 0 already there, 0 failed" in capsys.readouterr().out
     assert (out / "PMC100_fig1_0.jpg").read_bytes() == FIGURES["PMC100/fig1.jpg"]
     assert (out / "PMC100_fig2_1.jpg").read_bytes() == FIGURES["PMC100/fig2.jpg"]
-    assert (out / "PMC200_gr1_2.jpg").read_bytes() == pmc_cloud.objects["PMC200.1/gr1.png"]
+    with Image.open(out / "PMC200_gr1_2.jpg") as converted:  # a PNG in the cloud, written as the JPEG it is named
+        assert converted.format == "JPEG"
+        original = np.asarray(Image.open(io.BytesIO(pmc_cloud.objects["PMC200.1/gr1.png"])), dtype=float)
+        assert np.abs(np.asarray(converted, dtype=float) - original).mean() < 8
     fetched = sorted(path for path in pmc_cloud.requests if not path.startswith("/?"))
     assert fetched == ["/PMC100.1/fig2.jpg", "/PMC100.2/fig1.jpg", "/PMC100.2/fig1.jpg", "/PMC200.1/gr1.png"]
 

@@ -15,13 +15,13 @@ reason.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import tarfile
 import urllib.parse
 import zlib
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .pmc_cloud import CLOUD_URL, article_versions, object_url, parse_pmcid
-from .web import download, fetch
+from .web import download, fetch, run_concurrently
 
 FAILED_FILE = "failed.jsonl"
 GIVE_UP_AFTER = 50  # articles that could not be downloaded, with none yet that could, before the run stops
@@ -109,36 +109,32 @@ def fetch_llava_med_images(
             pending.setdefault(figure.package_url, []).append(figure)
     counts = {"written": 0, "present": len(figures) - sum(map(len, pending.values())), "failed": 0}
     failures: list[dict[str, str]] = []
+    downloads_failed = 0
+
+    def take(url: str) -> tuple[int, list[dict[str, str]]]:
+        return _take_figures(url, pending[url], out, archive_dir, url_prefix, cloud_url)
+
     with (
-        ThreadPoolExecutor(max_workers=concurrency) as pool,
+        contextlib.closing(run_concurrently(take, list(pending), concurrency)) as results,
         tqdm(total=len(pending), unit="article", desc="llava-med images", disable=not progress) as bar,
     ):
-        jobs = [
-            pool.submit(_take_figures, url, members, out, archive_dir, url_prefix, cloud_url)
-            for url, members in pending.items()
-        ]
-        downloads_failed = 0
-        try:
-            for job in as_completed(jobs):
-                written, failed = job.result()
-                downloads_failed += bool(failed) and failed[0]["reason"].startswith(DOWNLOAD_FAILED)
-                if downloads_failed >= GIVE_UP_AFTER and counts["written"] + written == 0:
-                    raise RuntimeError(
-                        f"the first {downloads_failed} articles could not be downloaded (last: {failed[0]['reason']}); "
-                        + (
-                            "PMC no longer serves the original package URLs: give --archives or another --url-prefix"
-                            if url_prefix is not None
-                            else "check the network, or give --cloud-url (a mirror of the PMC Cloud) or --archives"
-                        )
+        for _, job in results:  # an exception or Ctrl-C stops it: what is written stays written
+            written, failed = job.result()
+            downloads_failed += bool(failed) and failed[0]["reason"].startswith(DOWNLOAD_FAILED)
+            if downloads_failed >= GIVE_UP_AFTER and counts["written"] + written == 0:
+                raise RuntimeError(
+                    f"the first {downloads_failed} articles could not be downloaded (last: {failed[0]['reason']}); "
+                    + (
+                        "PMC no longer serves the original package URLs: give --archives or another --url-prefix"
+                        if url_prefix is not None
+                        else "check the network, or give --cloud-url (a mirror of the PMC Cloud) or --archives"
                     )
-                counts["written"] += written
-                counts["failed"] += len(failed)
-                failures.extend(failed)
-                bar.update(1)
-                bar.set_postfix(figures=counts["written"], failed=counts["failed"])
-        except BaseException:  # Ctrl-C: what is written stays written; articles not started are not
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
+                )
+            counts["written"] += written
+            counts["failed"] += len(failed)
+            failures.extend(failed)
+            bar.update(1)
+            bar.set_postfix(figures=counts["written"], failed=counts["failed"])
     failures.sort(key=lambda f: f["pair_id"])
     (out / FAILED_FILE).write_text("".join(json.dumps(f) + "\n" for f in failures))
     return counts
@@ -248,12 +244,26 @@ def _write_figure(package, figure: Figure, out: Path) -> str | None:
 
 
 def _write_image(data: bytes, figure: Figure, out: Path) -> str | None:
+    """`data` written as the figure's `.jpg`: as it is when it is a JPEG, else (a figure the cloud keeps
+    as PNG or TIFF) converted to one, so that the name does not lie about the content."""
     if not is_image(data):
         return "is not an image"
+    if not data.startswith(b"\xff\xd8"):
+        try:
+            data = _as_jpeg(data)
+        except Exception as err:  # Pillow raises many kinds for images it verifies but cannot decode
+            return f"cannot be converted to JPEG ({err})"
     partial = out / f".{figure.file_name}.partial"
     partial.write_bytes(data)
     os.replace(partial, out / figure.file_name)
     return None
+
+
+def _as_jpeg(data: bytes) -> bytes:
+    with Image.open(io.BytesIO(data)) as image:
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
 
 
 def is_image(data: bytes) -> bool:

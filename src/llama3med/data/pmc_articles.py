@@ -10,18 +10,18 @@ is missing; the articles that could not be had are listed in `OUT/failed.jsonl` 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import xml.etree.ElementTree as ET
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from tqdm import tqdm
 
 from .pmc_cloud import CLOUD_URL, PMCID, article_metadata, article_versions, object_url, parse_pmcid
 from .pmc_figures import figure_graphics, graphic_file, jats_file, parse_jats
-from .web import fetch
+from .web import fetch, run_concurrently
 
 FAILED_FILE = "failed.jsonl"
 GIVE_UP_AFTER = 50  # articles whose download failed, with none yet that did not, before the run stops
@@ -69,29 +69,26 @@ def fetch_pmc_articles(
     failures: list[dict[str, str]] = []
     downloads_failed = 0
     with (
-        ThreadPoolExecutor(max_workers=concurrency) as pool,
+        contextlib.closing(
+            run_concurrently(lambda pmcid: _fetch_article(pmcid, out, cloud_url), pending, concurrency)
+        ) as results,
         tqdm(total=len(pending), unit="article", desc="pmc articles", disable=not progress) as bar,
     ):
-        jobs = {pool.submit(_fetch_article, pmcid, out, cloud_url): pmcid for pmcid in pending}
-        try:
-            for job in as_completed(jobs):
-                try:
-                    counts["figures"] += job.result()
-                    counts["fetched"] += 1
-                except ArticleError as err:
-                    counts["failed"] += 1
-                    failures.append({"pmcid": jobs[job], "reason": str(err)})
-                    downloads_failed += err.download
-                    if downloads_failed >= GIVE_UP_AFTER and counts["fetched"] == 0:
-                        raise RuntimeError(
-                            f"the first {downloads_failed} articles could not be downloaded (last: {err}); "
-                            "check the network, or give --cloud-url (a mirror of the PMC Cloud)"
-                        ) from None
-                bar.update(1)
-                bar.set_postfix(figures=counts["figures"], failed=counts["failed"])
-        except BaseException:  # Ctrl-C: finished articles stay; the one being written is redone next time
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
+        for pmcid, job in results:  # an exception or Ctrl-C stops it: the article being written is redone next time
+            try:
+                counts["figures"] += job.result()
+                counts["fetched"] += 1
+            except ArticleError as err:
+                counts["failed"] += 1
+                failures.append({"pmcid": pmcid, "reason": str(err)})
+                downloads_failed += err.download
+                if downloads_failed >= GIVE_UP_AFTER and counts["fetched"] == 0:
+                    raise RuntimeError(
+                        f"the first {downloads_failed} articles could not be downloaded (last: {err}); "
+                        "check the network, or give --cloud-url (a mirror of the PMC Cloud)"
+                    ) from None
+            bar.update(1)
+            bar.set_postfix(figures=counts["figures"], failed=counts["failed"])
     failures.sort(key=lambda f: f["pmcid"])
     (out / FAILED_FILE).write_text("".join(json.dumps(f) + "\n" for f in failures))
     return counts

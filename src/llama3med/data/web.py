@@ -1,12 +1,15 @@
-"""HTTP reads for the data commands: whole or not at all, retried where retrying can help."""
+"""HTTP reads for the data commands: whole or not at all, retried where retrying can help, several at once."""
 
 from __future__ import annotations
 
 import http.client
+import itertools
 import os
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 RETRIES = 3
@@ -50,3 +53,21 @@ def _retrying(url: str, read, timeout: float):
             if attempt == RETRIES:
                 raise OSError(f"{url}: {getattr(err, 'reason', err)}") from None
         time.sleep(2**attempt)
+
+
+def run_concurrently(work: Callable, items: Iterable, workers: int) -> Iterator[tuple[object, Future]]:
+    """`work(item)` for each item on `workers` threads, yielding `(item, future)` as each ends. Items are
+    handed out only as threads come free, so a run stopped early (an error, Ctrl-C: close the iterator)
+    has started no more than `workers` beyond those it saw end, and nothing not yet started starts."""
+    pending = iter(items)
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        running = {pool.submit(work, item): item for item in itertools.islice(pending, workers)}
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                item = running.pop(future)
+                running.update({pool.submit(work, following): following for following in itertools.islice(pending, 1)})
+                yield item, future
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
