@@ -29,6 +29,7 @@ from llama3med.datagen import (
     load_prompt,
     mix,
     parse_reply,
+    read_captions,
 )
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -197,7 +198,6 @@ def test_both_sdks_generate_retry_and_reject_against_their_wire_protocols(kind, 
     else:
         teacher = OpenAITeacher(model="llama-3-70b", api_key=SECRET, base_url=f"{server.url}/v1")
     cases = ["good", "ratelimited", "refusal", "garbage", "leak", "invented", "broken", "good"]
-    from llama3med.datagen import read_captions
 
     records = read_captions(captions(tmp_path / "captions.jsonl", cases))
     out = tmp_path / "out.jsonl"
@@ -230,7 +230,6 @@ def test_both_sdks_generate_retry_and_reject_against_their_wire_protocols(kind, 
 
 
 def test_concurrency_never_exceeds_the_bound(server, tmp_path):
-    from llama3med.datagen import read_captions
 
     records = read_captions(captions(tmp_path / "c.jsonl", ["slow"] * 12))
     teacher = OpenAITeacher(api_key=SECRET, base_url=f"{server.url}/v1")
@@ -306,6 +305,23 @@ def test_a_paid_run_needs_confirmation_and_mix_reports_its_sources(tmp_path, cap
     assert len(json.loads((tmp_path / "mixed.json").read_text())) == 6
 
 
+def test_llava_med_s_domain_flags_read_as_the_kind_of_image_they_name(tmp_path):
+    flags = {"chest_xray": False, "mri": False, "ct_scan": True, "histology": False, "gross": False}
+    llava_med = [  # as llava_med_instruct_60k_inline_mention.json holds them
+        {"id": "m0", "image": "m0.jpg", "domain": flags, "conversations": GOOD},
+        {"id": "m1", "image": "m1.jpg", "domain": {**flags, "ct_scan": False}, "conversations": GOOD},
+        {"id": "m2", "image": "m2.jpg", "domain": {**flags, "mri": True}, "conversations": GOOD},
+    ]
+    (tmp_path / "llava_med.json").write_text(json.dumps(llava_med))
+    stats = mix([(tmp_path / "llava_med.json", 1.0)], tmp_path / "mixed.json")
+    assert stats["by_domain"] == {"CT": 1, "unknown": 1, "MRI, CT": 1}
+    captions = [{"id": "c0", "image": "c0.jpg", "caption": "Axial CT of the liver.", "domain": flags}]
+    (tmp_path / "captions.json").write_text(json.dumps(captions))
+    record = read_captions(tmp_path / "captions.json")[0]
+    assert record["domain"] == "CT"
+    assert "Kind of image: CT" in load_prompt("conversation").messages(record)[-1]["content"]
+
+
 def test_mix_can_keep_only_records_under_the_licenses_named(tmp_path):
     rows = [
         {"id": "a", "image": "a.png", "license": CC_BY, "conversations": GOOD},
@@ -337,7 +353,6 @@ def test_a_missing_teacher_sdk_is_one_line_that_says_what_to_install(sdk, tmp_pa
 
 def test_the_output_trains_as_it_is(server, tmp_path, tokenizer):
     from llama3med.data.conversations import ConversationDataset, Source
-    from llama3med.datagen import read_captions
     from llama3med.processing import Llama3MedProcessor
 
     records = read_captions(captions(tmp_path / "captions.jsonl", ["good"] * 3))

@@ -75,6 +75,24 @@ def record_image(record: dict, image_root: Path, name: str) -> tuple[Path | None
     return path, frame
 
 
+LLAVA_MED_DOMAINS = {
+    "chest_xray": "chest X-ray",
+    "mri": "MRI",
+    "ct_scan": "CT",
+    "histology": "histology",
+    "gross": "gross pathology",
+}
+
+
+def domain_name(domain) -> str | None:
+    """A record's kind of image as words: a string as it is, or LLaVA-Med's flags
+    (`{"chest_xray": false, "ct_scan": true, ...}`) as the names of those set; None when none is."""
+    if isinstance(domain, dict):
+        names = [LLAVA_MED_DOMAINS.get(key, key) for key, value in domain.items() if value is True]
+        return ", ".join(names) or None
+    return str(domain) if domain not in (None, "") else None
+
+
 def read_records(path: Path) -> list[dict]:
     """A JSON list or JSON lines of records; malformed input names the file and line."""
     text = Path(path).read_text(encoding="utf-8")

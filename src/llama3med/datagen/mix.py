@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..data.conversations import draw, read_records
+from ..data.conversations import domain_name, draw, read_records
 
 
 def mix(sources: list[tuple[Path, float]], out: str | Path, seed: int = 0, licenses: Sequence[str] = ()) -> dict:
@@ -43,7 +43,7 @@ def mix(sources: list[tuple[Path, float]], out: str | Path, seed: int = 0, licen
         for record in records:
             turns = record.get("conversations") or []
             stats["by_teacher"][record.get("teacher", "unknown")] += 1
-            stats["by_domain"][record.get("domain") or "unknown"] += 1
+            stats["by_domain"][domain_name(record.get("domain")) or "unknown"] += 1
             stats["by_license"][record.get("license") or "unknown"] += 1
             stats["turns"][len(turns) // 2] += 1
             tokens += sum(len(str(t.get("value", "")).split()) for t in turns if isinstance(t, dict))

@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from ..data.conversations import read_records, repair_appended_rows
+from ..data.conversations import domain_name, read_records, repair_appended_rows
 from .cleaning import BadReply, clean_conversation, parse_reply
 from .teachers import PermanentError, TransientError
 
@@ -99,7 +99,7 @@ def read_captions(path: str | Path) -> list[dict]:
                 "image": raw["image"],
                 "caption": str(caption).strip(),
                 "mentions": [str(m) for m in mentions],
-                "domain": raw.get("domain"),
+                "domain": domain_name(raw.get("domain")),
                 "license": raw.get("license"),
             }
         )
