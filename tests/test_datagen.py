@@ -305,7 +305,7 @@ def test_a_paid_run_needs_confirmation_and_mix_reports_its_sources(tmp_path, cap
     assert len(json.loads((tmp_path / "mixed.json").read_text())) == 6
 
 
-def test_llava_med_s_domain_flags_read_as_the_kind_of_image_they_name(tmp_path):
+def test_llava_med_s_records_read_as_they_are_published_domain_flags_and_figure_fields_included(tmp_path):
     flags = {"chest_xray": False, "mri": False, "ct_scan": True, "histology": False, "gross": False}
     llava_med = [  # as llava_med_instruct_60k_inline_mention.json holds them
         {"id": "m0", "image": "m0.jpg", "domain": flags, "conversations": GOOD},
@@ -315,10 +315,25 @@ def test_llava_med_s_domain_flags_read_as_the_kind_of_image_they_name(tmp_path):
     (tmp_path / "llava_med.json").write_text(json.dumps(llava_med))
     stats = mix([(tmp_path / "llava_med.json", 1.0)], tmp_path / "mixed.json")
     assert stats["by_domain"] == {"CT": 1, "unknown": 1, "MRI, CT": 1}
-    captions = [{"id": "c0", "image": "c0.jpg", "caption": "Axial CT of the liver.", "domain": flags}]
-    (tmp_path / "captions.json").write_text(json.dumps(captions))
-    record = read_captions(tmp_path / "captions.json")[0]
-    assert record["domain"] == "CT"
+    figures = [  # LLaVA-Med's figure records, as its instruct generation reads them
+        {
+            "pair_id": "PMC6149739_fig1_0",
+            "fig_label": "Fig. 1",
+            "fig_caption": "Axial CT of the liver.",
+            "in_text_mention": [{"tokens": "CT showed a lesion (Fig. 1).", "start": 10}],
+            "domain": flags,
+        }
+    ]
+    (tmp_path / "figures.json").write_text(json.dumps(figures))
+    record = read_captions(tmp_path / "figures.json")[0]
+    assert record == {
+        "id": "PMC6149739_fig1_0",
+        "image": "PMC6149739_fig1_0.jpg",  # as `data llava-med-images` names it
+        "caption": "Fig. 1: Axial CT of the liver.",
+        "mentions": ["CT showed a lesion (Fig. 1)."],
+        "domain": "CT",
+        "license": None,
+    }
     assert "Kind of image: CT" in load_prompt("conversation").messages(record)[-1]["content"]
 
 

@@ -70,33 +70,39 @@ def load_prompt(name: str, version: int = 1) -> Prompt:
 
 def read_captions(path: str | Path) -> list[dict]:
     """Caption records: PMC-15M / LLaVA-Med alignment JSONL (`id, image, caption, in_text_mention,
-    domain`) or LLaVA caption JSON (the caption is the first gpt turn)."""
+    domain`), LLaVA-Med's figure records as its own instruct generation reads them (`pair_id`,
+    `fig_label`, `fig_caption`, the image `<pair_id>.jpg` unless named), or LLaVA caption JSON (the
+    caption is the first gpt turn)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: input not found")
     records, seen = [], set()
     for position, raw in enumerate(read_records(path)):
-        name = f"{path}: record {raw.get('id', f'#{position}')}"
+        record_id = raw.get("id", raw.get("pair_id"))
+        name = f"{path}: record {record_id if record_id is not None else f'#{position}'}"
         caption = raw.get("caption")
+        if caption is None and raw.get("fig_caption"):
+            caption = f"{raw['fig_label']}: {raw['fig_caption']}" if raw.get("fig_label") else raw["fig_caption"]
         if caption is None and isinstance(raw.get("conversations"), list):
             caption = next(
                 (t.get("value") for t in raw["conversations"] if isinstance(t, dict) and t.get("from") == "gpt"), None
             )
         if not caption or not str(caption).strip():
             raise ValueError(f"{name}: no caption")
-        if "id" not in raw or "image" not in raw:
-            raise ValueError(f"{name}: needs 'id' and 'image'")
-        if str(raw["id"]) in seen:
+        image = raw.get("image") or (f"{raw['pair_id']}.jpg" if raw.get("pair_id") else None)
+        if record_id is None or image is None:
+            raise ValueError(f"{name}: needs 'id' (or 'pair_id') and 'image'")
+        if str(record_id) in seen:
             raise ValueError(f"{name}: duplicate id")
-        seen.add(str(raw["id"]))
+        seen.add(str(record_id))
         mentions = raw.get("in_text_mention") or raw.get("mentions") or []
         if isinstance(mentions, str):
             mentions = [mentions]
         mentions = [m.get("tokens", m) if isinstance(m, dict) else m for m in mentions]
         records.append(
             {
-                "id": str(raw["id"]),
-                "image": raw["image"],
+                "id": str(record_id),
+                "image": image,
                 "caption": str(caption).strip(),
                 "mentions": [str(m) for m in mentions],
                 "domain": domain_name(raw.get("domain")),
