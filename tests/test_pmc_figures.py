@@ -6,10 +6,11 @@ import json
 import tarfile
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from llama3med.cli import main
-from llama3med.data.pmc_figures import extract_pmc_figures
+from llama3med.data.pmc_figures import domain_of, extract_pmc_figures, imaging_kinds
 from llama3med.datagen.pipeline import read_captions
 
 ARTICLE = """<?xml version="1.0" encoding="UTF-8"?>
@@ -102,6 +103,7 @@ def test_each_figure_with_its_image_gives_a_record_with_caption_mentions_and_lic
             "Axial CT showed a hypodense lesion in segment VII (Fig. 1).",
             "MRI confirmed it (Figs. 1 and 2).",
         ],
+        "domain": "CT",
         "pmcid": "PMC6149739",
         "license": "https://creativecommons.org/licenses/by/4.0/",
         "article": "PMC6149739",
@@ -109,6 +111,7 @@ def test_each_figure_with_its_image_gives_a_record_with_caption_mentions_and_lic
     assert second["image"] == "PMC6149739_fig2.png" and second["in_text_mention"] == [
         "MRI confirmed it (Figs. 1 and 2)."
     ]
+    assert second["domain"] == "MRI"
     assert (tmp_path / "out" / "images" / "PMC6149739_fig1.jpg").read_bytes() == FILES["gr1.jpg"]
     assert (tmp_path / "out" / "images" / "PMC6149739_fig2.png").read_bytes() == FILES["gr2.png"]
     # what datagen reads: the caption, and the mentions the teacher may use
@@ -159,3 +162,33 @@ def test_an_unreadable_article_is_listed_and_the_others_are_done(tmp_path, capsy
     assert "2 figures from 1 articles" in capsys.readouterr().out
     failed = [json.loads(line) for line in (tmp_path / "out" / "failed.jsonl").read_text().splitlines()]
     assert [f["article"] for f in failed] == ["PMC2222222.tar.gz", "PMC3333333.tar.gz"]
+
+
+@pytest.mark.parametrize(
+    "caption, kinds",
+    [
+        ("Axial contrast-enhanced CT of the abdomen.", ["ct"]),
+        ("Coronal T2-weighted image and FLAIR.", ["mri"]),
+        ("PET/CT fusion images show uptake.", ["ct", "nuclear"]),
+        ("Chest radiograph on admission.", ["xray"]),
+        ("Transthoracic echocardiography, apical view.", ["ultrasound"]),
+        ("Photomicrograph of the tumour (H&E, original magnification x400).", ["histology"]),
+        ("Gross specimen: cut surface of the resected kidney.", ["gross"]),
+        ("Colonoscopy shows a polyp.", ["endoscopy"]),
+        ("Fundus photograph and OCT of the left eye.", ["ophthalmology"]),
+        ("Ct values of the qPCR over 30 days; stained-glass model of the pathway.", []),
+        ("Kaplan-Meier survival curves by treatment arm.", []),
+    ],
+)
+def test_a_figure_s_kind_of_image_is_read_from_the_words_of_its_caption(caption, kinds):
+    assert imaging_kinds(caption) == kinds
+
+
+def test_figures_can_be_kept_by_the_kind_of_image_their_caption_names(tmp_path, capsys):
+    (tmp_path / "articles").mkdir()
+    write_package(tmp_path / "articles" / "PMC6149739.tar.gz", FILES)
+    argv = ["data", "pmc-figures", str(tmp_path / "articles"), "--out", str(tmp_path / "out"), "--kind", "mri"]
+    assert main(argv) == 0
+    assert "1 of other kinds" in capsys.readouterr().out
+    assert [(r["id"], r["domain"]) for r in records(tmp_path / "out")] == [("PMC6149739_fig2", "MRI")]
+    assert domain_of(["ct", "nuclear"]) == "CT, nuclear medicine" and domain_of([]) is None

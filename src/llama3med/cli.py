@@ -581,12 +581,13 @@ def cmd_data_pmc_articles(args: argparse.Namespace) -> None:
 def cmd_data_pmc_figures(args: argparse.Namespace) -> None:
     from .data.pmc_figures import FAILED_FILE, FIGURES_FILE, extract_pmc_figures
 
-    counts = extract_pmc_figures(args.articles, args.out)
+    counts = extract_pmc_figures(args.articles, args.out, kinds=args.kind)
     out = Path(args.out)
     print(
         f"{out / FIGURES_FILE}: {counts['figures']} figures from {counts['articles']} articles "
         f"({counts['without image or caption']} figures without an image or caption passed over, "
-        f"{counts['already done']} articles done before, {counts['failed']} unreadable"
+        + (f"{counts['of other kinds']} of other kinds, " if args.kind else "")
+        + f"{counts['already done']} articles done before, {counts['failed']} unreadable"
         + (f": see {out / FAILED_FILE})" if counts["failed"] else ")")
     )
 
@@ -668,6 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .data.europe_pmc import SEARCH_URL
     from .data.phantoms import PHANTOM_FORMATS
     from .data.pmc_cloud import CLOUD_URL
+    from .data.pmc_figures import IMAGING_KINDS
     from .processing.chat import LLAVA_CHAT_TEMPLATES
 
     parser = argparse.ArgumentParser(
@@ -911,6 +913,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("articles", help="folder of PMC article packages (PMC*.tar.gz) or article folders (JATS + images)")
     p.add_argument("--out", required=True, help="output folder: figures.jsonl and images/")
+    p.add_argument(
+        "--kind",
+        action="append",
+        default=[],
+        choices=IMAGING_KINDS,
+        help="keep only figures whose caption names this kind of image (repeatable), as LLaVA-Med kept five",
+    )
     p.set_defaults(func=cmd_data_pmc_figures)
     return parser
 

@@ -16,7 +16,7 @@ import re
 import tarfile
 import xml.etree.ElementTree as ET
 import zlib
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
 from tqdm import tqdm
@@ -31,6 +31,32 @@ XLINK_HREF = "{http://www.w3.org/1999/xlink}href"
 FLOATS = ("fig", "fig-group", "table-wrap")  # placed in the text, but not part of it
 JATS_NAMESPACES = ("{https://jats.nlm.nih.gov/ns/", "{http://jats.nlm.nih.gov/ns/")
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z(\[])")
+# What kind of image a caption says it is, by the words captions use for it (acronyms in capitals only, so
+# that "Ct values" are not taken for a CT): the `domain` of a record, which the teachers are told and
+# figures can be kept by. Not a classifier: a chart whose caption names a CT is taken for one, and a CT
+# whose caption does not say so is not.
+IMAGING_KINDS = {
+    "ct": ("CT", r"(?-i:\bCTA?\b|\bHRCT\b)|computed tomograph"),
+    "mri": (
+        "MRI",
+        r"(?-i:\bMRI?\b|\bMRA\b|\bFLAIR\b|\bDWI\b)|magnetic resonance|\bT[12][- ]weighted|diffusion[- ]weighted",
+    ),
+    "xray": ("X-ray", r"radiograph|\bx-?ray|(?-i:\bCXR\b)|chest film|plain film|mammogra|fluoroscop"),
+    "ultrasound": ("ultrasound", r"ultrasound|ultrasonograph|sonograph|echocardiogra|doppler"),
+    "nuclear": ("nuclear medicine", r"(?-i:\bPET\b|\bSPECT\b)|positron emission|scintigra"),
+    "histology": (
+        "histology",
+        r"(?-i:\bH&E\b|\bIHC\b)|hae?matoxylin|immunohistochem|histolog|histopatholog|micrograph|"
+        r"\bstain(?:ed|ing)?\b(?!-)|original magnification|magnification\s*[x×]",
+    ),
+    "gross": ("gross pathology", r"\bgross(?:ly)?\b|macroscop|cut surface|resected specimen|surgical specimen"),
+    "endoscopy": ("endoscopy", r"endoscop|colonoscop|gastroscop|bronchoscop|cystoscop|laparoscop|arthroscop"),
+    "ophthalmology": (
+        "ophthalmology",
+        r"fundus|fundoscop|(?-i:\bOCT\b)|optical coherence tomograph|fluorescein angiogra|slit[- ]lamp",
+    ),
+}
+_KIND_PATTERNS = {key: (name, re.compile(pattern, re.IGNORECASE)) for key, (name, pattern) in IMAGING_KINDS.items()}
 
 
 def article_sources(folder: str | Path) -> list[Path]:
@@ -87,6 +113,15 @@ def figure_graphics(article: ET.Element) -> list[str]:
     return [href for figure in article.iter("fig") if (href := _graphic_href(figure))]
 
 
+def imaging_kinds(caption: str) -> list[str]:
+    """The keys of the kinds of image `caption` names (`IMAGING_KINDS`), in that table's order."""
+    return [key for key, (_, pattern) in _KIND_PATTERNS.items() if pattern.search(caption)]
+
+
+def domain_of(kinds: list[str]) -> str | None:
+    return ", ".join(IMAGING_KINDS[key][0] for key in kinds) or None
+
+
 def figure_records(jats: bytes, images: dict[str, bytes], article: str) -> tuple[list[tuple[dict, bytes]], int]:
     """`(record, image bytes)` for each figure of an article with a caption and an image among `images`
     that is one, and how many figures lacked either."""
@@ -109,6 +144,7 @@ def figure_records(jats: bytes, images: dict[str, bytes], article: str) -> tuple
             "image": record_id + Path(name).suffix.lower(),
             "caption": caption,
             "in_text_mention": mentions.get(figure_id, []),
+            "domain": domain_of(imaging_kinds(caption)),
             "pmcid": pmcid,
             "license": license_text,
             "article": article,
@@ -117,16 +153,24 @@ def figure_records(jats: bytes, images: dict[str, bytes], article: str) -> tuple
     return found, lacking
 
 
-def extract_pmc_figures(articles: str | Path, out: str | Path, progress: bool = True) -> dict[str, int]:
+def extract_pmc_figures(
+    articles: str | Path, out: str | Path, *, kinds: Sequence[str] = (), progress: bool = True
+) -> dict[str, int]:
     """Every figure of the articles in `articles` into `out/images/`, and its record into
-    `out/figures.jsonl`; resumable (an article is done once its name is in `out/articles.done`), with
-    the articles that could not be read listed in `out/failed.jsonl`. Returns the counts."""
+    `out/figures.jsonl`; with `kinds` (keys of `IMAGING_KINDS`), only the figures whose caption names one
+    of them. Resumable (an article is done once its name is in `out/articles.done`), with the articles
+    that could not be read listed in `out/failed.jsonl`. Returns the counts."""
+    unknown = sorted(set(kinds) - set(IMAGING_KINDS))
+    if unknown:
+        raise ValueError(f"unknown kind of image {', '.join(unknown)}; the kinds are {', '.join(IMAGING_KINDS)}")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     done = set((out / DONE_FILE).read_text().split()) if (out / DONE_FILE).exists() else set()
     _drop_unfinished(out / FIGURES_FILE, done)
     sources = [s for s in article_sources(articles) if article_name(s) not in done]
     counts = {"articles": 0, "figures": 0, "without image or caption": 0, "failed": 0, "already done": len(done)}
+    if kinds:
+        counts["of other kinds"] = 0
     failures = []
     with (
         open(out / FIGURES_FILE, "a") as figures_file,
@@ -141,6 +185,10 @@ def extract_pmc_figures(articles: str | Path, out: str | Path, progress: bool = 
                 failures.append({"article": source.name, "reason": " ".join(str(err).split())})
                 counts["failed"] += 1
                 continue
+            if kinds:
+                kept = [(r, d) for r, d in found if set(kinds) & set(imaging_kinds(r["caption"]))]
+                counts["of other kinds"] += len(found) - len(kept)
+                found = kept
             for record, data in found:
                 (out / "images" / record["image"]).write_bytes(data)
                 figures_file.write(json.dumps(record, ensure_ascii=False) + "\n")
