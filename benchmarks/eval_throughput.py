@@ -24,10 +24,9 @@ import time
 import torch
 
 from llama3med.checkpoints import DEMO_MODEL_DIR, build_scratch, load
-from llama3med.data.benchmarks import VQARecord, load_llava_med
+from llama3med.data.benchmarks import PROMPT_STYLES, VQARecord, load_llava_med
 from llama3med.data.phantoms import write_phantom_set
 from llama3med.eval import generate_answers
-from llama3med.eval.runner import PROMPT_STYLES
 from llama3med.inference import best_device, compile_model, question_messages
 from llama3med.processing import train_bpe_tokenizer
 

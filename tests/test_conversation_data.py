@@ -111,3 +111,40 @@ def test_a_record_may_name_a_slice_of_a_volume_as_its_image(tmp_path, phantoms, 
     assert dataset[3] is None and dataset.skipped["bad image"] == 1
     with pytest.raises(ValueError, match=r"record bad0: frame must be a whole number from 0, got '1'"):
         ConversationDataset([Source(path, tmp_path)], processor, 400, strict=True)
+
+
+def test_a_benchmark_s_train_split_becomes_conversations_worded_as_eval_asks(tmp_path, processor, capsys):
+    from test_benchmarks import png_bytes, write_parquet
+
+    from llama3med.cli import main
+    from llama3med.data.benchmarks import load_benchmark, prompt_text
+
+    shared = png_bytes(40)
+    write_parquet(
+        tmp_path / "vqa-rad" / "data" / "train-00000-of-00001.parquet",
+        [
+            (shared, "Is there a mass?", "yes"),
+            (shared, "Which lobe?", "right lobe"),
+            (png_bytes(90), "Is it MRI?", "no"),
+        ],
+    )
+    out = tmp_path / "vqa-rad-train"
+    argv = ["data", "vqa-conversations", "--benchmark", "vqa-rad", "--data", str(tmp_path / "vqa-rad")]
+    assert main([*argv, "--prompt", "short", "--out", str(out)]) == 0
+    assert "3 conversations (2 images written)" in capsys.readouterr().out
+    records = load_benchmark("vqa-rad", tmp_path / "vqa-rad", "train")
+    written = json.loads((out / "conversations.json").read_text())
+    assert [c["conversations"][0]["value"] for c in written] == [f"<image>\n{prompt_text(r, 'short')}" for r in records]
+    assert [c["answer_type"] for c in written] == ["CLOSED", "OPEN", "CLOSED"]
+    assert written[0]["image"] == written[1]["image"] != written[2]["image"]
+    assert (out / written[0]["image"]).read_bytes() == shared
+
+    dataset = ConversationDataset([Source(out / "conversations.json", out)], processor, 400, strict=True)
+    assert len(dataset) == 3 and not dataset.skipped
+    item = dataset[1]
+    supervised = [t for t, label in zip(item["input_ids"], item["labels"], strict=True) if label != IGNORE_INDEX]
+    assert processor.tokenizer.decode(supervised).startswith("right lobe")
+    assert torch.equal(dataset[0]["pixel_values"], processor.preprocess_image(out / written[0]["image"]))
+
+    assert main([*argv, "--split", "test", "--out", str(tmp_path / "t")]) == 1  # no test split in this release
+    assert "a model tuned on it cannot be evaluated on it" in capsys.readouterr().err

@@ -554,6 +554,19 @@ def cmd_data_llava_med_images(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_data_vqa_conversations(args: argparse.Namespace) -> None:
+    from .data.benchmarks import CONVERSATIONS_FILE, load_benchmark, write_benchmark_conversations
+
+    if args.split == "test":
+        print("llama3med: warning: the test split: a model tuned on it cannot be evaluated on it", file=sys.stderr)
+    records = load_benchmark(args.benchmark, args.data, args.split, args.image_root)
+    counts = write_benchmark_conversations(records, args.out, args.prompt)
+    print(
+        f"{Path(args.out) / CONVERSATIONS_FILE}: {counts['conversations']} conversations "
+        f"({counts['images written']} images written); train with image_root: {args.out}"
+    )
+
+
 def cmd_data_pmc_search(args: argparse.Namespace) -> None:
     from .data.europe_pmc import search_pmcids
 
@@ -616,8 +629,19 @@ def _add_compile_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_prompt_option(p: argparse.ArgumentParser) -> None:
+    from .data.benchmarks import PROMPT_STYLES
+
+    p.add_argument(
+        "--prompt",
+        choices=PROMPT_STYLES,
+        default="plain",
+        help="question wording: plain, or short (asks for a single word or phrase)",
+    )
+
+
 def _add_batch_answering_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt", choices=["plain", "short"], default="plain", help="question wording")
+    _add_prompt_option(p)
     p.add_argument("--batch-size", type=_positive, default=16)
     p.add_argument("--max-new-tokens", type=_positive, default=64)
     _add_precision_options(p)
@@ -892,6 +916,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--concurrency", type=_positive, default=8, help="articles fetched at once")
     p.set_defaults(func=cmd_data_llava_med_images)
+    p = data.add_parser(
+        "vqa-conversations", help="a VQA benchmark's train split as conversations to fine-tune on, worded as eval asks"
+    )
+    p.add_argument("--benchmark", required=True, choices=BENCHMARKS)
+    p.add_argument("--data", required=True, help="the release: a folder, a file or a Hugging Face dataset id")
+    p.add_argument("--split", default="train")
+    p.add_argument("--image-root", default=None, help="image folder when not the release's own")
+    _add_prompt_option(p)
+    p.add_argument("--out", required=True, help="output folder: conversations.json and images/")
+    p.set_defaults(func=cmd_data_vqa_conversations)
     p = data.add_parser("pmc-search", help="PMCIDs of the open-access articles a Europe PMC search finds; resumable")
     p.add_argument("query", help='Europe PMC query, e.g. \'"computed tomography" AND LICENSE:"cc by"\'')
     p.add_argument("--out", required=True, help="file of PMCIDs, one a line: what pmc-articles reads")

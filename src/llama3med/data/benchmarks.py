@@ -10,10 +10,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import pickle
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from PIL import Image
 
 from ..model_card import looks_like_hub_id
 from ..processing import IMAGE_PLACEHOLDER
@@ -40,6 +43,18 @@ class VQARecord:
         if not self.image_key:
             key = hashlib.sha1(self.image).hexdigest() if isinstance(self.image, bytes) else str(self.image)
             object.__setattr__(self, "image_key", key if self.frame is None else f"{key}#frame={self.frame}")
+
+
+PROMPT_STYLES = {  # how a question is put to the model, in `eval` and in the conversations made to tune on
+    "plain": "{question}",
+    "short": "{question}\nAnswer the question using a single word or phrase.",
+}
+
+
+def prompt_text(record: VQARecord, style: str) -> str:
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"prompt style must be one of {sorted(PROMPT_STYLES)}, got {style!r}")
+    return PROMPT_STYLES[style].format(question=record.question)
 
 
 def answer_type_of(answer: str) -> str:
@@ -375,3 +390,53 @@ def train_open_answers(
     test_ids = {r.id for r in test_records}
     answers = [r.answer for r in train if r.answer_type == "OPEN" and r.id not in test_ids]
     return answers or None
+
+
+CONVERSATIONS_FILE = "conversations.json"
+
+
+def write_benchmark_conversations(records: list[VQARecord], out: str | Path, prompt_style: str = "plain") -> dict:
+    """A benchmark split as LLaVA conversations to tune on, as LLaVA-Med's fine-tuned rows were made:
+    `out/conversations.json`, a one-turn conversation per question, worded as `eval --prompt` words it
+    and answered with the reference. Images the release embeds are written once each to `out/images/`;
+    image files are named by their absolute path. A recipe takes it with `image_root: out`."""
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    written: dict[str, str] = {}
+    conversations = []
+    for record in records:
+        if isinstance(record.image, bytes):
+            if record.image_key not in written:
+                name = f"images/{record.image_key[:20]}{_image_suffix(record.image)}"
+                (out / name).write_bytes(record.image)
+                written[record.image_key] = name
+            image = written[record.image_key]
+        else:
+            image = str(Path(record.image).resolve())
+        conversation = {
+            "id": f"{record.dataset}-{record.split}-{record.id}",
+            "image": image,
+            "answer_type": record.answer_type,
+            "conversations": [
+                {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{prompt_text(record, prompt_style)}"},
+                {"from": "gpt", "value": record.answer},
+            ],
+        }
+        if record.frame is not None:
+            conversation["frame"] = record.frame
+        conversations.append(conversation)
+    partial = out / f".{CONVERSATIONS_FILE}.partial"
+    partial.write_text(json.dumps(conversations, indent=1, ensure_ascii=False), encoding="utf-8")
+    os.replace(partial, out / CONVERSATIONS_FILE)
+    return {"conversations": len(conversations), "images written": len(written)}
+
+
+def _image_suffix(data: bytes) -> str:
+    """The file extension of embedded image bytes, by their content."""
+    if data[128:132] == b"DICM":
+        return ".dcm"
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return {"JPEG": ".jpg", "TIFF": ".tif"}.get(image.format, f".{image.format.lower()}")
+    except Exception:  # Pillow raises many kinds for bytes it cannot read; training names the record then
+        return ".bin"

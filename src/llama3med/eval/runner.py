@@ -26,22 +26,11 @@ import torch
 from tqdm import tqdm
 from transformers import DynamicCache
 
-from ..data.benchmarks import VQARecord
+from ..data.benchmarks import VQARecord, prompt_text
 from ..data.conversations import read_appended_rows, repair_appended_rows
 from ..inference import question_messages, static_cache_decoder
 from ..model import Llama3MedForConditionalGeneration
 from ..processing import Llama3MedProcessor, pad_sequences
-
-PROMPT_STYLES = {
-    "plain": "{question}",
-    "short": "{question}\nAnswer the question using a single word or phrase.",
-}
-
-
-def prompt_text(record: VQARecord, style: str) -> str:
-    if style not in PROMPT_STYLES:
-        raise ValueError(f"prompt style must be one of {sorted(PROMPT_STYLES)}, got {style!r}")
-    return PROMPT_STYLES[style].format(question=record.question)
 
 
 def read_answers(path: Path) -> dict[str, dict]:
