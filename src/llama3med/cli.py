@@ -629,6 +629,14 @@ def _add_compile_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_cloud_option(p: argparse.ArgumentParser) -> None:
+    from .data.pmc_cloud import CLOUD_URL
+
+    p.add_argument(
+        "--cloud-url", default=CLOUD_URL, help="the PMC Cloud's bucket, or a mirror of it (default: %(default)s)"
+    )
+
+
 def _add_prompt_option(p: argparse.ArgumentParser) -> None:
     from .data.benchmarks import PROMPT_STYLES
 
@@ -692,7 +700,6 @@ def build_parser() -> argparse.ArgumentParser:
     from .data.benchmarks import BENCHMARKS
     from .data.europe_pmc import SEARCH_URL
     from .data.phantoms import PHANTOM_FORMATS
-    from .data.pmc_cloud import CLOUD_URL
     from .data.pmc_figures import IMAGING_KINDS
     from .processing.chat import LLAVA_CHAT_TEMPLATES
 
@@ -894,6 +901,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=_positive, default=1152, help="image side in pixels")
     p.add_argument("--format", choices=PHANTOM_FORMATS, default="dcm", help="DICOM, PNG or NIfTI")
     p.set_defaults(func=cmd_data_phantoms)
+    p = data.add_parser("pmc-search", help="PMCIDs of the open-access articles a Europe PMC search finds; resumable")
+    p.add_argument("query", help='Europe PMC query, e.g. \'"computed tomography" AND LICENSE:"cc by"\'')
+    p.add_argument("--out", required=True, help="file of PMCIDs, one a line: what pmc-articles reads")
+    p.add_argument("--limit", type=_positive, default=None, help="at most this many PMCIDs")
+    p.add_argument("--search-url", default=SEARCH_URL, help="Europe PMC's REST search (default: %(default)s)")
+    p.set_defaults(func=cmd_data_pmc_search)
+    p = data.add_parser(
+        "pmc-articles", help="open-access articles' JATS XML and figure images from the PMC Cloud; resumable"
+    )
+    p.add_argument("pmcids", nargs="+", help="PMCIDs (PMC6149739, or PMC6149739.2 for a version) or files of them")
+    p.add_argument("--out", required=True, help="article folder, one folder per PMCID: what pmc-figures reads")
+    _add_cloud_option(p)
+    p.add_argument("--concurrency", type=_positive, default=8, help="articles fetched at once")
+    p.set_defaults(func=cmd_data_pmc_articles)
+    p = data.add_parser(
+        "pmc-figures", help="figures, captions and citing sentences out of PMC articles, for datagen; resumable"
+    )
+    p.add_argument("articles", help="folder of PMC article packages (PMC*.tar.gz) or article folders (JATS + images)")
+    p.add_argument("--out", required=True, help="output folder: figures.jsonl and images/")
+    p.add_argument(
+        "--kind",
+        action="append",
+        default=[],
+        choices=IMAGING_KINDS,
+        help="keep only figures whose caption names this kind of image (repeatable), as LLaVA-Med kept five",
+    )
+    p.set_defaults(func=cmd_data_pmc_figures)
     p = data.add_parser(
         "llava-med-images", help="LLaVA-Med's figure images, from the PMC Cloud or article packages; resumable"
     )
@@ -911,9 +945,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="download the packages, rewriting the start of each URL to a mirror of PMC's old layout "
         "(PMC removed the originals in 2026); without it, figures come from the PMC Cloud",
     )
-    p.add_argument(
-        "--cloud-url", default=CLOUD_URL, help="the PMC Cloud's bucket, or a mirror of it (default: %(default)s)"
-    )
+    _add_cloud_option(p)
     p.add_argument("--concurrency", type=_positive, default=8, help="articles fetched at once")
     p.set_defaults(func=cmd_data_llava_med_images)
     p = data.add_parser(
@@ -926,35 +958,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prompt_option(p)
     p.add_argument("--out", required=True, help="output folder: conversations.json and images/")
     p.set_defaults(func=cmd_data_vqa_conversations)
-    p = data.add_parser("pmc-search", help="PMCIDs of the open-access articles a Europe PMC search finds; resumable")
-    p.add_argument("query", help='Europe PMC query, e.g. \'"computed tomography" AND LICENSE:"cc by"\'')
-    p.add_argument("--out", required=True, help="file of PMCIDs, one a line: what pmc-articles reads")
-    p.add_argument("--limit", type=_positive, default=None, help="at most this many PMCIDs")
-    p.add_argument("--search-url", default=SEARCH_URL, help="Europe PMC's REST search (default: %(default)s)")
-    p.set_defaults(func=cmd_data_pmc_search)
-    p = data.add_parser(
-        "pmc-articles", help="open-access articles' JATS XML and figure images from the PMC Cloud; resumable"
-    )
-    p.add_argument("pmcids", nargs="+", help="PMCIDs (PMC6149739, or PMC6149739.2 for a version) or files of them")
-    p.add_argument("--out", required=True, help="article folder, one folder per PMCID: what pmc-figures reads")
-    p.add_argument(
-        "--cloud-url", default=CLOUD_URL, help="the PMC Cloud's bucket, or a mirror of it (default: %(default)s)"
-    )
-    p.add_argument("--concurrency", type=_positive, default=8, help="articles fetched at once")
-    p.set_defaults(func=cmd_data_pmc_articles)
-    p = data.add_parser(
-        "pmc-figures", help="figures, captions and citing sentences out of PMC articles, for datagen; resumable"
-    )
-    p.add_argument("articles", help="folder of PMC article packages (PMC*.tar.gz) or article folders (JATS + images)")
-    p.add_argument("--out", required=True, help="output folder: figures.jsonl and images/")
-    p.add_argument(
-        "--kind",
-        action="append",
-        default=[],
-        choices=IMAGING_KINDS,
-        help="keep only figures whose caption names this kind of image (repeatable), as LLaVA-Med kept five",
-    )
-    p.set_defaults(func=cmd_data_pmc_figures)
     return parser
 
 
