@@ -7,6 +7,7 @@ import asyncio
 import base64
 import datetime
 import gzip
+import http.server
 import io
 import ipaddress
 import json
@@ -21,6 +22,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import nibabel
@@ -37,6 +39,7 @@ from llama3med.checkpoints import load
 from llama3med.cli import _exposure_warnings, main
 from llama3med.processing import load_image, window_values
 from llama3med.serve import Engine, Settings, create_app
+from llama3med.serve.app import ApiError, read_image_url
 from llama3med.serve.engine import FeatureCache, JobImage
 
 KEY = "test-key"
@@ -493,6 +496,62 @@ def test_a_server_reachable_from_other_machines_is_warned_of_what_it_lacks():
     plain, open_to_all = _exposure_warnings("0.0.0.0", tls=False, api_key=False)
     assert "plain HTTP" in plain and "--ssl-certfile" in plain and "without an API key" in open_to_all
     assert len(_exposure_warnings("10.1.2.3", tls=True, api_key=False)) == 1
+
+
+@pytest.fixture()
+def image_host():
+    """A web server holding images, on this machine (so a private address): `/scan.png`, `/big.png` of
+    3,000 bytes, anything else 404."""
+    files = {"/scan.png": png(90), "/big.png": b"\x89PNG" + b"\0" * 2996}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = files.get(self.path)
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args):
+            pass
+
+    host = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=host.serve_forever, daemon=True).start()
+    yield SimpleNamespace(url=f"http://127.0.0.1:{host.server_port}", files=files)
+    host.shutdown()
+
+
+def refusal(url: str, **settings) -> tuple[int, str]:
+    with pytest.raises(ApiError) as refused:
+        read_image_url(url, Settings(**settings))
+    return refused.value.status, refused.value.message
+
+
+def test_remote_images_come_only_from_public_hosts_or_the_hosts_named(image_host):
+    scan = f"{image_host.url}/scan.png"
+    assert refusal(scan) == (400, "remote image URLs are disabled on this server; send a data: URL")
+    for url in (scan, scan.replace("127.0.0.1", "localhost"), "http://169.254.169.254/latest/meta-data/"):
+        status, message = refusal(url, allow_remote=True)  # a client must not reach into the server's network
+        assert status == 403 and "not a public host" in message
+    named = {"remote_hosts": ("127.0.0.1",), "max_body_bytes": 2000}
+    assert read_image_url(scan, Settings(**named)) == image_host.files["/scan.png"]
+    assert refusal(f"{image_host.url}/big.png", **named) == (413, "remote image too large")
+    assert refusal(f"{image_host.url}/gone.png", **named) == (400, "could not fetch the image (HTTP 404)")
+    assert refusal("http://127.0.0.1:9/scan.png", **named) == (400, "could not fetch the image (ConnectError)")
+
+
+def test_an_image_from_a_named_host_is_answered_as_the_same_image_sent_inline(built_model_dir, image_host):
+    server = Server(built_model_dir, remote_hosts=("127.0.0.1",))
+    try:
+        answers = []
+        for url in (f"{image_host.url}/scan.png", data_url(image_host.files["/scan.png"])):
+            body = {"model": "tiny", "messages": ask(url), "max_tokens": 4, "temperature": 0}
+            reply = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+            assert reply.status_code == 200, reply.text
+            answers.append(reply.json()["choices"][0]["message"]["content"])
+        assert answers[0] == answers[1]
+    finally:
+        server.stop()
 
 
 def test_no_prompt_or_image_reaches_the_logs(server, caplog):

@@ -461,6 +461,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         api_key=api_key,
         allow_dirs=[Path(d).resolve() for d in args.allow_dir],
         allow_remote=args.allow_remote,
+        remote_hosts=tuple(args.allow_remote_host),
         max_body_bytes=int(args.max_body_mb * 2**20),
         max_tokens=args.max_tokens,
         request_timeout=args.request_timeout,
@@ -876,7 +877,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ssl-certfile", default=None, help="PEM certificate (chain): serve HTTPS, with --ssl-keyfile")
     p.add_argument("--ssl-keyfile", default=None, help="PEM private key of --ssl-certfile")
     p.add_argument("--allow-dir", action="append", default=[], help="directory file:// images may come from")
-    p.add_argument("--allow-remote", action="store_true", help="fetch http(s) image URLs")
+    p.add_argument("--allow-remote", action="store_true", help="fetch http(s) image URLs from public hosts")
+    p.add_argument(
+        "--allow-remote-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="fetch http(s) image URLs from this host, even a private one such as an intranet server (repeatable)",
+    )
     p.add_argument("--max-batch", type=_positive, default=8, help="requests decoding together (batch rows)")
     p.add_argument("--max-queue", type=_positive, default=32, help="queued+running requests before 429")
     p.add_argument("--max-tokens", type=_positive, default=512, help="cap on max_tokens")

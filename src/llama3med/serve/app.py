@@ -14,9 +14,12 @@ import binascii
 import contextlib
 import hmac
 import io
+import ipaddress
 import json
 import logging
+import socket
 import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from importlib import resources
@@ -46,7 +49,8 @@ class Settings:
     model_id: str = "llama3med"
     api_key: str | None = None
     allow_dirs: list[Path] = field(default_factory=list)
-    allow_remote: bool = False
+    allow_remote: bool = False  # http(s) images from public hosts
+    remote_hosts: tuple[str, ...] = ()  # hosts whose http(s) images are fetched whatever their address
     max_body_bytes: int = 20 * 2**20
     max_image_pixels: int = 40_000_000
     max_images: int = 1
@@ -132,16 +136,50 @@ def read_image_url(url: str, settings: Settings) -> bytes:
             raise ApiError(413, "image file too large", "image_url")
         return path.read_bytes()
     if url.startswith(("http://", "https://")):
+        return fetch_remote_image(url, settings)
+    raise ApiError(400, "image_url must be a data:, file:// or http(s) URL", "image_url")
+
+
+def fetch_remote_image(url: str, settings: Settings) -> bytes:
+    """An http(s) image, from a host named in `remote_hosts` or, with `allow_remote`, from a host whose
+    every address is public: a client must not make the server reach into its own network (an
+    intranet service, a cloud's metadata address). The body is read up to the size a request may carry."""
+    host = urllib.parse.urlsplit(url).hostname
+    if host is None:
+        raise ApiError(400, "image URL names no host", "image_url")
+    if host not in settings.remote_hosts:
         if not settings.allow_remote:
             raise ApiError(400, "remote image URLs are disabled on this server; send a data: URL", "image_url")
-        import httpx
+        if not _public_host(host):
+            raise ApiError(
+                403, f"{host} is not a public host; this server fetches images only from public ones", "image_url"
+            )
+    import httpx
 
-        with httpx.Client(timeout=20.0, follow_redirects=False) as client:
-            response = client.get(url)
-        if response.status_code != 200 or len(response.content) > settings.max_body_bytes:
-            raise ApiError(400, f"could not fetch the image (HTTP {response.status_code})", "image_url")
-        return response.content
-    raise ApiError(400, "image_url must be a data:, file:// or http(s) URL", "image_url")
+    try:
+        with (
+            httpx.Client(timeout=20.0, follow_redirects=False) as client,
+            client.stream("GET", url) as response,
+        ):
+            if response.status_code != 200:
+                raise ApiError(400, f"could not fetch the image (HTTP {response.status_code})", "image_url")
+            body = bytearray()
+            for chunk in response.iter_bytes():
+                body += chunk
+                if len(body) > settings.max_body_bytes:
+                    raise ApiError(413, "remote image too large", "image_url")
+    except httpx.HTTPError as err:
+        raise ApiError(400, f"could not fetch the image ({type(err).__name__})", "image_url") from None
+    return bytes(body)
+
+
+def _public_host(host: str) -> bool:
+    """Whether every address `host` resolves to is a public one (not loopback, private, link-local...)."""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_global for a in addresses)
 
 
 def render_png(body: bytes, window: str | None, frame: str | None, settings: Settings) -> tuple[bytes, int, int]:
