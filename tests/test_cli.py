@@ -64,12 +64,17 @@ def test_ask_reads_a_nifti_volume_or_a_dicom_series_and_frame_picks_the_slice(bu
         (lambda p: write_dicom(p / "nopix.dcm", np.zeros((2, 2), np.uint16), with_pixels=False), "no pixel data"),
     ],
 )
-def test_bad_images_end_in_one_readable_line_and_a_non_zero_exit(built_model_dir, tmp_path, make, expected):
+def test_bad_images_end_in_one_readable_line_and_a_non_zero_exit(built_model_dir, tmp_path, capsys, make, expected):
     image = make(tmp_path)
-    result = run_cli("ask", "--model", built_model_dir, "--image", image, "Is there a lesion?")
-    assert result.returncode == 1
-    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
-    assert result.stderr.startswith("llama3med: error:") and expected in result.stderr
+    assert main(["ask", "--model", str(built_model_dir), "--image", str(image), "Is there a lesion?"]) == 1
+    errors = capsys.readouterr().err
+    assert errors.strip().count("\n") == 0 and errors.startswith("llama3med: error:") and expected in errors
+
+
+def test_the_command_prints_that_line_alone_on_stderr(built_model_dir, tmp_path):
+    result = run_cli("ask", "--model", built_model_dir, "--image", tmp_path / "missing.dcm", "Is there a lesion?")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"llama3med: error: {tmp_path / 'missing.dcm'}: file not found"]
 
 
 def test_a_question_with_its_own_placeholder_is_refused(built_model_dir, capsys):
