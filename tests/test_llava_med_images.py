@@ -214,7 +214,7 @@ def test_a_bad_line_of_the_image_list_is_named(tmp_path, capsys, line, message):
 def test_a_run_whose_articles_cannot_be_downloaded_at_all_stops_early_saying_why(
     tmp_path, mirror, monkeypatch, source, advice
 ):
-    monkeypatch.setattr("llama3med.data.pmc.GIVE_UP_AFTER", 2)
+    monkeypatch.setattr("llama3med.data.web.GIVE_UP_AFTER", 2)
     monkeypatch.setattr("llama3med.data.web.RETRIES", 0)
     records = [
         {

@@ -144,7 +144,7 @@ def test_an_argument_that_is_neither_a_pmcid_nor_a_file_is_named(tmp_path, capsy
 
 
 def test_a_run_that_cannot_reach_the_pmc_cloud_stops_early_saying_why(tmp_path, monkeypatch):
-    monkeypatch.setattr("llama3med.data.pmc_articles.GIVE_UP_AFTER", 2)
+    monkeypatch.setattr("llama3med.data.web.GIVE_UP_AFTER", 2)
     monkeypatch.setattr("llama3med.data.web.RETRIES", 0)
     with pytest.raises(RuntimeError, match="the first 2 articles could not be downloaded .* give --cloud-url"):
         fetch_pmc_articles(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import pickle
 import zipfile
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from PIL import Image
 
 from ..model_card import looks_like_hub_id
 from ..processing import IMAGE_PLACEHOLDER
-from .conversations import read_records, record_frame
+from .conversations import read_records, record_frame, write_atomically
 
 ANSWER_TYPES = ("OPEN", "CLOSED")
 BENCHMARKS = ("vqa-rad", "slake", "pathvqa", "llava-med")
@@ -425,9 +424,7 @@ def write_benchmark_conversations(records: list[VQARecord], out: str | Path, pro
         if record.frame is not None:
             conversation["frame"] = record.frame
         conversations.append(conversation)
-    partial = out / f".{CONVERSATIONS_FILE}.partial"
-    partial.write_text(json.dumps(conversations, indent=1, ensure_ascii=False), encoding="utf-8")
-    os.replace(partial, out / CONVERSATIONS_FILE)
+    write_atomically(out / CONVERSATIONS_FILE, json.dumps(conversations, indent=1, ensure_ascii=False))
     return {"conversations": len(conversations), "images written": len(written)}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -112,6 +113,18 @@ def read_records(path: Path) -> list[dict]:
     if not all(isinstance(r, dict) for r in records):
         raise ValueError(f"{path}: every record must be a JSON object")
     return records
+
+
+def write_atomically(path: Path, content: str | bytes) -> None:
+    """`content` as `path`, whole or not at all: written beside it, then renamed over it. The temporary
+    name is this process's own, since processes under torchrun may write the same file."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    if isinstance(content, bytes):
+        partial.write_bytes(content)
+    else:
+        partial.write_text(content, encoding="utf-8")
+    os.replace(partial, path)
 
 
 def read_appended_rows(path: Path) -> list[dict]:

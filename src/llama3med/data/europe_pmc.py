@@ -10,12 +10,12 @@ it, so an interrupted search resumes where it stopped; a finished one is not run
 from __future__ import annotations
 
 import json
-import os
 import urllib.parse
 from pathlib import Path
 
 from tqdm import tqdm
 
+from .conversations import write_atomically
 from .web import fetch
 
 SEARCH_URL = "https://www.ebi.ac.uk/europepmc/webservices/rest/search"
@@ -67,9 +67,9 @@ def search_pmcids(
             if not results or not cursor or cursor == state["cursor"]:
                 break
             state["cursor"] = cursor
-            _write_state(state_file, state)
+            write_atomically(state_file, json.dumps(state))
     state["done"] = True
-    _write_state(state_file, state)
+    write_atomically(state_file, json.dumps(state))
     return {"pmcids": len(found), "matched": state["matched"], "already done": False}
 
 
@@ -89,9 +89,3 @@ def _search_page(query: str, cursor: str, search_url: str) -> dict:
     if not isinstance(page, dict):
         raise OSError(f"{url}: not a Europe PMC answer")
     return page
-
-
-def _write_state(path: Path, state: dict) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(state))
-    os.replace(partial, path)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import tarfile
 import urllib.parse
 import zlib
@@ -28,11 +27,12 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from . import web
+from .conversations import write_atomically
 from .pmc_cloud import CLOUD_URL, article_versions, object_url, parse_pmcid
 from .web import download, fetch, run_concurrently
 
 FAILED_FILE = "failed.jsonl"
-GIVE_UP_AFTER = 50  # articles that could not be downloaded, with none yet that could, before the run stops
 DOWNLOAD_FAILED = "download failed"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".tif", ".tiff")  # as figures' files are named in PMC
 
@@ -121,7 +121,7 @@ def fetch_llava_med_images(
         for _, job in results:  # an exception or Ctrl-C stops it: what is written stays written
             written, failed = job.result()
             downloads_failed += bool(failed) and failed[0]["reason"].startswith(DOWNLOAD_FAILED)
-            if downloads_failed >= GIVE_UP_AFTER and counts["written"] + written == 0:
+            if downloads_failed >= web.GIVE_UP_AFTER and counts["written"] + written == 0:
                 raise RuntimeError(
                     f"the first {downloads_failed} articles could not be downloaded (last: {failed[0]['reason']}); "
                     + (
@@ -253,9 +253,7 @@ def _write_image(data: bytes, figure: Figure, out: Path) -> str | None:
             data = _as_jpeg(data)
         except Exception as err:  # Pillow raises many kinds for images it verifies but cannot decode
             return f"cannot be converted to JPEG ({err})"
-    partial = out / f".{figure.file_name}.partial"
-    partial.write_bytes(data)
-    os.replace(partial, out / figure.file_name)
+    write_atomically(out / figure.file_name, data)
     return None
 
 

@@ -19,12 +19,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from . import web
 from .pmc_cloud import CLOUD_URL, PMCID, article_metadata, article_versions, object_url, parse_pmcid
 from .pmc_figures import figure_graphics, graphic_file, jats_file, parse_jats
 from .web import fetch, run_concurrently
 
 FAILED_FILE = "failed.jsonl"
-GIVE_UP_AFTER = 50  # articles whose download failed, with none yet that did not, before the run stops
 
 
 class ArticleError(Exception):
@@ -82,7 +82,7 @@ def fetch_pmc_articles(
                 counts["failed"] += 1
                 failures.append({"pmcid": pmcid, "reason": str(err)})
                 downloads_failed += err.download
-                if downloads_failed >= GIVE_UP_AFTER and counts["fetched"] == 0:
+                if downloads_failed >= web.GIVE_UP_AFTER and counts["fetched"] == 0:
                     raise RuntimeError(
                         f"the first {downloads_failed} articles could not be downloaded (last: {err}); "
                         "check the network, or give --cloud-url (a mirror of the PMC Cloud)"
@@ -97,19 +97,15 @@ def fetch_pmc_articles(
 def _fetch_article(pmcid: str, out: Path, cloud_url: str) -> int:
     """One article's JATS XML and figure images into `out/<pmcid>/`; how many images it has there."""
     number, wanted = parse_pmcid(pmcid)
-    try:
+    with _downloading():
         versions = article_versions(pmcid, cloud_url)
-    except OSError as err:
-        raise ArticleError(f"download failed: {err}", download=True) from None
     if not versions:
         raise ArticleError("not in the PMC Cloud")
     version = f"PMC{number}.{wanted}" if wanted else next(iter(versions))
     if version not in versions:
         raise ArticleError(f"the PMC Cloud has no {version}, only {', '.join(versions)}")
-    try:
+    with _downloading():
         metadata = article_metadata(version, cloud_url)
-    except OSError as err:
-        raise ArticleError(f"download failed: {err}", download=True) from None
     if metadata is not None and metadata.get("is_retracted") is True:
         raise ArticleError(f"{version} is retracted")
     by_name = {Path(key).name: key for key in versions[version] if not Path(key).name.startswith(".")}
@@ -138,7 +134,14 @@ def _fetch_article(pmcid: str, out: Path, cloud_url: str) -> int:
 
 
 def _get(version: str, name: str, cloud_url: str) -> bytes:
-    try:
+    with _downloading():
         return fetch(object_url(f"{version}/{name}", cloud_url))
+
+
+@contextlib.contextmanager
+def _downloading():
+    """A network or server failure, as the article's failure of that kind."""
+    try:
+        yield
     except OSError as err:
         raise ArticleError(f"download failed: {err}", download=True) from None

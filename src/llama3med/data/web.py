@@ -13,6 +13,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 RETRIES = 3
+GIVE_UP_AFTER = 50  # downloads that failed, with none yet that did not, before a fetching run stops
 
 
 class NotFound(OSError):

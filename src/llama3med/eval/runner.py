@@ -15,7 +15,6 @@ reads it too. Under torchrun each process answers its share of the images into `
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,7 +26,7 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from ..data.benchmarks import VQARecord, prompt_text
-from ..data.conversations import read_appended_rows, repair_appended_rows
+from ..data.conversations import read_appended_rows, repair_appended_rows, write_atomically
 from ..inference import question_messages, static_cache_decoder
 from ..model import Llama3MedForConditionalGeneration
 from ..processing import Llama3MedProcessor, pad_sequences
@@ -65,9 +64,7 @@ def check_run_settings(out: Path, settings: dict[str, object]) -> None:
             )
         return
     out.mkdir(parents=True, exist_ok=True)
-    temporary = out / f"settings.json.{os.getpid()}.tmp"  # one per process under torchrun
-    temporary.write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    write_atomically(path, json.dumps(settings, indent=1) + "\n")
 
 
 def shard_by_image(records: Sequence[VQARecord], rank: int, world_size: int) -> list[VQARecord]:
@@ -95,9 +92,7 @@ def merge_answers(answers_path: Path, records: Sequence[VQARecord]) -> dict[str,
     missing = [r.id for r in records if r.id not in rows]
     if missing:
         raise ValueError(f"{answers_path}: {len(missing)} questions have no answer yet, e.g. {missing[:3]}")
-    temporary = answers_path.with_suffix(".tmp")
-    temporary.write_text("".join(json.dumps(rows[r.id]) + "\n" for r in records), encoding="utf-8")
-    os.replace(temporary, answers_path)
+    write_atomically(answers_path, "".join(json.dumps(rows[r.id]) + "\n" for r in records))
     for part in answer_parts(answers_path):
         part.unlink()
     return {r.id: rows[r.id]["text"] for r in records}
