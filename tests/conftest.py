@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import http.server
 import threading
+import time
 import urllib.parse
 from pathlib import Path
 from types import SimpleNamespace
@@ -96,6 +97,16 @@ def built_model_dir(tmp_path_factory, component_dirs) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def test_set(tmp_path_factory) -> Path:
+    """A LLaVA-Med-format test file of 3 phantom DICOM slices (96 px) and their questions."""
+    from llama3med.data.phantoms import write_phantom_set
+
+    out = tmp_path_factory.mktemp("phantom-test")
+    write_phantom_set(out, n=3, seed=5, size=96, image_format="dcm")
+    return out / "test.json"
+
+
 def write_dicom(path: Path, pixels: np.ndarray, *, with_pixels: bool = True, **tags) -> Path:
     """A real DICOM file (see `save_dicom`); `with_pixels=False` strips its pixel data afterwards."""
     save_dicom(path, pixels, **tags)
@@ -104,6 +115,32 @@ def write_dicom(path: Path, pixels: np.ndarray, *, with_pixels: bool = True, **t
         del ds.PixelData
         ds.save_as(path)
     return path
+
+
+class Server:
+    """`llama3med serve`'s app on a free local port, in a thread of this process; `url` is its address."""
+
+    def __init__(self, model_dir, **settings):
+        import uvicorn
+
+        from llama3med.checkpoints import load
+        from llama3med.serve import Engine, Settings, create_app
+
+        model, processor = load(model_dir)
+        self.engine = Engine(model, processor, max_batch=8, max_queue=settings.pop("max_queue", 32), batch_window=0.05)
+        self.settings = Settings(**{"model_id": "tiny", **settings})
+        config = uvicorn.Config(create_app(self.engine, self.settings), host="127.0.0.1", port=0, log_level="error")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
 
 
 @pytest.fixture()

@@ -17,7 +17,6 @@ import pytest
 from llama3med.checkpoints import load
 from llama3med.cli import main
 from llama3med.data.benchmarks import VQARecord, load_llava_med
-from llama3med.data.phantoms import write_phantom_set
 from llama3med.eval import (
     closed_hit,
     confidence_intervals,
@@ -37,13 +36,6 @@ from llama3med.processing import load_image
 
 ROOT = Path(__file__).parents[1]
 PARITY = ROOT / "tests" / "fixtures" / "llava_med_parity"
-
-
-@pytest.fixture(scope="module")
-def test_set(tmp_path_factory):
-    out = tmp_path_factory.mktemp("phantom-test")
-    write_phantom_set(out, n=3, seed=5, size=96, image_format="dcm")
-    return out / "test.json"
 
 
 @pytest.fixture(scope="module")

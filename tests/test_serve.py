@@ -31,37 +31,17 @@ import openai
 import pydicom
 import pytest
 import torch
-import uvicorn
 from PIL import Image
 
-from conftest import write_dicom
+from conftest import Server, write_dicom
 from llama3med.checkpoints import load
 from llama3med.cli import _exposure_warnings, main
 from llama3med.processing import load_image, window_values
-from llama3med.serve import Engine, Settings, create_app
+from llama3med.serve import Engine, Settings
 from llama3med.serve.app import ApiError, read_image_url
 from llama3med.serve.engine import FeatureCache, JobImage
 
 KEY = "test-key"
-
-
-class Server:
-    def __init__(self, model_dir, **settings):
-        model, processor = load(model_dir)
-        self.engine = Engine(model, processor, max_batch=8, max_queue=settings.pop("max_queue", 32), batch_window=0.05)
-        self.settings = Settings(model_id="tiny", **settings)
-        config = uvicorn.Config(create_app(self.engine, self.settings), host="127.0.0.1", port=0, log_level="error")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")

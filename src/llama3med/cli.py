@@ -171,26 +171,34 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .eval.runner import check_run_settings
     from .inference import compile_model, peak_memory_gib
 
+    _check_model_source_options(args)
     records = load_benchmark(args.benchmark, args.data, args.split, args.image_root)
     candidates, candidates_source = _candidate_answers(args, args.data, records)
     published = load_published(args.compare) if args.compare else None
     if args.limit:
         records = records[: args.limit]
-    rank, world_size, device = _start_answering_processes()
     out = Path(args.out)
-    settings = _run_settings(args, device, benchmark=args.benchmark, data=_resolved(args.data), split=args.split)
-    check_run_settings(out, settings)
-    model, processor = _load_for_answering(args.model, device, args)
-    if args.compile:
-        compile_model(model)
-    answers = _answer_in_processes(args, model, processor, records, out, rank, world_size)
+    inputs = {"benchmark": args.benchmark, "data": _resolved(args.data), "split": args.split}
+    if args.api_url:
+        answers, settings = _answers_from_api(args, records, out, inputs)
+        rank, world_size = 0, 1
+        run_facts = {"model": settings["model"], "api_url": args.api_url}
+    else:
+        rank, world_size, device = _start_answering_processes()
+        settings = _run_settings(args, device, **inputs)
+        check_run_settings(out, settings)
+        model, processor = _load_for_answering(args.model, device, args)
+        if args.compile:
+            compile_model(model)
+        answers = _answer_in_processes(args, model, processor, records, out, rank, world_size)
+        run_facts = {"model": str(args.model)}
+        for key in ("dtype", "fp8", "load_4bit"):  # fp8, load_4bit: how the LM's linear layers were stored
+            run_facts[key] = settings[key]
+        run_facts["peak_memory_gib"] = peak_memory_gib(device)  # rank 0's; the GPU's on a GPU
     if rank == 0:
         scores = score(records, answers, candidates=candidates)
         baseline = majority_baseline(records)
-        report = {"benchmark": args.benchmark, "model": str(args.model), "prompt": args.prompt, "scores": scores}
-        for key in ("dtype", "fp8", "load_4bit"):  # fp8, load_4bit: how the LM's linear layers were stored
-            report[key] = settings[key]
-        report["peak_memory_gib"] = peak_memory_gib(device)  # rank 0's; the GPU's on a GPU
+        report = {"benchmark": args.benchmark, **run_facts, "prompt": args.prompt, "scores": scores}
         report["majority_closed_baseline"] = baseline
         report["candidates"] = candidates_source
         report["intervals"] = confidence_intervals(records, answers)
@@ -224,6 +232,47 @@ def _start_answering_processes():
     return rank, world_size, device
 
 
+def _check_model_source_options(args: argparse.Namespace) -> None:
+    """Refuse the options that do not apply to where the answers come from: a local --model's precision,
+    compiling and batching with --api-url, the endpoint's options without it."""
+    if args.api_url:
+        local_only = {"--dtype": args.dtype, "--fp8": args.fp8, "--load-4bit": args.load_4bit}
+        local_only.update({"--compile": args.compile, "--batch-size": args.batch_size})
+        given = [flag for flag, value in local_only.items() if value]
+        if given:
+            raise ValueError(f"{', '.join(given)}: for a local --model; the endpoint at --api-url decides its own")
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise ValueError(
+                "--api-url runs in one process, not under torchrun; --concurrency sets how many ask at once"
+            )
+    else:
+        given = [
+            flag for flag, value in {"--api-model": args.api_model, "--concurrency": args.concurrency}.items() if value
+        ]
+        if given:
+            raise ValueError(f"{', '.join(given)}: only with --api-url")
+
+
+def _answers_from_api(args, records: list, out: Path, inputs: dict) -> tuple[dict[str, str], dict[str, object]]:
+    """Every answer, in the records' order, from the endpoint `--api-url` names, and the run's settings
+    (checked against those a resumed run began with)."""
+    from .eval.api import ChatAPI, run_api
+    from .eval.runner import check_run_settings, merge_answers
+
+    api = ChatAPI(args.api_url, args.api_model)
+    settings = {
+        "model": api.resolve_model(),
+        "api_url": args.api_url,
+        **inputs,
+        "prompt": args.prompt,
+        "max_new_tokens": args.max_new_tokens,
+    }
+    check_run_settings(out, settings)
+    answers_path = out / "answers.jsonl"
+    run_api(api, records, answers_path, args.prompt, args.max_new_tokens, concurrency=args.concurrency or 8)
+    return merge_answers(answers_path, records), settings
+
+
 def _answer_in_processes(args, model, processor, records: list, out: Path, rank: int, world_size: int):
     """Answer what `out/answers.jsonl` lacks, this process's share of the images (in
     `answers.partN.jsonl` under torchrun); rank 0 then merges every answer into `answers.jsonl` in the
@@ -240,7 +289,7 @@ def _answer_in_processes(args, model, processor, records: list, out: Path, rank:
         answers_path if world_size == 1 else out / f"answers.part{rank}.jsonl",
         model_id=Path(args.model).name,
         prompt_style=args.prompt,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size or 16,
         max_new_tokens=args.max_new_tokens,
     )
     if world_size > 1:
@@ -275,9 +324,14 @@ def cmd_answer(args: argparse.Namespace) -> None:
     from .eval.runner import check_run_settings
     from .inference import compile_model
 
+    _check_model_source_options(args)
     records = load_questions(args.questions, args.image_root)
-    rank, world_size, device = _start_answering_processes()
     out = Path(args.out)
+    if args.api_url:
+        _answers_from_api(args, records, out, {"questions": _resolved(args.questions)})
+        print(f"wrote {out / 'answers.jsonl'}: {len(records)} answers", file=sys.stderr)
+        return
+    rank, world_size, device = _start_answering_processes()
     check_run_settings(out, _run_settings(args, device, questions=_resolved(args.questions)))
     model, processor = _load_for_answering(args.model, device, args)
     if args.compile:
@@ -651,10 +705,24 @@ def _add_prompt_option(p: argparse.ArgumentParser) -> None:
 
 def _add_batch_answering_options(p: argparse.ArgumentParser) -> None:
     _add_prompt_option(p)
-    p.add_argument("--batch-size", type=_positive, default=16)
+    p.add_argument("--batch-size", type=_positive, default=None, help="questions decoded together (default: 16)")
     p.add_argument("--max-new-tokens", type=_positive, default=64)
     _add_precision_options(p)
     _add_compile_option(p)
+
+
+def _add_model_or_api_options(p: argparse.ArgumentParser) -> None:
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="model directory")
+    source.add_argument(
+        "--api-url",
+        help="instead of --model: an OpenAI-compatible endpoint to ask (llama3med serve, vLLM, a hosted model), "
+        "e.g. http://gpu-host:8000/v1; its key from $OPENAI_API_KEY",
+    )
+    p.add_argument("--api-model", default=None, help="with --api-url: the model to ask (default: the one it serves)")
+    p.add_argument(
+        "--concurrency", type=_positive, default=None, help="with --api-url: questions in flight at once (default: 8)"
+    )
 
 
 def _add_image_options(p: argparse.ArgumentParser) -> None:
@@ -785,7 +853,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="zero-shot VQA with the LLaVA-Med protocol; resumable")
-    p.add_argument("--model", required=True, help="model directory")
+    _add_model_or_api_options(p)
     p.add_argument("--benchmark", choices=BENCHMARKS, default="llava-med", help="dataset and its layout")
     p.add_argument(
         "--data",
@@ -808,7 +876,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("answer", help="answer a file of questions about images, batched and resumable")
     p.add_argument("questions", help="JSON/JSONL of {question_id, image, text} (LLaVA-Med's model_vqa input)")
-    p.add_argument("--model", required=True, help="model directory")
+    _add_model_or_api_options(p)
     p.add_argument("--image-root", default=None, help="image folder (default: the file's images/ or folder)")
     p.add_argument("--out", required=True, help="output directory: answers.jsonl (LLaVA-Med's answer format)")
     _add_batch_answering_options(p)

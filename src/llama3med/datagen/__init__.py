@@ -2,8 +2,8 @@
 
 from .cleaning import BadReply, clean_conversation, parse_reply
 from .mix import mix
-from .pipeline import RetryPolicy, generate, load_prompt, read_captions
-from .teachers import AnthropicTeacher, OpenAITeacher, make_teacher
+from .pipeline import generate, load_prompt, read_captions
+from .teachers import AnthropicTeacher, OpenAITeacher, RetryPolicy, make_teacher
 
 __all__ = [
     "AnthropicTeacher",

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ..data.conversations import domain_name, read_records, repair_appended_rows
 from .cleaning import BadReply, clean_conversation, parse_reply
-from .teachers import PermanentError, TransientError
+from .teachers import PermanentError, RetryPolicy, TransientError
 
 PROMPTS = ("conversation", "vqa", "description")
 
@@ -139,17 +139,6 @@ class Stats:
     output_tokens: int = 0
     in_flight: int = 0
     max_in_flight: int = 0
-
-
-@dataclass
-class RetryPolicy:
-    max_retries: int = 5
-    base_delay: float = 1.0
-    max_delay: float = 60.0
-
-    def delay(self, attempt: int, retry_after: float | None, rng: random.Random) -> float:
-        backoff = min(self.max_delay, self.base_delay * 2**attempt) + rng.uniform(0, self.base_delay)
-        return max(backoff, retry_after or 0.0)
 
 
 def choose_teacher(record_id: str, teachers: list[tuple[object, float]], seed: int):

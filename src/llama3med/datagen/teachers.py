@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import random
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -32,6 +33,20 @@ class PermanentError(Exception):
 
 
 @dataclass
+class RetryPolicy:
+    """How often, and after how long, a transient failure is tried again: exponential back-off with
+    jitter, never sooner than the server's `retry-after`."""
+
+    max_retries: int = 5
+    base_delay: float = 1.0
+    max_delay: float = 60.0
+
+    def delay(self, attempt: int, retry_after: float | None, rng: random.Random) -> float:
+        backoff = min(self.max_delay, self.base_delay * 2**attempt) + rng.uniform(0, self.base_delay)
+        return max(backoff, retry_after or 0.0)
+
+
+@dataclass
 class Reply:
     text: str
     input_tokens: int
@@ -46,15 +61,17 @@ def _retry_after(response) -> float | None:
         return None
 
 
-def _sdk(name: str) -> ModuleType:
-    """The teacher's SDK, or an error that says how to install it (they are an extra, not a dependency)."""
+def import_sdk(name: str, user: str | None = None, extra: str = "datagen") -> ModuleType:
+    """An API's SDK, or an error that says how to install it (they are extras, not dependencies);
+    `user` names what needs it (default: the teacher of that name)."""
     try:
         return importlib.import_module(name)
     except ImportError:
-        raise RuntimeError(f"the {name} teacher needs the {name} SDK: pip install 'llama3med[datagen]'") from None
+        user = user or f"the {name} teacher"
+        raise RuntimeError(f"{user} needs the {name} SDK: pip install 'llama3med[{extra}]'") from None
 
 
-def _classify(err: Exception, sdk) -> Exception:
+def classify_error(err: Exception, sdk) -> Exception:
     """The SDK's exception as TransientError or PermanentError (both SDKs share these class names)."""
     if isinstance(err, (sdk.APITimeoutError, sdk.APIConnectionError)):
         return TransientError(type(err).__name__)
@@ -72,7 +89,7 @@ class AnthropicTeacher:
     def __init__(
         self, model: str | None = None, api_key: str | None = None, base_url: str | None = None, timeout: float = 120.0
     ):
-        self.sdk = _sdk("anthropic")
+        self.sdk = import_sdk("anthropic")
         self.model = model or DEFAULT_MODELS["anthropic"]
         key = api_key or os.environ.get("ANTHROPIC_API_KEY")
         if not key:
@@ -85,7 +102,7 @@ class AnthropicTeacher:
                 model=self.model, system=system, messages=messages, max_tokens=max_tokens
             )
         except self.sdk.AnthropicError as err:
-            raise _classify(err, self.sdk) from None
+            raise classify_error(err, self.sdk) from None
         text = "".join(block.text for block in response.content if getattr(block, "type", "") == "text")
         return Reply(text, response.usage.input_tokens, response.usage.output_tokens)
 
@@ -96,7 +113,7 @@ class OpenAITeacher:
     def __init__(
         self, model: str | None = None, api_key: str | None = None, base_url: str | None = None, timeout: float = 120.0
     ):
-        self.sdk = _sdk("openai")
+        self.sdk = import_sdk("openai")
         self.model = model or DEFAULT_MODELS["openai"]
         key = api_key or os.environ.get("OPENAI_API_KEY") or "none"  # local servers take any key
         self.client = self.sdk.AsyncOpenAI(api_key=key, base_url=base_url, timeout=timeout, max_retries=0)
@@ -110,7 +127,7 @@ class OpenAITeacher:
                 temperature=0.7,
             )
         except self.sdk.OpenAIError as err:
-            raise _classify(err, self.sdk) from None
+            raise classify_error(err, self.sdk) from None
         usage = response.usage
         text = response.choices[0].message.content or ""
         return Reply(text, usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0)

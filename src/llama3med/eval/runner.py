@@ -32,6 +32,18 @@ from ..model import Llama3MedForConditionalGeneration
 from ..processing import Llama3MedProcessor, pad_sequences
 
 
+def answer_row(record: VQARecord, prompt: str, text: str, model_id: str) -> dict:
+    """A line of `answers.jsonl`, in LLaVA-Med's answer format."""
+    return {
+        "question_id": record.id,
+        "prompt": prompt,
+        "text": text,
+        "answer_id": uuid.uuid4().hex,
+        "model_id": model_id,
+        "metadata": {},
+    }
+
+
 def read_answers(path: Path) -> dict[str, dict]:
     """Answers already written, by question id; a line cut by a crash is ignored."""
     return {str(row["question_id"]): row for row in read_appended_rows(path)}
@@ -225,14 +237,7 @@ def run(
         for record, prompt, text in generate_answers(
             model, processor, pending, prompt_style, batch_size, max_new_tokens
         ):
-            row = {
-                "question_id": record.id,
-                "prompt": prompt,
-                "text": text,
-                "answer_id": uuid.uuid4().hex,
-                "model_id": model_id,
-                "metadata": {},
-            }
+            row = answer_row(record, prompt, text, model_id)
             out.write(json.dumps(row) + "\n")
             out.flush()
             done[record.id] = row

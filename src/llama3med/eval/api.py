@@ -1,0 +1,185 @@
+"""Answers from a model behind an OpenAI-compatible chat API: a `llama3med serve` on another machine, a
+vLLM or SGLang server, or a hosted model. The records, the question wording, the answers file and its
+resumption are a local run's, so `eval` scores any model on the same harness.
+
+Each question is one chat completion: the image as a data URL, then the question, decoded greedily
+(temperature 0). PNG, JPEG and WebP files are sent as they are; any other image (DICOM, NIfTI, TIFF, a
+series directory, a chosen slice) as the 8-bit picture a local model looks at, in PNG. Requests run
+concurrently; transient failures (429, 5xx, timeouts) are retried with back-off, honouring `retry-after`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import random
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from ..data.benchmarks import VQARecord, prompt_text
+from ..data.conversations import repair_appended_rows
+from ..datagen.teachers import PermanentError, RetryPolicy, TransientError, classify_error, import_sdk
+from ..processing import load_image
+from .runner import answer_row
+
+SENT_AS_IS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+
+
+def image_data_url(record: VQARecord) -> str:
+    """The record's image as a `data:` URL an OpenAI-compatible server reads."""
+    data = record.image if isinstance(record.image, bytes) else None
+    if data is None and record.frame is None and Path(record.image).is_file():
+        data = Path(record.image).read_bytes()
+    mime = _plain_image_type(data) if data is not None and record.frame is None else None
+    if mime is None:
+        buffer = io.BytesIO()
+        load_image(record.image, frame=record.frame).save(buffer, format="PNG")
+        data, mime = buffer.getvalue(), "image/png"
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def _plain_image_type(data: bytes) -> str | None:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return SENT_AS_IS.get(image.format or "")
+    except (OSError, ValueError):  # DICOM, NIfTI: not Pillow's
+        return None
+
+
+class ChatAPI:
+    """One OpenAI-compatible endpoint and the model asked there. The key comes from `$OPENAI_API_KEY`
+    unless given (local servers take any); it is never logged or written."""
+
+    def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None, timeout: float = 300.0):
+        self.sdk = import_sdk("openai", "--api-url", extra="eval")
+        self.base_url, self.model, self.timeout = base_url, model, timeout
+        self._api_key = api_key or os.environ.get("OPENAI_API_KEY") or "none"
+
+    def connect(self, asynchronous: bool = True):
+        """A client of the endpoint; the SDK's own retries are off, `run_api` retries."""
+        client = self.sdk.AsyncOpenAI if asynchronous else self.sdk.OpenAI
+        return client(api_key=self._api_key, base_url=self.base_url, timeout=self.timeout, max_retries=0)
+
+    def resolve_model(self) -> str:
+        """The model to ask: the one named, else the endpoint's only one. Fails fast, before any question
+        is sent, when the endpoint cannot be reached or refuses the key."""
+        try:
+            with self.connect(asynchronous=False) as client:
+                listed = [m.id for m in client.models.list()]
+        except self.sdk.OpenAIError as err:
+            raise ValueError(f"{self.base_url}: cannot list its models ({classify_error(err, self.sdk)})") from None
+        if self.model is None and len(listed) != 1:
+            raise ValueError(
+                f"{self.base_url} serves {len(listed)} models ({', '.join(listed[:5])}); name one with --api-model"
+            )
+        if self.model is not None and listed and self.model not in listed:
+            raise ValueError(f"{self.base_url} does not serve {self.model!r}; it serves {', '.join(listed[:5])}")
+        self.model = self.model or listed[0]
+        return self.model
+
+    async def complete(self, client, image_url: str, question: str, max_tokens: int) -> str:
+        content = [{"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": question}]
+        try:
+            response = await client.chat.completions.create(
+                model=self.model,
+                messages=[{"role": "user", "content": content}],
+                max_tokens=max_tokens,
+                temperature=0,
+            )
+        except self.sdk.OpenAIError as err:
+            failure = classify_error(err, self.sdk)
+            if isinstance(failure, PermanentError) and isinstance(err, self.sdk.APIStatusError):
+                body = err.body if isinstance(err.body, dict) else {}
+                failure = PermanentError(f"HTTP {err.status_code}: {body.get('message') or type(err).__name__}")
+            raise failure from None
+        return (response.choices[0].message.content or "").strip()
+
+
+async def _ask(api: ChatAPI, client, image_url: str, question: str, max_tokens: int, retry: RetryPolicy, rng) -> str:
+    """The answer, retrying transient failures; the last one is raised once `retry` is spent."""
+    attempt = 0
+    while True:
+        try:
+            return await api.complete(client, image_url, question, max_tokens)
+        except TransientError as err:
+            if attempt == retry.max_retries:
+                raise
+            await asyncio.sleep(retry.delay(attempt, err.retry_after, rng))
+            attempt += 1
+
+
+def run_api(
+    api: ChatAPI,
+    records: Sequence[VQARecord],
+    answers_path: str | Path,
+    prompt_style: str = "plain",
+    max_new_tokens: int = 64,
+    concurrency: int = 8,
+    retry: RetryPolicy | None = None,
+) -> dict[str, str]:
+    """Answer every record not yet in `answers_path` through `api`, appending each answer as it comes;
+    returns all answers. A question the endpoint refuses (a 4xx) is left out of the file and the others
+    are asked; an endpoint that keeps failing past `retry` ends the run. Either way the error raised at
+    the end names what is missing, and a rerun asks only that."""
+    return asyncio.run(_run(api, records, Path(answers_path), prompt_style, max_new_tokens, concurrency, retry))
+
+
+async def _run(api, records, answers_path, prompt_style, max_new_tokens, concurrency, retry) -> dict[str, str]:
+    model = api.model or api.resolve_model()
+    answers_path.parent.mkdir(parents=True, exist_ok=True)
+    done = {str(row["question_id"]): row for row in repair_appended_rows(answers_path)}
+    pending = sorted((r for r in records if r.id not in done), key=lambda r: r.image_key)  # each image's together
+    by_key = {r.image_key: r for r in pending}
+
+    @lru_cache(maxsize=4 * concurrency)
+    def data_url(image_key: str) -> str:
+        return image_data_url(by_key[image_key])
+
+    retry, rng = retry or RetryPolicy(), random.Random(0)
+    slots, refused, failing = asyncio.Semaphore(concurrency), {}, []
+    with (
+        answers_path.open("a", encoding="utf-8") as out,
+        tqdm(total=len(records), initial=len(records) - len(pending), unit="q", desc="answering") as bar,
+    ):
+        async with api.connect() as client:
+
+            async def one(record: VQARecord) -> None:
+                question = prompt_text(record, prompt_style)
+                async with slots:
+                    if failing:
+                        return
+                    try:
+                        text = await _ask(api, client, data_url(record.image_key), question, max_new_tokens, retry, rng)
+                    except PermanentError as err:
+                        refused[record.id] = str(err)
+                        return
+                    except TransientError as err:
+                        failing.append(f"{err}, {retry.max_retries + 1} attempts")
+                        return
+                row = answer_row(record, question, text, model)
+                out.write(json.dumps(row) + "\n")
+                out.flush()
+                done[record.id] = row
+                bar.update()
+
+            await asyncio.gather(*(one(record) for record in pending))
+    missing = sum(r.id not in done for r in records)
+    if failing:
+        raise ValueError(
+            f"{api.base_url}: the endpoint kept failing ({failing[0]}); {missing} questions are still to answer, "
+            f"the others are in {answers_path}: rerun to resume"
+        )
+    if refused:
+        qid, reason = next(iter(refused.items()))
+        raise ValueError(
+            f"{api.base_url}: {len(refused)} questions were refused (e.g. {qid}: {reason}); the other answers are "
+            f"in {answers_path}, and a rerun asks only these"
+        )
+    return {qid: row["text"] for qid, row in done.items()}

@@ -1,0 +1,119 @@
+"""`eval` and `answer` of a model behind an OpenAI-compatible endpoint (`--api-url`): a real `llama3med
+serve` of the demo model answers exactly what the same model answers locally, scored on the same harness;
+a busy endpoint's 429s are waited out, an interrupted run resumes without asking twice, and options that
+belong to the other source are refused."""
+
+import base64
+import dataclasses
+import io
+import json
+import re
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from conftest import Server
+from llama3med.checkpoints import DEMO_MODEL_DIR
+from llama3med.cli import main
+from llama3med.data.benchmarks import load_benchmark
+from llama3med.datagen.teachers import RetryPolicy
+from llama3med.eval.api import ChatAPI, image_data_url, run_api
+from llama3med.processing import load_image
+
+
+@pytest.fixture(scope="module")
+def demo_server():
+    server = Server(DEMO_MODEL_DIR, model_id="llama3med-demo")
+    yield server
+    server.stop()
+
+
+def requests_answered(server: Server) -> dict[str, int]:
+    metrics = httpx.get(f"{server.url}/metrics").text
+    return {status: int(n) for status, n in re.findall(r'llama3med_requests_total\{status="(\d+)"\} (\d+)', metrics)}
+
+
+def answers(folder) -> list[dict]:
+    return [json.loads(line) for line in (folder / "answers.jsonl").read_text().splitlines()]
+
+
+def test_an_endpoint_is_scored_on_the_same_harness_with_the_answers_the_model_gives_locally(
+    demo_server, test_set, tmp_path
+):
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    assert main(["eval", "--model", str(DEMO_MODEL_DIR), "--data", str(test_set), "--out", str(local)]) == 0
+    api = ["eval", "--api-url", f"{demo_server.url}/v1", "--data", str(test_set), "--out", str(remote)]
+    before = requests_answered(demo_server).get("200", 0)
+    assert main([*api, "--limit", "5"]) == 0  # interrupted after five questions
+    assert main(api) == 0
+
+    questions = load_benchmark("llava-med", test_set)
+    assert requests_answered(demo_server)["200"] - before == len(questions)  # none asked twice
+    assert [row["question_id"] for row in answers(remote)] == [r.id for r in questions]
+    assert [row["text"] for row in answers(remote)] == [row["text"] for row in answers(local)]
+    assert {row["model_id"] for row in answers(remote)} == {"llama3med-demo"}
+    local_report = json.loads((local / "report.json").read_text())
+    remote_report = json.loads((remote / "report.json").read_text())
+    assert remote_report["scores"] == local_report["scores"]
+    assert (remote_report["model"], remote_report["api_url"]) == ("llama3med-demo", f"{demo_server.url}/v1")
+
+
+def test_answer_asks_an_endpoint_a_question_file_in_its_order(demo_server, tmp_path):
+    questions = Path(__file__).parents[1] / "examples" / "questions.jsonl"
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    assert main(["answer", str(questions), "--model", str(DEMO_MODEL_DIR), "--out", str(local)]) == 0
+    assert main(["answer", str(questions), "--api-url", f"{demo_server.url}/v1", "--out", str(remote)]) == 0
+    assert [(r["question_id"], r["text"]) for r in answers(remote)] == [
+        (r["question_id"], r["text"]) for r in answers(local)
+    ]
+
+
+def test_a_busy_endpoints_429s_are_waited_out_and_every_question_is_answered(test_set, tmp_path):
+    server = Server(DEMO_MODEL_DIR, max_queue=1)
+    try:
+        records = load_benchmark("llava-med", test_set)
+        got = run_api(ChatAPI(f"{server.url}/v1"), records, tmp_path / "answers.jsonl", concurrency=6)
+        assert requests_answered(server)["429"] > 0
+        assert sorted(got) == sorted(r.id for r in records)
+    finally:
+        server.stop()
+
+
+def test_an_endpoint_that_keeps_failing_ends_the_run_keeping_what_was_answered(tmp_path, test_set):
+    records = load_benchmark("llava-med", test_set)
+    api = ChatAPI("http://127.0.0.1:9/v1", model="any")  # nothing listens on the discard port
+    with pytest.raises(ValueError, match=f"kept failing.*{len(records)} questions are still to answer"):
+        run_api(api, records, tmp_path / "answers.jsonl", retry=RetryPolicy(max_retries=1, base_delay=0.01))
+
+
+def test_plain_images_are_sent_as_they_are_and_medical_ones_as_the_picture_the_model_sees(tmp_path, test_set):
+    record = load_benchmark("llava-med", test_set)[0]
+    assert record.image.suffix == ".dcm"
+    sent = image_data_url(record)
+    assert sent.startswith("data:image/png;base64,")
+    picture = Image.open(io.BytesIO(base64.b64decode(sent.split(",", 1)[1])))
+    assert picture.tobytes() == load_image(record.image).tobytes()
+
+    jpeg = tmp_path / "x.jpg"
+    load_image(record.image).save(jpeg, quality=90)
+    assert image_data_url(dataclasses.replace(record, image=jpeg, image_key="")) == (
+        "data:image/jpeg;base64," + base64.b64encode(jpeg.read_bytes()).decode()
+    )
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--api-url", "http://127.0.0.1:9/v1", "--fp8", "--batch-size", "4"], "--fp8, --batch-size: for a local"),
+        (["--model", "m", "--api-model", "gpt-4o"], "--api-model: only with --api-url"),
+        (["--api-url", "http://127.0.0.1:9/v1"], "cannot list its models"),
+    ],
+)
+def test_options_of_the_other_source_and_an_unreachable_endpoint_are_one_line_errors(
+    flags, message, test_set, tmp_path, capsys
+):
+    assert main(["eval", *flags, "--data", str(test_set), "--out", str(tmp_path / "out")]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out" / "answers.jsonl").exists()
