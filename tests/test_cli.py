@@ -9,6 +9,7 @@ import nibabel
 import numpy as np
 import pydicom
 import pytest
+import torch
 
 from conftest import write_dicom
 from llama3med.cli import main
@@ -81,6 +82,19 @@ def test_a_question_with_its_own_placeholder_is_refused(built_model_dir, capsys)
     ct = pydicom.data.get_testdata_file("CT_small.dcm")
     assert main(["ask", "--model", str(built_model_dir), "--image", ct, "<image> what?"]) == 1
     assert "must not contain <image>" in capsys.readouterr().err
+
+
+def test_device_puts_the_model_where_it_is_named_and_a_device_this_machine_lacks_is_one_line(built_model_dir, capsys):
+    ct = pydicom.data.get_testdata_file("CT_small.dcm")
+    args = ["ask", "--model", str(built_model_dir), "--image", ct, "--max-new-tokens", "4", "Is it normal?"]
+    assert main([*args, "--device", "cpu"]) == 0 and main([*args, "--dtype", "float32"]) == 0
+    on_cpu, default = capsys.readouterr().out.splitlines()
+    assert on_cpu == default or torch.cuda.is_available()  # without a GPU the default is the CPU
+    count = torch.cuda.device_count()
+    assert main([*args, "--device", f"cuda:{count}"]) == 1
+    assert f"--device cuda:{count}: this machine has {count} CUDA GPU" in capsys.readouterr().err
+    assert main([*args, "--device", "gpu0"]) == 1
+    assert "--device gpu0: not a device name" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["build", "convert", "ask", "chat", "answer"])

@@ -98,12 +98,12 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_ask(args: argparse.Namespace) -> None:
-    from .inference import answer, best_device
+    from .inference import answer
     from .processing import load_image
 
     # fail on a bad image before loading the model
     image = load_image(args.image, window=args.window, frame=args.frame)
-    model, processor = _load_for_answering(_model_dir(args.model), best_device(), args)
+    model, processor = _load_for_answering(_model_dir(args.model), _answering_device(args.device), args)
     print(
         answer(
             model,
@@ -117,11 +117,11 @@ def cmd_ask(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from .inference import ImageChat, best_device
+    from .inference import ImageChat
     from .processing import load_image
 
     image = load_image(args.image, window=args.window, frame=args.frame)  # a bad image fails before loading
-    model, processor = _load_for_answering(_model_dir(args.model), best_device(), args)
+    model, processor = _load_for_answering(_model_dir(args.model), _answering_device(args.device), args)
     chat = ImageChat(model, processor, image, system=args.system)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -184,7 +184,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         rank, world_size = 0, 1
         run_facts = {"model": settings["model"], "api_url": args.api_url}
     else:
-        rank, world_size, device = _start_answering_processes()
+        rank, world_size, device = _start_answering_processes(args)
         settings = _run_settings(args, device, **inputs)
         check_run_settings(out, settings)
         model, processor = _load_for_answering(args.model, device, args)
@@ -212,18 +212,40 @@ def cmd_eval(args: argparse.Namespace) -> None:
     _end_answering_processes(world_size)
 
 
-def _start_answering_processes():
-    """This process's rank, the number of processes and its device: one process, or one of torchrun's
-    (each on its own GPU where there are GPUs), which answer whole images each and meet at the end."""
-    import os
-
+def _answering_device(name: str | None):
+    """The device `--device` names, checked to be on this machine; without it, the first GPU if there is
+    one, else the CPU."""
     import torch
-    import torch.distributed as dist
 
     from .inference import best_device
 
+    if name is None:
+        return best_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device name (cpu, cuda, cuda:N, mps)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count or count == 0:
+            raise ValueError(f"--device {name}: this machine has {count} CUDA GPU{'s' * (count != 1)}")
+        torch.cuda.set_device(device)  # so that compiled graphs and memory figures are that GPU's
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: this machine has no Apple GPU (MPS)")
+    return device
+
+
+def _start_answering_processes(args: argparse.Namespace):
+    """This process's rank, the number of processes and its device: one process, or one of torchrun's
+    (each on its own GPU where there are GPUs, unless `--device cpu`), which answer whole images each and
+    meet at the end."""
+    import torch
+    import torch.distributed as dist
+
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = best_device()
+    if world_size > 1 and args.device not in (None, "cpu", "cuda"):
+        raise ValueError(f"--device {args.device} under torchrun: each process takes its own GPU (LOCAL_RANK)")
+    device = _answering_device(args.device)
     if world_size > 1:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -236,7 +258,7 @@ def _check_model_source_options(args: argparse.Namespace) -> None:
     """Refuse the options that do not apply to where the answers come from: a local --model's precision,
     compiling and batching with --api-url, the endpoint's options without it."""
     if args.api_url:
-        local_only = {"--dtype": args.dtype, "--fp8": args.fp8, "--load-4bit": args.load_4bit}
+        local_only = {"--device": args.device, "--dtype": args.dtype, "--fp8": args.fp8, "--load-4bit": args.load_4bit}
         local_only.update({"--compile": args.compile, "--batch-size": args.batch_size})
         given = [flag for flag, value in local_only.items() if value]
         if given:
@@ -331,7 +353,7 @@ def cmd_answer(args: argparse.Namespace) -> None:
         _answers_from_api(args, records, out, {"questions": _resolved(args.questions)})
         print(f"wrote {out / 'answers.jsonl'}: {len(records)} answers", file=sys.stderr)
         return
-    rank, world_size, device = _start_answering_processes()
+    rank, world_size, device = _start_answering_processes(args)
     check_run_settings(out, _run_settings(args, device, questions=_resolved(args.questions)))
     model, processor = _load_for_answering(args.model, device, args)
     if args.compile:
@@ -501,13 +523,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     import uvicorn
 
-    from .inference import best_device, compile_model
+    from .inference import compile_model
     from .serve import Engine, Settings, create_app
 
     api_key = args.api_key or os.environ.get(API_KEY_VARIABLE) or None
     tls = _tls_files(args.ssl_certfile, args.ssl_keyfile)
     model_dir = _model_dir(args.model)
-    model, processor = _load_for_answering(model_dir, best_device(), args)
+    model, processor = _load_for_answering(model_dir, _answering_device(args.device), args)
     if args.compile:
         compile_model(model)
     settings = Settings(
@@ -745,6 +767,11 @@ def _add_answering_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_precision_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device",
+        default=None,
+        help="where the model runs: cpu, cuda, cuda:N, mps (default: the first GPU if there is one, else the CPU)",
+    )
     p.add_argument(
         "--dtype",
         choices=["bfloat16", "float16", "float32"],
