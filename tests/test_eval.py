@@ -257,6 +257,35 @@ def test_eval_and_score_commands_use_the_llava_med_answer_format(built_model_dir
     assert both["scores"] == report["scores"] and both["against"]["closed_accuracy"]["difference"] == 0.0
 
 
+def test_table_sets_runs_side_by_side_as_papers_print_them(built_model_dir, test_set, tmp_path, capsys):
+    runs = [tmp_path / "plain", tmp_path / "short"]
+    for folder in runs:
+        args = ["--data", str(test_set), "--out", str(folder), "--prompt", folder.name, "--max-new-tokens", "3"]
+        assert main(["eval", "--model", str(built_model_dir), *args]) == 0
+    published = tmp_path / "published.yaml"
+    published.write_text(
+        "source: a test's own table\nrows:\n  - {model: A, benchmark: slake, open: 12.5, closed: 50}\n"
+    )
+    capsys.readouterr()
+    assert main(["table", *map(str, runs), "--published", str(published)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| model | SLAKE open | SLAKE closed | LLaVA-Med format open | LLaVA-Med format closed |"
+    plain = json.loads((runs[0] / "report.json").read_text())["scores"]["all"]
+    figures = f"{100 * plain['open_recall']:.2f} | {100 * plain['closed_accuracy']:.2f}"
+    assert lines[2] == f"| {built_model_dir} | - | - | {figures} |"
+    assert lines[3].startswith(f"| {built_model_dir} (short prompt) | - | - |")
+    assert lines[4:] == ["| A (published) | 12.50 | 50.00 | - | - |"]
+
+    assert main(["table", str(runs[0]), "--format", "latex", "--intervals"]) == 0
+    latex = capsys.readouterr().out.splitlines()
+    assert latex[0] == r"\begin{tabular}{lrr}" and latex[-1] == r"\end{tabular}"
+    assert re.fullmatch(r".* & \d+\.\d\d \(\d+\.\d-\d+\.\d\) & \d+\.\d\d \(\d+\.\d-\d+\.\d\) \\\\", latex[4])
+    assert main(["table", str(runs[0]), str(runs[0])]) == 1
+    assert f"two runs of {built_model_dir} on llava-med" in capsys.readouterr().err
+    assert main(["table", str(tmp_path)]) == 1
+    assert "no report.json" in capsys.readouterr().err
+
+
 def test_answer_answers_a_question_file_without_references_in_its_order_and_resumes(
     model_and_processor, built_model_dir, test_set, tmp_path, capsys
 ):

@@ -363,6 +363,16 @@ def cmd_answer(args: argparse.Namespace) -> None:
     _end_answering_processes(world_size)
 
 
+def cmd_table(args: argparse.Namespace) -> None:
+    from .eval.report import load_published, read_reports, render_table, results_table
+
+    published = load_published(args.published) if args.published else None
+    header, rows = results_table(read_reports(args.runs), published, intervals=args.intervals)
+    print(render_table(header, rows, args.format))
+    if published:
+        print(f"\npublished rows: {published['source']}", file=sys.stderr)
+
+
 def cmd_score(args: argparse.Namespace) -> None:
     import json
 
@@ -797,6 +807,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .data.europe_pmc import SEARCH_URL
     from .data.phantoms import PHANTOM_FORMATS
     from .data.pmc_figures import IMAGING_KINDS
+    from .eval.report import TABLE_FORMATS
     from .processing.chat import LLAVA_CHAT_TEMPLATES
 
     parser = argparse.ArgumentParser(
@@ -924,6 +935,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print JSON (with --against: {scores, against})")
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("table", help="the results table of several eval runs: open and closed per benchmark")
+    p.add_argument("runs", nargs="+", help="eval --out folders (or their report.json)")
+    p.add_argument("--format", choices=TABLE_FORMATS, default="markdown")
+    p.add_argument("--intervals", action="store_true", help="each figure with its 95 %% interval")
+    p.add_argument("--published", default=None, metavar="FILE", help="published rows to add (eval --compare's format)")
+    p.set_defaults(func=cmd_table)
 
     p = sub.add_parser("datagen", help="turn figure captions into conversations with teacher LLMs")
     p.add_argument("--input", help="captions: PMC-15M style JSONL or LLaVA caption JSON")

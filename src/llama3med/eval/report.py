@@ -138,3 +138,88 @@ def write_report(out: Path, report: dict) -> None:
                 "`*`: outside this run's interval, a difference resampling the test images would not explain.",
             ]
     (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+TABLE_FORMATS = ("markdown", "latex", "csv")
+BENCHMARK_NAMES = {"vqa-rad": "VQA-RAD", "slake": "SLAKE", "pathvqa": "PathVQA", "llava-med": "LLaVA-Med format"}
+
+
+def read_reports(runs: list[str | Path]) -> list[dict]:
+    """The `report.json` of each run (its folder or the file), with `run` set to where it was read."""
+    reports = []
+    for run in runs:
+        path = Path(run) / "report.json" if Path(run).is_dir() else Path(run)
+        if not path.is_file():
+            raise ValueError(f"{run}: no report.json (is it the --out of a finished eval?)")
+        try:
+            report = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not JSON ({err})") from None
+        if not isinstance(report, dict) or not isinstance(report.get("scores", {}).get("all"), dict):
+            raise ValueError(f"{path}: not an eval report (no scores.all)")
+        reports.append({**report, "run": str(run)})
+    return reports
+
+
+def results_table(
+    reports: list[dict], published: dict | None = None, intervals: bool = False
+) -> tuple[list[str], list[list[str]]]:
+    """The papers' results table: a row per model (and prompt, where not plain), an open-recall and a
+    closed-accuracy column per benchmark, in percent; then the published rows, if any. A cell without a
+    run is "-"; with `intervals`, ours carry their 95 % interval."""
+    from ..data.benchmarks import BENCHMARKS
+
+    present = {r["benchmark"] for r in [*reports, *(published or {}).get("rows", [])]}
+    benchmarks = [b for b in BENCHMARKS if b in present]
+    cells: dict[str, dict[str, list[str]]] = {}
+    runs: dict[tuple[str, str], str] = {}
+    for report in reports:
+        label = report["model"] + ("" if report.get("prompt", "plain") == "plain" else f" ({report['prompt']} prompt)")
+        if (label, report["benchmark"]) in runs:
+            raise ValueError(
+                f"{report['run']} and {runs[label, report['benchmark']]}: two runs of {label} on {report['benchmark']}"
+            )
+        runs[label, report["benchmark"]] = report["run"]
+        scores, bounds = report["scores"]["all"], report.get("intervals", {})
+        row = cells.setdefault(label, {})
+        row[report["benchmark"]] = [
+            _percent(scores.get(key), bounds.get(key) if intervals else None)
+            for key in ("open_recall", "closed_accuracy")
+        ]
+    for entry in (published or {}).get("rows", []):
+        label = f"{entry['model']} (published)"
+        cells.setdefault(label, {})[entry["benchmark"]] = [f"{entry['open']:.2f}", f"{entry['closed']:.2f}"]
+    header = ["model", *(f"{BENCHMARK_NAMES[b]} {column}" for b in benchmarks for column in ("open", "closed"))]
+    rows = [[label, *(cell for b in benchmarks for cell in row.get(b, ["-", "-"]))] for label, row in cells.items()]
+    return header, rows
+
+
+def _percent(value: float | None, interval: list[float] | None) -> str:
+    if value is None:
+        return "-"
+    text = f"{100 * value:.2f}"
+    return text if interval is None else f"{text} ({100 * interval[0]:.1f}-{100 * interval[1]:.1f})"
+
+
+def render_table(header: list[str], rows: list[list[str]], style: str = "markdown") -> str:
+    """The table as Markdown, LaTeX (a `tabular`, for a paper) or CSV."""
+    if style == "csv":
+        import csv
+        import io
+
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\n").writerows([header, *rows])
+        return buffer.getvalue().rstrip("\n")
+    if style == "latex":
+
+        def escape(cell: str) -> str:
+            return cell.replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("&", r"\&").replace("%", r"\%")
+
+        lines = [r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}", r"\toprule"]
+        lines += [" & ".join(map(escape, header)) + r" \\", r"\midrule"]
+        lines += [" & ".join(map(escape, row)) + r" \\" for row in rows]
+        return "\n".join([*lines, r"\bottomrule", r"\end{tabular}"])
+    if style != "markdown":
+        raise ValueError(f"table format must be one of {', '.join(TABLE_FORMATS)}, got {style!r}")
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
