@@ -12,8 +12,10 @@ from pathlib import Path
 
 import nibabel
 import numpy as np
+import pydicom
 import pytest
 
+from conftest import write_dicom
 from llama3med.checkpoints import load
 from llama3med.cli import main
 from llama3med.data.benchmarks import VQARecord, load_llava_med
@@ -32,7 +34,7 @@ from llama3med.eval.report import comparison_rows, load_published
 from llama3med.eval.runner import generate_answers, prefix_caches, unanswered_share
 from llama3med.eval.scoring import bleu, closest_candidate, exact_match
 from llama3med.inference import answer
-from llama3med.processing import load_image
+from llama3med.processing import find_images, load_image
 
 ROOT = Path(__file__).parents[1]
 PARITY = ROOT / "tests" / "fixtures" / "llava_med_parity"
@@ -323,6 +325,43 @@ def torchrun_cli(*args) -> None:
     command += ["-m", "llama3med.cli", *map(str, args)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_answer_asks_each_question_about_every_image_in_a_folder_tree(built_model_dir, tmp_path, capsys):
+    cohort = tmp_path / "cohort"
+    series, patient2 = cohort / "patient1" / "ct", cohort / "patient2"
+    series.mkdir(parents=True)
+    patient2.mkdir()
+    slices = np.random.default_rng(0).integers(0, 2000, size=(3, 32, 32)).astype(np.uint16)
+    for k in range(3):
+        write_dicom(series / f"IM{k:04d}", slices[k], intercept=-1000)  # named as PACS exports name them
+    write_dicom(patient2 / "chest.dcm", slices[0], modality="DX")
+    nibabel.save(nibabel.Nifti1Image(slices.transpose(1, 2, 0).astype(np.int16), np.eye(4)), patient2 / "mr.nii.gz")
+    load_image(series).save(patient2 / "screenshot.png")
+    (patient2 / "notes.txt").write_text("not an image")
+    (cohort / ".cache").mkdir()
+    write_dicom(cohort / ".cache" / "copy.dcm", slices[0])
+    images = [series, patient2 / "chest.dcm", patient2 / "mr.nii.gz", patient2 / "screenshot.png"]
+    assert find_images(cohort) == images
+
+    out = tmp_path / "answers"
+    args = ["answer", str(cohort), "--model", str(built_model_dir), "--out", str(out), "--max-new-tokens", "3"]
+    assert main([*args, "--question", "Is it normal?", "--question", "Which organ is shown?"]) == 0
+    rows = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    names = ["patient1/ct", "patient2/chest.dcm", "patient2/mr.nii.gz", "patient2/screenshot.png"]
+    assert [row["question_id"] for row in rows] == [f"{name}#{n}" for name in names for n in (1, 2)]
+    model, processor = load(built_model_dir)
+    assert rows[0]["text"] == answer(model, processor, load_image(series), "Is it normal?", max_new_tokens=3)
+    assert main([*args, "--question", "Is it abnormal?"]) == 1  # the same --out, another question
+    assert "other settings (question" in capsys.readouterr().err
+
+    for path in sorted(series.iterdir())[:2]:
+        record = pydicom.dcmread(path)
+        record.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.1"  # two of the three slices: another series
+        record.save_as(path)
+    write_dicom(series / "IM0003", slices[0], intercept=-1000)
+    assert main([*args, "--question", "Is it normal?", "--out", str(tmp_path / "other")]) == 1
+    assert f"{series}: holds 2 DICOM series; give each series a folder of its own" in capsys.readouterr().err
 
 
 def test_each_process_keeps_its_share_of_the_images_however_far_the_others_have_got(tmp_path):

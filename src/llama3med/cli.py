@@ -342,19 +342,30 @@ def _candidate_answers(args: argparse.Namespace, data: str, records: list) -> tu
 
 
 def cmd_answer(args: argparse.Namespace) -> None:
-    from .data.benchmarks import load_questions
+    from .data.benchmarks import folder_questions, load_questions
     from .eval.runner import check_run_settings
     from .inference import compile_model
 
     _check_model_source_options(args)
-    records = load_questions(args.questions, args.image_root)
+    if Path(args.questions).is_dir():
+        if not args.question or args.image_root:
+            raise ValueError(
+                f"{args.questions} is a folder of images: give --question to ask about each (--image-root is for "
+                "a questions file)"
+            )
+        records = folder_questions(args.questions, args.question)
+    elif args.question:
+        raise ValueError(f"--question is for a folder of images; {args.questions} is a questions file")
+    else:
+        records = load_questions(args.questions, args.image_root)
     out = Path(args.out)
+    inputs = {"questions": _resolved(args.questions), **({"question": args.question} if args.question else {})}
     if args.api_url:
-        _answers_from_api(args, records, out, {"questions": _resolved(args.questions)})
+        _answers_from_api(args, records, out, inputs)
         print(f"wrote {out / 'answers.jsonl'}: {len(records)} answers", file=sys.stderr)
         return
     rank, world_size, device = _start_answering_processes(args)
-    check_run_settings(out, _run_settings(args, device, questions=_resolved(args.questions)))
+    check_run_settings(out, _run_settings(args, device, **inputs))
     model, processor = _load_for_answering(args.model, device, args)
     if args.compile:
         compile_model(model)
@@ -913,7 +924,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("answer", help="answer a file of questions about images, batched and resumable")
-    p.add_argument("questions", help="JSON/JSONL of {question_id, image, text} (LLaVA-Med's model_vqa input)")
+    p.add_argument(
+        "questions",
+        help="JSON/JSONL of {question_id, image, text} (LLaVA-Med's model_vqa input), or a folder of images to "
+        "ask --question about",
+    )
+    p.add_argument(
+        "--question",
+        action="append",
+        default=[],
+        help="with a folder: the question to ask about every image in it (repeatable)",
+    )
     _add_model_or_api_options(p)
     p.add_argument("--image-root", default=None, help="image folder (default: the file's images/ or folder)")
     p.add_argument("--out", required=True, help="output directory: answers.jsonl (LLaVA-Med's answer format)")

@@ -12,13 +12,14 @@ import io
 import json
 import pickle
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
 from ..model_card import looks_like_hub_id
-from ..processing import IMAGE_PLACEHOLDER
+from ..processing import IMAGE_PLACEHOLDER, find_images
 from .conversations import read_records, record_frame, write_atomically
 
 ANSWER_TYPES = ("OPEN", "CLOSED")
@@ -158,6 +159,24 @@ def load_questions(path: str | Path, image_root: str | Path | None = None) -> li
         image = _image_file(root, raw.get("image"), name, check=True)
         records.append(VQARecord(str(qid), image, question, "", "", "questions", frame=record_frame(raw, name)))
     return _unique(records, path)
+
+
+def folder_questions(root: str | Path, questions: Sequence[str]) -> list[VQARecord]:
+    """Each question about every image in the folder tree `root` (a series folder, a DICOM, NIfTI, PNG or
+    JPEG file: see `find_images`), image by image. A question's id is its image's path within `root`,
+    with `#N` after it for the Nth of several questions."""
+    root = Path(root)
+    images = find_images(root)
+    if not images:
+        raise ValueError(f"{root}: no images in the folder (DICOM, NIfTI, PNG, JPEG, TIFF)")
+    texts = [_text(q.replace(IMAGE_PLACEHOLDER, ""), f"--question {q!r}", "question") for q in questions]
+    records = []
+    for image in images:
+        name = image.relative_to(root).as_posix() if image != root else root.name
+        for number, text in enumerate(texts, start=1):
+            qid = name if len(texts) == 1 else f"{name}#{number}"
+            records.append(VQARecord(qid, image, text, "", "", "questions"))
+    return records
 
 
 def load_vqa_rad(

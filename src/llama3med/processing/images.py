@@ -22,6 +22,8 @@ from PIL import Image
 DEFAULT_MAX_PIXELS = 64_000_000  # a 8000 x 8000 image; far above any radiology slice
 MAX_VOLUME_VOXELS = 2**30  # a 1024^3 volume; a whole-body CT at 0.7 mm is about a quarter of that
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# files `find_images` takes by name; DICOM files are known by content, whatever they are called
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 
 # (centre, width) in Hounsfield units: the usual CT presets.
 CT_WINDOWS: dict[str, tuple[float, float]] = {
@@ -147,6 +149,39 @@ def dicom_series(directory: str | Path) -> list[Path]:
         raise ImageLoadError(directory, "mixes multi-frame DICOM files into a series; give one file")
     order = _feet_first([header for _, header in headers])
     return [path for _, (path, _) in sorted(zip(order, headers, strict=True), key=lambda item: item[0])]
+
+
+def find_images(root: str | Path) -> list[Path]:
+    """The images in the folder tree `root`, each as `load_image` takes it: a folder whose DICOM files are
+    the slices of one series is one image (the folder); otherwise each DICOM file is one (a radiograph, a
+    multi-frame file); PNG, JPEG, TIFF, BMP, WebP and NIfTI files are one each. Hidden files and folders
+    are passed over, and of DICOM files only headers are read."""
+    found: list[Path] = []
+    for directory in sorted([Path(root), *(d for d in Path(root).rglob("*") if d.is_dir())]):
+        if any(part.startswith(".") for part in directory.relative_to(root).parts):
+            continue
+        files = sorted(f for f in directory.iterdir() if f.is_file() and not f.name.startswith("."))
+        found += [f for f in files if f.name.lower().endswith(PICTURE_SUFFIXES + NIFTI_SUFFIXES)]
+        series: dict[str, list[Path]] = {}  # single-frame DICOM images by series
+        for path in files:
+            with path.open("rb") as handle:
+                if not is_dicom(handle.read(132)) and path.suffix.lower() not in (".dcm", ".dicom"):
+                    continue
+            header = _read_dicom(path, path, headers_only=True)
+            if "Rows" not in header:  # a DICOMDIR, a report
+                continue
+            if int(header.get("NumberOfFrames", 1) or 1) > 1:
+                found.append(path)
+            else:
+                series.setdefault(str(header.get("SeriesInstanceUID", "")), []).append(path)
+        most_slices = max((len(slices) for slices in series.values()), default=0)
+        if len(series) == 1 and most_slices > 1:
+            found.append(directory)
+        elif most_slices > 1:
+            raise ImageLoadError(directory, f"holds {len(series)} DICOM series; give each series a folder of its own")
+        else:
+            found += [slices[0] for slices in series.values()]
+    return sorted(found)
 
 
 def _feet_first(headers: list) -> list[float]:
