@@ -17,7 +17,9 @@ from PIL import Image
 from conftest import Server
 from llama3med.checkpoints import DEMO_MODEL_DIR
 from llama3med.cli import main
+from llama3med.data import web
 from llama3med.data.benchmarks import load_benchmark
+from llama3med.data.web import is_public_host
 from llama3med.datagen.teachers import RetryPolicy
 from llama3med.eval.api import ChatAPI, image_data_url, run_api
 from llama3med.processing import load_image
@@ -60,7 +62,7 @@ def test_an_endpoint_is_scored_on_the_same_harness_with_the_answers_the_model_gi
     assert (remote_report["model"], remote_report["api_url"]) == ("llama3med-demo", f"{demo_server.url}/v1")
 
 
-def test_answer_asks_an_endpoint_a_question_file_in_its_order(demo_server, tmp_path):
+def test_answer_asks_an_endpoint_a_question_file_in_its_order(demo_server, tmp_path, capsys):
     questions = Path(__file__).parents[1] / "examples" / "questions.jsonl"
     local, remote = tmp_path / "local", tmp_path / "remote"
     assert main(["answer", str(questions), "--model", str(DEMO_MODEL_DIR), "--out", str(local)]) == 0
@@ -68,6 +70,17 @@ def test_answer_asks_an_endpoint_a_question_file_in_its_order(demo_server, tmp_p
     assert [(r["question_id"], r["text"]) for r in answers(remote)] == [
         (r["question_id"], r["text"]) for r in answers(local)
     ]
+    assert "public host" not in capsys.readouterr().err  # 127.0.0.1
+
+
+def test_a_users_own_images_bound_for_a_public_host_are_announced_before_they_are_sent(
+    demo_server, tmp_path, monkeypatch, capsys
+):
+    assert is_public_host("8.8.8.8") and not is_public_host("127.0.0.1") and not is_public_host("10.1.2.3")
+    monkeypatch.setattr(web, "is_public_host", lambda host: True)  # as if the server were on the internet
+    questions = Path(__file__).parents[1] / "examples" / "questions.jsonl"
+    assert main(["answer", str(questions), "--api-url", f"{demo_server.url}/v1", "--out", str(tmp_path)]) == 0
+    assert "127.0.0.1 is a public host and every image and question goes there" in capsys.readouterr().err
 
 
 def test_a_busy_endpoints_429s_are_waited_out_and_every_question_is_answered(test_set, tmp_path):

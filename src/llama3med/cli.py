@@ -275,12 +275,25 @@ def _check_model_source_options(args: argparse.Namespace) -> None:
             raise ValueError(f"{', '.join(given)}: only with --api-url")
 
 
-def _answers_from_api(args, records: list, out: Path, inputs: dict) -> tuple[dict[str, str], dict[str, object]]:
+def _answers_from_api(
+    args, records: list, out: Path, inputs: dict, own_images: bool = False
+) -> tuple[dict[str, str], dict[str, object]]:
     """Every answer, in the records' order, from the endpoint `--api-url` names, and the run's settings
-    (checked against those a resumed run began with)."""
+    (checked against those a resumed run began with). With `own_images` (the user's, not a public
+    benchmark's) a public endpoint is named on stderr before anything is sent."""
+    import urllib.parse
+
+    from .data.web import is_public_host
     from .eval.api import ChatAPI, run_api
     from .eval.runner import check_run_settings, merge_answers
 
+    host = urllib.parse.urlsplit(args.api_url).hostname or ""
+    if own_images and is_public_host(host):
+        print(
+            f"llama3med: note: {host} is a public host and every image and question goes there; send patient data "
+            "only where your data agreement allows",
+            file=sys.stderr,
+        )
     api = ChatAPI(args.api_url, args.api_model)
     settings = {
         "model": api.resolve_model(),
@@ -361,7 +374,7 @@ def cmd_answer(args: argparse.Namespace) -> None:
     out = Path(args.out)
     inputs = {"questions": _resolved(args.questions), **({"question": args.question} if args.question else {})}
     if args.api_url:
-        _answers_from_api(args, records, out, inputs)
+        _answers_from_api(args, records, out, inputs, own_images=True)
         print(f"wrote {out / 'answers.jsonl'}: {len(records)} answers", file=sys.stderr)
         return
     rank, world_size, device = _start_answering_processes(args)

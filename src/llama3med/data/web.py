@@ -1,10 +1,13 @@
-"""HTTP reads for the data commands: whole or not at all, retried where retrying can help, several at once."""
+"""HTTP reads for the data commands: whole or not at all, retried where retrying can help, several at once;
+and whether a host is a public one."""
 
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import itertools
 import os
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -14,6 +17,15 @@ from pathlib import Path
 
 RETRIES = 3
 GIVE_UP_AFTER = 50  # downloads that failed, with none yet that did not, before a fetching run stops
+
+
+def is_public_host(host: str) -> bool:
+    """Whether every address `host` resolves to is a public one (not loopback, private, link-local...)."""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_global for a in addresses)
 
 
 class NotFound(OSError):

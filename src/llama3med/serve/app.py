@@ -14,10 +14,8 @@ import binascii
 import contextlib
 import hmac
 import io
-import ipaddress
 import json
 import logging
-import socket
 import time
 import urllib.parse
 import uuid
@@ -30,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..data.web import is_public_host
 from ..processing import (
     IMAGE_PLACEHOLDER,
     ImageLoadError,
@@ -150,7 +149,7 @@ def fetch_remote_image(url: str, settings: Settings) -> bytes:
     if host not in settings.remote_hosts:
         if not settings.allow_remote:
             raise ApiError(400, "remote image URLs are disabled on this server; send a data: URL", "image_url")
-        if not _public_host(host):
+        if not is_public_host(host):
             raise ApiError(
                 403, f"{host} is not a public host; this server fetches images only from public ones", "image_url"
             )
@@ -171,15 +170,6 @@ def fetch_remote_image(url: str, settings: Settings) -> bytes:
     except httpx.HTTPError as err:
         raise ApiError(400, f"could not fetch the image ({type(err).__name__})", "image_url") from None
     return bytes(body)
-
-
-def _public_host(host: str) -> bool:
-    """Whether every address `host` resolves to is a public one (not loopback, private, link-local...)."""
-    try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
-    except OSError:
-        return False
-    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_global for a in addresses)
 
 
 def render_png(body: bytes, window: str | None, frame: str | None, settings: Settings) -> tuple[bytes, int, int]:
