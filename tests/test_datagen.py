@@ -54,6 +54,7 @@ class TeacherServer(ThreadingHTTPServer):
         self.in_flight = self.max_in_flight = 0
         self.lock = threading.Lock()
         self.headers_seen: list[str] = []
+        self.withdrawn: set[str] = set()  # models answered with 404 not_found_error
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
     @property
@@ -77,6 +78,9 @@ class Handler(BaseHTTPRequestHandler):
             server.in_flight += 1
             server.max_in_flight = max(server.max_in_flight, server.in_flight)
         try:
+            if body["model"] in server.withdrawn:
+                error = {"type": "not_found_error", "message": f"model: {body['model']}"}
+                return self.reply(404, {"type": "error", "error": error})
             if case.startswith("slow"):
                 time.sleep(0.3)
             if case.startswith("ratelimited") and attempt == 1:
@@ -227,6 +231,21 @@ def test_both_sdks_generate_retry_and_reject_against_their_wire_protocols(kind, 
     assert stats.max_in_flight <= 3 and server.max_in_flight <= 3
     for path in tmp_path.iterdir():
         assert SECRET not in path.read_text()
+
+
+def test_a_model_the_api_no_longer_serves_stops_the_run_at_once_and_says_what_to_do(server, tmp_path, capsys):
+    server.withdrawn.add("claude-3-opus-20240229")  # the paper's teacher, retired from the API in January 2026
+    records = captions(tmp_path / "captions.jsonl", ["good"] * 20)
+    out = tmp_path / "out.jsonl"
+    args = ["datagen", "--input", str(records), "--out", str(out), "--teacher", "anthropic", "--yes"]
+    args += ["--anthropic-base-url", server.url, "--api-key", SECRET, "--concurrency", "2"]
+    assert main(args) == 1
+    error = capsys.readouterr().err
+    assert "the anthropic teacher (claude-3-opus-20240229) cannot be used: HTTP 404: model: claude-3-opus" in error
+    assert "left Anthropic's API on 2026-01-05" in error and "--anthropic-model" in error
+    assert sum(server.attempts.values()) <= 2  # the requests already in flight, not one per record
+    assert main([*args, "--anthropic-model", "claude-opus-4-5"]) == 0
+    assert len(read_jsonl(out)) == 20
 
 
 def test_concurrency_never_exceeds_the_bound(server, tmp_path):

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ..data.conversations import domain_name, read_records, repair_appended_rows
 from .cleaning import BadReply, clean_conversation, parse_reply
-from .teachers import PermanentError, RetryPolicy, TransientError
+from .teachers import FatalError, PermanentError, RetryPolicy, TransientError
 
 PROMPTS = ("conversation", "vqa", "description")
 
@@ -169,6 +169,7 @@ async def generate(
     pending = [r for r in records if r["id"] not in done]
     retry = retry or RetryPolicy()
     stats, rng = Stats(), random.Random(seed)
+    fatal: list[str] = []  # why no record can be done: the first reason, then every task returns
     semaphore = asyncio.Semaphore(concurrency)
     bar = tqdm(
         total=len(records), initial=len(records) - len(pending), unit="rec", desc="datagen", disable=not progress
@@ -192,10 +193,15 @@ async def generate(
         async def one(record):
             teacher = choose_teacher(record["id"], teachers, seed)
             async with semaphore:
+                if fatal:
+                    return
                 stats.in_flight += 1
                 stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
                 try:
                     reply = await ask(teacher, record)
+                except FatalError as err:
+                    fatal.append(f"the {teacher.name} teacher ({teacher.model}) cannot be used: {err}")
+                    return
                 except PermanentError as err:
                     stats.failed[str(err).split(":")[0]] += 1  # not written: a rerun tries again
                     return
@@ -235,6 +241,8 @@ async def generate(
 
         await asyncio.gather(*(one(record) for record in pending))
     bar.close()
+    if fatal:
+        raise ValueError(f"{fatal[0]}; {stats.written} conversations written so far are kept in {out}")
     return stats
 
 

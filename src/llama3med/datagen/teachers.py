@@ -32,6 +32,17 @@ class PermanentError(Exception):
     """Not worth retrying (bad request, authentication, not found)."""
 
 
+class FatalError(PermanentError):
+    """No request to this endpoint can succeed (a bad key, a model it does not serve): stop asking."""
+
+
+# models the paper used that their providers have since withdrawn, and what to do instead
+RETIRED = {
+    "claude-3-opus-20240229": "left Anthropic's API on 2026-01-05 (it is now available there by request only): "
+    "ask Anthropic for access, or name a current model with --anthropic-model",
+}
+
+
 @dataclass
 class RetryPolicy:
     """How often, and after how long, a transient failure is tried again: exponential back-off with
@@ -79,7 +90,10 @@ def classify_error(err: Exception, sdk) -> Exception:
         status = err.status_code
         if status in (408, 409, 429) or status >= 500:
             return TransientError(f"HTTP {status}", _retry_after(err.response))
-        return PermanentError(f"HTTP {status}: {type(err).__name__}")
+        body = err.body if isinstance(err.body, dict) else {}
+        body = body.get("error", body) if isinstance(body.get("error"), dict) else body  # Anthropic's nests it
+        reason = f"HTTP {status}: {body.get('message') or type(err).__name__}"
+        return FatalError(reason) if status in (401, 403, 404) else PermanentError(reason)
     return err
 
 
@@ -102,7 +116,10 @@ class AnthropicTeacher:
                 model=self.model, system=system, messages=messages, max_tokens=max_tokens
             )
         except self.sdk.AnthropicError as err:
-            raise classify_error(err, self.sdk) from None
+            failure = classify_error(err, self.sdk)
+            if isinstance(failure, FatalError) and self.model in RETIRED:
+                failure = FatalError(f"{failure}; {self.model} {RETIRED[self.model]}")
+            raise failure from None
         text = "".join(block.text for block in response.content if getattr(block, "type", "") == "text")
         return Reply(text, response.usage.input_tokens, response.usage.output_tokens)
 

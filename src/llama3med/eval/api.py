@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from ..data.benchmarks import VQARecord, prompt_text
 from ..data.conversations import repair_appended_rows
-from ..datagen.teachers import PermanentError, RetryPolicy, TransientError, classify_error, import_sdk
+from ..datagen.teachers import FatalError, PermanentError, RetryPolicy, TransientError, classify_error, import_sdk
 from ..processing import load_image
 from .runner import answer_row
 
@@ -94,11 +94,7 @@ class ChatAPI:
                 temperature=0,
             )
         except self.sdk.OpenAIError as err:
-            failure = classify_error(err, self.sdk)
-            if isinstance(failure, PermanentError) and isinstance(err, self.sdk.APIStatusError):
-                body = err.body if isinstance(err.body, dict) else {}
-                failure = PermanentError(f"HTTP {err.status_code}: {body.get('message') or type(err).__name__}")
-            raise failure from None
+            raise classify_error(err, self.sdk) from None
         return (response.choices[0].message.content or "").strip()
 
 
@@ -126,7 +122,8 @@ def run_api(
 ) -> dict[str, str]:
     """Answer every record not yet in `answers_path` through `api`, appending each answer as it comes;
     returns all answers. A question the endpoint refuses (a 4xx) is left out of the file and the others
-    are asked; an endpoint that keeps failing past `retry` ends the run. Either way the error raised at
+    are asked; an endpoint that refuses the run (a bad key, no such model) or keeps failing past `retry`
+    ends it. Either way the error raised at
     the end names what is missing, and a rerun asks only that."""
     return asyncio.run(_run(api, records, Path(answers_path), prompt_style, max_new_tokens, concurrency, retry))
 
@@ -143,7 +140,7 @@ async def _run(api, records, answers_path, prompt_style, max_new_tokens, concurr
         return image_data_url(by_key[image_key])
 
     retry, rng = retry or RetryPolicy(), random.Random(0)
-    slots, refused, failing = asyncio.Semaphore(concurrency), {}, []
+    slots, refused, stopped = asyncio.Semaphore(concurrency), {}, []
     with (
         answers_path.open("a", encoding="utf-8") as out,
         tqdm(total=len(records), initial=len(records) - len(pending), unit="q", desc="answering") as bar,
@@ -153,15 +150,18 @@ async def _run(api, records, answers_path, prompt_style, max_new_tokens, concurr
             async def one(record: VQARecord) -> None:
                 question = prompt_text(record, prompt_style)
                 async with slots:
-                    if failing:
+                    if stopped:
                         return
                     try:
                         text = await _ask(api, client, data_url(record.image_key), question, max_new_tokens, retry, rng)
+                    except FatalError as err:
+                        stopped.append(f"refused the run ({err})")
+                        return
                     except PermanentError as err:
                         refused[record.id] = str(err)
                         return
                     except TransientError as err:
-                        failing.append(f"{err}, {retry.max_retries + 1} attempts")
+                        stopped.append(f"kept failing ({err}, {retry.max_retries + 1} attempts)")
                         return
                 row = answer_row(record, question, text, model)
                 out.write(json.dumps(row) + "\n")
@@ -171,10 +171,10 @@ async def _run(api, records, answers_path, prompt_style, max_new_tokens, concurr
 
             await asyncio.gather(*(one(record) for record in pending))
     missing = sum(r.id not in done for r in records)
-    if failing:
+    if stopped:
         raise ValueError(
-            f"{api.base_url}: the endpoint kept failing ({failing[0]}); {missing} questions are still to answer, "
-            f"the others are in {answers_path}: rerun to resume"
+            f"{api.base_url}: the endpoint {stopped[0]}; {missing} questions are still to answer, the others "
+            f"are in {answers_path}: rerun to resume"
         )
     if refused:
         qid, reason = next(iter(refused.items()))
