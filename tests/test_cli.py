@@ -1,5 +1,6 @@
 """The `llama3med` command as a user runs it: answers from DICOM, one readable line on bad input."""
 
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+import transformers
 
 from conftest import write_dicom
 from llama3med.cli import main
@@ -95,6 +97,17 @@ def test_device_puts_the_model_where_it_is_named_and_a_device_this_machine_lacks
     assert f"--device cuda:{count}: this machine has {count} CUDA GPU" in capsys.readouterr().err
     assert main([*args, "--device", "gpu0"]) == 1
     assert "--device gpu0: not a device name" in capsys.readouterr().err
+
+
+def test_env_reports_versions_and_devices_for_a_bug_report(capsys):
+    assert main(["env"]) == 0
+    text = capsys.readouterr().out
+    assert f"torch              {torch.__version__}" in text and "pydicom" in text
+    assert ("GPU 0:" in text) == torch.cuda.is_available()
+    assert main(["env", "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["packages"]["transformers"] == transformers.__version__ and facts["cpu_cores"] == os.cpu_count()
+    assert len(facts["gpus"]) == torch.cuda.device_count()
 
 
 @pytest.mark.parametrize("command", ["build", "convert", "ask", "chat", "answer"])

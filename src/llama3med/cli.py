@@ -397,6 +397,15 @@ def cmd_table(args: argparse.Namespace) -> None:
         print(f"\npublished rows: {published['source']}", file=sys.stderr)
 
 
+def cmd_env(args: argparse.Namespace) -> None:
+    import json
+
+    from .environment import describe, format_facts
+
+    facts = describe()
+    print(json.dumps(facts, indent=1) if args.json else format_facts(facts))
+
+
 def cmd_score(args: argparse.Namespace) -> None:
     import json
 
@@ -1047,6 +1056,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_precision_options(p)
     _add_compile_option(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("env", help="versions, GPUs and optional parts on this machine, for bug reports")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_env)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True, metavar="WHAT")
     p = data.add_parser("phantoms", help="synthetic CT/MR phantoms with lesions, captions and VQA")

@@ -1,0 +1,87 @@
+"""What this machine offers llama3med: versions, devices and optional parts, for a bug report or for
+knowing before a long job whether `--fp8`, `--load-4bit`, compressed DICOM or DeepSpeed will work."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import sys
+
+# distributions whose presence changes what llama3med can do, and what for
+PACKAGES = {
+    "torch": "the model",
+    "transformers": "the model",
+    "tokenizers": "the model",
+    "accelerate": "training",
+    "peft": "LoRA and QLoRA (the train extra)",
+    "bitsandbytes": "--load-4bit and QLoRA (the qlora extra)",
+    "deepspeed": "DeepSpeed ZeRO (the deepspeed extra)",
+    "tensorboard": "training logs (the train extra)",
+    "pydicom": "DICOM",
+    "python-gdcm": "compressed DICOM (JPEG Lossless, JPEG-LS, JPEG 2000)",
+    "pylibjpeg-libjpeg": "12-bit lossy JPEG DICOM (GPL-3.0, optional)",
+    "nibabel": "NIfTI",
+    "pyarrow": "parquet benchmarks (the eval extra)",
+    "openai": "eval --api-url and the openai teacher (the eval and datagen extras)",
+    "anthropic": "the anthropic teacher (the datagen extra)",
+    "fastapi": "serve",
+    "uvicorn": "serve",
+    "sentencepiece": "convert of LLaVA checkpoints (the llava extra)",
+}
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def describe() -> dict[str, object]:
+    """The facts, as plain data (`llama3med env --json`)."""
+    import torch
+
+    from . import __version__
+
+    facts: dict[str, object] = {
+        "llama3med": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu_cores": os.cpu_count(),
+        "torch_cuda": torch.version.cuda,
+        "packages": {name: _version(name) for name in PACKAGES},
+        "gpus": [],
+    }
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            capability = (props.major, props.minor)
+            facts["gpus"].append(
+                {
+                    "name": props.name,
+                    "memory_gib": round(props.total_memory / 2**30, 1),
+                    "compute_capability": f"{props.major}.{props.minor}",
+                    "bfloat16": capability >= (8, 0),
+                    "fp8": capability >= (8, 9),
+                }
+            )
+    facts["mps"] = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    return facts
+
+
+def format_facts(facts: dict) -> str:
+    """The facts as lines to paste into an issue."""
+    lines = [f"{key}: {facts[key]}" for key in ("llama3med", "python", "platform", "cpu_cores")]
+    lines.append(f"torch built for CUDA: {facts['torch_cuda'] or 'no (CPU build)'}")
+    for index, gpu in enumerate(facts["gpus"]):
+        lines.append(
+            f"GPU {index}: {gpu['name']}, {gpu['memory_gib']} GiB, compute capability {gpu['compute_capability']}"
+            f" (bfloat16 {'yes' if gpu['bfloat16'] else 'no'}, --fp8 {'yes' if gpu['fp8'] else 'no'})"
+        )
+    if not facts["gpus"]:
+        lines.append("GPUs: none visible" + (" (Apple MPS is available)" if facts["mps"] else ""))
+    width = max(map(len, PACKAGES))
+    lines.append("packages:")
+    lines += [f"  {name.ljust(width)}  {version:<14} {PACKAGES[name]}" for name, version in facts["packages"].items()]
+    return "\n".join(lines)
