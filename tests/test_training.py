@@ -126,6 +126,41 @@ def test_pretrain_then_finetune_lowers_the_loss_and_the_output_answers(tmp_path,
     assert ran["stage"] == "finetune" and ran["training"]["logging_steps"] == 1
 
 
+def test_vqa_eval_scores_the_model_as_eval_would_every_n_steps_without_changing_what_it_learns(
+    tmp_path, phantoms, capsys
+):
+    assert main(["train", str(pretrain_recipe(tmp_path, phantoms, max_steps=2))]) == 0
+    training = {
+        "per_device_train_batch_size": 4,
+        "max_steps": 8,
+        "save_steps": 8,
+        "logging_steps": 1,
+        "disable_tqdm": True,
+    }
+    vqa_eval = {"data": str(phantoms / "test.json"), "limit": 12, "every": 4, "max_new_tokens": 4}
+    plain = finetune_recipe(tmp_path, phantoms, "plain", training=training)
+    scored = finetune_recipe(tmp_path, phantoms, "scored", training=training, vqa_eval=vqa_eval)
+    assert main(["train", str(plain)]) == 0 and main(["train", str(scored)]) == 0
+    assert max_difference(weights(tmp_path / "plain"), weights(tmp_path / "scored")) == 0.0
+
+    rows = [json.loads(line) for line in (tmp_path / "scored" / "vqa_eval.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [4, 8]
+    assert all(row["scores"]["n_closed"] + row["scores"]["n_open"] == 12 for row in rows)
+    out = tmp_path / "eval"
+    args = ["eval", "--model", str(tmp_path / "scored"), "--data", str(phantoms / "test.json"), "--out", str(out)]
+    assert main([*args, "--limit", "12", "--max-new-tokens", "4"]) == 0
+    assert rows[-1]["scores"] == json.loads((out / "report.json").read_text())["scores"]["all"]
+    logged = json.loads((tmp_path / "scored" / "checkpoint-8" / "trainer_state.json").read_text())["log_history"]
+    assert [entry["step"] for entry in logged if "vqa_closed_accuracy" in entry] == [4, 8]
+    assert [entry["step"] for entry in logged if "loss" in entry] == list(range(1, 9))  # no step's loss lost
+    assert "vqa_closed_accuracy" in capsys.readouterr().out  # in the progress lines too
+
+    with pytest.raises(ValueError, match="vqa_eval.every must be a whole number"):
+        load_recipe(scored, ["vqa_eval.every=0"])
+    with pytest.raises(ValueError, match="stage tower does not answer questions"):
+        load_recipe(tower_recipe(tmp_path, phantoms), [f"vqa_eval={json.dumps(vqa_eval)}"])
+
+
 def test_a_converted_llava_med_given_the_pyramid_fine_tunes_with_lora(tmp_path, phantoms):
     """The paper's ablation on its baseline: a LLaVA-Med-shaped checkpoint (Mistral LM, CLIP tower,
     LLaVA's prompts and tokenization) converted, given 1x/2x/3x scales by `build --from`, then a LoRA
@@ -332,9 +367,14 @@ def test_two_processes_under_torchrun_train_like_one_with_the_same_global_batch(
     recipe = pretrain_recipe(tmp_path, phantoms, max_steps=6)
     assert main(["train", str(recipe)]) == 0
     overrides = [f"output_dir={tmp_path / engine}", "training.per_device_train_batch_size=2", *ENGINES[engine]]
+    if engine == "ddp":  # the first process answers while the other waits; the weights are untouched
+        overrides.append(f"vqa_eval={{data: {phantoms / 'test.json'}, limit: 6, every: 3, max_new_tokens: 2}}")
     result = torchrun_train(recipe, overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     assert summary(tmp_path / engine)["steps"] == 6
+    if engine == "ddp":
+        rows = (tmp_path / engine / "vqa_eval.jsonl").read_text().splitlines()
+        assert [json.loads(row)["step"] for row in rows] == [3, 6]
     assert max_difference(weights(tmp_path / "pretrain"), weights(tmp_path / engine)) < 1e-5
     assert result.stdout.count("step 6/6 | loss") == 1 and "{'loss'" not in result.stdout  # rank 0's lines only
     assert re.search(r"step 3/6 \| loss [\d.]+ \| lr \S+ \| [\d.]+ samples/s \| ETA \d+:\d\d:\d\d\n", result.stdout)

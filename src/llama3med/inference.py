@@ -69,6 +69,12 @@ def static_cache_decoder(model: Llama3MedForConditionalGeneration) -> StaticCach
     return _DECODERS[model]
 
 
+def release_decoder(model: Llama3MedForConditionalGeneration) -> None:
+    """Drop the model's decoder and its KV cache (a training run evaluating between steps needs the
+    memory back)."""
+    _DECODERS.pop(model, None)
+
+
 def compile_model(model: Llama3MedForConditionalGeneration) -> None:
     """Compile the vision tower (`compile_for_inference`) and the greedy decoder's step. The first
     answers wait for the compile (seconds to tens of seconds for the demo model on 2 CPU cores); after

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from ..data.benchmarks import BENCHMARKS, PROMPT_STYLES
 from ..data.conversations import Source
 
 
@@ -38,6 +39,29 @@ def parse_yaml(text: str):
 MODEL_PARTS = ("vision_tower", "multi_modal_projector", "language_model")
 STAGES = ("tower", "pretrain", "finetune")
 LORA_KEYS = {"r", "alpha", "dropout", "target_modules", "bits"}
+# `vqa_eval`: a VQA set answered and scored while a stage trains (train/vqa_eval.py)
+VQA_EVAL_KEYS = {"benchmark", "data", "split", "image_root", "limit", "prompt", "every", "max_new_tokens", "batch_size"}
+
+
+def check_vqa_eval(spec: dict) -> None:
+    """Refuse a malformed `vqa_eval` recipe entry before anything loads, by key."""
+    if not isinstance(spec, dict) or "data" not in spec:
+        raise ValueError(
+            "recipe: vqa_eval needs at least 'data' (and usually 'benchmark'), e.g. {benchmark: slake, data: ...}"
+        )
+    unknown = set(spec) - VQA_EVAL_KEYS
+    if unknown:
+        raise ValueError(f"recipe: vqa_eval has unknown keys {sorted(unknown)}; known: {sorted(VQA_EVAL_KEYS)}")
+    for key in ("limit", "every", "max_new_tokens", "batch_size"):
+        value = spec.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"recipe: vqa_eval.{key} must be a whole number of at least 1, got {value!r}")
+    if spec.get("benchmark", "llava-med") not in BENCHMARKS:
+        raise ValueError(
+            f"recipe: vqa_eval.benchmark must be one of {', '.join(BENCHMARKS)}, got {spec['benchmark']!r}"
+        )
+    if spec.get("prompt", "plain") not in PROMPT_STYLES:
+        raise ValueError(f"recipe: vqa_eval.prompt must be one of {', '.join(PROMPT_STYLES)}, got {spec['prompt']!r}")
 
 
 @dataclass
@@ -55,6 +79,7 @@ class Recipe:
     save_dtype: str | None = None  # the final model's weights on disk: bfloat16, float16, float32 (None: as trained)
     strict: bool = False  # fail on the first bad record instead of skipping it
     seed: int = 0
+    vqa_eval: dict | None = None  # {benchmark, data, limit, every, ...}: answers scored while training (vqa_eval.py)
     training: dict = field(default_factory=dict)  # transformers.TrainingArguments
 
     def __post_init__(self) -> None:
@@ -91,6 +116,10 @@ class Recipe:
         for part, rate in self.learning_rates.items():
             if isinstance(rate, bool) or not isinstance(rate, (int, float)) or rate <= 0:
                 raise ValueError(f"recipe: learning_rates.{part} must be a positive number, got {rate!r}")
+        if self.vqa_eval is not None:
+            if self.stage == "tower":
+                raise ValueError("recipe: stage tower does not answer questions; vqa_eval is for pretrain and finetune")
+            check_vqa_eval(self.vqa_eval)
         if "output_dir" in self.training:
             raise ValueError("recipe: set output_dir at the top level, not under training")
 

@@ -30,6 +30,7 @@ from ..model_card import write_model_card
 from ..processing import train_bpe_tokenizer
 from .recipe import MODEL_PARTS, Recipe
 from .tower import FindingMapModel
+from .vqa_eval import VQAEvalCallback
 
 logger = logging.getLogger(__name__)
 
@@ -121,11 +122,11 @@ class ProgressLog(ProgressCallback):
         if not state.is_world_process_zero or not logs:
             return
         step, now = state.global_step, time.perf_counter()
-        global_batch = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
-        rate = (step - self.last[0]) * global_batch / max(now - self.last[1], 1e-9)
-        self.last = (step, now)
         parts = [f"step {step}/{state.max_steps}"]
-        if "loss" in logs:
+        if "loss" in logs:  # the rate is over the steps since the last loss line
+            global_batch = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
+            rate = (step - self.last[0]) * global_batch / max(now - self.last[1], 1e-9)
+            self.last = (step, now)
             seconds_per_step = (now - self.start[1]) / max(step - self.start[0], 1)
             eta = datetime.timedelta(seconds=round((state.max_steps - step) * seconds_per_step))
             parts += [
@@ -326,9 +327,25 @@ def trained_parts(recipe: Recipe, model):
     return model
 
 
+def vqa_eval_callback(recipe: Recipe, args: TrainingArguments) -> VQAEvalCallback | None:
+    """The recipe's `vqa_eval`, its questions read (a bad path fails before the model loads); refused
+    where no process holds the whole model."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if recipe.vqa_eval is None:
+        return None
+    if args.fsdp or is_deepspeed_zero3_enabled():
+        raise ValueError(
+            "recipe: vqa_eval answers on the first process, which under FSDP or ZeRO-3 holds only a shard of the "
+            "weights; drop it and evaluate the saved checkpoints with llama3med eval"
+        )
+    return VQAEvalCallback(recipe.vqa_eval, recipe.output_dir)
+
+
 def train(recipe: Recipe, resume: bool | str = False) -> Path:
     """Run one stage; returns the output directory holding the final model."""
     args = training_arguments(recipe)  # first: it sets up the process group under torchrun
+    vqa_eval = vqa_eval_callback(recipe, args)
     model, processor = prepare_model(recipe, args)
     trained, dataset, collator = prepare_stage(recipe, model, processor)
     if not len(dataset):
@@ -353,6 +370,9 @@ def train(recipe: Recipe, resume: bool | str = False) -> Path:
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)  # what the Trainer logs with disable_tqdm: ProgressLog does it
     trainer.add_callback(ProgressLog())
+    if vqa_eval is not None:
+        vqa_eval.trainer = trainer
+        trainer.add_callback(vqa_eval)
     result = trainer.train(resume_from_checkpoint=resume or None)
 
     out = Path(recipe.output_dir)
