@@ -18,7 +18,7 @@ import pytest
 from conftest import write_dicom
 from llama3med.checkpoints import load
 from llama3med.cli import main
-from llama3med.data.benchmarks import VQARecord, load_llava_med
+from llama3med.data.benchmarks import VQARecord, load_llava_med, load_questions
 from llama3med.eval import (
     closed_hit,
     confidence_intervals,
@@ -362,6 +362,35 @@ def test_answer_asks_each_question_about_every_image_in_a_folder_tree(built_mode
     write_dicom(series / "IM0003", slices[0], intercept=-1000)
     assert main([*args, "--question", "Is it normal?", "--out", str(tmp_path / "other")]) == 1
     assert f"{series}: holds 2 DICOM series; give each series a folder of its own" in capsys.readouterr().err
+
+
+def test_answer_shows_dicom_through_each_records_window_or_the_one_asked_for(built_model_dir, tmp_path, capsys):
+    ct = write_dicom(tmp_path / "ct.dcm", np.arange(1024, dtype=np.uint16).reshape(32, 32) * 2, intercept=-1000)
+    questions = tmp_path / "questions.jsonl"
+    rows = [
+        {"question_id": "own", "image": "ct.dcm", "text": "Is it normal?", "window": [-600, 1500]},
+        {"question_id": "default", "image": "ct.dcm", "text": "Is it normal?"},
+    ]
+    questions.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    records = load_questions(questions, tmp_path, window="bone")
+    assert [r.window for r in records] == [(-600.0, 1500.0), "bone"]
+    assert records[0].image_key != records[1].image_key  # one file shown two ways: two images to encode
+
+    args = ["answer", str(questions), "--model", str(built_model_dir), "--image-root", str(tmp_path)]
+    args += ["--max-new-tokens", "3", "--window", "bone", "--out", str(tmp_path / "out")]
+    assert main(args) == 0 and main(args) == 0  # the rerun resumes: the same window, nothing left to answer
+    got = {row["question_id"]: row["text"] for row in map(json.loads, (tmp_path / "out" / "answers.jsonl").open())}
+    model, processor = load(built_model_dir)
+    shown = {"own": load_image(ct, window=(-600, 1500)), "default": load_image(ct, window="bone")}
+    assert shown["own"].tobytes() != shown["default"].tobytes()
+    assert got == {
+        key: answer(model, processor, image, "Is it normal?", max_new_tokens=3) for key, image in shown.items()
+    }
+
+    rows[0]["window"] = "sharp"
+    questions.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert main([*args[:-2], "--out", str(tmp_path / "bad")]) == 1
+    assert "record own: window must be CENTRE,WIDTH or one of" in capsys.readouterr().err
 
 
 def test_each_process_keeps_its_share_of_the_images_however_far_the_others_have_got(tmp_path):

@@ -20,17 +20,12 @@ def _scales(text: str) -> list[int]:
 
 
 def _window(text: str):
-    from .processing import CT_WINDOWS
+    from .data.benchmarks import parse_window
 
-    if text in CT_WINDOWS:
-        return text
     try:
-        centre, width = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"window must be CENTRE,WIDTH or one of {', '.join(CT_WINDOWS)}, got {text!r}"
-        ) from None
-    return centre, width
+        return parse_window(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def cmd_build(args: argparse.Namespace) -> None:
@@ -366,13 +361,15 @@ def cmd_answer(args: argparse.Namespace) -> None:
                 f"{args.questions} is a folder of images: give --question to ask about each (--image-root is for "
                 "a questions file)"
             )
-        records = folder_questions(args.questions, args.question)
+        records = folder_questions(args.questions, args.question, args.window)
     elif args.question:
         raise ValueError(f"--question is for a folder of images; {args.questions} is a questions file")
     else:
-        records = load_questions(args.questions, args.image_root)
+        records = load_questions(args.questions, args.image_root, args.window)
     out = Path(args.out)
     inputs = {"questions": _resolved(args.questions), **({"question": args.question} if args.question else {})}
+    if args.window is not None:  # as JSON keeps it, so that a resumed run compares equal
+        inputs["window"] = list(args.window) if isinstance(args.window, tuple) else args.window
     if args.api_url:
         _answers_from_api(args, records, out, inputs, own_images=True)
         print(f"wrote {out / 'answers.jsonl'}: {len(records)} answers", file=sys.stderr)
@@ -956,6 +953,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         help="with a folder: the question to ask about every image in it (repeatable)",
+    )
+    p.add_argument(
+        "--window",
+        type=_window,
+        default=None,
+        help="DICOM/NIfTI window for every image without its own: CENTRE,WIDTH or a CT preset",
     )
     _add_model_or_api_options(p)
     p.add_argument("--image-root", default=None, help="image folder (default: the file's images/ or folder)")

@@ -19,7 +19,8 @@ from pathlib import Path
 from PIL import Image
 
 from ..model_card import looks_like_hub_id
-from ..processing import IMAGE_PLACEHOLDER, find_images
+from ..processing import CT_WINDOWS, IMAGE_PLACEHOLDER, find_images
+from ..processing.images import Window
 from .conversations import read_records, record_frame, write_atomically
 
 ANSWER_TYPES = ("OPEN", "CLOSED")
@@ -37,12 +38,37 @@ class VQARecord:
     split: str = "test"
     question_type: str | None = None
     frame: int | None = None  # a volume's or series' slice, a multi-frame DICOM's frame; None: the middle
-    image_key: str = field(default="", compare=False)  # identifies the image, for encoding it once
+    window: Window = None  # DICOM/NIfTI: (centre, width) or a CT preset; None: the file's own display
+    image_key: str = field(default="", compare=False)  # identifies the image as shown, for encoding it once
 
     def __post_init__(self) -> None:
         if not self.image_key:
             key = hashlib.sha1(self.image).hexdigest() if isinstance(self.image, bytes) else str(self.image)
-            object.__setattr__(self, "image_key", key if self.frame is None else f"{key}#frame={self.frame}")
+            key += "" if self.frame is None else f"#frame={self.frame}"
+            object.__setattr__(self, "image_key", key + ("" if self.window is None else f"#window={self.window}"))
+
+
+def record_window(record: dict, name: str) -> Window:
+    """A record's `window`: a CT preset's name, `"CENTRE,WIDTH"` or `[centre, width]`; None without one."""
+    value = record.get("window")
+    try:
+        return None if value is None else parse_window(value)
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None
+
+
+def parse_window(value) -> Window:
+    """A window as people write it (`"lung"`, `"-600,1500"`, `[-600, 1500]`), checked."""
+    if isinstance(value, str) and value in CT_WINDOWS:
+        return value
+    parts = value.split(",") if isinstance(value, str) else value
+    try:
+        centre, width = (float(part) for part in parts)
+    except (TypeError, ValueError):
+        raise ValueError(f"window must be CENTRE,WIDTH or one of {', '.join(CT_WINDOWS)}, got {value!r}") from None
+    if width < 1:
+        raise ValueError(f"window width must be at least 1, got {width:g}")
+    return (centre, width)
 
 
 PROMPT_STYLES = {  # how a question is put to the model, in `eval` and in the conversations made to tune on
@@ -135,15 +161,16 @@ def load_llava_med(
                 "test",
                 question_type,
                 record_frame(raw, name),
+                record_window(raw, name),
             )
         )
     return _unique(records, path)
 
 
-def load_questions(path: str | Path, image_root: str | Path | None = None) -> list[VQARecord]:
+def load_questions(path: str | Path, image_root: str | Path | None = None, window: Window = None) -> list[VQARecord]:
     """Questions to answer without references, in LLaVA-Med's `model_vqa` question format (JSON or
     JSONL): `{question_id, image, text}` per record (`id` and `question` are read too), with an optional
-    `frame`; images are looked up as `load_llava_med` looks them up."""
+    `frame` and `window` (else `window`); images are looked up as `load_llava_med` looks them up."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: questions file not found")
@@ -157,14 +184,15 @@ def load_questions(path: str | Path, image_root: str | Path | None = None) -> li
         text = raw.get("text", raw.get("question"))
         question = _text(None if text is None else str(text).replace(IMAGE_PLACEHOLDER, ""), name, "question")
         image = _image_file(root, raw.get("image"), name, check=True)
-        records.append(VQARecord(str(qid), image, question, "", "", "questions", frame=record_frame(raw, name)))
+        shown = {"frame": record_frame(raw, name), "window": record_window(raw, name) or window}
+        records.append(VQARecord(str(qid), image, question, "", "", "questions", **shown))
     return _unique(records, path)
 
 
-def folder_questions(root: str | Path, questions: Sequence[str]) -> list[VQARecord]:
+def folder_questions(root: str | Path, questions: Sequence[str], window: Window = None) -> list[VQARecord]:
     """Each question about every image in the folder tree `root` (a series folder, a DICOM, NIfTI, PNG or
-    JPEG file: see `find_images`), image by image. A question's id is its image's path within `root`,
-    with `#N` after it for the Nth of several questions."""
+    JPEG file: see `find_images`), image by image, DICOM and NIfTI shown through `window`. A question's
+    id is its image's path within `root`, with `#N` after it for the Nth of several questions."""
     root = Path(root)
     images = find_images(root)
     if not images:
@@ -175,7 +203,7 @@ def folder_questions(root: str | Path, questions: Sequence[str]) -> list[VQAReco
         name = image.relative_to(root).as_posix() if image != root else root.name
         for number, text in enumerate(texts, start=1):
             qid = name if len(texts) == 1 else f"{name}#{number}"
-            records.append(VQARecord(qid, image, text, "", "", "questions"))
+            records.append(VQARecord(qid, image, text, "", "", "questions", window=window))
     return records
 
 

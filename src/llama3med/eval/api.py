@@ -40,7 +40,7 @@ def image_data_url(record: VQARecord) -> str:
     mime = _plain_image_type(data) if data is not None and record.frame is None else None
     if mime is None:
         buffer = io.BytesIO()
-        load_image(record.image, frame=record.frame).save(buffer, format="PNG")
+        load_image(record.image, window=record.window, frame=record.frame).save(buffer, format="PNG")
         data, mime = buffer.getvalue(), "image/png"
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 

@@ -163,13 +163,17 @@ def _start_loading(
     held = {r.image_key for r in batch}
     for record in next_batch:
         if record.image_key not in held and record.image_key not in loading:
-            loading[record.image_key] = loader.submit(processor.preprocess_image, record.image, frame=record.frame)
+            loading[record.image_key] = loader.submit(_preprocess, processor, record)
 
 
 def _pixels(processor: Llama3MedProcessor, loading: dict[str, Future], record: VQARecord) -> torch.Tensor:
     """A record's image, preprocessed: from the loading thread where it was started there."""
     future = loading.pop(record.image_key, None)
-    return future.result() if future is not None else processor.preprocess_image(record.image, frame=record.frame)
+    return future.result() if future is not None else _preprocess(processor, record)
+
+
+def _preprocess(processor: Llama3MedProcessor, record: VQARecord) -> torch.Tensor:
+    return processor.preprocess_image(record.image, window=record.window, frame=record.frame)
 
 
 def shared_prefix(token_ids: list[list[int]], image_token_id: int) -> list[int]:
