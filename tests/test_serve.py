@@ -626,6 +626,27 @@ def test_an_api_client_picks_a_volumes_slice_with_the_image_urls_frame(server):
             reply({"url": data_url(volume, "application/gzip"), "frame": frame})
 
 
+def test_an_api_client_names_the_window_a_dicom_is_seen_through(server, tmp_path):
+    ct = write_dicom(tmp_path / "ct.dcm", np.arange(1600, dtype=np.uint16).reshape(40, 40) * 2, intercept=-1000)
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+
+    def reply(image_url: dict) -> str:
+        content = [{"type": "image_url", "image_url": image_url}, {"type": "text", "text": "Is it normal?"}]
+        messages = [{"role": "user", "content": content}]
+        return client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0)
+
+    dicom = data_url(ct.read_bytes(), "application/dicom")
+    misses = server.engine.features.misses
+    for window in ("lung", [-600, 1500]):  # the same window by name and by numbers
+        lung = reply({"url": dicom, "window": window}).choices[0].message.content
+        rendered = httpx.post(f"{server.url}/v1/render?window=lung", content=ct.read_bytes()).content
+        assert reply({"url": data_url(rendered)}).choices[0].message.content == lung
+    # encoded: the DICOM through each window as written, the rendered PNG once (then its features are reused)
+    assert reply({"url": dicom, "window": "bone"}) and server.engine.features.misses == misses + 4
+    with pytest.raises(openai.BadRequestError, match="window must be CENTRE,WIDTH or one of"):
+        reply({"url": dicom, "window": "sharp"})
+
+
 @pytest.mark.skipif(shutil.which("node") is None, reason="needs Node.js to run the page's script")
 def test_the_web_page_shows_a_nifti_volumes_middle_slice_and_asks_about_the_slice_chosen_on_its_slider(
     server, tmp_path

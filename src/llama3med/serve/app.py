@@ -28,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..data.benchmarks import parse_window
 from ..data.web import is_public_host
 from ..processing import (
     IMAGE_PLACEHOLDER,
@@ -37,7 +38,7 @@ from ..processing import (
     load_image,
     message_content,
 )
-from ..processing.images import CT_WINDOWS, middle_frame
+from ..processing.images import CT_WINDOWS, Window, middle_frame
 from .engine import Engine, FeatureCache, Job, JobImage, QueueFull, image_key
 
 logger = logging.getLogger("llama3med.serve")
@@ -75,6 +76,7 @@ class ImageURL(BaseModel):
     url: str
     detail: Literal["auto", "low", "high"] | None = None
     frame: int | None = Field(None, ge=0)  # llama3med's: a volume's axial slice or a DICOM's frame; None: the middle
+    window: str | list[float] | None = None  # llama3med's: a CT preset or [centre, width]; None: the file's own
 
 
 class ContentPart(BaseModel):
@@ -188,6 +190,13 @@ def render_png(body: bytes, window: str | None, frame: str | None, settings: Set
     return buffer.getvalue(), chosen, count
 
 
+def _window(value: str | list[float] | None) -> Window:
+    try:
+        return None if value is None else parse_window(value)
+    except ValueError as err:
+        raise ApiError(400, str(err), "window") from None
+
+
 def build_prompt(request: ChatRequest, engine: Engine, settings: Settings) -> tuple[list[int], list[JobImage]]:
     """Token ids (images expanded) and images of a chat; images go before their message's text. An image
     whose features the engine holds is not decoded again."""
@@ -206,7 +215,8 @@ def build_prompt(request: ChatRequest, engine: Engine, settings: Settings) -> tu
                 else:
                     if part.image_url is None:
                         raise ApiError(400, "an image_url part needs an image_url", "messages")
-                    images.append((read_image_url(part.image_url.url, settings), part.image_url.frame))
+                    window = _window(part.image_url.window)
+                    images.append((read_image_url(part.image_url.url, settings), part.image_url.frame, window))
                     parts.append(None)
             text = message_content(parts)
         if IMAGE_PLACEHOLDER in text and isinstance(message.content, str):
@@ -215,12 +225,12 @@ def build_prompt(request: ChatRequest, engine: Engine, settings: Settings) -> tu
     if len(images) > settings.max_images:
         raise ApiError(400, f"{len(images)} images sent; this server takes at most {settings.max_images}", "messages")
     job_images = []
-    for data, frame in images:
-        key = image_key(data, frame)
+    for data, frame, window in images:
+        key = image_key(data, frame, window)
         image = JobImage(key, features=engine.features.get(key))
         if image.features is None:
             try:
-                shown = load_image(data, frame=frame, max_pixels=settings.max_image_pixels)
+                shown = load_image(data, window=window, frame=frame, max_pixels=settings.max_image_pixels)
                 image.pixel_values = processor.preprocess_image(shown)
             except ImageLoadError as err:
                 raise ApiError(400, f"unreadable image: {err.reason}", "image_url") from None

@@ -28,17 +28,19 @@ from ..generation import RunningBatch, Sampling
 from ..inference import static_cache_decoder
 from ..model import Llama3MedForConditionalGeneration
 from ..processing import Llama3MedProcessor
+from ..processing.images import Window
 
 
 class QueueFull(Exception):
     """The engine holds as many requests as it may; the client should retry later."""
 
 
-def image_key(data: bytes, frame: int | None = None) -> str:
-    """What identifies an image for the feature cache: a digest of its file's bytes, and which of its
-    frames or slices (None: the middle one)."""
+def image_key(data: bytes, frame: int | None = None, window: Window = None) -> str:
+    """What identifies an image for the feature cache: a digest of its file's bytes, which of its frames
+    or slices (None: the middle one) and the window it is seen through (None: the file's own)."""
     digest = hashlib.blake2b(data, digest_size=16).hexdigest()
-    return digest if frame is None else f"{digest}#frame={frame}"
+    digest += "" if frame is None else f"#frame={frame}"
+    return digest if window is None else f"{digest}#window={window}"
 
 
 class FeatureCache:
