@@ -113,6 +113,21 @@ def test_a_record_may_name_a_slice_of_a_volume_as_its_image(tmp_path, phantoms, 
         ConversationDataset([Source(path, tmp_path)], processor, 400, strict=True)
 
 
+def test_a_record_may_name_the_window_its_ct_is_seen_through(tmp_path, phantoms, processor):
+    slices, _ = volume_records(tmp_path, phantoms)
+    windowed = [{**slices[0], "id": "lung", "window": "lung"}, {**slices[0], "id": "numbers", "window": [40, 400]}]
+    path = tmp_path / "windowed.json"
+    path.write_text(json.dumps([slices[0], *windowed, {**slices[0], "id": "bad", "window": "sharp"}]))
+    dataset = ConversationDataset([Source(path, tmp_path)], processor, 400)
+    assert dataset.skipped == {"malformed": 1} and len(dataset) == 3
+    volume = tmp_path / "ct.nii.gz"
+    assert torch.equal(dataset[1]["pixel_values"], processor.preprocess_image(volume, window="lung", frame=0))
+    assert torch.equal(dataset[2]["pixel_values"], processor.preprocess_image(volume, window="soft_tissue", frame=0))
+    assert not torch.equal(dataset[0]["pixel_values"], dataset[1]["pixel_values"])  # the file's own range
+    with pytest.raises(ValueError, match=r"record bad: window must be CENTRE,WIDTH or one of"):
+        ConversationDataset([Source(path, tmp_path)], processor, 400, strict=True)
+
+
 def test_a_benchmark_s_train_split_becomes_conversations_worded_as_eval_asks(tmp_path, processor, capsys):
     from test_benchmarks import png_bytes, write_parquet
 

@@ -20,7 +20,7 @@ def _scales(text: str) -> list[int]:
 
 
 def _window(text: str):
-    from .data.benchmarks import parse_window
+    from .processing import parse_window
 
     try:
         return parse_window(text)

@@ -19,9 +19,9 @@ from pathlib import Path
 from PIL import Image
 
 from ..model_card import looks_like_hub_id
-from ..processing import CT_WINDOWS, IMAGE_PLACEHOLDER, find_images
+from ..processing import IMAGE_PLACEHOLDER, find_images
 from ..processing.images import Window
-from .conversations import read_records, record_frame, write_atomically
+from .conversations import read_records, record_frame, record_window, write_atomically
 
 ANSWER_TYPES = ("OPEN", "CLOSED")
 BENCHMARKS = ("vqa-rad", "slake", "pathvqa", "llava-med")
@@ -46,29 +46,6 @@ class VQARecord:
             key = hashlib.sha1(self.image).hexdigest() if isinstance(self.image, bytes) else str(self.image)
             key += "" if self.frame is None else f"#frame={self.frame}"
             object.__setattr__(self, "image_key", key + ("" if self.window is None else f"#window={self.window}"))
-
-
-def record_window(record: dict, name: str) -> Window:
-    """A record's `window`: a CT preset's name, `"CENTRE,WIDTH"` or `[centre, width]`; None without one."""
-    value = record.get("window")
-    try:
-        return None if value is None else parse_window(value)
-    except ValueError as err:
-        raise ValueError(f"{name}: {err}") from None
-
-
-def parse_window(value) -> Window:
-    """A window as people write it (`"lung"`, `"-600,1500"`, `[-600, 1500]`), checked."""
-    if isinstance(value, str) and value in CT_WINDOWS:
-        return value
-    parts = value.split(",") if isinstance(value, str) else value
-    try:
-        centre, width = (float(part) for part in parts)
-    except (TypeError, ValueError):
-        raise ValueError(f"window must be CENTRE,WIDTH or one of {', '.join(CT_WINDOWS)}, got {value!r}") from None
-    if width < 1:
-        raise ValueError(f"window width must be at least 1, got {width:g}")
-    return (centre, width)
 
 
 PROMPT_STYLES = {  # how a question is put to the model, in `eval` and in the conversations made to tune on
@@ -470,6 +447,8 @@ def write_benchmark_conversations(records: list[VQARecord], out: str | Path, pro
         }
         if record.frame is not None:
             conversation["frame"] = record.frame
+        if record.window is not None:
+            conversation["window"] = list(record.window) if isinstance(record.window, tuple) else record.window
         conversations.append(conversation)
     write_atomically(out / CONVERSATIONS_FILE, json.dumps(conversations, indent=1, ensure_ascii=False))
     return {"conversations": len(conversations), "images written": len(written)}

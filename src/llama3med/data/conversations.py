@@ -27,7 +27,9 @@ from ..processing import (
     SampleTooLongError,
     llava_to_messages,
     pad_sequences,
+    parse_window,
 )
+from ..processing.images import Window
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +51,7 @@ class Sample:
     input_ids: list[int]
     labels: list[int]
     frame: int | None = None
+    window: Window = None
 
 
 def record_frame(record: dict, name: str) -> int | None:
@@ -58,6 +61,15 @@ def record_frame(record: dict, name: str) -> int | None:
     if frame is not None and (isinstance(frame, bool) or not isinstance(frame, int) or frame < 0):
         raise ValueError(f"{name}: frame must be a whole number from 0, got {frame!r}")
     return frame
+
+
+def record_window(record: dict, name: str) -> Window:
+    """A record's `window`: a CT preset's name, `"CENTRE,WIDTH"` or `[centre, width]`; None without one."""
+    value = record.get("window")
+    try:
+        return None if value is None else parse_window(value)
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None
 
 
 def record_image(record: dict, image_root: Path, name: str) -> tuple[Path | None, int | None]:
@@ -174,10 +186,12 @@ class RecordDataset(Dataset):
         else:
             self.skipped["malformed"] += 1
 
-    def _load_image(self, record_id: str, image: Path, frame: int | None = None) -> torch.Tensor | None:
+    def _load_image(
+        self, record_id: str, image: Path, frame: int | None = None, window: Window = None
+    ) -> torch.Tensor | None:
         """The processed image, or None (counted) when it cannot be read: a run does not crash on it."""
         try:
-            return self.processor.preprocess_image(image, frame=frame)
+            return self.processor.preprocess_image(image, window=window, frame=frame)
         except ImageLoadError as err:  # e.g. truncated
             self._skip(f"record {record_id}", err)
             logger.warning("skipped record %s: %s", record_id, err)  # visible from dataloader workers
@@ -215,7 +229,8 @@ class ConversationDataset(RecordDataset):
         if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
             raise ValueError(f"{name}: no assistant answer to learn from")
         encoded = self.processor.encode_conversation(messages, num_images=int(image is not None), max_length=max_length)
-        return Sample(number, str(record.get("id", "")), image, encoded["input_ids"], encoded["labels"], frame)
+        shown = {"frame": frame, "window": record_window(record, name)}
+        return Sample(number, str(record.get("id", "")), image, encoded["input_ids"], encoded["labels"], **shown)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -229,7 +244,7 @@ class ConversationDataset(RecordDataset):
         sample = self.samples[index]
         item = {"input_ids": sample.input_ids, "labels": sample.labels}
         if sample.image is not None:
-            item["pixel_values"] = self._load_image(sample.record_id, sample.image, sample.frame)
+            item["pixel_values"] = self._load_image(sample.record_id, sample.image, sample.frame, sample.window)
             if item["pixel_values"] is None:
                 return None
         return item

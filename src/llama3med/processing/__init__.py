@@ -8,6 +8,7 @@ from .images import (
     frame_count,
     load_image,
     nifti_to_uint8,
+    parse_window,
     window_values,
 )
 from .processor import IGNORE_INDEX, Llama3MedProcessor, SampleTooLongError, pad_sequences
@@ -31,6 +32,7 @@ __all__ = [
     "multimodal_to_messages",
     "nifti_to_uint8",
     "pad_sequences",
+    "parse_window",
     "train_bpe_tokenizer",
     "window_values",
 ]

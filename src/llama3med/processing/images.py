@@ -76,6 +76,20 @@ def nifti_header_bytes(data: bytes) -> bytes | None:
     return head if head[344:348] == b"n+1\x00" or head[4:8] == b"n+2\x00" else None
 
 
+def parse_window(value) -> Window:
+    """A window as people write it (`"lung"`, `"-600,1500"`, `[-600, 1500]`), checked."""
+    if isinstance(value, str) and value in CT_WINDOWS:
+        return value
+    parts = value.split(",") if isinstance(value, str) else value
+    try:
+        centre, width = (float(part) for part in parts)
+    except (TypeError, ValueError):
+        raise ValueError(f"window must be CENTRE,WIDTH or one of {', '.join(CT_WINDOWS)}, got {value!r}") from None
+    if width < 1:
+        raise ValueError(f"window width must be at least 1, got {width:g}")
+    return (centre, width)
+
+
 def load_image(
     source: ImageSource,
     *,

@@ -28,7 +28,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..data.benchmarks import parse_window
 from ..data.web import is_public_host
 from ..processing import (
     IMAGE_PLACEHOLDER,
@@ -38,7 +37,7 @@ from ..processing import (
     load_image,
     message_content,
 )
-from ..processing.images import CT_WINDOWS, Window, middle_frame
+from ..processing.images import CT_WINDOWS, Window, middle_frame, parse_window
 from .engine import Engine, FeatureCache, Job, JobImage, QueueFull, image_key
 
 logger = logging.getLogger("llama3med.serve")
