@@ -80,7 +80,7 @@ def eval_rate(model, processor, records: list[VQARecord], batch_size: int, max_n
     start = time.perf_counter()
     answers = {
         r.id: text
-        for r, _, text in generate_answers(
+        for r, _, text, _ in generate_answers(
             model, processor, records, batch_size=batch_size, max_new_tokens=max_new_tokens
         )
     }

@@ -95,7 +95,7 @@ def answers_on_unseen_phantoms(tmp_path, n: int, keep) -> tuple[list, dict[str, 
     records = [r for r in load_llava_med(tmp_path / "test.json") if keep(r)]
     model, processor = load(DEMO_MODEL_DIR)
     answers = generate_answers(model, processor, records, batch_size=50, max_new_tokens=4)
-    return records, {r.id: text for r, _, text in answers}
+    return records, {r.id: text for r, _, text, _ in answers}
 
 
 def test_the_demo_model_reads_the_modality_of_unseen_phantoms(tmp_path):
@@ -121,7 +121,7 @@ def test_the_demo_answers_nifti_phantoms_as_it_answers_the_same_slices_in_dicom(
         write_phantom_set(tmp_path / image_format, n=24, seed=4242, size=384, image_format=image_format)
         records = load_llava_med(tmp_path / image_format / "test.json")
         model, processor = load(DEMO_MODEL_DIR)
-        answers[image_format] = [text for _, _, text in generate_answers(model, processor, records, batch_size=50)]
+        answers[image_format] = [text for _, _, text, _ in generate_answers(model, processor, records, batch_size=50)]
     assert answers["nii.gz"] == answers["dcm"]
     assert any(r.question_type == "side" for r in records)
 
@@ -130,9 +130,11 @@ def test_the_demo_answers_unseen_phantoms_in_fp8_as_it_does_in_full_precision(tm
     write_phantom_set(tmp_path, n=40, seed=4242, size=384, image_format="dcm")
     records = load_llava_med(tmp_path / "test.json")
     model, processor = load(DEMO_MODEL_DIR)
-    full = {r.id: text for r, _, text in generate_answers(model, processor, records, batch_size=50, max_new_tokens=8)}
+    full = {
+        r.id: text for r, _, text, _ in generate_answers(model, processor, records, batch_size=50, max_new_tokens=8)
+    }
     quantize_language_model_fp8(model.language_model)
-    fp8 = {r.id: text for r, _, text in generate_answers(model, processor, records, batch_size=50, max_new_tokens=8)}
+    fp8 = {r.id: text for r, _, text, _ in generate_answers(model, processor, records, batch_size=50, max_new_tokens=8)}
     assert sum(full[k] == fp8[k] for k in full) >= 0.95 * len(records)  # 214 of 214 when written
     closed = [score(records, answers)["all"]["closed_accuracy"] for answers in (full, fp8)]
     assert abs(closed[0] - closed[1]) <= 0.02
@@ -147,7 +149,7 @@ def test_the_demo_answers_unseen_phantoms_with_4bit_weights_as_it_does_in_full_p
     for quantization in (None, nf4_quantization(torch.float32)):
         model, processor = load(DEMO_MODEL_DIR, "cpu", torch.float32, quantization_config=quantization)
         generated = generate_answers(model, processor, records, batch_size=50, max_new_tokens=8)
-        answers.append({r.id: text for r, _, text in generated})
+        answers.append({r.id: text for r, _, text, _ in generated})
         footprints.append(model.get_memory_footprint())
     lm = model.language_model
     assert all(

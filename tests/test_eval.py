@@ -14,12 +14,14 @@ import nibabel
 import numpy as np
 import pydicom
 import pytest
+import torch
 
 from conftest import write_dicom
 from llama3med.checkpoints import load
 from llama3med.cli import main
 from llama3med.data.benchmarks import VQARecord, load_llava_med, load_questions
 from llama3med.eval import (
+    closed_auroc,
     closed_hit,
     confidence_intervals,
     majority_baseline,
@@ -31,9 +33,15 @@ from llama3med.eval import (
     token_scores,
 )
 from llama3med.eval.report import comparison_rows, load_published
-from llama3med.eval.runner import generate_answers, prefix_caches, unanswered_share
-from llama3med.eval.scoring import bleu, closest_candidate, exact_match
-from llama3med.inference import answer
+from llama3med.eval.runner import (
+    generate_answers,
+    prefix_caches,
+    unanswered_share,
+    yes_no_tokens,
+    yes_probabilities,
+)
+from llama3med.eval.scoring import auroc, bleu, closest_candidate, exact_match
+from llama3med.inference import answer, question_messages
 from llama3med.processing import find_images, load_image
 
 ROOT = Path(__file__).parents[1]
@@ -179,17 +187,45 @@ def test_batched_answers_equal_one_by_one_answers_and_each_image_is_encoded_and_
         return prefix_caches(model, prefix_ids, pixel_values)
 
     monkeypatch.setattr(runner, "prefix_caches", counted)
-    batched = {r.id: text for r, _, text in generate_answers(model, processor, records, batch_size=5)}
+    batched = {r.id: text for r, _, text, _ in generate_answers(model, processor, records, batch_size=5)}
     # 3 images with 4-8 questions each, in batches of 5: every image's questions span two batches
     assert sum(prefilled) == len({r.image for r in records}) == 3
     prefetched = generate_answers(model, processor, records, batch_size=5, prefetch_images=True)
-    assert {r.id: text for r, _, text in prefetched} == batched  # images read on a thread, as on a GPU
-    single = {r.id: text for r, _, text in generate_answers(model, processor, records[:4], batch_size=1)}
+    assert {r.id: text for r, _, text, _ in prefetched} == batched  # images read on a thread, as on a GPU
+    single = {r.id: text for r, _, text, _ in generate_answers(model, processor, records[:4], batch_size=1)}
     assert all(batched[qid] == text for qid, text in single.items())
     # The shared image prefix and the padding between it and each question change no answer: the same
     # prompt run whole answers the same.
     for record in records[:6]:
         assert batched[record.id] == answer(model, processor, record.image, record.question, max_new_tokens=64)
+
+
+def test_auroc_is_the_chance_a_yes_scores_above_a_no_with_ties_counting_half():
+    labels = np.array([True, False, True, False])
+    assert auroc(labels, np.array([0.9, 0.8, 0.3, 0.1])) == 0.75  # 3 of the 4 yes-no pairs in order
+    assert auroc(labels, np.array([0.5, 0.5, 0.5, 0.5])) == 0.5
+    assert auroc(labels, np.array([0.9, 0.1, 0.8, 0.2])) == 1.0
+
+
+def test_each_answer_carries_its_p_yes_and_closed_questions_are_ranked_by_it(model_and_processor, test_set):
+    model, processor = model_and_processor
+    records = load_llava_med(test_set)
+    yes, no = yes_no_tokens(processor.tokenizer)
+    assert yes and no and not set(yes) & set(no)
+    got = {r.id: p for r, _, _, p in generate_answers(model, processor, records, batch_size=5)}
+    for record in records[:3]:  # the first token's distribution of the whole prompt, run alone
+        prompt = processor.chat_prompt(question_messages(record.question))
+        inputs = processor([prompt], images=[record.image])
+        with torch.no_grad():
+            logits = model(**inputs).logits[0, -1]
+        p = torch.softmax(logits.float(), dim=-1)
+        assert math.isclose(got[record.id], float(p[yes].sum() / (p[yes].sum() + p[no].sum())), rel_tol=1e-4)
+
+    ranked = closed_auroc(records, got)
+    closed = [r for r in records if r.answer_type == "CLOSED" and normalize_answer(r.answer) in ("yes", "no")]
+    assert ranked["n_yes"] + ranked["n_no"] == len(closed)
+    assert ranked["interval"][0] <= ranked["auroc"] <= ranked["interval"][1]
+    assert closed_auroc(records, {}) is None  # an API's answers carry no P(yes)
 
 
 def test_questions_about_slices_of_one_volume_are_answered_about_their_own_slice(model_and_processor, tmp_path):
@@ -205,7 +241,7 @@ def test_questions_about_slices_of_one_volume_are_answered_about_their_own_slice
     )
     records = load_llava_med(tmp_path / "test.json")
     assert len({r.image_key for r in records}) == 3  # slices 0, 2 and the middle one (1) are three images
-    batched = {r.id: text for r, _, text in generate_answers(model, processor, records, batch_size=4)}
+    batched = {r.id: text for r, _, text, _ in generate_answers(model, processor, records, batch_size=4)}
     for record in records:
         shown = load_image(tmp_path / "ct.nii.gz", frame=record.frame)
         assert batched[record.id] == answer(model, processor, shown, record.question, max_new_tokens=64)
@@ -248,6 +284,8 @@ def test_eval_and_score_commands_use_the_llava_med_answer_format(built_model_dir
     assert 0 < report["peak_memory_gib"] < 64
     row = json.loads((out / "answers.jsonl").read_text().splitlines()[0])
     assert set(row) >= {"question_id", "prompt", "text", "answer_id", "model_id"}
+    assert 0 <= row["metadata"]["p_yes"] <= 1 and "AUROC" in markdown
+    assert report["closed_auroc"] == closed_auroc(records, yes_probabilities(out / "answers.jsonl"))
     capsys.readouterr()
     assert main(["score", "--gt", str(test_set), "--pred", str(out / "answers.jsonl"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == report["scores"]

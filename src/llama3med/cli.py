@@ -161,9 +161,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from .data.benchmarks import load_benchmark
-    from .eval import confidence_intervals, majority_baseline, score
+    from .eval import closed_auroc, confidence_intervals, majority_baseline, score
     from .eval.report import comparison_rows, format_table, load_published, write_report
-    from .eval.runner import check_run_settings
+    from .eval.runner import check_run_settings, yes_probabilities
     from .inference import compile_model, peak_memory_gib
 
     _check_model_source_options(args)
@@ -197,10 +197,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
         report["majority_closed_baseline"] = baseline
         report["candidates"] = candidates_source
         report["intervals"] = confidence_intervals(records, answers)
+        report["closed_auroc"] = closed_auroc(records, yes_probabilities(out / "answers.jsonl"))
         if published:
             report["published"] = published
         write_report(out, report)
-        print(format_table(scores, baseline, report["intervals"]))
+        print(format_table(scores, baseline, report["intervals"], report["closed_auroc"]))
         if published:
             print(f"\nbeside published results ({published['source']}):")
             print("\n".join("  ".join(row) for row in comparison_rows(report, published)))
@@ -407,9 +408,9 @@ def cmd_score(args: argparse.Namespace) -> None:
     import json
 
     from .data.benchmarks import load_benchmark
-    from .eval import confidence_intervals, paired_difference, score
+    from .eval import closed_auroc, confidence_intervals, paired_difference, score
     from .eval.report import difference_lines, format_table
-    from .eval.runner import read_answers
+    from .eval.runner import read_answers, yes_probabilities
 
     records = load_benchmark(args.benchmark, args.gt, args.split, args.image_root, check_images=False)
     candidates, _ = _candidate_answers(args, args.gt, records)
@@ -426,7 +427,8 @@ def cmd_score(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(scores if difference is None else {"scores": scores, "against": difference}, indent=1))
         return
-    print(format_table(scores, intervals=confidence_intervals(records, answers, strict=args.strict)))
+    intervals = confidence_intervals(records, answers, strict=args.strict)
+    print(format_table(scores, intervals=intervals, closed_auroc=closed_auroc(records, yes_probabilities(args.pred))))
     if difference is not None:
         print(f"\n{args.pred} minus {args.against}:")
         print("\n".join(difference_lines(difference)))

@@ -177,12 +177,14 @@ class StaticCacheDecoder:
         prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         on_step: Callable[[torch.Tensor], torch.Tensor] | None = None,
         sampling: Sampling | None = None,
+        on_first_logits: Callable[[torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         """New tokens after each left-padded prompt, greedy unless `sampling` is given. With `prefix`
         (every layer's keys and values of the first P positions, each `(B, heads, P, head_dim)`;
         P = `attention_mask` length - T), `inputs_embeds` holds only the positions after it.
         `on_step` sees each step's `(B,)` tokens as they come and returns the rows to stop (a server's
-        streaming, stop strings and cancellations); a stopped row is padded like a finished one."""
+        streaming, stop strings and cancellations); a stopped row is padded like a finished one.
+        `on_first_logits` sees the first new token's `(B, vocab)` logits (how sure a yes or no is)."""
         choose = self._chooser(sampling)
         batch, prompt_length = attention_mask.shape
         device = inputs_embeds.device
@@ -208,6 +210,8 @@ class StaticCacheDecoder:
             logits[:, self.suppressed] = -torch.inf
             if step < min_new_tokens:
                 logits[:, self.eos] = -torch.inf
+            if step == 0 and on_first_logits is not None:
+                on_first_logits(logits)
             token = choose(logits).masked_fill(finished, self.pad)
             new_tokens.append(token)
             finished |= torch.isin(token, eos)

@@ -2,6 +2,7 @@
 
 from .runner import generate_answers, run
 from .scoring import (
+    closed_auroc,
     closed_hit,
     confidence_intervals,
     majority_baseline,
@@ -12,6 +13,7 @@ from .scoring import (
 )
 
 __all__ = [
+    "closed_auroc",
     "closed_hit",
     "confidence_intervals",
     "generate_answers",

@@ -55,7 +55,18 @@ def difference_lines(difference: dict) -> list[str]:
     return lines
 
 
-def format_table(scores: dict, baseline: float | None = None, intervals: dict | None = None) -> str:
+def auroc_line(result: dict) -> str:
+    """One sentence giving the closed yes/no questions' AUROC by P(yes)."""
+    low, high = result["interval"]
+    return (
+        f"closed yes/no questions ranked by P(yes): AUROC {result['auroc']:.3f} "
+        f"({100 * result['level']:.0f} % interval {low:.3f}-{high:.3f}; {result['n_yes']} yes, {result['n_no']} no)"
+    )
+
+
+def format_table(
+    scores: dict, baseline: float | None = None, intervals: dict | None = None, closed_auroc: dict | None = None
+) -> str:
     """A plain-text table (percentages) of every group's scores."""
     header = ["group", *(name for name, _ in COLUMNS), "n closed", "n open"]
     rows = [header, *table_rows(scores)]
@@ -68,6 +79,8 @@ def format_table(scores: dict, baseline: float | None = None, intervals: dict | 
     ]
     if intervals is not None:
         lines.append(interval_line(intervals))
+    if closed_auroc is not None:
+        lines.append(auroc_line(closed_auroc))
     if baseline is not None:
         lines.append(f"majority-answer baseline, closed: {100 * baseline:.2f}")
     return "\n".join(lines)
@@ -124,6 +137,8 @@ def write_report(out: Path, report: dict) -> None:
     ]
     if report.get("intervals"):
         lines += ["", interval_line(report["intervals"]) + "."]
+    if report.get("closed_auroc"):
+        lines += ["", auroc_line(report["closed_auroc"]) + "."]
     if report.get("majority_closed_baseline") is not None:
         lines += ["", f"Majority-answer baseline on closed questions: {100 * report['majority_closed_baseline']:.2f}"]
     if report.get("candidates"):

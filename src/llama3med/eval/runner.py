@@ -32,21 +32,27 @@ from ..model import Llama3MedForConditionalGeneration
 from ..processing import Llama3MedProcessor, pad_sequences
 
 
-def answer_row(record: VQARecord, prompt: str, text: str, model_id: str) -> dict:
-    """A line of `answers.jsonl`, in LLaVA-Med's answer format."""
+def answer_row(record: VQARecord, prompt: str, text: str, model_id: str, metadata: dict | None = None) -> dict:
+    """A line of `answers.jsonl`, in LLaVA-Med's answer format; `metadata` holds llama3med's `p_yes`."""
     return {
         "question_id": record.id,
         "prompt": prompt,
         "text": text,
         "answer_id": uuid.uuid4().hex,
         "model_id": model_id,
-        "metadata": {},
+        "metadata": metadata or {},
     }
 
 
 def read_answers(path: Path) -> dict[str, dict]:
     """Answers already written, by question id; a line cut by a crash is ignored."""
     return {str(row["question_id"]): row for row in read_appended_rows(path)}
+
+
+def yes_probabilities(path: str | Path) -> dict[str, float]:
+    """The P(yes) each answer in `answers.jsonl` carries (`metadata.p_yes`), by question id."""
+    rows = read_answers(Path(path))
+    return {qid: row["metadata"]["p_yes"] for qid, row in rows.items() if "p_yes" in (row.get("metadata") or {})}
 
 
 def answer_parts(answers_path: Path) -> list[Path]:
@@ -119,8 +125,10 @@ def generate_answers(
     batch_size: int = 16,
     max_new_tokens: int = 64,
     prefetch_images: bool | None = None,
-) -> Iterator[tuple[VQARecord, str, str]]:
-    """Yield `(record, prompt, answer)` in image order. Records are sorted by image; an image's prompt
+) -> Iterator[tuple[VQARecord, str, str, float | None]]:
+    """Yield `(record, prompt, answer, p_yes)` in image order, `p_yes` being the model's probability of
+    starting the answer with "yes" against "no" (`yes_probability`; None where the two words begin with
+    the same token). Records are sorted by image; an image's prompt
     prefix (its keys and values) is kept while the next batch still needs it. With `prefetch_images`
     (default: when the model is on an accelerator) the next batch's images are read and preprocessed on
     a thread while this batch runs. On a CPU the thread takes cores from the model: on 2 cores it cost
@@ -147,9 +155,9 @@ def generate_answers(
                 prefixes.update(zip(new, prefix_caches(model, prefix_ids, pixels), strict=True))
             rows = [prefixes[r.image_key] for r in batch]
             questions = [ids[len(prefix_ids) :] for ids in token_ids]
-            texts = _answer_batch(model, processor, questions, rows, max_new_tokens)
-            for record, prompt, text in zip(batch, prompts, texts, strict=True):
-                yield record, prompt, text.strip()
+            texts, p_yes = _answer_batch(model, processor, questions, rows, max_new_tokens)
+            for record, prompt, text, p in zip(batch, prompts, texts, p_yes, strict=True):
+                yield record, prompt, text.strip(), p
 
 
 def _start_loading(
@@ -202,10 +210,10 @@ def _answer_batch(
     questions: list[list[int]],
     prefixes: list[list[tuple[torch.Tensor, torch.Tensor]]],
     max_new_tokens: int,
-) -> list[str]:
-    """Greedy answers to the questions' own tokens, each after its row's cached prefix. Left padding
-    goes between prefix and question (positions come from the attention mask, so each question sees the
-    positions it would have alone)."""
+) -> tuple[list[str], list[float | None]]:
+    """Greedy answers to the questions' own tokens, each after its row's cached prefix, and each one's
+    P(yes). Left padding goes between prefix and question (positions come from the attention mask, so
+    each question sees the positions it would have alone)."""
     device = model.device
     question_ids, question_mask = pad_sequences(questions, processor.tokenizer.pad_token_id, "left")
     prefix_length = prefixes[0][0][0].shape[1]
@@ -215,8 +223,34 @@ def _answer_batch(
         for layer in range(len(prefixes[0]))
     ]
     question_embeds = model.embed_inputs(question_ids.to(device), None)
-    new_tokens = static_cache_decoder(model)(question_embeds, attention_mask.to(device), max_new_tokens, prefix=prefix)
-    return processor.batch_decode(new_tokens)
+    first: list[torch.Tensor] = []
+    new_tokens = static_cache_decoder(model)(
+        question_embeds, attention_mask.to(device), max_new_tokens, prefix=prefix, on_first_logits=first.append
+    )
+    return processor.batch_decode(new_tokens), yes_probability(first[0], *yes_no_tokens(processor.tokenizer))
+
+
+def yes_no_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """The first tokens of "yes" and of "no" (any case, with or without a leading space): each word whole
+    where it is one token, as in Llama-3's vocabulary. Empty lists where the two share a first token."""
+
+    def first_tokens(word: str) -> set[int]:
+        forms = [form for case in (word, word.capitalize(), word.upper()) for form in (case, f" {case}")]
+        firsts = {ids[0] for ids in (tokenizer.encode(form, add_special_tokens=False) for form in forms) if ids}
+        return {t for t in firsts if tokenizer.decode([t]).strip()}  # a lone space starts any word
+
+    yes, no = first_tokens("yes"), first_tokens("no")
+    return ([], []) if yes & no else (sorted(yes), sorted(no))
+
+
+def yes_probability(logits: torch.Tensor, yes: list[int], no: list[int]) -> list[float | None]:
+    """Per row of `(B, vocab)` first-token logits: P(yes) / (P(yes) + P(no)), a score to rank closed
+    answers by (AUROC) that greedy text alone cannot give; None for every row without tokens for both."""
+    if not yes or not no:
+        return [None] * len(logits)
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    log_yes, log_no = torch.logsumexp(log_p[:, yes], dim=-1), torch.logsumexp(log_p[:, no], dim=-1)
+    return torch.sigmoid(log_yes - log_no).tolist()
 
 
 def run(
@@ -238,10 +272,10 @@ def run(
         answers_path.open("a", encoding="utf-8") as out,
         tqdm(total=len(records), initial=len(records) - len(pending), unit="q", desc="answering") as bar,
     ):
-        for record, prompt, text in generate_answers(
+        for record, prompt, text, p_yes in generate_answers(
             model, processor, pending, prompt_style, batch_size, max_new_tokens
         ):
-            row = answer_row(record, prompt, text, model_id)
+            row = answer_row(record, prompt, text, model_id, {} if p_yes is None else {"p_yes": p_yes})
             out.write(json.dumps(row) + "\n")
             out.flush()
             done[record.id] = row

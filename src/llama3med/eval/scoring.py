@@ -290,6 +290,58 @@ def paired_difference(
     return result
 
 
+def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The area under the ROC curve: the chance that a positive scores above a negative, ties counting
+    half (the Mann-Whitney statistic, from average ranks)."""
+    order = np.argsort(scores, kind="stable")
+    _, inverse, counts = np.unique(scores[order], return_inverse=True, return_counts=True)
+    ranks = np.empty(len(scores))
+    ranks[order] = (np.cumsum(counts) - (counts - 1) / 2)[inverse]  # 1-based, ties given their mean rank
+    positives = int(labels.sum())
+    negatives = len(labels) - positives
+    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def closed_auroc(
+    records: Sequence[VQARecord],
+    p_yes: Mapping[str, float],
+    level: float = 0.95,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> dict | None:
+    """How well the model's P(yes) ranks the closed questions whose reference is "yes" above those whose
+    reference is "no" (0.5: no better than chance, 1: every yes above every no), as clinical readers are
+    compared at every threshold rather than one; with a percentile-bootstrap interval over images, as for
+    the accuracies. None without a P(yes) for both kinds (an answers file from an API, say)."""
+    rows = [
+        (r.image_key, normalize_answer(r.answer) == "yes", p_yes[r.id])
+        for r in records
+        if r.answer_type == "CLOSED" and normalize_answer(r.answer) in ("yes", "no") and p_yes.get(r.id) is not None
+    ]
+    labels = np.array([is_yes for _, is_yes, _ in rows], dtype=bool)
+    scores = np.array([p for _, _, p in rows], dtype=float)
+    if not labels.any() or labels.all():
+        return None
+    keys = list(dict.fromkeys(key for key, _, _ in rows))
+    of_image = {key: [] for key in keys}
+    for index, (key, _, _) in enumerate(rows):
+        of_image[key].append(index)
+    per_image = [np.array(of_image[key]) for key in keys]
+    rng, values = np.random.default_rng(seed), []
+    for _ in range(resamples):
+        drawn = np.concatenate([per_image[i] for i in rng.integers(0, len(keys), len(keys))])
+        if labels[drawn].any() and not labels[drawn].all():
+            values.append(auroc(labels[drawn], scores[drawn]))
+    low, high = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return {
+        "auroc": auroc(labels, scores),
+        "n_yes": int(labels.sum()),
+        "n_no": int((~labels).sum()),
+        "interval": [float(low), float(high)],
+        "level": level,
+    }
+
+
 def majority_baseline(records: Sequence[VQARecord]) -> float:
     """Closed accuracy of always giving each question's most common answer (by question text)."""
     by_question: dict[str, Counter] = defaultdict(Counter)

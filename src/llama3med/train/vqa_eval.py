@@ -65,7 +65,7 @@ class VQAEvalCallback(TrainerCallback):
         try:
             answers = {
                 record.id: text
-                for record, _, text in generate_answers(
+                for record, _, text, _ in generate_answers(
                     base, processor, self.records, self.prompt, self.batch_size, self.max_new_tokens
                 )
             }
