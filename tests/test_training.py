@@ -152,6 +152,7 @@ def test_vqa_eval_scores_the_model_as_eval_would_every_n_steps_without_changing_
     assert rows[-1]["scores"] == json.loads((out / "report.json").read_text())["scores"]["all"]
     logged = json.loads((tmp_path / "scored" / "checkpoint-8" / "trainer_state.json").read_text())["log_history"]
     assert [entry["step"] for entry in logged if "vqa_closed_accuracy" in entry] == [4, 8]
+    assert all(0 <= entry["vqa_closed_auroc"] <= 1 for entry in logged if "vqa_closed_accuracy" in entry)
     assert [entry["step"] for entry in logged if "loss" in entry] == list(range(1, 9))  # no step's loss lost
     assert "vqa_closed_accuracy" in capsys.readouterr().out  # in the progress lines too
 

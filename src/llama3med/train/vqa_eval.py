@@ -1,8 +1,9 @@
 """Benchmark accuracy while a stage trains. The loss says little about whether answers are getting
 right; every `every` steps (and at the end) the model answers a VQA set's first `limit` questions as
 `llama3med eval` answers them (greedy, each image encoded once) and is scored as `eval` scores them.
-The closed accuracy and open recall go into the Trainer's logs (TensorBoard, the progress lines, the
-checkpoints' `trainer_state.json`) and, with the step, into `OUTPUT_DIR/vqa_eval.jsonl`.
+The closed accuracy, open recall and closed yes/no AUROC (by P(yes)) go into the Trainer's logs
+(TensorBoard, the progress lines, the checkpoints' `trainer_state.json`) and, with the step, into
+`OUTPUT_DIR/vqa_eval.jsonl`.
 
 The first process answers alone while the others wait at the next step, so the weights must be whole
 on it: not under FSDP or ZeRO-3, which keep a shard on each."""
@@ -17,7 +18,7 @@ from transformers import TrainerCallback
 
 from ..data.benchmarks import load_benchmark
 from ..eval.runner import generate_answers
-from ..eval.scoring import score
+from ..eval.scoring import closed_auroc, score
 from ..inference import release_decoder
 
 VQA_EVAL_FILE = "vqa_eval.jsonl"
@@ -45,8 +46,10 @@ class VQAEvalCallback(TrainerCallback):
             return
         if not state.is_world_process_zero:
             return
-        scores = self.evaluate(model, processing_class)
+        scores, ranked = self.evaluate(model, processing_class)
         figures = {f"vqa_{key}": scores[key] for key in HEADLINES if key in scores}
+        if ranked is not None:
+            figures["vqa_closed_auroc"] = ranked["auroc"]
         with self.path.open("a", encoding="utf-8") as out:
             out.write(json.dumps({"step": state.global_step, **figures, "scores": scores}) + "\n")
         if self.trainer is not None:
@@ -57,19 +60,21 @@ class VQAEvalCallback(TrainerCallback):
             control.should_log = should_log
 
     @torch.no_grad()
-    def evaluate(self, model, processor) -> dict:
-        """The scores over every question (`eval`'s `all` group), the model put back to training after."""
+    def evaluate(self, model, processor) -> tuple[dict, dict | None]:
+        """The scores over every question (`eval`'s `all` group) and the closed yes/no AUROC by P(yes),
+        the model put back to training after."""
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under LoRA: adapters on
         was_training = base.training
         base.eval()
+        answers, p_yes = {}, {}
         try:
-            answers = {
-                record.id: text
-                for record, _, text, _ in generate_answers(
-                    base, processor, self.records, self.prompt, self.batch_size, self.max_new_tokens
-                )
-            }
+            for record, _, text, p in generate_answers(
+                base, processor, self.records, self.prompt, self.batch_size, self.max_new_tokens
+            ):
+                answers[record.id] = text
+                if p is not None:
+                    p_yes[record.id] = p
         finally:
             release_decoder(base)  # its KV cache is not held through training
             base.train(was_training)
-        return score(self.records, answers)["all"]
+        return score(self.records, answers)["all"], closed_auroc(self.records, p_yes)
