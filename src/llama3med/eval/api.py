@@ -153,7 +153,8 @@ async def _run(api, records, answers_path, prompt_style, max_new_tokens, concurr
                     if stopped:
                         return
                     try:
-                        text = await _ask(api, client, data_url(record.image_key), question, max_new_tokens, retry, rng)
+                        image_url = await asyncio.to_thread(data_url, record.image_key)  # a CT takes a while
+                        text = await _ask(api, client, image_url, question, max_new_tokens, retry, rng)
                     except FatalError as err:
                         stopped.append(f"refused the run ({err})")
                         return
