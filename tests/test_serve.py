@@ -572,6 +572,12 @@ def test_the_web_page_renders_a_dicom_and_streams_an_answer(server, tmp_path):
     assert shown["button"] == "Ask"
 
 
+def test_the_web_pages_requests_are_relative_so_it_works_behind_a_proxy_at_any_path(server):
+    script = re.search(r"<script>(.*)</script>", httpx.get(f"{server.url}/").text, re.S).group(1)
+    requested = re.findall(r"fetch\(\s*[\"'`]([^\"'`]*)", script)
+    assert sorted(set(requested)) == ["v1/chat/completions", "v1/models", "v1/render?"]  # none from the host's root
+
+
 @pytest.mark.skipif(shutil.which("node") is None, reason="needs Node.js to run the page's script")
 def test_the_web_pages_button_stops_an_answer_and_drops_its_turn(server, tmp_path):
     script = re.search(r"<script>(.*)</script>", httpx.get(f"{server.url}/").text, re.S).group(1)

@@ -2,7 +2,7 @@
 // picks an image file, renders it, moves the slice slider to FRAME when given, asks a question, and prints
 // what the page would show as JSON. With STOP_ANSWER=1 in the environment, the user presses the button
 // again as soon as the answer's stream opens.
-// Usage: node page_harness.js PAGE_SCRIPT SERVER_URL IMAGE QUESTION [FRAME]
+// Usage: node page_harness.js PAGE_SCRIPT PAGE_URL IMAGE QUESTION [FRAME]  (PAGE_URL: where the page is served)
 "use strict";
 const fs = require("fs");
 const [pageScript, server, imagePath, question, chosenFrame] = process.argv.slice(2);
@@ -23,9 +23,10 @@ class FileReader { readAsDataURL(blob) { blob.arrayBuffer().then((b) => {
   this.result = `data:${blob.type};base64,` + Buffer.from(b).toString("base64"); this.onload(); }); } }
 global.FileReader = FileReader;
 const realFetch = fetch;
+const page = server.endsWith("/") ? server : server + "/";  // the page's own address: its URLs are relative
 global.fetch = async (url, options) => {
-  const response = await realFetch(server + url, options);
-  if (process.env.STOP_ANSWER && url === "/v1/chat/completions") {
+  const response = await realFetch(new URL(url, page), options);
+  if (process.env.STOP_ANSWER && url === "v1/chat/completions") {
     setImmediate(() => document.getElementById("ask").onsubmit({ preventDefault() {} }));
   }
   return response;
