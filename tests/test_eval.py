@@ -320,6 +320,9 @@ def test_table_sets_runs_side_by_side_as_papers_print_them(built_model_dir, test
     latex = capsys.readouterr().out.splitlines()
     assert latex[0] == r"\begin{tabular}{lrr}" and latex[-1] == r"\end{tabular}"
     assert re.fullmatch(r".* & \d+\.\d\d \(\d+\.\d-\d+\.\d\) & \d+\.\d\d \(\d+\.\d-\d+\.\d\) \\\\", latex[4])
+    assert main(["table", str(runs[0]), "--auroc"]) == 0
+    ranked = json.loads((runs[0] / "report.json").read_text())["closed_auroc"]
+    assert capsys.readouterr().out.splitlines()[2] == f"| {built_model_dir} | {figures} | {ranked['auroc']:.3f} |"
     assert main(["table", str(runs[0]), str(runs[0])]) == 1
     assert f"two runs of {built_model_dir} on llava-med" in capsys.readouterr().err
     assert main(["table", str(tmp_path)]) == 1

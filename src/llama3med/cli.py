@@ -389,7 +389,7 @@ def cmd_table(args: argparse.Namespace) -> None:
     from .eval.report import load_published, read_reports, render_table, results_table
 
     published = load_published(args.published) if args.published else None
-    header, rows = results_table(read_reports(args.runs), published, intervals=args.intervals)
+    header, rows = results_table(read_reports(args.runs), published, intervals=args.intervals, auroc=args.auroc)
     print(render_table(header, rows, args.format))
     if published:
         print(f"\npublished rows: {published['source']}", file=sys.stderr)
@@ -988,6 +988,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="eval --out folders (or their report.json)")
     p.add_argument("--format", choices=TABLE_FORMATS, default="markdown")
     p.add_argument("--intervals", action="store_true", help="each figure with its 95 %% interval")
+    p.add_argument("--auroc", action="store_true", help="a column per benchmark: closed yes/no AUROC by P(yes)")
     p.add_argument("--published", default=None, metavar="FILE", help="published rows to add (eval --compare's format)")
     p.set_defaults(func=cmd_table)
 

@@ -177,11 +177,12 @@ def read_reports(runs: list[str | Path]) -> list[dict]:
 
 
 def results_table(
-    reports: list[dict], published: dict | None = None, intervals: bool = False
+    reports: list[dict], published: dict | None = None, intervals: bool = False, auroc: bool = False
 ) -> tuple[list[str], list[list[str]]]:
     """The papers' results table: a row per model (and prompt, where not plain), an open-recall and a
-    closed-accuracy column per benchmark, in percent; then the published rows, if any. A cell without a
-    run is "-"; with `intervals`, ours carry their 95 % interval."""
+    closed-accuracy column per benchmark, in percent, and with `auroc` the closed yes/no AUROC by P(yes);
+    then the published rows, if any. A cell without a figure is "-"; with `intervals`, ours carry their
+    95 % interval."""
     from ..data.benchmarks import BENCHMARKS
 
     present = {r["benchmark"] for r in [*reports, *(published or {}).get("rows", [])]}
@@ -201,12 +202,24 @@ def results_table(
             _percent(scores.get(key), bounds.get(key) if intervals else None)
             for key in ("open_recall", "closed_accuracy")
         ]
+        if auroc:
+            row[report["benchmark"]].append(_auroc_cell(report.get("closed_auroc"), intervals))
+    columns = ("open", "closed", "AUROC") if auroc else ("open", "closed")
     for entry in (published or {}).get("rows", []):
         label = f"{entry['model']} (published)"
-        cells.setdefault(label, {})[entry["benchmark"]] = [f"{entry['open']:.2f}", f"{entry['closed']:.2f}"]
-    header = ["model", *(f"{BENCHMARK_NAMES[b]} {column}" for b in benchmarks for column in ("open", "closed"))]
-    rows = [[label, *(cell for b in benchmarks for cell in row.get(b, ["-", "-"]))] for label, row in cells.items()]
+        figures = [f"{entry['open']:.2f}", f"{entry['closed']:.2f}", "-"]
+        cells.setdefault(label, {})[entry["benchmark"]] = figures[: len(columns)]
+    header = ["model", *(f"{BENCHMARK_NAMES[b]} {column}" for b in benchmarks for column in columns)]
+    missing = ["-"] * len(columns)
+    rows = [[label, *(cell for b in benchmarks for cell in row.get(b, missing))] for label, row in cells.items()]
     return header, rows
+
+
+def _auroc_cell(result: dict | None, interval: bool) -> str:
+    if result is None:
+        return "-"
+    text = f"{result['auroc']:.3f}"
+    return f"{text} ({result['interval'][0]:.3f}-{result['interval'][1]:.3f})" if interval else text
 
 
 def _percent(value: float | None, interval: list[float] | None) -> str:
