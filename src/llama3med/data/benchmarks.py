@@ -171,7 +171,7 @@ def folder_questions(root: str | Path, questions: Sequence[str], window: Window 
     JPEG file: see `find_images`), image by image, DICOM and NIfTI shown through `window`. A question's
     id is its image's path within `root`, with `#N` after it for the Nth of several questions."""
     root = Path(root)
-    images = find_images(root)
+    images = find_images(root, progress=True)
     if not images:
         raise ValueError(f"{root}: no images in the folder (DICOM, NIfTI, PNG, JPEG, TIFF)")
     texts = [_text(q.replace(IMAGE_PLACEHOLDER, ""), f"--question {q!r}", "question") for q in questions]

@@ -165,13 +165,17 @@ def dicom_series(directory: str | Path) -> list[Path]:
     return [path for _, (path, _) in sorted(zip(order, headers, strict=True), key=lambda item: item[0])]
 
 
-def find_images(root: str | Path) -> list[Path]:
+def find_images(root: str | Path, progress: bool = False) -> list[Path]:
     """The images in the folder tree `root`, each as `load_image` takes it: a folder whose DICOM files are
     the slices of one series is one image (the folder); otherwise each DICOM file is one (a radiograph, a
     multi-frame file); PNG, JPEG, TIFF, BMP, WebP and NIfTI files are one each. Hidden files and folders
-    are passed over, and of DICOM files only headers are read."""
+    are passed over, and of DICOM files only headers are read. `progress`: a bar over the folders (a
+    PACS export holds thousands)."""
+    from tqdm import tqdm
+
     found: list[Path] = []
-    for directory in sorted([Path(root), *(d for d in Path(root).rglob("*") if d.is_dir())]):
+    folders = sorted([Path(root), *(d for d in Path(root).rglob("*") if d.is_dir())])
+    for directory in tqdm(folders, desc="finding images", unit="folder", disable=not progress, leave=False):
         if any(part.startswith(".") for part in directory.relative_to(root).parts):
             continue
         files = sorted(f for f in directory.iterdir() if f.is_file() and not f.name.startswith("."))
