@@ -148,11 +148,7 @@ def dicom_series(directory: str | Path) -> list[Path]:
     name. Files that are not DICOM images (notes, a DICOMDIR) are passed over; headers only are read."""
     headers = []
     for path in sorted(entry for entry in Path(directory).iterdir() if entry.is_file()):
-        with path.open("rb") as handle:
-            if not is_dicom(handle.read(132)) and path.suffix.lower() not in (".dcm", ".dicom"):
-                continue
-        header = _read_dicom(path, path, headers_only=True)
-        if "Rows" in header:
+        if (header := _dicom_image_header(path)) is not None:
             headers.append((path, header))
     if not headers:
         raise ImageLoadError(directory, "no DICOM images in the directory")
@@ -182,11 +178,7 @@ def find_images(root: str | Path, progress: bool = False) -> list[Path]:
         found += [f for f in files if f.name.lower().endswith(PICTURE_SUFFIXES + NIFTI_SUFFIXES)]
         series: dict[str, list[Path]] = {}  # single-frame DICOM images by series
         for path in files:
-            with path.open("rb") as handle:
-                if not is_dicom(handle.read(132)) and path.suffix.lower() not in (".dcm", ".dicom"):
-                    continue
-            header = _read_dicom(path, path, headers_only=True)
-            if "Rows" not in header:  # a DICOMDIR, a report
+            if (header := _dicom_image_header(path)) is None:
                 continue
             if int(header.get("NumberOfFrames", 1) or 1) > 1:
                 found.append(path)
@@ -200,6 +192,16 @@ def find_images(root: str | Path, progress: bool = False) -> list[Path]:
         else:
             found += [slices[0] for slices in series.values()]
     return sorted(found)
+
+
+def _dicom_image_header(path: Path):
+    """The header of a DICOM image file (known by content, or by a `.dcm` name); None for any other
+    file, and for DICOM that holds no image (a DICOMDIR, a report)."""
+    with path.open("rb") as handle:
+        if not is_dicom(handle.read(132)) and path.suffix.lower() not in (".dcm", ".dicom"):
+            return None
+    header = _read_dicom(path, path, headers_only=True)
+    return header if "Rows" in header else None
 
 
 def _feet_first(headers: list) -> list[float]:
