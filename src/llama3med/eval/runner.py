@@ -139,6 +139,7 @@ def generate_answers(
         prefetch_images = model.device.type != "cpu"
     prefixes: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     loading: dict[str, Future] = {}
+    yes_no = yes_no_tokens(processor.tokenizer)
     loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-loader") if prefetch_images else None
     with loader or nullcontext():
         for index, batch in enumerate(batches):
@@ -155,7 +156,7 @@ def generate_answers(
                 prefixes.update(zip(new, prefix_caches(model, prefix_ids, pixels), strict=True))
             rows = [prefixes[r.image_key] for r in batch]
             questions = [ids[len(prefix_ids) :] for ids in token_ids]
-            texts, p_yes = _answer_batch(model, processor, questions, rows, max_new_tokens)
+            texts, p_yes = _answer_batch(model, processor, questions, rows, max_new_tokens, yes_no)
             for record, prompt, text, p in zip(batch, prompts, texts, p_yes, strict=True):
                 yield record, prompt, text.strip(), p
 
@@ -210,10 +211,11 @@ def _answer_batch(
     questions: list[list[int]],
     prefixes: list[list[tuple[torch.Tensor, torch.Tensor]]],
     max_new_tokens: int,
+    yes_no: tuple[list[int], list[int]],
 ) -> tuple[list[str], list[float | None]]:
     """Greedy answers to the questions' own tokens, each after its row's cached prefix, and each one's
-    P(yes). Left padding goes between prefix and question (positions come from the attention mask, so
-    each question sees the positions it would have alone)."""
+    P(yes) (from the `yes_no_tokens`). Left padding goes between prefix and question (positions come from
+    the attention mask, so each question sees the positions it would have alone)."""
     device = model.device
     question_ids, question_mask = pad_sequences(questions, processor.tokenizer.pad_token_id, "left")
     prefix_length = prefixes[0][0][0].shape[1]
@@ -227,7 +229,7 @@ def _answer_batch(
     new_tokens = static_cache_decoder(model)(
         question_embeds, attention_mask.to(device), max_new_tokens, prefix=prefix, on_first_logits=first.append
     )
-    return processor.batch_decode(new_tokens), yes_probability(first[0], *yes_no_tokens(processor.tokenizer))
+    return processor.batch_decode(new_tokens), yes_probability(first[0], *yes_no)
 
 
 def yes_no_tokens(tokenizer) -> tuple[list[int], list[int]]:
