@@ -369,8 +369,8 @@ def cmd_answer(args: argparse.Namespace) -> None:
         records = load_questions(args.questions, args.image_root, args.window)
     out = Path(args.out)
     inputs = {"questions": _resolved(args.questions), **({"question": args.question} if args.question else {})}
-    if args.window is not None:  # as JSON keeps it, so that a resumed run compares equal
-        inputs["window"] = list(args.window) if isinstance(args.window, tuple) else args.window
+    if args.window is not None:
+        inputs["window"] = args.window
     if args.api_url:
         _answers_from_api(args, records, out, inputs, own_images=True)
         print(f"wrote {out / 'answers.jsonl'}: {len(records)} answers", file=sys.stderr)

@@ -448,7 +448,7 @@ def write_benchmark_conversations(records: list[VQARecord], out: str | Path, pro
         if record.frame is not None:
             conversation["frame"] = record.frame
         if record.window is not None:
-            conversation["window"] = list(record.window) if isinstance(record.window, tuple) else record.window
+            conversation["window"] = record.window
         conversations.append(conversation)
     write_atomically(out / CONVERSATIONS_FILE, json.dumps(conversations, indent=1, ensure_ascii=False))
     return {"conversations": len(conversations), "images written": len(written)}

@@ -68,12 +68,14 @@ def answered_ids(answers_path: Path) -> set[str]:
 def check_run_settings(out: Path, settings: dict[str, object]) -> None:
     """Keep a resumed run from mixing its answers with another model's, prompt's or precision's: the first
     run writes `settings.json` in `out`, and a later one with other settings is refused, naming each
-    change, before it answers anything. Fields the saved file lacks (an older version's) are not checked."""
+    change, before it answers anything. Settings are compared as the file holds them (a tuple as a list).
+    Fields the saved file lacks (an older version's) are not checked."""
     path = out / "settings.json"
     if path.is_file():
         saved = json.loads(path.read_text(encoding="utf-8"))
+        stored = json.loads(json.dumps(settings))
         changed = [
-            f"{key} {saved[key]!r} -> {value!r}" for key, value in settings.items() if saved.get(key, value) != value
+            f"{key} {saved[key]!r} -> {value!r}" for key, value in stored.items() if saved.get(key, value) != value
         ]
         if changed:
             raise ValueError(
