@@ -771,7 +771,7 @@ def _add_batch_answering_options(p: argparse.ArgumentParser) -> None:
     _add_prompt_option(p)
     p.add_argument("--batch-size", type=_positive, default=None, help="questions decoded together (default: 16)")
     p.add_argument("--max-new-tokens", type=_positive, default=64)
-    _add_precision_options(p)
+    _add_loading_options(p)
     _add_compile_option(p)
 
 
@@ -805,10 +805,11 @@ def _add_answering_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model directory (default: the built-in phantom demo model)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="the most tokens an answer may have")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    _add_precision_options(p)
+    _add_loading_options(p)
 
 
-def _add_precision_options(p: argparse.ArgumentParser) -> None:
+def _add_loading_options(p: argparse.ArgumentParser) -> None:
+    """Where the model runs and in what precision its weights are held."""
     p.add_argument(
         "--device",
         default=None,
@@ -1059,7 +1060,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(0: off)",
     )
     p.add_argument("--request-timeout", type=float, default=120.0, help="seconds")
-    _add_precision_options(p)
+    _add_loading_options(p)
     _add_compile_option(p)
     p.set_defaults(func=cmd_serve)
 

@@ -322,14 +322,13 @@ def closed_auroc(
     scores = np.array([p for _, _, p in rows], dtype=float)
     if not labels.any() or labels.all():
         return None
-    keys = list(dict.fromkeys(key for key, _, _ in rows))
-    of_image = {key: [] for key in keys}
+    of_image: dict[str, list[int]] = defaultdict(list)
     for index, (key, _, _) in enumerate(rows):
         of_image[key].append(index)
-    per_image = [np.array(of_image[key]) for key in keys]
+    per_image = [np.array(indices) for indices in of_image.values()]
     rng, values = np.random.default_rng(seed), []
     for _ in range(resamples):
-        drawn = np.concatenate([per_image[i] for i in rng.integers(0, len(keys), len(keys))])
+        drawn = np.concatenate([per_image[i] for i in rng.integers(0, len(per_image), len(per_image))])
         if labels[drawn].any() and not labels[drawn].all():
             values.append(auroc(labels[drawn], scores[drawn]))
     low, high = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
