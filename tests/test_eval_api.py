@@ -5,23 +5,28 @@ belong to the other source are refused."""
 
 import base64
 import dataclasses
+import http.server
 import io
 import json
 import re
+import threading
 from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from PIL import Image
 
 from conftest import Server
-from llama3med.checkpoints import DEMO_MODEL_DIR
+from llama3med.checkpoints import DEMO_MODEL_DIR, load
 from llama3med.cli import main
 from llama3med.data import web
-from llama3med.data.benchmarks import load_benchmark
+from llama3med.data.benchmarks import load_benchmark, prompt_text
 from llama3med.data.web import is_public_host
 from llama3med.datagen.teachers import RetryPolicy
-from llama3med.eval.api import ChatAPI, image_data_url, run_api
+from llama3med.eval.api import TOP_LOGPROBS, ChatAPI, image_data_url, run_api
+from llama3med.eval.runner import begun_word
+from llama3med.inference import question_messages
 from llama3med.processing import load_image
 
 
@@ -60,6 +65,23 @@ def test_an_endpoint_is_scored_on_the_same_harness_with_the_answers_the_model_gi
     remote_report = json.loads((remote / "report.json").read_text())
     assert remote_report["scores"] == local_report["scores"]
     assert (remote_report["model"], remote_report["api_url"]) == ("llama3med-demo", f"{demo_server.url}/v1")
+    assert remote_report["closed_auroc"]["n_yes"] == local_report["closed_auroc"]["n_yes"] > 0  # ranked by P(yes)
+
+
+def test_an_endpoints_answers_carry_the_p_yes_its_top_logprobs_give(demo_server, test_set, tmp_path):
+    records = load_benchmark("llava-med", test_set)[:3]
+    run_api(ChatAPI(f"{demo_server.url}/v1"), records, tmp_path / "answers.jsonl")
+    model, processor = load(DEMO_MODEL_DIR)
+    p_yes = {row["question_id"]: row["metadata"]["p_yes"] for row in answers(tmp_path)}
+    for record in records:
+        inputs = processor(
+            [processor.chat_prompt(question_messages(prompt_text(record, "plain")))], images=[record.image]
+        )
+        with torch.no_grad():
+            first = torch.softmax(model(**inputs).logits[0, -1].float(), dim=-1)
+        listed = first.topk(TOP_LOGPROBS).indices.tolist()  # what the endpoint lists
+        yes, no = ([t for t in listed if begun_word(processor.decode([t])) == word] for word in ("yes", "no"))
+        assert p_yes[record.id] == pytest.approx(float(first[yes].sum() / first[yes + no].sum()), rel=1e-4)
 
 
 def test_answer_asks_an_endpoint_a_question_file_in_its_order(demo_server, tmp_path, capsys):
@@ -81,6 +103,47 @@ def test_a_users_own_images_bound_for_a_public_host_are_announced_before_they_ar
     questions = Path(__file__).parents[1] / "examples" / "questions.jsonl"
     assert main(["answer", str(questions), "--api-url", f"{demo_server.url}/v1", "--out", str(tmp_path)]) == 0
     assert "127.0.0.1 is a public host and every image and question goes there" in capsys.readouterr().err
+
+
+class RefusesLogprobs(http.server.BaseHTTPRequestHandler):
+    """An endpoint that refuses `logprobs` with a 400, as some hosted models do, and passes every other
+    request on to the server in `upstream`."""
+
+    upstream = ""
+
+    def do_GET(self):
+        self.reply(httpx.get(self.upstream + self.path))
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["content-length"]))
+        if "logprobs" in json.loads(body):
+            error = {"error": {"message": "logprobs is not supported for this model", "type": "invalid_request_error"}}
+            return self.reply(httpx.Response(400, json=error))
+        self.reply(httpx.post(self.upstream + self.path, content=body, headers={"content-type": "application/json"}))
+
+    def reply(self, response: httpx.Response):
+        self.send_response(response.status_code)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(response.content)))
+        self.end_headers()
+        self.wfile.write(response.content)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_an_endpoint_that_refuses_logprobs_is_asked_without_them(demo_server, test_set, tmp_path, capsys):
+    RefusesLogprobs.upstream = demo_server.url
+    endpoint = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RefusesLogprobs)
+    threading.Thread(target=endpoint.serve_forever, daemon=True).start()
+    try:
+        records = load_benchmark("llava-med", test_set)[:4]
+        run_api(ChatAPI(f"http://127.0.0.1:{endpoint.server_port}/v1"), records, tmp_path / "answers.jsonl")
+    finally:
+        endpoint.shutdown()
+    assert sorted(row["question_id"] for row in answers(tmp_path)) == sorted(r.id for r in records)
+    assert all(row["metadata"] == {} for row in answers(tmp_path))  # no P(yes), so no AUROC
+    assert capsys.readouterr().err.count("refuses logprobs") == 1
 
 
 def test_a_busy_endpoints_429s_are_waited_out_and_every_question_is_answered(test_set, tmp_path):

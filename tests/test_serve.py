@@ -36,9 +36,10 @@ from PIL import Image
 from conftest import Server, write_dicom
 from llama3med.checkpoints import load
 from llama3med.cli import _exposure_warnings, main
+from llama3med.inference import static_cache_decoder
 from llama3med.processing import load_image, window_values
 from llama3med.serve import Engine, Settings
-from llama3med.serve.app import ApiError, read_image_url
+from llama3med.serve.app import ApiError, ChatRequest, build_prompt, read_image_url
 from llama3med.serve.engine import FeatureCache, JobImage
 
 KEY = "test-key"
@@ -690,3 +691,43 @@ def test_seeded_sampling_repeats_and_stop_strings_cut_the_answer(server):
     stop = greedy[len(greedy) // 2 :][:2]
     cut, reason = text(temperature=0, stop=[stop])
     assert reason == "stop" and stop not in cut and greedy.startswith(cut)
+
+
+def test_logprobs_are_the_models_own_for_each_token_streamed_or_not(server):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    image = png(90)
+    messages = ask(data_url(image), "Is the image dark?")
+    options = {"model": "tiny", "messages": messages, "max_tokens": 5, "temperature": 0}
+    reply = client.chat.completions.create(**options, logprobs=True, top_logprobs=3).choices[0]
+    tokens = reply.logprobs.content
+    assert b"".join(bytes(t.bytes) for t in tokens).decode(errors="replace") == reply.message.content
+    assert all(len(t.top_logprobs) == 3 for t in tokens)
+
+    request = ChatRequest.model_validate({**options, "messages": messages})
+    input_ids, _ = build_prompt(request, server.engine, server.settings)
+    model, processor = server.engine.model, server.engine.processor
+    pixel_values = processor.preprocess_image(load_image(image))[None]
+    suppressed = static_cache_decoder(model).suppressed
+    so_far = list(input_ids)
+    for got in tokens:  # greedy decoding from scratch: the whole sequence through the model at every token
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([so_far]), pixel_values=pixel_values).logits[0, -1]
+        logits[suppressed] = -torch.inf
+        expected = torch.log_softmax(logits.float(), dim=-1)
+        token, best = expected.argmax().item(), expected.topk(3)
+        assert bytes(got.bytes) == processor.token_bytes(token)
+        assert got.logprob == pytest.approx(expected[token].item(), abs=1e-4)
+        assert [bytes(t.bytes) for t in got.top_logprobs] == [processor.token_bytes(i) for i in best.indices.tolist()]
+        assert [t.logprob for t in got.top_logprobs] == pytest.approx(best.values.tolist(), abs=1e-4)
+        so_far.append(token)
+
+    streamed = client.chat.completions.create(**options, logprobs=True, top_logprobs=3, stream=True)
+    chunks = [c.choices[0] for c in streamed if c.choices and c.choices[0].logprobs]
+    assert [t.model_dump() for c in chunks for t in c.logprobs.content] == [t.model_dump() for t in tokens]
+    assert client.chat.completions.create(**options).choices[0].logprobs is None
+    for wrong, param in (
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ):
+        with pytest.raises(openai.BadRequestError, match=param):
+            client.chat.completions.create(**options, **wrong)

@@ -310,6 +310,14 @@ def static_cache(config, length: int) -> StaticCache:
     return cache
 
 
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A chosen token's log-probability, and the `(token id, log-probability)` of the most likely ones."""
+
+    logprob: float
+    top: list[tuple[int, float]]
+
+
 class RunningBatch:
     """Rows decoding together in one static cache, where a prompt may take a free row between two steps
     (a server's continuous batching): an answer leaves its row as soon as it ends, and a request that
@@ -320,7 +328,8 @@ class RunningBatch:
     write position; a prompt longer than that position moves it forward for every row, and the rows
     already there mask the positions skipped. A free row attends to one position, so its unused output
     stays finite. The step keeps its shapes until `grow` adds rows: compiled, one graph serves the batch.
-    Each row is greedy or sampled with the settings its prompt joined with (`StaticCacheDecoder.choose_rows`).
+    Each row is greedy or sampled with the settings its prompt joined with (`StaticCacheDecoder.choose_rows`),
+    and may ask for the log-probabilities of its tokens (`TokenLogprobs`).
     """
 
     @torch.inference_mode()
@@ -336,6 +345,8 @@ class RunningBatch:
         self.eos = torch.tensor(decoder.eos, dtype=torch.long, device=device)
         self.budget = [0] * rows  # new tokens each row may still emit; 0: the row is free
         self.sampling: list[Sampling | None] = [None] * rows  # each row's; None: greedy
+        self.top_logprobs: list[int | None] = [None] * rows  # each row's; None: no log-probabilities
+        self.logprobs: dict[int, TokenLogprobs] = {}  # the last step's, for the rows that asked
         self.written = 0  # the cache's write position
 
     @property
@@ -354,9 +365,16 @@ class RunningBatch:
         return len(prompt_lengths) <= len(self.free_rows) and start + needed <= self.length
 
     @torch.inference_mode()
-    def join(self, inputs_embeds: torch.Tensor, max_new_tokens: int, sampling: Sampling | None = None) -> int:
+    def join(
+        self,
+        inputs_embeds: torch.Tensor,
+        max_new_tokens: int,
+        sampling: Sampling | None = None,
+        top_logprobs: int | None = None,
+    ) -> int:
         """Prefill one `(1, T, D)` prompt into a free row, which is returned; its first token comes with the
-        next `step`, greedy or drawn with `sampling`."""
+        next `step`, greedy or drawn with `sampling`. With `top_logprobs` (0 or more), every step also
+        gives the row's token's log-probability and those of its `top_logprobs` most likely tokens."""
         length = inputs_embeds.shape[1]
         if not self.fits([length], [max_new_tokens]):
             raise ValueError(f"a prompt of {length} positions and {max_new_tokens} new tokens does not fit now")
@@ -383,12 +401,14 @@ class RunningBatch:
         self.logits[row] = output.logits[0, -1]
         self.budget[row] = max_new_tokens
         self.sampling[row] = sampling
+        self.top_logprobs[row] = top_logprobs
         return row
 
     @torch.inference_mode()
     def step(self) -> torch.Tensor:
-        """Each row's next token, `(rows,)` (padding for free rows). A row that emits EOS or its last
-        allowed token becomes free; the others' tokens are fed to the LM for the next step."""
+        """Each row's next token, `(rows,)` (padding for free rows), and `logprobs` for the running rows that
+        asked. A row that emits EOS or its last allowed token becomes free; the others' tokens are fed to
+        the LM for the next step."""
         decoder = self.decoder
         self.logits[:, decoder.suppressed] = -torch.inf
         running = torch.tensor([budget > 0 for budget in self.budget], device=self.mask.device)
@@ -396,6 +416,7 @@ class RunningBatch:
         filler = next((s for s, budget in zip(self.sampling, self.budget, strict=True) if budget), None)
         samplings = [s if budget else filler for s, budget in zip(self.sampling, self.budget, strict=True)]
         token = decoder.choose_rows(self.logits, samplings).masked_fill(~running, decoder.pad)
+        self.logprobs = self._logprobs(token)
         ended = torch.isin(token, self.eos).tolist()
         self.budget = [0 if end else max(budget - 1, 0) for budget, end in zip(self.budget, ended, strict=True)]
         if self.active:
@@ -406,6 +427,22 @@ class RunningBatch:
             self.logits.copy_(decoder.step(token[:, None], self.positions, self.mask, self.cache))
             self.written += 1
         return token
+
+    def _logprobs(self, token: torch.Tensor) -> dict[int, TokenLogprobs]:
+        """The chosen tokens' log-probabilities and the most likely alternatives, for the running rows that
+        asked: from the model's distribution after the suppressed tokens, before any temperature or top-p
+        (as vLLM and OpenAI report them), so that they measure the model whatever it was sampled with."""
+        rows = [row for row, k in enumerate(self.top_logprobs) if k is not None and self.budget[row]]
+        if not rows:
+            return {}
+        log_p = torch.log_softmax(self.logits[rows].float(), dim=-1)  # (len(rows), vocab)
+        chosen = log_p.gather(1, token[rows, None])[:, 0].tolist()
+        top_values, top_ids = log_p.topk(max(self.top_logprobs[row] for row in rows), dim=-1)
+        top_values, top_ids = top_values.tolist(), top_ids.tolist()
+        return {
+            row: TokenLogprobs(chosen[i], list(zip(top_ids[i], top_values[i], strict=True))[: self.top_logprobs[row]])
+            for i, row in enumerate(rows)
+        }
 
     @torch.inference_mode()
     def grow(self, rows: int) -> None:
@@ -431,6 +468,7 @@ class RunningBatch:
         self.logits = torch.cat([self.logits, torch.zeros_like(self.logits[:1]).expand(new, -1)])
         self.budget += [0] * new
         self.sampling += [None] * new
+        self.top_logprobs += [None] * new
 
     def stop(self, rows: list[int]) -> None:
         """End these rows now (a stop string, a cancelled request); they are free for the next prompt."""

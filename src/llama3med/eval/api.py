@@ -6,6 +6,9 @@ Each question is one chat completion: the image as a data URL, then the question
 (temperature 0). PNG, JPEG and WebP files are sent as they are; any other image (DICOM, NIfTI, TIFF, a
 series directory, a chosen slice) as the 8-bit picture a local model looks at, in PNG. Requests run
 concurrently; transient failures (429, 5xx, timeouts) are retried with back-off, honouring `retry-after`.
+
+The first answer token's most likely alternatives (`logprobs`) give each answer a P(yes), as a local run
+has, so closed questions get an AUROC; an endpoint that refuses logprobs is asked without them.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ import asyncio
 import base64
 import io
 import json
+import math
 import os
 import random
+import sys
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -27,9 +32,10 @@ from ..data.benchmarks import VQARecord, prompt_text
 from ..data.conversations import repair_appended_rows
 from ..datagen.teachers import FatalError, PermanentError, RetryPolicy, TransientError, classify_error, import_sdk
 from ..processing import load_image
-from .runner import answer_row
+from .runner import answer_row, begun_word
 
 SENT_AS_IS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+TOP_LOGPROBS = 20  # OpenAI's and vLLM's most
 
 
 def image_data_url(record: VQARecord) -> str:
@@ -61,6 +67,7 @@ class ChatAPI:
         self.sdk = import_sdk("openai", "--api-url", extra="eval")
         self.base_url, self.model, self.timeout = base_url, model, timeout
         self._api_key = api_key or os.environ.get("OPENAI_API_KEY") or "none"
+        self.logprobs = True  # until the endpoint refuses them
 
     def connect(self, asynchronous: bool = True):
         """A client of the endpoint; the SDK's own retries are off, `run_api` retries."""
@@ -84,22 +91,50 @@ class ChatAPI:
         self.model = self.model or listed[0]
         return self.model
 
-    async def complete(self, client, image_url: str, question: str, max_tokens: int) -> str:
+    async def complete(self, client, image_url: str, question: str, max_tokens: int) -> tuple[str, float | None]:
+        """The answer and its P(yes) (None without logprobs, or when neither word is among the first
+        token's likeliest)."""
         content = [{"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": question}]
+        logprobs = self.logprobs
+        options = {"logprobs": True, "top_logprobs": TOP_LOGPROBS} if logprobs else {}
         try:
             response = await client.chat.completions.create(
                 model=self.model,
                 messages=[{"role": "user", "content": content}],
                 max_tokens=max_tokens,
                 temperature=0,
+                **options,
             )
         except self.sdk.OpenAIError as err:
-            raise classify_error(err, self.sdk) from None
-        return (response.choices[0].message.content or "").strip()
+            failure = classify_error(err, self.sdk)
+            if logprobs and isinstance(failure, PermanentError) and "logprob" in str(failure).lower():
+                if self.logprobs:
+                    self.logprobs = False
+                    tqdm.write(f"{self.base_url} refuses logprobs ({failure}); answers get no P(yes)", file=sys.stderr)
+                return await self.complete(client, image_url, question, max_tokens)
+            raise failure from None
+        choice = response.choices[0]
+        tokens = choice.logprobs.content if choice.logprobs is not None else None
+        alternatives = [(t.token, t.logprob) for t in tokens[0].top_logprobs] if tokens else []
+        return (choice.message.content or "").strip(), yes_probability_of(alternatives)
 
 
-async def _ask(api: ChatAPI, client, image_url: str, question: str, max_tokens: int, retry: RetryPolicy, rng) -> str:
-    """The answer, retrying transient failures; the last one is raised once `retry` is spent."""
+def yes_probability_of(alternatives: Sequence[tuple[str, float]]) -> float | None:
+    """P(yes) / (P(yes) + P(no)) from the first token's likeliest `(text, log-probability)`, counting the
+    tokens that begin either word as a local run's `yes_probability` does over the whole vocabulary; a
+    token not listed counts as nothing. None when no listed token begins either word."""
+    mass = {"yes": 0.0, "no": 0.0}
+    for text, logprob in alternatives:
+        if (word := begun_word(text)) is not None:
+            mass[word] += math.exp(logprob)
+    total = mass["yes"] + mass["no"]
+    return mass["yes"] / total if total > 0 else None
+
+
+async def _ask(
+    api: ChatAPI, client, image_url: str, question: str, max_tokens: int, retry: RetryPolicy, rng
+) -> tuple[str, float | None]:
+    """The answer and its P(yes), retrying transient failures; the last one is raised once `retry` is spent."""
     attempt = 0
     while True:
         try:
@@ -154,7 +189,7 @@ async def _run(api, records, answers_path, prompt_style, max_new_tokens, concurr
                         return
                     try:
                         image_url = await asyncio.to_thread(data_url, record.image_key)  # a CT takes a while
-                        text = await _ask(api, client, image_url, question, max_new_tokens, retry, rng)
+                        text, p_yes = await _ask(api, client, image_url, question, max_new_tokens, retry, rng)
                     except FatalError as err:
                         stopped.append(f"refused the run ({err})")
                         return
@@ -164,7 +199,7 @@ async def _run(api, records, answers_path, prompt_style, max_new_tokens, concurr
                     except TransientError as err:
                         stopped.append(f"kept failing ({err}, {retry.max_retries + 1} attempts)")
                         return
-                row = answer_row(record, question, text, model)
+                row = answer_row(record, question, text, model, p_yes)
                 out.write(json.dumps(row) + "\n")
                 out.flush()
                 done[record.id] = row

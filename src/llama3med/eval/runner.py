@@ -32,7 +32,7 @@ from ..model import Llama3MedForConditionalGeneration
 from ..processing import Llama3MedProcessor, pad_sequences
 
 
-def answer_row(record: VQARecord, prompt: str, text: str, model_id: str, metadata: dict | None = None) -> dict:
+def answer_row(record: VQARecord, prompt: str, text: str, model_id: str, p_yes: float | None = None) -> dict:
     """A line of `answers.jsonl`, in LLaVA-Med's answer format; `metadata` holds llama3med's `p_yes`."""
     return {
         "question_id": record.id,
@@ -40,7 +40,7 @@ def answer_row(record: VQARecord, prompt: str, text: str, model_id: str, metadat
         "text": text,
         "answer_id": uuid.uuid4().hex,
         "model_id": model_id,
-        "metadata": metadata or {},
+        "metadata": {} if p_yes is None else {"p_yes": p_yes},
     }
 
 
@@ -129,8 +129,8 @@ def generate_answers(
     prefetch_images: bool | None = None,
 ) -> Iterator[tuple[VQARecord, str, str, float | None]]:
     """Yield `(record, prompt, answer, p_yes)` in image order, `p_yes` being the model's probability of
-    starting the answer with "yes" against "no" (`yes_probability`; None where the two words begin with
-    the same token). Records are sorted by image; an image's prompt
+    starting the answer with "yes" against "no" (`yes_probability`; None where the vocabulary has no
+    token beginning either). Records are sorted by image; an image's prompt
     prefix (its keys and values) is kept while the next batch still needs it. With `prefetch_images`
     (default: when the model is on an accelerator) the next batch's images are read and preprocessed on
     a thread while this batch runs. On a CPU the thread takes cores from the model: on 2 cores it cost
@@ -234,17 +234,19 @@ def _answer_batch(
     return processor.batch_decode(new_tokens), yes_probability(first[0], *yes_no)
 
 
+def begun_word(token_text: str) -> str | None:
+    """ "yes" or "no" where a token's text, stripped and in lower case, begins that word ("Yes", " no",
+    "Y", "n"); None for any other token. A P(yes) counts a token towards the word the answer starts
+    with, locally over the whole vocabulary and through an API over the tokens it lists."""
+    start = token_text.strip().lower()
+    return next((word for word in ("yes", "no") if start and word.startswith(start)), None)
+
+
 def yes_no_tokens(tokenizer) -> tuple[list[int], list[int]]:
-    """The first tokens of "yes" and of "no" (any case, with or without a leading space): each word whole
-    where it is one token, as in Llama-3's vocabulary. Empty lists where the two share a first token."""
-
-    def first_tokens(word: str) -> set[int]:
-        forms = [form for case in (word, word.capitalize(), word.upper()) for form in (case, f" {case}")]
-        firsts = {ids[0] for ids in (tokenizer.encode(form, add_special_tokens=False) for form in forms) if ids}
-        return {t for t in firsts if tokenizer.decode([t]).strip()}  # a lone space starts any word
-
-    yes, no = first_tokens("yes"), first_tokens("no")
-    return ([], []) if yes & no else (sorted(yes), sorted(no))
+    """The tokens that begin "yes" and those that begin "no" (`begun_word`), special tokens left out."""
+    texts = tokenizer.batch_decode([[token] for token in range(len(tokenizer))], skip_special_tokens=True)
+    words = [begun_word(text) for text in texts]
+    return [t for t, w in enumerate(words) if w == "yes"], [t for t, w in enumerate(words) if w == "no"]
 
 
 def yes_probability(logits: torch.Tensor, yes: list[int], no: list[int]) -> list[float | None]:
@@ -279,7 +281,7 @@ def run(
         for record, prompt, text, p_yes in generate_answers(
             model, processor, pending, prompt_style, batch_size, max_new_tokens
         ):
-            row = answer_row(record, prompt, text, model_id, {} if p_yes is None else {"p_yes": p_yes})
+            row = answer_row(record, prompt, text, model_id, p_yes)
             out.write(json.dumps(row) + "\n")
             out.flush()
             done[record.id] = row

@@ -282,6 +282,33 @@ class Llama3MedProcessor(ProcessorMixin):
     def batch_decode(self, sequences, skip_special_tokens: bool = True, **kwargs) -> list[str]:
         return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one generated token adds to the answer's text (OpenAI's logprobs `bytes`, which join
+        into the answer even where a token holds part of a character): exact for byte-level BPE
+        vocabularies (Llama-3's), the token's decoded text otherwise; none for a special token, which
+        `decode` leaves out."""
+        tokenizer = self.tokenizer
+        if token_id in tokenizer.all_special_ids:
+            return b""
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if (
+            type(getattr(backend, "decoder", None)).__name__ == "ByteLevel"
+            and token_id not in tokenizer.added_tokens_decoder
+        ):
+            return bytes(BYTE_OF_SYMBOL[symbol] for symbol in tokenizer.convert_ids_to_tokens(token_id))
+        return self.decode([token_id]).encode()
+
+
+def _byte_symbols() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2's, Llama-3's): each byte is written as one printable character,
+    itself for printable ASCII and Latin-1, a character from U+0100 on for the others, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [byte for byte in range(256) if byte not in printable]
+    return {chr(byte): byte for byte in printable} | {chr(256 + i): byte for i, byte in enumerate(others)}
+
+
+BYTE_OF_SYMBOL = _byte_symbols()
+
 
 def _one_image(item):
     """A prompt's image, given alone or as the one-image list transformers' processors take per prompt."""

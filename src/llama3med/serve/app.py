@@ -107,6 +107,8 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -301,6 +303,7 @@ def error_response(err: ApiError) -> JSONResponse:
 
 def create_app(engine: Engine, settings: Settings) -> FastAPI:
     metrics = Metrics()
+    processor = engine.processor
     state = {"ready": False}
 
     @contextlib.asynccontextmanager
@@ -383,6 +386,8 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
             raise ApiError(400, f"{param}: {deepest['msg']}", param) from None
         if chat_request.n != 1:
             raise ApiError(400, "only n=1 is supported", "n")
+        if chat_request.top_logprobs is not None and not chat_request.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         if chat_request.model != settings.model_id:
             raise ApiError(
                 404,
@@ -402,6 +407,7 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
             temperature=chat_request.temperature,
             top_p=chat_request.top_p,
             seed=chat_request.seed,
+            top_logprobs=(chat_request.top_logprobs or 0) if chat_request.logprobs else None,
             stop=stop,
             deadline=time.monotonic() + settings.request_timeout,
         )
@@ -415,7 +421,9 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
         created = int(time.time())
         if chat_request.stream:
             include_usage = bool(chat_request.stream_options and chat_request.stream_options.include_usage)
-            stream = _stream(job, events, completion_id, created, settings.model_id, include_usage, metrics, started)
+            stream = _stream(
+                job, events, completion_id, created, settings.model_id, include_usage, metrics, started, processor
+            )
             return StreamingResponse(stream, media_type="text/event-stream", headers={"cache-control": "no-cache"})
         kind, value = await _wait_done(job, events, request)
         if kind == "error":
@@ -434,7 +442,7 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
                     "index": 0,
                     "message": {"role": "assistant", "content": job.text},
                     "finish_reason": job.finish_reason,
-                    "logprobs": None,
+                    "logprobs": _logprobs(job, processor, 0, len(job.tokens)),
                 }
             ],
             "usage": usage,
@@ -452,6 +460,24 @@ async def _read_body(request: Request, settings: Settings) -> bytes:
             raise body_too_large(settings)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _logprobs(job: Job, processor, start: int, end: int) -> dict | None:
+    """OpenAI's `logprobs` of the job's tokens `start:end` (None when the request did not ask): each
+    token's bytes, their text and its log-probability, and its `top_logprobs` alternatives."""
+    if job.top_logprobs is None:
+        return None
+
+    def entry(token: int, logprob: float) -> dict:
+        data = processor.token_bytes(token)
+        text = data.decode(errors="replace")
+        return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(data)}  # -inf is no JSON
+
+    content = [
+        {**entry(token, step.logprob), "top_logprobs": [entry(other, logprob) for other, logprob in step.top]}
+        for token, step in zip(job.tokens[start:end], job.logprobs[start:end], strict=True)
+    ]
+    return {"content": content, "refusal": None}
 
 
 def _usage(job: Job) -> dict:
@@ -472,14 +498,20 @@ async def _wait_done(job: Job, events: asyncio.Queue, request: Request):
             return kind, value
 
 
-async def _stream(job, events, completion_id, created, model_id, include_usage, metrics, started):
-    """Server-sent events as OpenAI sends them: a role chunk, content deltas, a finish chunk, [DONE]."""
+async def _stream(job, events, completion_id, created, model_id, include_usage, metrics, started, processor):
+    """Server-sent events as OpenAI sends them: a role chunk, content deltas, a finish chunk, [DONE]. Asked
+    for, each chunk carries the logprobs of the tokens since the last."""
+    sent = 0  # tokens whose logprobs have gone out
 
-    def chunk(delta: dict, finish_reason=None, usage=None) -> str:
+    def chunk(delta: dict, finish_reason=None, usage=None, tokens: int | None = None) -> str:
+        nonlocal sent
+        logprobs = None
+        if tokens is not None:
+            logprobs, sent = _logprobs(job, processor, sent, tokens), tokens
         choices = (
             []
             if usage is not None
-            else [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
+            else [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}]
         )
         body = {
             "id": completion_id,
@@ -497,13 +529,14 @@ async def _stream(job, events, completion_id, created, model_id, include_usage, 
         while True:
             kind, value = await events.get()
             if kind == "delta":
-                yield chunk({"content": value})
+                text, tokens = value
+                yield chunk({"content": text}, tokens=tokens)
                 continue
             if kind == "error" or job.finish_reason in ("timeout", "cancelled"):
                 message = "generation failed" if kind == "error" else f"request {job.finish_reason}"
                 yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error'}})}\n\n"
             else:
-                yield chunk({}, job.finish_reason)
+                yield chunk({}, job.finish_reason, tokens=len(job.tokens))
                 usage = _usage(job)
                 if include_usage:
                     yield chunk({}, usage=usage)

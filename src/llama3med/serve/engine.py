@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..generation import RunningBatch, Sampling
+from ..generation import RunningBatch, Sampling, TokenLogprobs
 from ..inference import static_cache_decoder
 from ..model import Llama3MedForConditionalGeneration
 from ..processing import Llama3MedProcessor
@@ -98,6 +98,7 @@ class Job:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    top_logprobs: int | None = None  # None: no log-probabilities; 0 or more: the chosen token's and as many others
     stop: list[str] = field(default_factory=list)
     deadline: float = float("inf")  # time.monotonic() by which it must finish
     id: int = field(default_factory=itertools.count().__next__)
@@ -105,6 +106,7 @@ class Job:
     # filled by the engine
     events: asyncio.Queue | None = None
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token, when asked for
     text: str = ""
     finish_reason: str | None = None
 
@@ -158,7 +160,8 @@ class Engine:
         return len(self.pending) + self.running
 
     def submit(self, job: Job) -> asyncio.Queue:
-        """Queue a job; its events are ("delta", text) ... then ("done", job) or ("error", exception)."""
+        """Queue a job; its events are ("delta", (text, tokens so far)) ... then ("done", job) or ("error",
+        exception)."""
         if self.queue_depth >= self.max_queue:
             raise QueueFull(f"{self.queue_depth} requests queued or running")
         job.events = asyncio.Queue()
@@ -237,7 +240,7 @@ class Engine:
                     tokens = batch.step().tolist()
                     for row, job in enumerate(slots):
                         if job is not None:
-                            self._send(job, tokens[row], loop)
+                            self._send(job, tokens[row], batch.logprobs.get(row), loop)
                     batch.stop([row for row, job in enumerate(slots) if job is not None and _ended(job)])
                     for row, job in enumerate(slots):
                         if job is not None and not batch.budget[row]:
@@ -280,9 +283,9 @@ class Engine:
             input_ids = torch.tensor([job.input_ids], device=device)
             embeds = self.model.embed_inputs(input_ids, features[start : start + count] if count else None)
             start += count
-            slots[batch.join(embeds, job.max_new_tokens, job.sampling)] = job
+            slots[batch.join(embeds, job.max_new_tokens, job.sampling, job.top_logprobs)] = job
 
-    def _send(self, job: Job, token: int, loop) -> None:
+    def _send(self, job: Job, token: int, logprobs: TokenLogprobs | None, loop) -> None:
         """One new token of a running job: its text so far streams out, and a stop string or its budget
         ends it."""
         if job.finish_reason is not None:
@@ -291,6 +294,8 @@ class Engine:
             job.finish_reason = "stop"
             return
         job.tokens.append(token)
+        if logprobs is not None:
+            job.logprobs.append(logprobs)
         text = self.processor.decode_so_far(job.tokens)
         if text is None:
             return
@@ -302,7 +307,7 @@ class Engine:
             job.finish_reason = "length"
         delta, job.text = text[len(job.text) :], text
         if delta:
-            loop.call_soon_threadsafe(job.events.put_nowait, ("delta", delta))
+            loop.call_soon_threadsafe(job.events.put_nowait, ("delta", (delta, len(job.tokens))))
 
     def _image_features(self, images: list[JobImage], device: torch.device) -> torch.Tensor | None:
         """`(len(images), num_image_tokens, text_hidden)`: the images not cached are encoded in one call
