@@ -48,8 +48,9 @@ def test_ask_reads_a_nifti_volume_or_a_dicom_series_and_frame_picks_the_slice(bu
     nibabel.save(nibabel.Nifti1Image(voxels, np.eye(4)), volume)
     series = tmp_path / "series"
     series.mkdir()
+    uid = pydicom.uid.generate_uid()
     for k in range(3):
-        write_dicom(series / f"{k}.dcm", (voxels[..., k] + 1000).astype(np.uint16), intercept=-1000)
+        write_dicom(series / f"{k}.dcm", (voxels[..., k] + 1000).astype(np.uint16), intercept=-1000, series_uid=uid)
     for image in (volume, series):
         args = ["ask", "--model", str(built_model_dir), "--image", str(image), "--max-new-tokens", "4", "Is it normal?"]
         assert main(args) == 0 and main([*args, "--frame", "0"]) == 0

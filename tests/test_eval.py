@@ -2,6 +2,7 @@
 each image encoded and its prompt prefix run once, and an interrupted run that resumes without repeating
 or losing answers."""
 
+import csv
 import json
 import math
 import os
@@ -42,7 +43,7 @@ from llama3med.eval.runner import (
 )
 from llama3med.eval.scoring import auroc, bleu, closest_candidate, exact_match
 from llama3med.inference import answer, question_messages
-from llama3med.processing import find_images, load_image
+from llama3med.processing import dicom_series, find_images, load_image
 
 ROOT = Path(__file__).parents[1]
 PARITY = ROOT / "tests" / "fixtures" / "llava_med_parity"
@@ -374,8 +375,9 @@ def test_answer_asks_each_question_about_every_image_in_a_folder_tree(built_mode
     series.mkdir(parents=True)
     patient2.mkdir()
     slices = np.random.default_rng(0).integers(0, 2000, size=(3, 32, 32)).astype(np.uint16)
-    for k in range(3):
-        write_dicom(series / f"IM{k:04d}", slices[k], intercept=-1000)  # named as PACS exports name them
+    study, uid = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    for k in range(3):  # named as PACS exports name them
+        write_dicom(series / f"IM{k:04d}", slices[k], intercept=-1000, study_uid=study, series_uid=uid)
     write_dicom(patient2 / "chest.dcm", slices[0], modality="DX")
     nibabel.save(nibabel.Nifti1Image(slices.transpose(1, 2, 0).astype(np.int16), np.eye(4)), patient2 / "mr.nii.gz")
     load_image(series).save(patient2 / "screenshot.png")
@@ -384,6 +386,15 @@ def test_answer_asks_each_question_about_every_image_in_a_folder_tree(built_mode
     write_dicom(cohort / ".cache" / "copy.dcm", slices[0])
     images = [series, patient2 / "chest.dcm", patient2 / "mr.nii.gz", patient2 / "screenshot.png"]
     assert find_images(cohort) == images
+    singles = tmp_path / "singles"  # files each of its own series (as `data phantoms` writes them) or of none
+    singles.mkdir()
+    for name in ("a.dcm", "b.dcm", "c.dcm", "d.dcm"):
+        write_dicom(singles / name, slices[0])
+    for name in ("c.dcm", "d.dcm"):
+        without = pydicom.dcmread(singles / name)
+        del without.SeriesInstanceUID
+        without.save_as(singles / name)
+    assert find_images(singles) == sorted(singles.iterdir())
 
     out = tmp_path / "answers"
     args = ["answer", str(cohort), "--model", str(built_model_dir), "--out", str(out), "--max-new-tokens", "3"]
@@ -393,6 +404,21 @@ def test_answer_asks_each_question_about_every_image_in_a_folder_tree(built_mode
     assert [row["question_id"] for row in rows] == [f"{name}#{n}" for name in names for n in (1, 2)]
     model, processor = load(built_model_dir)
     assert rows[0]["text"] == answer(model, processor, load_image(series), "Is it normal?", max_new_tokens=3)
+
+    with (out / "answers.csv").open(newline="") as table:  # the answers beside what a PACS finds them by
+        lines = list(csv.DictReader(table))
+    assert [(line["question_id"], line["answer"]) for line in lines] == [(r["question_id"], r["text"]) for r in rows]
+    shown = pydicom.dcmread(dicom_series(series)[1])  # the middle of three slices
+    assert {k: lines[0][k] for k in ("image", "modality", "series_instance_uid", "sop_instance_uid")} == {
+        "image": str(series),
+        "modality": "CT",
+        "series_instance_uid": shown.SeriesInstanceUID,
+        "sop_instance_uid": shown.SOPInstanceUID,
+    }
+    assert lines[0]["study_instance_uid"] == study
+    assert lines[2]["modality"] == "DX" and lines[2]["sop_instance_uid"] == pydicom.dcmread(images[1]).SOPInstanceUID
+    assert lines[4]["sop_instance_uid"] == lines[6]["sop_instance_uid"] == ""  # NIfTI and PNG have none
+    assert float(lines[0]["p_yes"]) == rows[0]["metadata"]["p_yes"]
     assert main([*args, "--question", "Is it abnormal?"]) == 1  # the same --out, another question
     assert "other settings (question" in capsys.readouterr().err
 
@@ -400,7 +426,7 @@ def test_answer_asks_each_question_about_every_image_in_a_folder_tree(built_mode
         record = pydicom.dcmread(path)
         record.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.1"  # two of the three slices: another series
         record.save_as(path)
-    write_dicom(series / "IM0003", slices[0], intercept=-1000)
+    write_dicom(series / "IM0003", slices[0], intercept=-1000, series_uid=uid)
     assert main([*args, "--question", "Is it normal?", "--out", str(tmp_path / "other")]) == 1
     assert f"{series}: holds 2 DICOM series; give each series a folder of its own" in capsys.readouterr().err
 

@@ -373,7 +373,7 @@ def cmd_answer(args: argparse.Namespace) -> None:
         inputs["window"] = args.window
     if args.api_url:
         _answers_from_api(args, records, out, inputs, own_images=True)
-        print(f"wrote {out / 'answers.jsonl'}: {len(records)} answers", file=sys.stderr)
+        _write_answer_table(records, out)
         return
     rank, world_size, device = _start_answering_processes(args)
     check_run_settings(out, _run_settings(args, device, **inputs))
@@ -381,8 +381,15 @@ def cmd_answer(args: argparse.Namespace) -> None:
     if args.compile:
         compile_model(model)
     if _answer_in_processes(args, model, processor, records, out, rank, world_size) is not None:
-        print(f"wrote {out / 'answers.jsonl'}: {len(records)} answers", file=sys.stderr)
+        _write_answer_table(records, out)
     _end_answering_processes(world_size)
+
+
+def _write_answer_table(records: list, out: Path) -> None:
+    from .eval.report import write_answer_table
+
+    count = write_answer_table(records, out / "answers.jsonl", out / "answers.csv")
+    print(f"wrote {out / 'answers.jsonl'} and {out / 'answers.csv'}: {count} answers", file=sys.stderr)
 
 
 def cmd_table(args: argparse.Namespace) -> None:

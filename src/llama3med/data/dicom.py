@@ -21,11 +21,14 @@ def save_dicom(
     slope: float | None = None,
     intercept: float | None = None,
     window: tuple[float, float] | None = None,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
 ) -> Path:
     """Write unsigned 8- or 16-bit greyscale `pixels` (`(H, W)`, or `(frames, H, W)`) with their tags.
 
     `slope`/`intercept` map stored values to physical ones (CT: Hounsfield units); `window` is the
-    default display window (centre, width) a viewer applies.
+    default display window (centre, width) a viewer applies. The file is a study and a series of its
+    own unless `study_uid` and `series_uid` name those it belongs to (the slices of one series share one).
     """
     if pixels.dtype not in (np.uint8, np.uint16):
         raise ValueError(f"pixels must be uint8 or uint16, got {pixels.dtype}")
@@ -36,6 +39,8 @@ def save_dicom(
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SOPClassUID = meta.MediaStorageSOPClassUID
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
     ds.Modality = modality
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = photometric

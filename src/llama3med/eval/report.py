@@ -1,11 +1,20 @@
-"""Reports of an evaluation run: a table for the terminal, `report.md` and `report.json`."""
+"""Reports of an evaluation run: a table for the terminal, `report.md` and `report.json`; `answer`'s
+`answers.csv`."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
+
+from ..data.benchmarks import VQARecord
+from ..processing import dicom_identifiers
+from ..processing.images import DICOM_IDENTIFIERS
+from .runner import read_answers
 
 COLUMNS = (
     ("closed", "closed_accuracy"),
@@ -251,3 +260,38 @@ def render_table(header: list[str], rows: list[list[str]], style: str = "markdow
         raise ValueError(f"table format must be one of {', '.join(TABLE_FORMATS)}, got {style!r}")
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+ANSWER_TABLE_COLUMNS = ("question_id", "image", "frame", "window", "question", "answer", "p_yes", *DICOM_IDENTIFIERS)
+
+
+def write_answer_table(records: Sequence[VQARecord], answers_path: Path, table_path: Path) -> int:
+    """`answers.csv`: each answered question in the records' order, with its image and, for DICOM, the
+    modality and UIDs of the image shown (`dicom_identifiers`), for a spreadsheet or a join with the
+    RIS; returns the rows written. Made again from `answers.jsonl` at the end of every run."""
+    answers = read_answers(answers_path)
+    identifiers: dict[str, dict[str, str]] = {}
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, ANSWER_TABLE_COLUMNS)
+    writer.writeheader()
+    written = 0
+    for record in records:
+        if (row := answers.get(record.id)) is None:
+            continue
+        if record.image_key not in identifiers:
+            identifiers[record.image_key] = dicom_identifiers(record.image, record.frame)
+        writer.writerow(
+            {
+                "question_id": record.id,
+                "image": "" if isinstance(record.image, bytes) else str(record.image),
+                "frame": "" if record.frame is None else record.frame,
+                "window": "" if record.window is None else record.window,
+                "question": record.question,
+                "answer": row["text"],
+                "p_yes": (row.get("metadata") or {}).get("p_yes", ""),
+                **identifiers[record.image_key],
+            }
+        )
+        written += 1
+    table_path.write_text(buffer.getvalue(), encoding="utf-8")
+    return written

@@ -2,6 +2,7 @@ from .chat import IMAGE_PLACEHOLDER, LLAMA3_CHAT_TEMPLATE, llava_to_messages, me
 from .images import (
     CT_WINDOWS,
     ImageLoadError,
+    dicom_identifiers,
     dicom_series,
     dicom_to_uint8,
     find_images,
@@ -22,6 +23,7 @@ __all__ = [
     "ImageLoadError",
     "Llama3MedProcessor",
     "SampleTooLongError",
+    "dicom_identifiers",
     "dicom_series",
     "dicom_to_uint8",
     "find_images",

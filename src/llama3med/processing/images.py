@@ -163,10 +163,10 @@ def dicom_series(directory: str | Path) -> list[Path]:
 
 def find_images(root: str | Path, progress: bool = False) -> list[Path]:
     """The images in the folder tree `root`, each as `load_image` takes it: a folder whose DICOM files are
-    the slices of one series is one image (the folder); otherwise each DICOM file is one (a radiograph, a
-    multi-frame file); PNG, JPEG, TIFF, BMP, WebP and NIfTI files are one each. Hidden files and folders
-    are passed over, and of DICOM files only headers are read. `progress`: a bar over the folders (a
-    PACS export holds thousands)."""
+    the slices of one series (one `SeriesInstanceUID`) is one image (the folder); otherwise each DICOM
+    file is one (a radiograph, a multi-frame file, a file naming no series); PNG, JPEG, TIFF, BMP, WebP
+    and NIfTI files are one each. Hidden files and folders are passed over, and of DICOM files only
+    headers are read. `progress`: a bar over the folders (a PACS export holds thousands)."""
     from tqdm import tqdm
 
     found: list[Path] = []
@@ -183,7 +183,7 @@ def find_images(root: str | Path, progress: bool = False) -> list[Path]:
             if int(header.get("NumberOfFrames", 1) or 1) > 1:
                 found.append(path)
             else:
-                series.setdefault(str(header.get("SeriesInstanceUID", "")), []).append(path)
+                series.setdefault(str(header.get("SeriesInstanceUID", "")) or str(path), []).append(path)
         most_slices = max((len(slices) for slices in series.values()), default=0)
         if len(series) == 1 and most_slices > 1:
             found.append(directory)
@@ -192,6 +192,30 @@ def find_images(root: str | Path, progress: bool = False) -> list[Path]:
         else:
             found += [slices[0] for slices in series.values()]
     return sorted(found)
+
+
+DICOM_IDENTIFIERS = {  # what a PACS finds an image by, as answer tables name them
+    "modality": "Modality",
+    "study_instance_uid": "StudyInstanceUID",
+    "series_instance_uid": "SeriesInstanceUID",
+    "sop_instance_uid": "SOPInstanceUID",
+}
+
+
+def dicom_identifiers(source: ImageSource, frame: int | None = None) -> dict[str, str]:
+    """The modality and UIDs of the DICOM image `load_image(source, frame=frame)` shows, a series' by
+    the slice shown, so that an answer leads back to the study and the very image in the PACS; {} for
+    any other image. Reads headers only."""
+    if isinstance(source, (bytes, Image.Image)):
+        return {}
+    path = Path(source)
+    if path.is_dir():
+        slices = dicom_series(path)
+        path = slices[0] if len(slices) == 1 else slices[middle_frame(len(slices)) if frame is None else frame]
+    header = _dicom_image_header(path) if path.is_file() else None
+    if header is None:
+        return {}
+    return {name: str(header.get(tag, "")) for name, tag in DICOM_IDENTIFIERS.items()}
 
 
 def _dicom_image_header(path: Path):
