@@ -330,6 +330,36 @@ def test_table_sets_runs_side_by_side_as_papers_print_them(built_model_dir, test
     assert "no report.json" in capsys.readouterr().err
 
 
+def test_eval_samples_at_a_temperature_with_a_seed_that_repeats_its_answers(
+    built_model_dir, test_set, tmp_path, capsys
+):
+    def answers(name: str, *flags: str) -> list[dict]:
+        args = ["eval", "--model", str(built_model_dir), "--data", str(test_set), "--out", str(tmp_path / name)]
+        assert main([*args, "--max-new-tokens", "6", *flags]) == 0
+        return [json.loads(line) for line in (tmp_path / name / "answers.jsonl").read_text().splitlines()]
+
+    def texts(rows: list[dict]) -> list[str]:
+        return [row["text"] for row in rows]
+
+    greedy = answers("greedy")
+    sampled = answers("sampled", "--temperature", "1.0", "--seed", "1")
+    assert texts(sampled) == texts(answers("again", "--temperature", "1", "--seed", "1"))
+    assert texts(sampled) != texts(answers("other seed", "--temperature", "1.0", "--seed", "2"))
+    assert texts(sampled) != texts(greedy)
+    assert [r["metadata"]["p_yes"] for r in sampled] == [r["metadata"]["p_yes"] for r in greedy]  # before any draw
+    report = json.loads((tmp_path / "sampled" / "report.json").read_text())
+    assert report["sampling"] == {"temperature": 1.0, "top_p": 1.0, "seed": 1} and "sampling" not in json.loads(
+        (tmp_path / "greedy" / "report.json").read_text()
+    )
+    assert "sampled at temperature 1, top-p 1, seed 1" in (tmp_path / "sampled" / "report.md").read_text()
+
+    args = ["eval", "--model", str(built_model_dir), "--data", str(test_set), "--out", str(tmp_path / "sampled")]
+    assert main([*args, "--max-new-tokens", "6", "--temperature", "1.0", "--seed", "3"]) == 1  # another seed
+    assert main([*args, "--seed", "3"]) == 1
+    errors = capsys.readouterr().err
+    assert "other settings (sampling" in errors and "--seed: only with a --temperature above 0" in errors
+
+
 def test_answer_answers_a_question_file_without_references_in_its_order_and_resumes(
     model_and_processor, built_model_dir, test_set, tmp_path, capsys
 ):

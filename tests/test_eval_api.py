@@ -105,6 +105,17 @@ def test_a_users_own_images_bound_for_a_public_host_are_announced_before_they_ar
     assert "127.0.0.1 is a public host and every image and question goes there" in capsys.readouterr().err
 
 
+def test_an_endpoint_samples_each_question_with_a_seed_of_its_own_that_repeats_it(demo_server, test_set, tmp_path):
+    def texts(name: str, *flags: str) -> list[str]:
+        args = ["eval", "--api-url", f"{demo_server.url}/v1", "--data", str(test_set), "--out", str(tmp_path / name)]
+        assert main([*args, "--temperature", "2", *flags]) == 0
+        return [row["text"] for row in answers(tmp_path / name)]
+
+    sampled = texts("a", "--seed", "4")
+    assert sampled == texts("b", "--seed", "4") != texts("c", "--seed", "5")
+    assert json.loads((tmp_path / "a" / "settings.json").read_text())["sampling"]["seed"] == 4
+
+
 class RefusesLogprobs(http.server.BaseHTTPRequestHandler):
     """An endpoint that refuses `logprobs` with a 400, as some hosted models do, and passes every other
     request on to the server in `upstream`."""

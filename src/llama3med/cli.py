@@ -194,6 +194,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         scores = score(records, answers, candidates=candidates)
         baseline = majority_baseline(records)
         report = {"benchmark": args.benchmark, **run_facts, "prompt": args.prompt, "scores": scores}
+        if "sampling" in settings:  # else greedy
+            report["sampling"] = settings["sampling"]
         report["majority_closed_baseline"] = baseline
         report["candidates"] = candidates_source
         report["intervals"] = confidence_intervals(records, answers)
@@ -297,10 +299,13 @@ def _answers_from_api(
         **inputs,
         "prompt": args.prompt,
         "max_new_tokens": args.max_new_tokens,
+        **_sampling_settings(args),
     }
     check_run_settings(out, settings)
     answers_path = out / "answers.jsonl"
-    run_api(api, records, answers_path, args.prompt, args.max_new_tokens, concurrency=args.concurrency or 8)
+    sampling, seed = _sampling(args)
+    concurrency = args.concurrency or 8
+    run_api(api, records, answers_path, args.prompt, args.max_new_tokens, concurrency, sampling=sampling, seed=seed)
     return merge_answers(answers_path, records), settings
 
 
@@ -313,6 +318,7 @@ def _answer_in_processes(args, model, processor, records: list, out: Path, rank:
     from .eval.runner import merge_answers, run, unanswered_share
 
     answers_path = out / "answers.jsonl"
+    sampling, seed = _sampling(args)
     run(
         model,
         processor,
@@ -322,6 +328,8 @@ def _answer_in_processes(args, model, processor, records: list, out: Path, rank:
         prompt_style=args.prompt,
         batch_size=args.batch_size or 16,
         max_new_tokens=args.max_new_tokens,
+        sampling=sampling,
+        seed=seed,
     )
     if world_size > 1:
         dist.barrier()
@@ -527,7 +535,7 @@ def _model_dir(model: str | None):
 
 def _run_settings(args: argparse.Namespace, device, **inputs: object) -> dict[str, object]:
     """What an `eval` or `answer` run resumed in the same `--out` must share with the run that began it:
-    the model, what it answers (`inputs`), the prompt and the precision."""
+    the model, what it answers (`inputs`), the prompt, the decoding and the precision."""
     from .inference import inference_dtype
 
     return {
@@ -535,10 +543,35 @@ def _run_settings(args: argparse.Namespace, device, **inputs: object) -> dict[st
         **inputs,
         "prompt": args.prompt,
         "max_new_tokens": args.max_new_tokens,
+        **_sampling_settings(args),
         "dtype": str(inference_dtype(device, args.dtype)).removeprefix("torch."),
         "fp8": args.fp8,
         "load_4bit": args.load_4bit,
     }
+
+
+def _sampling_settings(args: argparse.Namespace) -> dict[str, object]:
+    """`--temperature`, `--top-p` and `--seed` as a run's settings record them: nothing for greedy
+    decoding, so that runs begun before sampling existed resume as they were."""
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be 0 (greedy) or more, got {args.temperature:g}")
+    if args.temperature == 0:
+        given = [flag for flag, value in {"--top-p": args.top_p, "--seed": args.seed}.items() if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: only with a --temperature above 0 (answers are greedy)")
+        return {}
+    top_p = 1.0 if args.top_p is None else args.top_p
+    if not 0 < top_p <= 1:
+        raise ValueError(f"--top-p must be above 0 and at most 1, got {top_p:g}")
+    return {"sampling": {"temperature": args.temperature, "top_p": top_p, "seed": args.seed or 0}}
+
+
+def _sampling(args: argparse.Namespace):
+    """The `Sampling` and seed that `--temperature`, `--top-p` and `--seed` ask for; (None, 0): greedy."""
+    from .generation import Sampling
+
+    chosen = _sampling_settings(args).get("sampling")
+    return (None, 0) if chosen is None else (Sampling(chosen["temperature"], chosen["top_p"]), chosen["seed"])
 
 
 def _resolved(path: str) -> str:
@@ -778,6 +811,14 @@ def _add_batch_answering_options(p: argparse.ArgumentParser) -> None:
     _add_prompt_option(p)
     p.add_argument("--batch-size", type=_positive, default=None, help="questions decoded together (default: 16)")
     p.add_argument("--max-new-tokens", type=_positive, default=64)
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="0: greedy (the default); above 0, sampled, as LLaVA-Med's model_vqa does at 0.2",
+    )
+    p.add_argument("--top-p", type=float, default=None, help="with --temperature: the nucleus (default: 1)")
+    p.add_argument("--seed", type=int, default=None, help="with --temperature: the draws' seed (default: 0)")
     _add_loading_options(p)
     _add_compile_option(p)
 

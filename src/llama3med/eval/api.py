@@ -21,6 +21,7 @@ import math
 import os
 import random
 import sys
+import zlib
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -31,6 +32,7 @@ from tqdm import tqdm
 from ..data.benchmarks import VQARecord, prompt_text
 from ..data.conversations import repair_appended_rows
 from ..datagen.teachers import FatalError, PermanentError, RetryPolicy, TransientError, classify_error, import_sdk
+from ..generation import Sampling
 from ..processing import load_image
 from .runner import answer_row, begun_word
 
@@ -91,19 +93,22 @@ class ChatAPI:
         self.model = self.model or listed[0]
         return self.model
 
-    async def complete(self, client, image_url: str, question: str, max_tokens: int) -> tuple[str, float | None]:
-        """The answer and its P(yes) (None without logprobs, or when neither word is among the first
-        token's likeliest)."""
+    async def complete(
+        self, client, image_url: str, question: str, max_tokens: int, sampling: Sampling | None = None, seed=None
+    ) -> tuple[str, float | None]:
+        """The answer (greedy, or drawn with `sampling` and the endpoint's `seed`) and its P(yes) (None
+        without logprobs, or when neither word is among the first token's likeliest)."""
         content = [{"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": question}]
         logprobs = self.logprobs
         options = {"logprobs": True, "top_logprobs": TOP_LOGPROBS} if logprobs else {}
+        if sampling is not None:
+            options.update(temperature=sampling.temperature, top_p=sampling.top_p, seed=seed)
         try:
             response = await client.chat.completions.create(
                 model=self.model,
                 messages=[{"role": "user", "content": content}],
                 max_tokens=max_tokens,
-                temperature=0,
-                **options,
+                **{"temperature": 0, **options},
             )
         except self.sdk.OpenAIError as err:
             failure = classify_error(err, self.sdk)
@@ -111,7 +116,7 @@ class ChatAPI:
                 if self.logprobs:
                     self.logprobs = False
                     tqdm.write(f"{self.base_url} refuses logprobs ({failure}); answers get no P(yes)", file=sys.stderr)
-                return await self.complete(client, image_url, question, max_tokens)
+                return await self.complete(client, image_url, question, max_tokens, sampling, seed)
             raise failure from None
         choice = response.choices[0]
         tokens = choice.logprobs.content if choice.logprobs is not None else None
@@ -131,14 +136,12 @@ def yes_probability_of(alternatives: Sequence[tuple[str, float]]) -> float | Non
     return mass["yes"] / total if total > 0 else None
 
 
-async def _ask(
-    api: ChatAPI, client, image_url: str, question: str, max_tokens: int, retry: RetryPolicy, rng
-) -> tuple[str, float | None]:
+async def _ask(api: ChatAPI, client, image_url: str, question: str, retry: RetryPolicy, rng, **options):
     """The answer and its P(yes), retrying transient failures; the last one is raised once `retry` is spent."""
     attempt = 0
     while True:
         try:
-            return await api.complete(client, image_url, question, max_tokens)
+            return await api.complete(client, image_url, question, **options)
         except TransientError as err:
             if attempt == retry.max_retries:
                 raise
@@ -154,16 +157,20 @@ def run_api(
     max_new_tokens: int = 64,
     concurrency: int = 8,
     retry: RetryPolicy | None = None,
+    sampling: Sampling | None = None,
+    seed: int = 0,
 ) -> dict[str, str]:
-    """Answer every record not yet in `answers_path` through `api`, appending each answer as it comes;
+    """Answer every record not yet in `answers_path` through `api`, appending each answer as it comes
+    (greedy, or drawn with `sampling`, each question with a `seed` of its own made from `seed` and its id);
     returns all answers. A question the endpoint refuses (a 4xx) is left out of the file and the others
     are asked; an endpoint that refuses the run (a bad key, no such model) or keeps failing past `retry`
     ends it. Either way the error raised at
     the end names what is missing, and a rerun asks only that."""
-    return asyncio.run(_run(api, records, Path(answers_path), prompt_style, max_new_tokens, concurrency, retry))
+    decoding = {"max_tokens": max_new_tokens, "sampling": sampling, "seed": seed}
+    return asyncio.run(_run(api, records, Path(answers_path), prompt_style, decoding, concurrency, retry))
 
 
-async def _run(api, records, answers_path, prompt_style, max_new_tokens, concurrency, retry) -> dict[str, str]:
+async def _run(api, records, answers_path, prompt_style, decoding, concurrency, retry) -> dict[str, str]:
     model = api.model or api.resolve_model()
     answers_path.parent.mkdir(parents=True, exist_ok=True)
     done = {str(row["question_id"]): row for row in repair_appended_rows(answers_path)}
@@ -189,7 +196,9 @@ async def _run(api, records, answers_path, prompt_style, max_new_tokens, concurr
                         return
                     try:
                         image_url = await asyncio.to_thread(data_url, record.image_key)  # a CT takes a while
-                        text, p_yes = await _ask(api, client, image_url, question, max_new_tokens, retry, rng)
+                        seed = zlib.crc32(f"{decoding['seed']}:{record.id}".encode())
+                        options = {**decoding, "seed": seed}
+                        text, p_yes = await _ask(api, client, image_url, question, retry, rng, **options)
                     except FatalError as err:
                         stopped.append(f"refused the run ({err})")
                         return

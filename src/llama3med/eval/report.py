@@ -130,6 +130,13 @@ def comparison_rows(report: dict, published: dict) -> list[list[str]]:
     return rows
 
 
+def decoding_words(sampling: dict | None) -> str:
+    """How the answers were decoded, for a report: greedy, or the sampling settings."""
+    if sampling is None:
+        return "greedy decoding"
+    return f"sampled at temperature {sampling['temperature']:g}, top-p {sampling['top_p']:g}, seed {sampling['seed']}"
+
+
 def write_report(out: Path, report: dict) -> None:
     """`report.json` (everything) and `report.md` (the table, with what was run)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -138,7 +145,7 @@ def write_report(out: Path, report: dict) -> None:
     lines = [
         f"# {report['benchmark']}: {report['model']}",
         "",
-        f"Prompt `{report['prompt']}`, greedy decoding, LLaVA-Med scoring (percent).",
+        f"Prompt `{report['prompt']}`, {decoding_words(report.get('sampling'))}, LLaVA-Med scoring (percent).",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),

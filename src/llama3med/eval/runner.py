@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import uuid
+import zlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
@@ -27,6 +28,7 @@ from transformers import DynamicCache
 
 from ..data.benchmarks import VQARecord, prompt_text
 from ..data.conversations import read_appended_rows, repair_appended_rows, write_atomically
+from ..generation import Sampling
 from ..inference import question_messages, static_cache_decoder
 from ..model import Llama3MedForConditionalGeneration
 from ..processing import Llama3MedProcessor, pad_sequences
@@ -127,10 +129,14 @@ def generate_answers(
     batch_size: int = 16,
     max_new_tokens: int = 64,
     prefetch_images: bool | None = None,
+    sampling: Sampling | None = None,
+    seed: int = 0,
 ) -> Iterator[tuple[VQARecord, str, str, float | None]]:
     """Yield `(record, prompt, answer, p_yes)` in image order, `p_yes` being the model's probability of
     starting the answer with "yes" against "no" (`yes_probability`; None where the vocabulary has no
-    token beginning either). Records are sorted by image; an image's prompt
+    token beginning either). Answers are greedy, or drawn with `sampling`: each batch's draws from a
+    seed made of `seed` and its first question's id, so a batch asked again draws the same answers
+    (as LLaVA-Med's `model_vqa` samples, at temperature 0.2). Records are sorted by image; an image's prompt
     prefix (its keys and values) is kept while the next batch still needs it. With `prefetch_images`
     (default: when the model is on an accelerator) the next batch's images are read and preprocessed on
     a thread while this batch runs. On a CPU the thread takes cores from the model: on 2 cores it cost
@@ -158,7 +164,9 @@ def generate_answers(
                 prefixes.update(zip(new, prefix_caches(model, prefix_ids, pixels), strict=True))
             rows = [prefixes[r.image_key] for r in batch]
             questions = [ids[len(prefix_ids) :] for ids in token_ids]
-            texts, p_yes = _answer_batch(model, processor, questions, rows, max_new_tokens, yes_no)
+            if sampling is not None:
+                torch.manual_seed(zlib.crc32(f"{seed}:{batch[0].id}".encode()))
+            texts, p_yes = _answer_batch(model, processor, questions, rows, max_new_tokens, yes_no, sampling)
             for record, prompt, text, p in zip(batch, prompts, texts, p_yes, strict=True):
                 yield record, prompt, text.strip(), p
 
@@ -214,10 +222,12 @@ def _answer_batch(
     prefixes: list[list[tuple[torch.Tensor, torch.Tensor]]],
     max_new_tokens: int,
     yes_no: tuple[list[int], list[int]],
+    sampling: Sampling | None = None,
 ) -> tuple[list[str], list[float | None]]:
-    """Greedy answers to the questions' own tokens, each after its row's cached prefix, and each one's
-    P(yes) (from the `yes_no_tokens`). Left padding goes between prefix and question (positions come from
-    the attention mask, so each question sees the positions it would have alone)."""
+    """Answers to the questions' own tokens (greedy, or drawn with `sampling`), each after its row's
+    cached prefix, and each one's P(yes) (from the `yes_no_tokens`, before any sampling). Left padding
+    goes between prefix and question (positions come from the attention mask, so each question sees
+    the positions it would have alone)."""
     device = model.device
     question_ids, question_mask = pad_sequences(questions, processor.tokenizer.pad_token_id, "left")
     prefix_length = prefixes[0][0][0].shape[1]
@@ -229,7 +239,12 @@ def _answer_batch(
     question_embeds = model.embed_inputs(question_ids.to(device), None)
     first: list[torch.Tensor] = []
     new_tokens = static_cache_decoder(model)(
-        question_embeds, attention_mask.to(device), max_new_tokens, prefix=prefix, on_first_logits=first.append
+        question_embeds,
+        attention_mask.to(device),
+        max_new_tokens,
+        prefix=prefix,
+        sampling=sampling,
+        on_first_logits=first.append,
     )
     return processor.batch_decode(new_tokens), yes_probability(first[0], *yes_no)
 
@@ -268,8 +283,11 @@ def run(
     prompt_style: str = "plain",
     batch_size: int = 16,
     max_new_tokens: int = 64,
+    sampling: Sampling | None = None,
+    seed: int = 0,
 ) -> dict[str, str]:
-    """Answer every record not yet in `answers_path`, appending line by line; returns all answers."""
+    """Answer every record not yet in `answers_path`, appending line by line (greedy, or drawn with
+    `sampling` and `seed`: see `generate_answers`); returns all answers."""
     answers_path = Path(answers_path)
     answers_path.parent.mkdir(parents=True, exist_ok=True)
     done = {str(row["question_id"]): row for row in repair_appended_rows(answers_path)}
@@ -279,7 +297,7 @@ def run(
         tqdm(total=len(records), initial=len(records) - len(pending), unit="q", desc="answering") as bar,
     ):
         for record, prompt, text, p_yes in generate_answers(
-            model, processor, pending, prompt_style, batch_size, max_new_tokens
+            model, processor, pending, prompt_style, batch_size, max_new_tokens, sampling=sampling, seed=seed
         ):
             row = answer_row(record, prompt, text, model_id, p_yes)
             out.write(json.dumps(row) + "\n")
