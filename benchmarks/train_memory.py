@@ -7,8 +7,9 @@ LoRA adapters on the LM and the projector train in float32 master weights, the f
 the recipe's dtype (float32 on a CPU), gradient checkpointing, the recipe's length, an AdamW step; bf16
 autocast on a GPU. Each row of the batch is a prompt, 729 image tokens, then turns of 16 question and 48
 answer tokens up to the length, the answers labelled: most of the text, so the saving shown is at the
-low end of what conversations give. Each arm runs in its own process, so that neither's peak hides the
-other's; their losses and gradients are compared before the table is printed.
+low end of what conversations give. The reference runs first, in a process of its own, then ours in this
+one, so that neither's peak hides the other's; their losses and gradients are compared before the table
+is printed.
 
     python benchmarks/train_memory.py                    # CPU: small widths at Llama-3's vocabulary, batch 1
     python benchmarks/train_memory.py --size 8b          # GPU: SigLIP-so400m + Llama-3-8B, the recipe's batch
@@ -179,14 +180,16 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(run_arm(args)))
         return
 
-    figures = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "size": args.size}
-    with tempfile.TemporaryDirectory() as folder:
-        for arm in ("reference", "ours"):
-            out = Path(folder) / f"{arm}.json"
-            command = [sys.executable, __file__, "--size", args.size, "--length", str(args.length)]
-            command += ["--arm", arm, "--out", str(out)] + (["--batch", str(args.batch)] if args.batch else [])
-            subprocess.run(command, check=True)
-            figures[arm] = json.loads(out.read_text())
+    figures = {"size": args.size}
+    with tempfile.TemporaryDirectory() as folder:  # the GPU is the reference's alone while it runs
+        out = Path(folder) / "reference.json"
+        command = [sys.executable, __file__, "--size", args.size, "--length", str(args.length)]
+        command += ["--arm", "reference", "--out", str(out)] + (["--batch", str(args.batch)] if args.batch else [])
+        subprocess.run(command, check=True)
+        figures["reference"] = json.loads(out.read_text())
+    args.arm = "ours"
+    figures["ours"] = run_arm(args)
+    figures["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     figures.update(agreement(figures["ours"], figures["reference"]))
     batch = args.batch or recipe.training["per_device_train_batch_size"]
     print(f"one finetune step ({RECIPE.name}), batch {batch} x {args.length} tokens, {args.size}, {figures['device']}")

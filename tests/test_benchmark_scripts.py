@@ -36,7 +36,7 @@ def test_the_gpu_suite_runs_its_checks_at_small_shapes(tmp_path):
     assert run.stdout.rstrip().splitlines()[-1].lstrip().startswith("batch 16")  # the table comes last
 
 
-def test_the_training_memory_benchmark_compares_the_losses_in_separate_processes():
+def test_the_training_memory_benchmark_compares_the_losses_of_steps_in_two_processes():
     script = ROOT / "benchmarks" / "train_memory.py"
     run = subprocess.run([sys.executable, str(script), "--length", "800"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
