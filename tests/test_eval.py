@@ -449,6 +449,21 @@ def test_answer_asks_each_question_about_every_image_in_a_folder_tree(built_mode
     assert lines[2]["modality"] == "DX" and lines[2]["sop_instance_uid"] == pydicom.dcmread(images[1]).SOPInstanceUID
     assert lines[4]["sop_instance_uid"] == lines[6]["sop_instance_uid"] == ""  # NIfTI and PNG have none
     assert float(lines[0]["p_yes"]) == rows[0]["metadata"]["p_yes"]
+
+    sliced = tmp_path / "sliced"  # a series and a volume at every second slice, from the feet
+    slice_args = [*args, "--question", "Is it normal?", "--slice-step", "2", "--out", str(sliced)]
+    assert main(slice_args) == 0
+    rows = [json.loads(line) for line in (sliced / "answers.jsonl").read_text().splitlines()]
+    names = ["patient1/ct@0", "patient1/ct@2", "patient2/chest.dcm", "patient2/mr.nii.gz@0", "patient2/mr.nii.gz@2"]
+    assert [row["question_id"] for row in rows] == [*names, "patient2/screenshot.png"]
+    assert rows[1]["text"] == answer(model, processor, load_image(series, frame=2), "Is it normal?", max_new_tokens=3)
+    with (sliced / "answers.csv").open(newline="") as table:
+        lines = list(csv.DictReader(table))
+    top = pydicom.dcmread(dicom_series(series)[2])
+    assert (lines[1]["frame"], lines[1]["sop_instance_uid"]) == ("2", top.SOPInstanceUID)
+    questions = ["answer", str(tmp_path / "questions.jsonl"), "--model", str(built_model_dir), "--out", str(sliced)]
+    assert main([*questions, "--slice-step", "2"]) == 1
+    assert "--slice-step: for a folder of images" in capsys.readouterr().err
     assert main([*args, "--question", "Is it abnormal?"]) == 1  # the same --out, another question
     assert "other settings (question" in capsys.readouterr().err
 

@@ -370,15 +370,19 @@ def cmd_answer(args: argparse.Namespace) -> None:
                 f"{args.questions} is a folder of images: give --question to ask about each (--image-root is for "
                 "a questions file)"
             )
-        records = folder_questions(args.questions, args.question, args.window)
-    elif args.question:
-        raise ValueError(f"--question is for a folder of images; {args.questions} is a questions file")
+        records = folder_questions(args.questions, args.question, args.window, args.slice_step)
+    elif args.question or args.slice_step:
+        folder_only = {"--question": args.question, "--slice-step": args.slice_step}
+        flags = ", ".join(flag for flag, value in folder_only.items() if value)
+        raise ValueError(f"{flags}: for a folder of images; {args.questions} is a questions file")
     else:
         records = load_questions(args.questions, args.image_root, args.window)
     out = Path(args.out)
     inputs = {"questions": _resolved(args.questions), **({"question": args.question} if args.question else {})}
     if args.window is not None:
         inputs["window"] = args.window
+    if args.slice_step is not None:
+        inputs["slice_step"] = args.slice_step
     if args.api_url:
         _answers_from_api(args, records, out, inputs, own_images=True)
         _write_answer_table(records, out)
@@ -1010,6 +1014,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_window,
         default=None,
         help="DICOM/NIfTI window for every image without its own: CENTRE,WIDTH or a CT preset",
+    )
+    p.add_argument(
+        "--slice-step",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="with a folder: ask about every Nth slice of each series and volume, from the feet (1: every slice), "
+        "instead of its middle one",
     )
     _add_model_or_api_options(p)
     p.add_argument("--image-root", default=None, help="image folder (default: the file's images/ or folder)")

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
+from tqdm import tqdm
 
 from ..model_card import looks_like_hub_id
-from ..processing import IMAGE_PLACEHOLDER, find_images
+from ..processing import IMAGE_PLACEHOLDER, find_images, frame_count
 from ..processing.images import Window
 from .conversations import read_records, record_frame, record_window, write_atomically
 
@@ -166,21 +167,28 @@ def load_questions(path: str | Path, image_root: str | Path | None = None, windo
     return _unique(records, path)
 
 
-def folder_questions(root: str | Path, questions: Sequence[str], window: Window = None) -> list[VQARecord]:
+def folder_questions(
+    root: str | Path, questions: Sequence[str], window: Window = None, slice_step: int | None = None
+) -> list[VQARecord]:
     """Each question about every image in the folder tree `root` (a series folder, a DICOM, NIfTI, PNG or
-    JPEG file: see `find_images`), image by image, DICOM and NIfTI shown through `window`. A question's
-    id is its image's path within `root`, with `#N` after it for the Nth of several questions."""
+    JPEG file: see `find_images`), image by image, DICOM and NIfTI shown through `window`. A series or a
+    volume is asked about at its middle slice, or with `slice_step` at every that many slices from the
+    feet (a multi-frame DICOM at its frames). A question's id is its image's path within `root`, with
+    `@K` after it for slice K and `#N` for the Nth of several questions."""
     root = Path(root)
     images = find_images(root, progress=True)
     if not images:
         raise ValueError(f"{root}: no images in the folder (DICOM, NIfTI, PNG, JPEG, TIFF)")
     texts = [_text(q.replace(IMAGE_PLACEHOLDER, ""), f"--question {q!r}", "question") for q in questions]
     records = []
-    for image in images:
+    for image in tqdm(images, desc="counting slices", unit="image", disable=slice_step is None, leave=False):
         name = image.relative_to(root).as_posix() if image != root else root.name
-        for number, text in enumerate(texts, start=1):
-            qid = name if len(texts) == 1 else f"{name}#{number}"
-            records.append(VQARecord(qid, image, text, "", "", "questions", window=window))
+        count = 1 if slice_step is None else frame_count(image)
+        for frame in [None] if count == 1 else range(0, count, slice_step):
+            shown = name if frame is None else f"{name}@{frame}"
+            for number, text in enumerate(texts, start=1):
+                qid = shown if len(texts) == 1 else f"{shown}#{number}"
+                records.append(VQARecord(qid, image, text, "", "", "questions", frame=frame, window=window))
     return records
 
 

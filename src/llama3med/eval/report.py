@@ -13,7 +13,7 @@ import yaml
 
 from ..data.benchmarks import VQARecord
 from ..processing import dicom_identifiers
-from ..processing.images import DICOM_IDENTIFIERS
+from ..processing.images import DICOM_IDENTIFIERS, middle_frame
 from .runner import read_answers
 
 COLUMNS = (
@@ -277,7 +277,7 @@ def write_answer_table(records: Sequence[VQARecord], answers_path: Path, table_p
     modality and UIDs of the image shown (`dicom_identifiers`), for a spreadsheet or a join with the
     RIS; returns the rows written. Made again from `answers.jsonl` at the end of every run."""
     answers = read_answers(answers_path)
-    identifiers: dict[str, dict[str, str]] = {}
+    identifiers: dict[str, list[dict[str, str]]] = {}  # by image, for each of its slices
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, ANSWER_TABLE_COLUMNS)
     writer.writeheader()
@@ -285,18 +285,24 @@ def write_answer_table(records: Sequence[VQARecord], answers_path: Path, table_p
     for record in records:
         if (row := answers.get(record.id)) is None:
             continue
-        if record.image_key not in identifiers:
-            identifiers[record.image_key] = dicom_identifiers(record.image, record.frame)
+        image = "" if isinstance(record.image, bytes) else str(record.image)
+        if image not in identifiers:
+            identifiers[image] = dicom_identifiers(record.image) if image else []
+        slices = identifiers[image]
+        if len(slices) > 1:  # a series: the slice shown
+            shown = slices[middle_frame(len(slices)) if record.frame is None else record.frame]
+        else:  # one file, whichever its frame
+            shown = slices[0] if slices else {}
         writer.writerow(
             {
                 "question_id": record.id,
-                "image": "" if isinstance(record.image, bytes) else str(record.image),
+                "image": image,
                 "frame": "" if record.frame is None else record.frame,
                 "window": "" if record.window is None else record.window,
                 "question": record.question,
                 "answer": row["text"],
                 "p_yes": (row.get("metadata") or {}).get("p_yes", ""),
-                **identifiers[record.image_key],
+                **shown,
             }
         )
         written += 1

@@ -202,20 +202,15 @@ DICOM_IDENTIFIERS = {  # what a PACS finds an image by, as answer tables name th
 }
 
 
-def dicom_identifiers(source: ImageSource, frame: int | None = None) -> dict[str, str]:
-    """The modality and UIDs of the DICOM image `load_image(source, frame=frame)` shows, a series' by
-    the slice shown, so that an answer leads back to the study and the very image in the PACS; {} for
-    any other image. Reads headers only."""
+def dicom_identifiers(source: ImageSource) -> list[dict[str, str]]:
+    """The modality and UIDs of each image `load_image(source, frame=k)` shows, by `k`: a series' slices
+    from the feet up, or the one entry of a DICOM file (its frames share its UIDs); none for any other
+    image. They lead an answer back to the study and the very image in the PACS. Reads headers only."""
     if isinstance(source, (bytes, Image.Image)):
-        return {}
+        return []
     path = Path(source)
-    if path.is_dir():
-        slices = dicom_series(path)
-        path = slices[0] if len(slices) == 1 else slices[middle_frame(len(slices)) if frame is None else frame]
-    header = _dicom_image_header(path) if path.is_file() else None
-    if header is None:
-        return {}
-    return {name: str(header.get(tag, "")) for name, tag in DICOM_IDENTIFIERS.items()}
+    headers = [_dicom_image_header(file) for file in (dicom_series(path) if path.is_dir() else [path])]
+    return [{name: str(h.get(tag, "")) for name, tag in DICOM_IDENTIFIERS.items()} for h in headers if h is not None]
 
 
 def _dicom_image_header(path: Path):
