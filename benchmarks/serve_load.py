@@ -2,7 +2,8 @@
 own DICOM image, short answers mixed with long ones, through the HTTP API. The server as it runs (the
 running batch, up to `--max-batch` rows, that requests join and leave between steps) against the same
 server taking one request at a time (`--max-batch 1`), same requests, in one run; each server is its own
-`llama3med serve` process, as in use, with the image cache off. Greedy answers must be identical.
+`llama3med serve` process, as in use, with the image cache off; both start together and are measured
+one after the other. Greedy answers must be identical.
 `--sampled-clients K` has K of the clients sample (temperature 1, the OpenAI API's default) while the
 others ask greedily, as a web page and API scripts share a server; their rows share the batch's steps,
 and only the greedy answers are compared.
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,25 +34,32 @@ QUESTIONS = ["Describe the image.", "Is there a lesion in this image?", "What im
 
 
 @contextlib.contextmanager
-def serving(model: str | None, max_batch: int) -> Iterator[str]:
-    """A `llama3med serve` process on a free port, until the block ends; its URL."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "llama3med.cli", "serve", "--port", str(port), "--model-id", "bench"]
-    command += ["--max-batch", str(max_batch), "--image-cache-mb", "0", *(["--model", model] if model else [])]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+def serving(model: str | None, max_batches: Sequence[int]) -> Iterator[list[str]]:
+    """A `llama3med serve` process for each of `max_batches`, on free ports, until the block ends; their
+    URLs. They start together (loading is most of a short run's time); one that is not asked waits on
+    its socket without computing, so each is measured alone."""
+    processes, urls = [], []
     try:
-        for _ in range(600):
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            time.sleep(0.1)
-        yield url
+        for max_batch in max_batches:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            command = [sys.executable, "-m", "llama3med.cli", "serve", "--port", str(port), "--model-id", "bench"]
+            command += ["--max-batch", str(max_batch), "--image-cache-mb", "0", *(["--model", model] if model else [])]
+            processes.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            urls.append(f"http://127.0.0.1:{port}")
+        for url in urls:
+            for _ in range(1200):
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{url}/health").status_code == 200:
+                        break
+                time.sleep(0.1)
+        yield urls
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=30)
 
 
 def client_run(
@@ -96,8 +104,9 @@ def main() -> None:
         ]
         images = [path.read_bytes() for path in paths]
     rows = {}
-    for name, max_batch in (("one request at a time", 1), (f"running batch, <= {args.max_batch} rows", args.max_batch)):
-        with serving(args.model, max_batch) as url:
+    arms = {"one request at a time": 1, f"running batch, <= {args.max_batch} rows": args.max_batch}
+    with serving(args.model, list(arms.values())) as urls:
+        for name, url in zip(arms, urls, strict=True):
             client_run(url, images[0], 2, 0, 0.0)  # warm up
             start = time.perf_counter()
             with ThreadPoolExecutor(args.clients) as pool:
