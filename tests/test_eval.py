@@ -461,6 +461,22 @@ def test_answer_asks_each_question_about_every_image_in_a_folder_tree(built_mode
         lines = list(csv.DictReader(table))
     top = pydicom.dcmread(dicom_series(series)[2])
     assert (lines[1]["frame"], lines[1]["sop_instance_uid"]) == ("2", top.SOPInstanceUID)
+    with (sliced / "answers_by_image.csv").open(newline="") as table:  # the slice to open first, per series
+        summary = list(csv.DictReader(table))
+    assert [(line["image"], line["slices"]) for line in summary] == [
+        (str(series), "2"),
+        (str(patient2 / "chest.dcm"), "1"),
+        (str(patient2 / "mr.nii.gz"), "2"),
+        (str(patient2 / "screenshot.png"), "1"),
+    ]
+    likeliest = max(lines[:2], key=lambda line: float(line["p_yes"]))
+    assert (summary[0]["frame_of_max_p_yes"], summary[0]["sop_instance_uid"]) == (
+        likeliest["frame"],
+        likeliest["sop_instance_uid"],
+    )
+    said = [next((w for w in normalize_answer(line["answer"]).split() if w in ("yes", "no")), "") for line in lines[:2]]
+    assert (summary[0]["answered_yes"], summary[0]["answered_no"]) == (str(said.count("yes")), str(said.count("no")))
+    assert not (out / "answers_by_image.csv").exists()  # one slice of each: nothing to sum up
     questions = ["answer", str(tmp_path / "questions.jsonl"), "--model", str(built_model_dir), "--out", str(sliced)]
     assert main([*questions, "--slice-step", "2"]) == 1
     assert "--slice-step: for a folder of images" in capsys.readouterr().err

@@ -385,7 +385,7 @@ def cmd_answer(args: argparse.Namespace) -> None:
         inputs["slice_step"] = args.slice_step
     if args.api_url:
         _answers_from_api(args, records, out, inputs, own_images=True)
-        _write_answer_table(records, out)
+        _write_answer_tables(records, out)
         return
     rank, world_size, device = _start_answering_processes(args)
     check_run_settings(out, _run_settings(args, device, **inputs))
@@ -393,15 +393,17 @@ def cmd_answer(args: argparse.Namespace) -> None:
     if args.compile:
         compile_model(model)
     if _answer_in_processes(args, model, processor, records, out, rank, world_size) is not None:
-        _write_answer_table(records, out)
+        _write_answer_tables(records, out)
     _end_answering_processes(world_size)
 
 
-def _write_answer_table(records: list, out: Path) -> None:
-    from .eval.report import write_answer_table
+def _write_answer_tables(records: list, out: Path) -> None:
+    from .eval.report import write_answer_tables
 
-    count = write_answer_table(records, out / "answers.jsonl", out / "answers.csv")
-    print(f"wrote {out / 'answers.jsonl'} and {out / 'answers.csv'}: {count} answers", file=sys.stderr)
+    tables = write_answer_tables(records, out / "answers.jsonl")
+    print(
+        f"wrote {out / 'answers.jsonl'} and {' and '.join(map(str, tables))}: {len(records)} answers", file=sys.stderr
+    )
 
 
 def cmd_table(args: argparse.Namespace) -> None:

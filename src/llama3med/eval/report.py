@@ -15,6 +15,7 @@ from ..data.benchmarks import VQARecord
 from ..processing import dicom_identifiers
 from ..processing.images import DICOM_IDENTIFIERS, middle_frame
 from .runner import read_answers
+from .scoring import normalize_answer
 
 COLUMNS = (
     ("closed", "closed_accuracy"),
@@ -270,20 +271,30 @@ def render_table(header: list[str], rows: list[list[str]], style: str = "markdow
 
 
 ANSWER_TABLE_COLUMNS = ("question_id", "image", "frame", "window", "question", "answer", "p_yes", *DICOM_IDENTIFIERS)
+SLICE_SUMMARY_COLUMNS = (
+    "image",
+    "question",
+    "slices",
+    "answered_yes",
+    "answered_no",
+    "max_p_yes",
+    "frame_of_max_p_yes",
+    *DICOM_IDENTIFIERS,
+)
 
 
-def write_answer_table(records: Sequence[VQARecord], answers_path: Path, table_path: Path) -> int:
-    """`answers.csv`: each answered question in the records' order, with its image and, for DICOM, the
-    modality and UIDs of the image shown (`dicom_identifiers`), for a spreadsheet or a join with the
-    RIS; returns the rows written. Made again from `answers.jsonl` at the end of every run."""
+def write_answer_tables(records: Sequence[VQARecord], answers_path: Path) -> list[Path]:
+    """`answers.csv` beside `answers_path`: each answered question in the records' order, with its image
+    and, for DICOM, the modality and UIDs of the image shown (`dicom_identifiers`), for a spreadsheet or
+    a join with the RIS. Where a question was asked about several slices of an image (`answer
+    --slice-step`), also `answers_by_image.csv`: per image and question, how many slices were answered
+    yes and no, and the slice of the highest P(yes) with its UIDs, the one to open first. Made again
+    from `answers.jsonl` at the end of every run; returns the files written."""
     answers = read_answers(answers_path)
     identifiers: dict[str, list[dict[str, str]]] = {}  # by image, for each of its slices
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, ANSWER_TABLE_COLUMNS)
-    writer.writeheader()
-    written = 0
+    rows, by_image = [], {}
     for record in records:
-        if (row := answers.get(record.id)) is None:
+        if (answer := answers.get(record.id)) is None:
             continue
         image = "" if isinstance(record.image, bytes) else str(record.image)
         if image not in identifiers:
@@ -293,18 +304,47 @@ def write_answer_table(records: Sequence[VQARecord], answers_path: Path, table_p
             shown = slices[middle_frame(len(slices)) if record.frame is None else record.frame]
         else:  # one file, whichever its frame
             shown = slices[0] if slices else {}
-        writer.writerow(
-            {
-                "question_id": record.id,
-                "image": image,
-                "frame": "" if record.frame is None else record.frame,
-                "window": "" if record.window is None else record.window,
-                "question": record.question,
-                "answer": row["text"],
-                "p_yes": (row.get("metadata") or {}).get("p_yes", ""),
-                **shown,
-            }
-        )
-        written += 1
-    table_path.write_text(buffer.getvalue(), encoding="utf-8")
+        p_yes = (answer.get("metadata") or {}).get("p_yes")
+        row = {
+            "question_id": record.id,
+            "image": image,
+            "frame": "" if record.frame is None else record.frame,
+            "window": "" if record.window is None else record.window,
+            "question": record.question,
+            "answer": answer["text"],
+            "p_yes": "" if p_yes is None else p_yes,
+            **shown,
+        }
+        rows.append(row)
+        by_image.setdefault((image, record.question), []).append(row)
+    written = [answers_path.parent / "answers.csv"]
+    _write_csv(written[0], ANSWER_TABLE_COLUMNS, rows)
+    if any(len(group) > 1 for group in by_image.values()):
+        written.append(answers_path.parent / "answers_by_image.csv")
+        _write_csv(written[1], SLICE_SUMMARY_COLUMNS, [_slice_summary(group) for group in by_image.values()])
     return written
+
+
+def _slice_summary(group: list[dict]) -> dict:
+    """One image's answers to one question over its slices, as `answers_by_image.csv` has them."""
+    verdicts = [next((w for w in normalize_answer(row["answer"]).split() if w in ("yes", "no")), None) for row in group]
+    ranked = [row for row in group if row["p_yes"] != ""]
+    top = max(ranked, key=lambda row: row["p_yes"]) if ranked else {}
+    return {
+        "image": group[0]["image"],
+        "question": group[0]["question"],
+        "slices": len(group),
+        "answered_yes": verdicts.count("yes"),
+        "answered_no": verdicts.count("no"),
+        "max_p_yes": top.get("p_yes", ""),
+        "frame_of_max_p_yes": top.get("frame", ""),
+        **{name: (top or group[0]).get(name, "") for name in DICOM_IDENTIFIERS},
+    }
+
+
+def _write_csv(path: Path, columns: Sequence[str], rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    path.write_text(buffer.getvalue(), encoding="utf-8")
