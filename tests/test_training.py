@@ -178,10 +178,15 @@ def test_a_converted_llava_med_given_the_pyramid_fine_tunes_with_lora(tmp_path, 
         model=str(tmp_path / "s2"),
         lora={"r": 8, "alpha": 16},
         training={"per_device_train_batch_size": 4, "max_steps": 12, "learning_rate": 3e-3, "disable_tqdm": True},
+        vqa_eval={"data": str(phantoms / "test.json"), "limit": 6, "every": 12, "max_new_tokens": 4},
     )
     assert main(["train", str(recipe), "--set", "training.logging_steps=1"]) == 0
     losses = [loss for _, loss in summary(tmp_path / "finetune")["losses"]]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+    scored = json.loads((tmp_path / "finetune" / "vqa_eval.jsonl").read_text().splitlines()[-1])  # adapters on
+    args = ["eval", "--model", str(tmp_path / "finetune"), "--data", str(phantoms / "test.json"), "--limit", "6"]
+    assert main([*args, "--max-new-tokens", "4", "--out", str(tmp_path / "eval")]) == 0  # merged into the LM
+    assert scored["scores"] == json.loads((tmp_path / "eval" / "report.json").read_text())["scores"]["all"]
     model, processor = load(tmp_path / "finetune")
     assert model.config.scales == [32, 64, 96] and processor.llava_tokenization
     image = load_image(phantoms / "images" / "phantom-1-000000.png")
