@@ -11,7 +11,8 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from llama3med.processing import ImageLoadError, frame_count, load_image, window_values
+from llama3med.processing import ImageLoadError, dicom_series, frame_count, load_image, window_values
+from llama3med.processing.images import _series_order
 
 SLICES = 5
 SLICE_STEP = 100  # HU added per slice from the feet up, so each slice can be told apart
@@ -176,6 +177,19 @@ def test_a_dicom_series_directory_is_ordered_from_the_feet_by_position_and_opens
         assert np.array_equal(grey(tmp_path / "series", window="soft_tissue", frame=index), feet_up[index])
     with pytest.raises(ImageLoadError, match="series: slice 5 requested but the DICOM series has 5 slices"):
         load_image(tmp_path / "series", frame=5)
+
+
+def test_a_series_order_is_read_once_while_its_files_stay_as_they_are(tmp_path):
+    ct_series(tmp_path / "series", [0.0, 5.0, 10.0])
+    feet_up = dicom_series(tmp_path / "series")
+    reads = _series_order.cache_info().misses
+    for frame in range(3):  # each slice asked for: the headers are not read again
+        load_image(tmp_path / "series", frame=frame)
+    assert _series_order.cache_info().misses == reads
+    moved = pydicom.dcmread(feet_up[0])
+    moved.ImagePositionPatient = [-40.0, -40.0, 20.0]  # the lowest slice, moved above the others
+    moved.save_as(feet_up[0])
+    assert dicom_series(tmp_path / "series") == [*feet_up[1:], feet_up[0]]
 
 
 def test_a_series_without_positions_is_ordered_by_instance_number(tmp_path):

@@ -9,6 +9,7 @@ being expanded.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import warnings
@@ -145,9 +146,21 @@ def frame_count(source: str | Path | bytes) -> int:
 def dicom_series(directory: str | Path) -> list[Path]:
     """The DICOM files of the one series in `directory`, ordered from the feet up: by position along the
     slice normal (`ImagePositionPatient`, `ImageOrientationPatient`), else by `InstanceNumber`, else by
-    name. Files that are not DICOM images (notes, a DICOMDIR) are passed over; headers only are read."""
+    name. Files that are not DICOM images (notes, a DICOMDIR) are passed over; headers only are read.
+
+    The order is kept for as long as no file in the directory changes (name, size or modification
+    time): asking about each slice of a 300-slice series would otherwise read its 300 headers once per
+    slice (0.2 s each time, against 4 ms for the slice itself)."""
+    files = sorted(entry for entry in Path(directory).iterdir() if entry.is_file())
+    listing = tuple((file.name, stat.st_size, stat.st_mtime_ns) for file in files for stat in [file.stat()])
+    return list(_series_order(directory, tuple(files), listing))
+
+
+@functools.lru_cache(maxsize=32)
+def _series_order(directory: str | Path, files: tuple[Path, ...], listing: tuple) -> tuple[Path, ...]:
+    """`dicom_series` for one listing of the directory's files (`listing` keys the cache)."""
     headers = []
-    for path in sorted(entry for entry in Path(directory).iterdir() if entry.is_file()):
+    for path in files:
         if (header := _dicom_image_header(path)) is not None:
             headers.append((path, header))
     if not headers:
@@ -158,7 +171,7 @@ def dicom_series(directory: str | Path) -> list[Path]:
     if len(headers) > 1 and any(int(header.get("NumberOfFrames", 1) or 1) > 1 for _, header in headers):
         raise ImageLoadError(directory, "mixes multi-frame DICOM files into a series; give one file")
     order = _feet_first([header for _, header in headers])
-    return [path for _, (path, _) in sorted(zip(order, headers, strict=True), key=lambda item: item[0])]
+    return tuple(path for _, (path, _) in sorted(zip(order, headers, strict=True), key=lambda item: item[0]))
 
 
 def find_images(root: str | Path, progress: bool = False) -> list[Path]:
