@@ -41,7 +41,7 @@ from llama3med.eval.runner import (
     yes_no_tokens,
     yes_probabilities,
 )
-from llama3med.eval.scoring import auroc, bleu, closest_candidate, exact_match
+from llama3med.eval.scoring import auroc, bleu, calibration, closest_candidate, exact_match
 from llama3med.inference import answer, question_messages
 from llama3med.processing import dicom_series, find_images, load_image
 
@@ -206,6 +206,16 @@ def test_auroc_is_the_chance_a_yes_scores_above_a_no_with_ties_counting_half():
     assert auroc(labels, np.array([0.9, 0.8, 0.3, 0.1])) == 0.75  # 3 of the 4 yes-no pairs in order
     assert auroc(labels, np.array([0.5, 0.5, 0.5, 0.5])) == 0.5
     assert auroc(labels, np.array([0.9, 0.1, 0.8, 0.2])) == 1.0
+
+
+def test_calibration_is_the_brier_score_and_the_gap_between_p_yes_and_the_yes_share_per_bin():
+    labels = np.array([True, False, True, False])
+    got = calibration(labels, np.array([0.9, 0.8, 0.3, 0.1]))  # a bin each
+    assert got["brier"] == pytest.approx((0.1**2 + 0.8**2 + 0.7**2 + 0.1**2) / 4)
+    assert got["ece"] == pytest.approx((0.1 + 0.8 + 0.7 + 0.1) / 4)
+    unsure = calibration(labels, np.full(4, 0.5))  # half yes at P(yes) 0.5: calibrated, uninformative
+    assert (unsure["brier"], unsure["ece"]) == (0.25, 0.0)
+    assert calibration(np.array([True, False]), np.array([1.0, 0.0]))["ece"] == 0.0  # 1.0 falls in the top bin
 
 
 def test_each_answer_carries_its_p_yes_and_closed_questions_are_ranked_by_it(model_and_processor, test_set):

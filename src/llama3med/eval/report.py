@@ -68,10 +68,13 @@ def difference_lines(difference: dict) -> list[str]:
 def auroc_line(result: dict) -> str:
     """One sentence giving the closed yes/no questions' AUROC by P(yes)."""
     low, high = result["interval"]
-    return (
+    line = (
         f"closed yes/no questions ranked by P(yes): AUROC {result['auroc']:.3f} "
         f"({100 * result['level']:.0f} % interval {low:.3f}-{high:.3f}; {result['n_yes']} yes, {result['n_no']} no)"
     )
+    if "brier" in result:  # reports written before calibration was measured have none
+        line += f"; calibration: Brier {result['brier']:.3f}, ECE {result['ece']:.3f} ({result['ece_bins']} bins)"
+    return line
 
 
 def format_table(

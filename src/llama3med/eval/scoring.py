@@ -312,7 +312,8 @@ def closed_auroc(
     """How well the model's P(yes) ranks the closed questions whose reference is "yes" above those whose
     reference is "no" (0.5: no better than chance, 1: every yes above every no), as clinical readers are
     compared at every threshold rather than one; with a percentile-bootstrap interval over images, as for
-    the accuracies. None without a P(yes) for both kinds (an answers file from an API, say)."""
+    the accuracies. Beside it, how far P(yes) is from the truth as a probability (`calibration`).
+    None without a P(yes) for both kinds (an answers file from an endpoint without logprobs, say)."""
     rows = [
         (r.image_key, normalize_answer(r.answer) == "yes", p_yes[r.id])
         for r in records
@@ -338,7 +339,19 @@ def closed_auroc(
         "n_no": int((~labels).sum()),
         "interval": [float(low), float(high)],
         "level": level,
+        **calibration(labels, scores),
     }
+
+
+def calibration(labels: np.ndarray, scores: np.ndarray, bins: int = 10) -> dict:
+    """The Brier score (mean squared distance of P(yes) from the truth, 0 at best; 0.25 for always 0.5)
+    and the expected calibration error: over `bins` equal-width bins of P(yes), the share of questions
+    in each times the gap between its mean P(yes) and its share of yes answers. A model can rank well
+    (AUROC) and still be over-sure; these say by how much."""
+    truth = labels.astype(float)
+    which = np.minimum((scores * bins).astype(int), bins - 1)
+    gaps = [abs(scores[which == b].mean() - truth[which == b].mean()) * (which == b).mean() for b in np.unique(which)]
+    return {"brier": float(((scores - truth) ** 2).mean()), "ece": float(sum(gaps)), "ece_bins": bins}
 
 
 def majority_baseline(records: Sequence[VQARecord]) -> float:
