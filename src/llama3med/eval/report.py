@@ -15,7 +15,7 @@ from ..data.benchmarks import VQARecord
 from ..processing import dicom_identifiers
 from ..processing.images import DICOM_IDENTIFIERS, middle_frame
 from .runner import read_answers
-from .scoring import normalize_answer
+from .scoring import first_yes_or_no
 
 COLUMNS = (
     ("closed", "closed_accuracy"),
@@ -330,7 +330,7 @@ def write_answer_tables(records: Sequence[VQARecord], answers_path: Path) -> lis
 
 def _slice_summary(group: list[dict]) -> dict:
     """One image's answers to one question over its slices, as `answers_by_image.csv` has them."""
-    verdicts = [next((w for w in normalize_answer(row["answer"]).split() if w in ("yes", "no")), None) for row in group]
+    verdicts = [first_yes_or_no(row["answer"]) for row in group]
     ranked = [row for row in group if row["p_yes"] != ""]
     top = max(ranked, key=lambda row: row["p_yes"]) if ranked else {}
     return {

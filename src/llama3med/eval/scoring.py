@@ -87,11 +87,15 @@ def normalize_answer(text: str) -> str:
     return " ".join(words).replace(",", "")
 
 
+def first_yes_or_no(answer: str) -> str | None:
+    """The answer's first "yes" or "no" word once normalised (`--strict`'s closed answer); None if it has neither."""
+    return next((word for word in normalize_answer(answer).split() if word in ("yes", "no")), None)
+
+
 def closed_hit(prediction: str, reference: str, strict: bool = False) -> bool:
-    prediction, reference = normalize_answer(prediction), normalize_answer(reference)
     if strict:
-        first = next((word for word in prediction.split() if word in ("yes", "no")), None)
-        return first == reference
+        return first_yes_or_no(prediction) == normalize_answer(reference)
+    prediction, reference = normalize_answer(prediction), normalize_answer(reference)
     return ("yes" in prediction or "no" in prediction) and reference in prediction
 
 
