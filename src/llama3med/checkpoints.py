@@ -517,6 +517,22 @@ def load(
             f"match the model ({config.max_image_size} px, {config.num_image_tokens} tokens)"
         )
     _suppress_image_token(model)  # also for checkpoints saved before this default existed
+    if getattr(quantization_config, "load_in_4bit", False):
+        _keep_4bit_layers_off_the_packed_cpu_kernel(model)
     if device is not None and quantization_config is None:
         model.to(device)
     return model.eval(), processor
+
+
+def _keep_4bit_layers_off_the_packed_cpu_kernel(model: torch.nn.Module) -> None:
+    """On a CPU with AVX512-BF16, bitsandbytes repacks each 4-bit layer's weight for a faster kernel at
+    its first forward, which fails unless the output width is a multiple of 32 and the input width one of
+    the quantization block (the demo's 688-wide MLP is neither; Llama-3's widths all are): those layers
+    keep the plain 4-bit kernel."""
+    from bitsandbytes.nn import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            block = module.weight.quant_state.blocksize
+            if module.out_features % 32 or module.in_features % block:
+                module.support_avx512bf16_for_cpu = False
