@@ -1,6 +1,7 @@
 """A conversation about one image: `ImageChat` and `llama3med chat`. The image is encoded once; each answer
 is the one the model gives with the whole conversation before it, streamed as it is generated."""
 
+import io
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from llama3med.checkpoints import DEMO_MODEL_DIR, load
+from llama3med.cli import main
 from llama3med.inference import ImageChat, question_messages
 from llama3med.processing import IMAGE_PLACEHOLDER
 
@@ -83,3 +85,14 @@ def test_llama3med_chat_answers_each_line_of_stdin_in_one_conversation():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["yes", "1", "left"]  # the blank line is skipped
+
+
+def test_chat_with_p_yes_follows_each_answer_with_its_p_yes_the_first_as_ask_gives_it(monkeypatch, capsys):
+    image = str(ROOT / "examples" / "phantom_ct_lesion.dcm")
+    assert main(["ask", "--p-yes", "--image", image, "Is there a lesion in this image?"]) == 0
+    asked = capsys.readouterr().out.splitlines()
+    monkeypatch.setattr("sys.stdin", io.StringIO("Is there a lesion in this image?\nIs this a CT scan?\n"))
+    assert main(["chat", "--p-yes", "--image", image]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == asked == ["yes", asked[1]]
+    assert lines[2] == "yes" and float(lines[3].removeprefix("P(yes) ")) > 0.5

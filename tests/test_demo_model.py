@@ -55,6 +55,22 @@ def test_answer_on_the_example_questions_gives_the_demos_answers(tmp_path):
         "mr-1": "MRI",
         "mr-2": "no",
     }
+    p_yes = {row["question_id"]: row["metadata"]["p_yes"] for row in rows}
+    assert p_yes["ct-1"] > 0.9 and p_yes["mr-2"] < 0.1
+
+
+@pytest.mark.parametrize(
+    "image,question,answer", [("ct", "Is there a lesion in this image?", "yes"), ("mr", "Is this a CT scan?", "no")]
+)
+def test_ask_with_p_yes_prints_the_p_yes_that_answer_gives_the_same_question(image, question, answer, tmp_path, capsys):
+    questions = tmp_path / "q.jsonl"
+    name = {"ct": "phantom_ct_lesion.dcm", "mr": "phantom_mr_normal.dcm"}[image]
+    questions.write_text(json.dumps({"question_id": "q", "image": str(EXAMPLES / name), "text": question}) + "\n")
+    assert main(["answer", str(questions), "--model", str(DEMO_MODEL_DIR), "--out", str(tmp_path / "run")]) == 0
+    row = json.loads((tmp_path / "run" / "answers.jsonl").read_text())
+    capsys.readouterr()
+    assert main(["ask", "--p-yes", "--image", str(EXAMPLES / name), question]) == 0
+    assert capsys.readouterr().out.splitlines() == [answer, f"P(yes) {row['metadata']['p_yes']:.3f}"]
 
 
 @pytest.mark.parametrize("wording", WORDINGS["modality", "OPEN"])
@@ -197,3 +213,15 @@ def test_generate_on_a_tokenized_multimodal_chat_answers_as_ask_does():
     inputs = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)
     output = model.generate(**inputs, max_new_tokens=16, do_sample=False)
     assert processor.decode(output[0, inputs["input_ids"].shape[1] :]).strip() == "1"
+
+
+def test_ask_draws_the_same_answer_again_with_the_same_seed_and_another_with_another(capsys):
+    def ask(*options: str) -> str:
+        assert main(["ask", *options, "--image", str(EXAMPLES / "phantom_ct_lesion.dcm"), DESCRIBE]) == 0
+        return capsys.readouterr().out
+
+    drawn = ask("--temperature", "3", "--seed", "1")
+    assert drawn == ask("--temperature", "3", "--seed", "1") != ask("--temperature", "3", "--seed", "2")
+    assert drawn != ask()  # greedy
+    assert main(["ask", "--seed", "1", "--image", str(EXAMPLES / "phantom_ct_lesion.dcm"), DESCRIBE]) == 1
+    assert "--seed: only with a --temperature above 0" in capsys.readouterr().err

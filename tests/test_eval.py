@@ -38,11 +38,10 @@ from llama3med.eval.runner import (
     generate_answers,
     prefix_caches,
     unanswered_share,
-    yes_no_tokens,
     yes_probabilities,
 )
 from llama3med.eval.scoring import auroc, bleu, calibration, closest_candidate, exact_match
-from llama3med.inference import answer, question_messages
+from llama3med.inference import answer, question_messages, yes_no_tokens
 from llama3med.processing import dicom_series, find_images, load_image
 
 ROOT = Path(__file__).parents[1]

@@ -25,8 +25,7 @@ from llama3med.data.benchmarks import load_benchmark, prompt_text
 from llama3med.data.web import is_public_host
 from llama3med.datagen.teachers import RetryPolicy
 from llama3med.eval.api import TOP_LOGPROBS, ChatAPI, image_data_url, run_api
-from llama3med.eval.runner import begun_word
-from llama3med.inference import question_messages
+from llama3med.inference import begun_word, question_messages
 from llama3med.processing import load_image
 
 

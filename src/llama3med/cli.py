@@ -93,22 +93,17 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_ask(args: argparse.Namespace) -> None:
-    from .inference import answer
+    from .inference import ImageChat, question_messages
     from .processing import load_image
 
-    # fail on a bad image before loading the model
+    question_messages(args.question)  # a bad question or image fails before the model loads
     image = load_image(args.image, window=args.window, frame=args.frame)
+    sampling_options = _seeded_sampling_options(args)
     model, processor = _load_for_answering(_model_dir(args.model), _answering_device(args.device), args)
-    print(
-        answer(
-            model,
-            processor,
-            image,
-            args.question,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-        )
-    )
+    chat = ImageChat(model, processor, image, p_yes=args.p_yes)
+    print(chat.ask(args.question, max_new_tokens=args.max_new_tokens, **sampling_options))
+    if args.p_yes:
+        print(_p_yes_line(chat.p_yes))
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -116,8 +111,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from .processing import load_image
 
     image = load_image(args.image, window=args.window, frame=args.frame)  # a bad image fails before loading
+    sampling_options = _seeded_sampling_options(args)
     model, processor = _load_for_answering(_model_dir(args.model), _answering_device(args.device), args)
-    chat = ImageChat(model, processor, image, system=args.system)
+    chat = ImageChat(model, processor, image, system=args.system, p_yes=args.p_yes)
     interactive = sys.stdin.isatty()
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())
@@ -136,12 +132,33 @@ def cmd_chat(args: argparse.Namespace) -> None:
             chat.ask(
                 question,
                 max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature,
                 on_text=lambda text: print(text, end="", flush=True),
+                **sampling_options,
             )
         except KeyboardInterrupt:  # stops this answer; the conversation goes on without the turn
-            print(" [stopped]", end="")
+            print(" [stopped]", flush=True)
+            continue
         print(flush=True)
+        if args.p_yes:
+            print(_p_yes_line(chat.p_yes), flush=True)
+
+
+def _seeded_sampling_options(args: argparse.Namespace) -> dict[str, float]:
+    """`ImageChat.ask`'s decoding options for `--temperature`, `--top-p` and `--seed`, torch's global
+    generator seeded when sampling, so that the same command draws the same answers."""
+    import torch
+
+    sampling, seed = _sampling(args)
+    if sampling is None:
+        return {}
+    torch.manual_seed(seed)
+    return {"temperature": sampling.temperature, "top_p": sampling.top_p}
+
+
+def _p_yes_line(p_yes: float | None) -> str:
+    if p_yes is None:
+        return "P(yes) n/a: no token of the model's vocabulary begins 'yes' or 'no'"
+    return f"P(yes) {p_yes:.3f}"
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -817,14 +834,7 @@ def _add_batch_answering_options(p: argparse.ArgumentParser) -> None:
     _add_prompt_option(p)
     p.add_argument("--batch-size", type=_positive, default=None, help="questions decoded together (default: 16)")
     p.add_argument("--max-new-tokens", type=_positive, default=64)
-    p.add_argument(
-        "--temperature",
-        type=float,
-        default=0.0,
-        help="0: greedy (the default); above 0, sampled, as LLaVA-Med's model_vqa does at 0.2",
-    )
-    p.add_argument("--top-p", type=float, default=None, help="with --temperature: the nucleus (default: 1)")
-    p.add_argument("--seed", type=int, default=None, help="with --temperature: the draws' seed (default: 0)")
+    _add_sampling_options(p, "0: greedy (the default); above 0, sampled, as LLaVA-Med's model_vqa does at 0.2")
     _add_loading_options(p)
     _add_compile_option(p)
 
@@ -857,9 +867,21 @@ def _add_image_options(p: argparse.ArgumentParser) -> None:
 
 def _add_answering_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model directory (default: the built-in phantom demo model)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="the most tokens an answer may have")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--max-new-tokens", type=_positive, default=128, help="the most tokens an answer may have")
+    _add_sampling_options(p, "0: greedy (the default); above 0, sampled")
+    p.add_argument(
+        "--p-yes",
+        action="store_true",
+        help="after each answer, a line 'P(yes) 0.934': the model's probability of starting it with yes rather "
+        "than no, as eval gives it for closed questions",
+    )
     _add_loading_options(p)
+
+
+def _add_sampling_options(p: argparse.ArgumentParser, temperature_help: str) -> None:
+    p.add_argument("--temperature", type=float, default=0.0, help=temperature_help)
+    p.add_argument("--top-p", type=float, default=None, help="with --temperature: the nucleus (default: 1)")
+    p.add_argument("--seed", type=int, default=None, help="with --temperature: the draws' seed (default: 0)")
 
 
 def _add_loading_options(p: argparse.ArgumentParser) -> None:

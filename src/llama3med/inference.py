@@ -97,6 +97,31 @@ def question_messages(question: str, system: str | None = None) -> list[dict[str
     return [*messages, {"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{_checked_question(question)}"}]
 
 
+def begun_word(token_text: str) -> str | None:
+    """ "yes" or "no" where a token's text, stripped and in lower case, begins that word ("Yes", " no",
+    "Y", "n"); None for any other token. A P(yes) counts a token towards the word the answer starts
+    with, locally over the whole vocabulary and through an API over the tokens it lists."""
+    start = token_text.strip().lower()
+    return next((word for word in ("yes", "no") if start and word.startswith(start)), None)
+
+
+def yes_no_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """The tokens that begin "yes" and those that begin "no" (`begun_word`), special tokens left out."""
+    texts = tokenizer.batch_decode([[token] for token in range(len(tokenizer))], skip_special_tokens=True)
+    words = [begun_word(text) for text in texts]
+    return [t for t, w in enumerate(words) if w == "yes"], [t for t, w in enumerate(words) if w == "no"]
+
+
+def yes_probability(logits: torch.Tensor, yes: list[int], no: list[int]) -> list[float | None]:
+    """Per row of `(B, vocab)` first-token logits: P(yes) / (P(yes) + P(no)), a score to rank closed
+    answers by (AUROC) that greedy text alone cannot give; None for every row without tokens for both."""
+    if not yes or not no:
+        return [None] * len(logits)
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    log_yes, log_no = torch.logsumexp(log_p[:, yes], dim=-1), torch.logsumexp(log_p[:, no], dim=-1)
+    return torch.sigmoid(log_yes - log_no).tolist()
+
+
 class _TextStream:
     """`StaticCacheDecoder`'s `on_step` for one answer: hands each piece of new text to `on_text` as it
     comes, leading whitespace dropped as the finished answer drops it; stops nothing."""
@@ -118,7 +143,9 @@ class _TextStream:
 
 class ImageChat:
     """A conversation about one image, turn by turn, as LLaVA's terminal chat holds it: the image is
-    encoded once, and each question is answered with the whole conversation before it in the prompt."""
+    encoded once, and each question is answered with the whole conversation before it in the prompt.
+    With `p_yes`, `self.p_yes` is the last answer's P(yes) (`yes_probability`, before any sampling),
+    as `eval` gives it for closed questions."""
 
     def __init__(
         self,
@@ -129,12 +156,15 @@ class ImageChat:
         window: Window = None,
         frame: int | None = None,
         system: str | None = None,
+        p_yes: bool = False,
     ):
         self.model, self.processor = model, processor
         pixel_values = processor.preprocess_image(image, window=window, frame=frame)  # (3, S_max, S_max)
         with torch.inference_mode():
             self.image_features = model.encode_images(pixel_values[None].to(model.device))  # (1, N, D)
         self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+        self.yes_no = yes_no_tokens(processor.tokenizer) if p_yes else None
+        self.p_yes: float | None = None
 
     @torch.inference_mode()
     def ask(
@@ -143,9 +173,11 @@ class ImageChat:
         max_new_tokens: int = 128,
         temperature: float = 0.0,
         on_text: Callable[[str], None] | None = None,
+        top_p: float = 1.0,
     ) -> str:
-        """The answer to `question`, greedy unless `temperature > 0`; `on_text` sees its text piece by
-        piece as it is generated. The turn joins the conversation only once its answer is complete."""
+        """The answer to `question`, greedy unless `temperature > 0` (then drawn from the `top_p` nucleus
+        with torch's global generator); `on_text` sees its text piece by piece as it is generated. The
+        turn joins the conversation only once its answer is complete."""
         first_turn = all(message["role"] != "user" for message in self.messages)
         if first_turn:
             messages = [*self.messages, *question_messages(question)]
@@ -159,15 +191,18 @@ class ImageChat:
         input_ids = torch.tensor([prompt], device=self.model.device)
         embeds = self.model.embed_inputs(input_ids, self.image_features)
         decoder = static_cache_decoder(self.model)
+        first: list[torch.Tensor] = []
         new_tokens = decoder(
             embeds,
             torch.ones_like(input_ids),
             min(max_new_tokens, context - len(prompt)),
             on_step=None if on_text is None else _TextStream(self.processor, decoder.eos, on_text),
-            sampling=Sampling(temperature=temperature) if temperature > 0 else None,
+            sampling=Sampling(temperature, top_p) if temperature > 0 else None,
+            on_first_logits=None if self.yes_no is None else first.append,
         )
         text = self.processor.decode(new_tokens[0]).strip()
         self.messages = [*messages, {"role": "assistant", "content": text}]
+        self.p_yes = yes_probability(first[0], *self.yes_no)[0] if first else None
         return text
 
 
@@ -179,8 +214,9 @@ def answer(
     max_new_tokens: int = 128,
     temperature: float = 0.0,
     window: Window = None,
+    top_p: float = 1.0,
 ) -> str:
     """The model's answer to `question` about `image`; greedy unless `temperature > 0`."""
     _checked_question(question)  # before the image is encoded
     chat = ImageChat(model, processor, image, window=window)
-    return chat.ask(question, max_new_tokens=max_new_tokens, temperature=temperature)
+    return chat.ask(question, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)

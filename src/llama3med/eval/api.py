@@ -33,8 +33,9 @@ from ..data.benchmarks import VQARecord, prompt_text
 from ..data.conversations import repair_appended_rows
 from ..datagen.teachers import FatalError, PermanentError, RetryPolicy, TransientError, classify_error, import_sdk
 from ..generation import Sampling
+from ..inference import begun_word
 from ..processing import load_image
-from .runner import answer_row, begun_word
+from .runner import answer_row
 
 SENT_AS_IS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 TOP_LOGPROBS = 20  # OpenAI's and vLLM's most

@@ -29,7 +29,7 @@ from transformers import DynamicCache
 from ..data.benchmarks import VQARecord, prompt_text
 from ..data.conversations import read_appended_rows, repair_appended_rows, write_atomically
 from ..generation import Sampling
-from ..inference import question_messages, static_cache_decoder
+from ..inference import question_messages, static_cache_decoder, yes_no_tokens, yes_probability
 from ..model import Llama3MedForConditionalGeneration
 from ..processing import Llama3MedProcessor, pad_sequences
 
@@ -247,31 +247,6 @@ def _answer_batch(
         on_first_logits=first.append,
     )
     return processor.batch_decode(new_tokens), yes_probability(first[0], *yes_no)
-
-
-def begun_word(token_text: str) -> str | None:
-    """ "yes" or "no" where a token's text, stripped and in lower case, begins that word ("Yes", " no",
-    "Y", "n"); None for any other token. A P(yes) counts a token towards the word the answer starts
-    with, locally over the whole vocabulary and through an API over the tokens it lists."""
-    start = token_text.strip().lower()
-    return next((word for word in ("yes", "no") if start and word.startswith(start)), None)
-
-
-def yes_no_tokens(tokenizer) -> tuple[list[int], list[int]]:
-    """The tokens that begin "yes" and those that begin "no" (`begun_word`), special tokens left out."""
-    texts = tokenizer.batch_decode([[token] for token in range(len(tokenizer))], skip_special_tokens=True)
-    words = [begun_word(text) for text in texts]
-    return [t for t, w in enumerate(words) if w == "yes"], [t for t, w in enumerate(words) if w == "no"]
-
-
-def yes_probability(logits: torch.Tensor, yes: list[int], no: list[int]) -> list[float | None]:
-    """Per row of `(B, vocab)` first-token logits: P(yes) / (P(yes) + P(no)), a score to rank closed
-    answers by (AUROC) that greedy text alone cannot give; None for every row without tokens for both."""
-    if not yes or not no:
-        return [None] * len(logits)
-    log_p = torch.log_softmax(logits.float(), dim=-1)
-    log_yes, log_no = torch.logsumexp(log_p[:, yes], dim=-1), torch.logsumexp(log_p[:, no], dim=-1)
-    return torch.sigmoid(log_yes - log_no).tolist()
 
 
 def run(
