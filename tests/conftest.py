@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import base64
 import http.server
+import json
+import os
+import re
+import shutil
+import subprocess
 import threading
 import time
 import urllib.parse
@@ -141,6 +146,24 @@ class Server:
     def stop(self):
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+    def run_web_page(self, tmp_path: Path, image, question: str, frame: int | None = None, stop_answer=False) -> dict:
+        """The page this server serves, its own script run in Node (`tests/web/page_harness.js`): picks
+        `image`, moves the slider to `frame`, asks `question` (and with `stop_answer`, presses the button
+        again as the answer starts); returns what the page then shows."""
+        import httpx
+
+        page = tmp_path / "page.js"
+        page.write_text(re.search(r"<script>(.*)</script>", httpx.get(f"{self.url}/").text, re.S).group(1))
+        harness = Path(__file__).parent / "web" / "page_harness.js"
+        command = ["node", harness, page, self.url, image, question, *([] if frame is None else [str(frame)])]
+        env = {**os.environ, **({"STOP_ANSWER": "1"} if stop_answer else {})}
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+
+needs_node = pytest.mark.skipif(shutil.which("node") is None, reason="needs Node.js to run the web page's script")
 
 
 @pytest.fixture()

@@ -13,18 +13,19 @@ import threading
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import torch
 from PIL import Image
 
-from conftest import Server
+from conftest import Server, needs_node
 from llama3med.checkpoints import DEMO_MODEL_DIR, load
 from llama3med.cli import main
 from llama3med.data import web
 from llama3med.data.benchmarks import load_benchmark, prompt_text
 from llama3med.data.web import is_public_host
 from llama3med.datagen.teachers import RetryPolicy
-from llama3med.eval.api import TOP_LOGPROBS, ChatAPI, image_data_url, run_api
+from llama3med.eval.api import TOP_LOGPROBS, ChatAPI, image_data_url, run_api, yes_probability_of
 from llama3med.inference import begun_word, question_messages
 from llama3med.processing import load_image
 
@@ -203,3 +204,26 @@ def test_options_of_the_other_source_and_an_unreachable_endpoint_are_one_line_er
     assert main(["eval", *flags, "--data", str(test_set), "--out", str(tmp_path / "out")]) == 1
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out" / "answers.jsonl").exists()
+
+
+@needs_node
+def test_the_web_page_shows_a_yes_or_no_answers_p_yes_as_eval_through_the_api_reads_it(demo_server, tmp_path):
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    shown = demo_server.run_web_page(tmp_path, examples / "phantom_ct_lesion.dcm", "Is there a lesion in this image?")
+    assert [(m["cls"], m["text"].split()[0]) for m in shown["log"]] == [
+        ("msg user", "Is"),
+        ("msg assistant", "yes"),
+        ("msg p-yes", "P(yes)"),
+    ]
+    client = openai.OpenAI(base_url=f"{demo_server.url}/v1", api_key="unused")
+    reply = client.chat.completions.create(
+        model="llama3med-demo", messages=shown["history"][:1], temperature=0, logprobs=True, top_logprobs=TOP_LOGPROBS
+    )
+    first = reply.choices[0].logprobs.content[0].top_logprobs
+    p_yes = yes_probability_of([(t.token, t.logprob) for t in first])
+    assert shown["log"][2]["text"] == f"P(yes) {p_yes:.3f}" and p_yes > 0.9
+
+    open_question = demo_server.run_web_page(
+        tmp_path, examples / "phantom_ct_lesion.dcm", "What imaging modality is this?"
+    )
+    assert [m["cls"] for m in open_question["log"]] == ["msg user", "msg assistant"]  # no P(yes) under "CT"

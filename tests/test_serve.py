@@ -13,7 +13,6 @@ import ipaddress
 import json
 import os
 import re
-import shutil
 import socket
 import ssl
 import subprocess
@@ -33,7 +32,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import Server, write_dicom
+from conftest import Server, needs_node, write_dicom
 from llama3med.checkpoints import load
 from llama3med.cli import _exposure_warnings, main
 from llama3med.inference import static_cache_decoder
@@ -555,16 +554,9 @@ def test_the_datagen_teacher_client_talks_to_this_server(server):
     assert isinstance(reply.text, str) and 0 < reply.output_tokens <= 4 and reply.input_tokens > 0
 
 
-@pytest.mark.skipif(shutil.which("node") is None, reason="needs Node.js to run the page's script")
+@needs_node
 def test_the_web_page_renders_a_dicom_and_streams_an_answer(server, tmp_path):
-    script = re.search(r"<script>(.*)</script>", httpx.get(f"{server.url}/").text, re.S).group(1)
-    (tmp_path / "page.js").write_text(script)
-    ct = pydicom.data.get_testdata_file("CT_small.dcm")
-    harness = Path(__file__).parent / "web" / "page_harness.js"
-    command = ["node", str(harness), str(tmp_path / "page.js"), server.url, ct, "Is there a lesion?"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    shown = json.loads(result.stdout)
+    shown = server.run_web_page(tmp_path, pydicom.data.get_testdata_file("CT_small.dcm"), "Is there a lesion?")
     assert shown["preview"].startswith("blob:") and shown["image"].startswith("data:image/png;base64,")
     assert shown["first"]["hidden"] is True  # one slice: no slider
     assert [m["cls"] for m in shown["log"]] == ["msg user", "msg assistant"]
@@ -579,16 +571,10 @@ def test_the_web_pages_requests_are_relative_so_it_works_behind_a_proxy_at_any_p
     assert sorted(set(requested)) == ["v1/chat/completions", "v1/models", "v1/render?"]  # none from the host's root
 
 
-@pytest.mark.skipif(shutil.which("node") is None, reason="needs Node.js to run the page's script")
+@needs_node
 def test_the_web_pages_button_stops_an_answer_and_drops_its_turn(server, tmp_path):
-    script = re.search(r"<script>(.*)</script>", httpx.get(f"{server.url}/").text, re.S).group(1)
-    (tmp_path / "page.js").write_text(script)
-    harness = Path(__file__).parent / "web" / "page_harness.js"
     ct = pydicom.data.get_testdata_file("CT_small.dcm")
-    command = ["node", str(harness), str(tmp_path / "page.js"), server.url, ct, "Describe the image."]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=60, env={**os.environ, "STOP_ANSWER": "1"})
-    assert result.returncode == 0, result.stderr
-    shown = json.loads(result.stdout)
+    shown = server.run_web_page(tmp_path, ct, "Describe the image.", stop_answer=True)
     assert [m["cls"] for m in shown["log"]] == ["msg user", "msg assistant"]
     assert shown["log"][1]["text"].endswith("(stopped)")
     assert shown["history"] == [] and shown["button"] == "Ask"  # the next question starts with the image again
@@ -654,20 +640,14 @@ def test_an_api_client_names_the_window_a_dicom_is_seen_through(server, tmp_path
         reply({"url": dicom, "window": "sharp"})
 
 
-@pytest.mark.skipif(shutil.which("node") is None, reason="needs Node.js to run the page's script")
+@needs_node
 def test_the_web_page_shows_a_nifti_volumes_middle_slice_and_asks_about_the_slice_chosen_on_its_slider(
     server, tmp_path
 ):
-    script = re.search(r"<script>(.*)</script>", httpx.get(f"{server.url}/").text, re.S).group(1)
-    (tmp_path / "page.js").write_text(script)
     volume = tmp_path / "ct.nii.gz"
     slices = [np.full((6, 8), 100 * k - 200, dtype=np.int16) for k in range(5)]  # HU rising from the feet
     volume.write_bytes(gzip.compress(nibabel.Nifti1Image(np.stack(slices, axis=2), np.eye(4)).to_bytes()))
-    harness = Path(__file__).parent / "web" / "page_harness.js"
-    command = ["node", str(harness), str(tmp_path / "page.js"), server.url, str(volume), "Is there a lesion?", "1"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    shown = json.loads(result.stdout)
+    shown = server.run_web_page(tmp_path, volume, "Is there a lesion?", frame=1)
     assert shown["first"] == {"hidden": False, "max": "4", "value": "2"}  # opened at the middle slice
     assert shown["shownFrame"] == {"value": "1", "label": "2 of 5"}
     sent = base64.b64decode(shown["history"][0]["content"][0]["image_url"]["url"].partition(",")[2])
