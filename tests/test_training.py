@@ -149,7 +149,10 @@ def test_vqa_eval_scores_the_model_as_eval_would_every_n_steps_without_changing_
     out = tmp_path / "eval"
     args = ["eval", "--model", str(tmp_path / "scored"), "--data", str(phantoms / "test.json"), "--out", str(out)]
     assert main([*args, "--limit", "12", "--max-new-tokens", "4"]) == 0
-    assert rows[-1]["scores"] == json.loads((out / "report.json").read_text())["scores"]["all"]
+    report = json.loads((out / "report.json").read_text())
+    assert rows[-1]["scores"] == report["scores"]["all"]
+    ranked = report["closed_auroc"]
+    assert (rows[-1]["vqa_closed_brier"], rows[-1]["vqa_closed_ece"]) == (ranked["brier"], ranked["ece"])
     logged = json.loads((tmp_path / "scored" / "checkpoint-8" / "trainer_state.json").read_text())["log_history"]
     assert [entry["step"] for entry in logged if "vqa_closed_accuracy" in entry] == [4, 8]
     assert all(0 <= entry["vqa_closed_auroc"] <= 1 for entry in logged if "vqa_closed_accuracy" in entry)

@@ -49,7 +49,9 @@ class VQAEvalCallback(TrainerCallback):
         scores, ranked = self.evaluate(model, processing_class)
         figures = {f"vqa_{key}": scores[key] for key in HEADLINES if key in scores}
         if ranked is not None:
-            figures["vqa_closed_auroc"] = ranked["auroc"]
+            figures.update(
+                vqa_closed_auroc=ranked["auroc"], vqa_closed_brier=ranked["brier"], vqa_closed_ece=ranked["ece"]
+            )
         with self.path.open("a", encoding="utf-8") as out:
             out.write(json.dumps({"step": state.global_step, **figures, "scores": scores}) + "\n")
         if self.trainer is not None:
