@@ -711,3 +711,18 @@ def test_logprobs_are_the_models_own_for_each_token_streamed_or_not(server):
     ):
         with pytest.raises(openai.BadRequestError, match=param):
             client.chat.completions.create(**options, **wrong)
+
+
+def test_neutral_penalties_and_logit_bias_that_clients_send_are_accepted_and_others_refused(server):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    options = {"model": "tiny", "messages": ask(data_url(png(90)), "Is the image dark?"), "max_tokens": 4}
+    plain = client.chat.completions.create(**options, temperature=0).choices[0].message.content
+    neutral = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}}
+    assert client.chat.completions.create(**options, temperature=0, **neutral).choices[0].message.content == plain
+    for wrong, param in (
+        ({"frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"presence_penalty": -1}, "presence_penalty"),
+        ({"logit_bias": {"12": -100}}, "logit_bias"),
+    ):
+        with pytest.raises(openai.BadRequestError, match=param):
+            client.chat.completions.create(**options, **wrong)

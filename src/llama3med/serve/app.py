@@ -110,6 +110,9 @@ class ChatRequest(BaseModel):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     n: int = 1
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -386,6 +389,9 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
             raise ApiError(400, f"{param}: {deepest['msg']}", param) from None
         if chat_request.n != 1:
             raise ApiError(400, "only n=1 is supported", "n")
+        for param in ("frequency_penalty", "presence_penalty", "logit_bias"):
+            if getattr(chat_request, param):  # many clients send the neutral 0 or {} with every request
+                raise ApiError(400, f"{param} is not supported; send 0 or leave it out", param)
         if chat_request.top_logprobs is not None and not chat_request.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         if chat_request.model != settings.model_id:
