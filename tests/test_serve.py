@@ -713,12 +713,22 @@ def test_logprobs_are_the_models_own_for_each_token_streamed_or_not(server):
             client.chat.completions.create(**options, **wrong)
 
 
-def test_neutral_penalties_and_logit_bias_that_clients_send_are_accepted_and_others_refused(server):
+def test_neutral_penalties_and_developer_messages_that_chat_clients_send_are_taken_other_penalties_refused(server):
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
     options = {"model": "tiny", "messages": ask(data_url(png(90)), "Is the image dark?"), "max_tokens": 4}
-    plain = client.chat.completions.create(**options, temperature=0).choices[0].message.content
+    reply = client.chat.completions.create(**options, temperature=0)
+    plain, plain_tokens = reply.choices[0].message.content, reply.usage.prompt_tokens
     neutral = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}}
     assert client.chat.completions.create(**options, temperature=0, **neutral).choices[0].message.content == plain
+    instructed = {"role": "system", "content": "Answer briefly."}
+    with_system, with_developer = (
+        client.chat.completions.create(
+            **{**options, "messages": [{**instructed, "role": role}, *options["messages"]]}, temperature=0
+        )
+        for role in ("system", "developer")
+    )
+    assert with_developer.choices[0].message.content == with_system.choices[0].message.content
+    assert with_developer.usage.prompt_tokens == with_system.usage.prompt_tokens > plain_tokens
     for wrong, param in (
         ({"frequency_penalty": 0.5}, "frequency_penalty"),
         ({"presence_penalty": -1}, "presence_penalty"),

@@ -87,7 +87,7 @@ class ContentPart(BaseModel):
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]  # "developer": OpenAI's newer name for "system"
     content: str | list[ContentPart]
     name: str | None = None
 
@@ -225,7 +225,7 @@ def build_prompt(request: ChatRequest, engine: Engine, settings: Settings) -> tu
             text = message_content(parts)
         if IMAGE_PLACEHOLDER in text and isinstance(message.content, str):
             raise ApiError(400, f"send images as image_url parts, not as {IMAGE_PLACEHOLDER} in the text", "messages")
-        messages.append({"role": message.role, "content": text})
+        messages.append({"role": "system" if message.role == "developer" else message.role, "content": text})
     if len(images) > settings.max_images:
         raise ApiError(400, f"{len(images)} images sent; this server takes at most {settings.max_images}", "messages")
     job_images = []
