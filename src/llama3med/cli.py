@@ -96,14 +96,22 @@ def cmd_ask(args: argparse.Namespace) -> None:
     from .inference import ImageChat, question_messages
     from .processing import load_image
 
-    question_messages(args.question)  # a bad question or image fails before the model loads
+    question_messages(args.question)  # a bad question, image or output file fails before the model loads
     image = load_image(args.image, window=args.window, frame=args.frame)
+    if args.heatmap:
+        _check_image_output(args.heatmap)
     sampling_options = _seeded_sampling_options(args)
     model, processor = _load_for_answering(_model_dir(args.model), _answering_device(args.device), args)
     chat = ImageChat(model, processor, image, p_yes=args.p_yes)
-    print(chat.ask(args.question, max_new_tokens=args.max_new_tokens, **sampling_options))
+    text = chat.ask(args.question, max_new_tokens=args.max_new_tokens, **sampling_options)
+    print(text)
     if args.p_yes:
         print(_p_yes_line(chat.p_yes))
+    if args.heatmap:
+        from .explain import answer_relevance
+
+        answer_relevance(model, processor, image, args.question, text).heat_map().save(args.heatmap)
+        print(f"wrote {args.heatmap}: where in the image the answer came from", file=sys.stderr)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -141,6 +149,15 @@ def cmd_chat(args: argparse.Namespace) -> None:
         print(flush=True)
         if args.p_yes:
             print(_p_yes_line(chat.p_yes), flush=True)
+
+
+def _check_image_output(path: str) -> None:
+    from PIL import Image
+
+    if Path(path).suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"{path}: name an image file (.png, .jpg, .tif, ...) for the heat map")
+    if not Path(path).parent.is_dir():
+        raise ValueError(f"{path}: no such folder {Path(path).parent}")
 
 
 def _seeded_sampling_options(args: argparse.Namespace) -> dict[str, float]:
@@ -971,6 +988,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("question", help="the question, e.g. 'Is there a lesion?'")
     _add_image_options(p)
     _add_answering_options(p)
+    p.add_argument(
+        "--heatmap",
+        metavar="FILE.png",
+        default=None,
+        help="also write the image as the model saw it with a heat map of where the answer came from (each "
+        "image token's gradient x input for the answer): an aid for reading it, not a localisation",
+    )
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("chat", help="a multi-turn chat about one image in the terminal, answers streamed")
