@@ -98,3 +98,5 @@ def test_ask_heatmap_writes_the_models_view_with_the_relevance_over_it(demo, tmp
     assert reddened[peak[0] * cell + cell // 2, peak[1] * cell + cell // 2] > 50  # red where the map peaks
     assert main(["ask", "--image", str(image), QUESTION, "--heatmap", str(tmp_path / "where")]) == 1
     assert "name an image file" in capsys.readouterr().err
+    assert main(["ask", "--fp8", "--image", str(image), QUESTION, "--heatmap", str(tmp_path / "where.png")]) == 1
+    assert "fp8 and 4-bit layers cannot" in capsys.readouterr().err

@@ -100,6 +100,8 @@ def cmd_ask(args: argparse.Namespace) -> None:
     image = load_image(args.image, window=args.window, frame=args.frame)
     if args.heatmap:
         _check_image_output(args.heatmap)
+        if args.fp8 or args.load_4bit:
+            raise ValueError("--heatmap differentiates through the LM, which its fp8 and 4-bit layers cannot do")
     sampling_options = _seeded_sampling_options(args)
     model, processor = _load_for_answering(_model_dir(args.model), _answering_device(args.device), args)
     chat = ImageChat(model, processor, image, p_yes=args.p_yes)
