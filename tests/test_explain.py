@@ -100,3 +100,27 @@ def test_ask_heatmap_writes_the_models_view_with_the_relevance_over_it(demo, tmp
     assert "name an image file" in capsys.readouterr().err
     assert main(["ask", "--fp8", "--image", str(image), QUESTION, "--heatmap", str(tmp_path / "where.png")]) == 1
     assert "fp8 and 4-bit layers cannot" in capsys.readouterr().err
+
+
+def test_answer_heatmaps_draws_each_answer_as_ask_heatmap_does_and_a_rerun_draws_only_what_is_missing(tmp_path, capsys):
+    run = ["answer", str(EXAMPLES), "--model", str(DEMO_MODEL_DIR), "--question", QUESTION, "--out", str(tmp_path)]
+    assert main([*run, "--heatmaps"]) == 0
+    drawn = {p.name: p.read_bytes() for p in (tmp_path / "heatmaps").iterdir()}
+    assert sorted(drawn) == ["phantom_ct_lesion.dcm.png", "phantom_ct_lesion.nii.gz.png", "phantom_mr_normal.dcm.png"]
+    assert (
+        main(
+            ["ask", "--image", str(EXAMPLES / "phantom_mr_normal.dcm"), QUESTION, "--heatmap", str(tmp_path / "a.png")]
+        )
+        == 0
+    )
+    assert (tmp_path / "a.png").read_bytes() == drawn["phantom_mr_normal.dcm.png"]
+
+    kept = tmp_path / "heatmaps" / "phantom_ct_lesion.dcm.png"
+    kept.write_bytes(b"kept")  # stands for a map drawn before an interruption
+    (tmp_path / "heatmaps" / "phantom_mr_normal.dcm.png").unlink()
+    assert main([*run, "--heatmaps"]) == 0
+    assert kept.read_bytes() == b"kept"
+    assert (tmp_path / "heatmaps" / "phantom_mr_normal.dcm.png").read_bytes() == drawn["phantom_mr_normal.dcm.png"]
+    capsys.readouterr()
+    assert main([*run, "--heatmaps", "--load-4bit"]) == 1
+    assert "--heatmaps differentiates through the LM" in capsys.readouterr().err

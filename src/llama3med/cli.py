@@ -100,8 +100,7 @@ def cmd_ask(args: argparse.Namespace) -> None:
     image = load_image(args.image, window=args.window, frame=args.frame)
     if args.heatmap:
         _check_image_output(args.heatmap)
-        if args.fp8 or args.load_4bit:
-            raise ValueError("--heatmap differentiates through the LM, which its fp8 and 4-bit layers cannot do")
+        _check_heat_map_options(args, "--heatmap")
     sampling_options = _seeded_sampling_options(args)
     model, processor = _load_for_answering(_model_dir(args.model), _answering_device(args.device), args)
     chat = ImageChat(model, processor, image, p_yes=args.p_yes)
@@ -419,6 +418,8 @@ def cmd_answer(args: argparse.Namespace) -> None:
         inputs["window"] = args.window
     if args.slice_step is not None:
         inputs["slice_step"] = args.slice_step
+    if args.heatmaps:
+        _check_heat_map_options(args, "--heatmaps")
     if args.api_url:
         _answers_from_api(args, records, out, inputs, own_images=True)
         _write_answer_tables(records, out)
@@ -430,7 +431,46 @@ def cmd_answer(args: argparse.Namespace) -> None:
         compile_model(model)
     if _answer_in_processes(args, model, processor, records, out, rank, world_size) is not None:
         _write_answer_tables(records, out)
+        if args.heatmaps:
+            _write_heat_maps(model, processor, records, out, args.prompt)
     _end_answering_processes(world_size)
+
+
+def _check_heat_map_options(args: argparse.Namespace, flag: str) -> None:
+    if getattr(args, "api_url", None):
+        raise ValueError(f"{flag} needs the model itself (--model), not an endpoint")
+    if args.fp8 or args.load_4bit:
+        raise ValueError(f"{flag} differentiates through the LM, which its fp8 and 4-bit layers cannot do")
+
+
+def _write_heat_maps(model, processor, records: list, out: Path, prompt_style: str) -> None:
+    """`out/heatmaps/ID.png` for each answered question, as `ask --heatmap` draws it; one already there is
+    kept, so an interrupted run picks up where it stopped."""
+    import hashlib
+    import re
+
+    from tqdm import tqdm
+
+    from .data.benchmarks import prompt_text
+    from .eval.runner import read_answers
+    from .explain import answer_relevance
+
+    folder = out / "heatmaps"
+    folder.mkdir(exist_ok=True)
+    answers = read_answers(out / "answers.jsonl")
+    for record in tqdm(records, desc="heat maps", unit="answer"):
+        name = re.sub(r"[^\w.@#-]+", "_", record.id)
+        if name != record.id:  # a folder's ids hold paths: two could flatten to one name
+            name += "-" + hashlib.sha1(record.id.encode()).hexdigest()[:8]
+        path = folder / f"{name}.png"
+        if path.exists():
+            continue
+        question, answer = prompt_text(record, prompt_style), answers[record.id]["text"]
+        explained = answer_relevance(model, processor, record.image, question, answer, record.window, record.frame)
+        part = path.with_suffix(".part.png")
+        explained.heat_map().save(part)
+        part.replace(path)
+    print(f"wrote {len(records)} heat maps under {folder}", file=sys.stderr)
 
 
 def _write_answer_tables(records: list, out: Path) -> None:
@@ -930,6 +970,12 @@ def _add_loading_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+HEAT_MAP_HELP = (
+    "the image as the model saw it with a heat map of where the answer came from (each image token's gradient "
+    "x input for the answer): an aid for reading it, not a localisation"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .data.benchmarks import BENCHMARKS
     from .data.europe_pmc import SEARCH_URL
@@ -990,13 +1036,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("question", help="the question, e.g. 'Is there a lesion?'")
     _add_image_options(p)
     _add_answering_options(p)
-    p.add_argument(
-        "--heatmap",
-        metavar="FILE.png",
-        default=None,
-        help="also write the image as the model saw it with a heat map of where the answer came from (each "
-        "image token's gradient x input for the answer): an aid for reading it, not a localisation",
-    )
+    p.add_argument("--heatmap", metavar="FILE.png", default=None, help="also write " + HEAT_MAP_HELP)
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("chat", help="a multi-turn chat about one image in the terminal, answers streamed")
@@ -1077,6 +1117,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", default=None, help="image folder (default: the file's images/ or folder)")
     p.add_argument("--out", required=True, help="output directory: answers.jsonl (LLaVA-Med's answer format)")
     _add_batch_answering_options(p)
+    p.add_argument(
+        "--heatmaps",
+        action="store_true",
+        help="also write OUT/heatmaps/QUESTION_ID.png for each answer: " + HEAT_MAP_HELP,
+    )
     p.set_defaults(func=cmd_answer)
 
     p = sub.add_parser("score", help="score an answers.jsonl against references (LLaVA-Med protocol)")
