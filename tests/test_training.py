@@ -389,14 +389,25 @@ def test_two_processes_under_torchrun_train_like_one_with_the_same_global_batch(
     assert re.search(r"step 3/6 \| loss [\d.]+ \| lr \S+ \| [\d.]+ samples/s \| ETA \d+:\d\d:\d\d\n", result.stdout)
 
 
+NATIVE_ABORT = "terminate called without an active exception"
+
+
 def torchrun_train(recipe: Path, overrides: list[str]) -> subprocess.CompletedProcess:
+    """Two processes training `recipe` under torchrun (gloo). Rarely on 2 cores (once in a dozen runs of
+    the DDP test on 2026-12-02, at the first backward pass), a process aborts inside torch's C++
+    (`NATIVE_ABORT`) with no Python error: such a run is made once more, from an empty output folder."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     command = [
         *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"),
         *("-m", "llama3med.cli", "train", str(recipe)),
         *(arg for override in overrides for arg in ("--set", override)),
     ]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    if result.returncode != 0 and NATIVE_ABORT in result.stderr:
+        output = next(o.removeprefix("output_dir=") for o in overrides if o.startswith("output_dir="))
+        shutil.rmtree(output, ignore_errors=True)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    return result
 
 
 @pytest.mark.parametrize("lora", [None, {"r": 4, "alpha": 8, "dropout": 0.0}], ids=["full", "lora"])
