@@ -147,17 +147,20 @@ class Server:
         self.server.should_exit = True
         self.thread.join(timeout=10)
 
-    def run_web_page(self, tmp_path: Path, image, question: str, frame: int | None = None, stop_answer=False) -> dict:
+    def run_web_page(
+        self, tmp_path: Path, image, question: str, frame: int | None = None, stop_answer=False, explain=False
+    ) -> dict:
         """The page this server serves, its own script run in Node (`tests/web/page_harness.js`): picks
         `image`, moves the slider to `frame`, asks `question` (and with `stop_answer`, presses the button
-        again as the answer starts); returns what the page then shows."""
+        again as the answer starts; with `explain`, presses "Where did it look?" under the answer);
+        returns what the page then shows."""
         import httpx
 
         page = tmp_path / "page.js"
         page.write_text(re.search(r"<script>(.*)</script>", httpx.get(f"{self.url}/").text, re.S).group(1))
         harness = Path(__file__).parent / "web" / "page_harness.js"
         command = ["node", harness, page, self.url, image, question, *([] if frame is None else [str(frame)])]
-        env = {**os.environ, **({"STOP_ANSWER": "1"} if stop_answer else {})}
+        env = {**os.environ, **({"STOP_ANSWER": "1"} if stop_answer else {}), **({"EXPLAIN": "1"} if explain else {})}
         result = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
         assert result.returncode == 0, result.stderr
         return json.loads(result.stdout)

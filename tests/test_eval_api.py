@@ -214,6 +214,7 @@ def test_the_web_page_shows_a_yes_or_no_answers_p_yes_as_eval_through_the_api_re
         ("msg user", "Is"),
         ("msg assistant", "yes"),
         ("msg p-yes", "P(yes)"),
+        ("explain", "Where"),
     ]
     client = openai.OpenAI(base_url=f"{demo_server.url}/v1", api_key="unused")
     reply = client.chat.completions.create(
@@ -226,4 +227,4 @@ def test_the_web_page_shows_a_yes_or_no_answers_p_yes_as_eval_through_the_api_re
     open_question = demo_server.run_web_page(
         tmp_path, examples / "phantom_ct_lesion.dcm", "What imaging modality is this?"
     )
-    assert [m["cls"] for m in open_question["log"]] == ["msg user", "msg assistant"]  # no P(yes) under "CT"
+    assert [m["cls"] for m in open_question["log"]] == ["msg user", "msg assistant", "explain"]  # no P(yes) under "CT"

@@ -2,6 +2,8 @@
 for the answer's log-probability, checked against finite differences, and on phantoms the demo model
 never saw, heaviest on the lesions it is asked about."""
 
+import base64
+import io
 import json
 import statistics
 from pathlib import Path
@@ -11,10 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import Server, needs_node
 from llama3med.checkpoints import DEMO_MODEL_DIR, load
 from llama3med.cli import main
 from llama3med.data.phantoms import write_phantom_set
-from llama3med.explain import answer_relevance
+from llama3med.explain import AnswerRelevance, answer_relevance, conversation_relevance, view
 from llama3med.inference import question_messages
 from llama3med.processing import IGNORE_INDEX
 
@@ -124,3 +127,55 @@ def test_answer_heatmaps_draws_each_answer_as_ask_heatmap_does_and_a_rerun_draws
     capsys.readouterr()
     assert main([*run, "--heatmaps", "--load-4bit"]) == 1
     assert "--heatmaps differentiates through the LM" in capsys.readouterr().err
+
+
+@needs_node
+def test_the_web_page_draws_where_an_answer_came_from_under_it_when_asked(tmp_path):
+    server = Server(DEMO_MODEL_DIR, model_id="llama3med-demo")
+    try:
+        shown = server.run_web_page(tmp_path, EXAMPLES / "phantom_ct_lesion.dcm", QUESTION, explain=True)
+    finally:
+        server.stop()
+    assert [m["cls"] for m in shown["log"]] == ["msg user", "msg assistant", "msg p-yes", "heat-map"]
+    assert shown["log"][1]["text"] == "yes"
+    sent = base64.b64decode(shown["image"].removeprefix("data:image/png;base64,"))  # the view the page asked about
+    expected = answer_relevance(server.engine.model, server.engine.processor, sent, QUESTION, "yes").heat_map()
+    drawn = Image.open(io.BytesIO(base64.b64decode(shown["log"][3]["src"].removeprefix("data:image/png;base64,"))))
+    assert np.array_equal(np.asarray(drawn), np.asarray(expected))
+
+
+def test_chat_heatmap_draws_the_last_answer_with_the_turns_before_it_and_a_mistake_leaves_the_chat_going(
+    demo, tmp_path, monkeypatch, capsys
+):
+    model, processor = demo
+    image = EXAMPLES / "phantom_ct_lesion.dcm"
+    assert main(["ask", "--image", str(image), QUESTION, "--heatmap", str(tmp_path / "asked.png")]) == 0
+    lines = [
+        f"/heatmap {tmp_path / 'early.png'}",
+        QUESTION,
+        f"/heatmap {tmp_path / 'first.png'}",
+        "Which side is the lesion on?",
+        "/heatmap",
+        f"/heatmap {tmp_path / 'second.txt'}",
+        f"/heatmap {tmp_path / 'second.png'}",
+    ]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
+    capsys.readouterr()
+    assert main(["chat", "--image", str(image)]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines() == ["yes", "left"]
+    assert "nothing to explain" in err and "/heatmap needs a file name" in err and "name an image file" in err
+    assert not (tmp_path / "early.png").exists() and not (tmp_path / "second.txt").exists()
+    assert (tmp_path / "first.png").read_bytes() == (tmp_path / "asked.png").read_bytes()  # the first turn, as ask
+    with torch.no_grad():
+        features = model.encode_images(processor.preprocess_image(image)[None])
+    conversation = [
+        *question_messages(QUESTION),
+        {"role": "assistant", "content": "yes"},
+        {"role": "user", "content": "Which side is the lesion on?"},
+        {"role": "assistant", "content": "left"},
+    ]
+    relevance = conversation_relevance(model, processor, features, conversation)
+    drawn = AnswerRelevance(relevance, view(processor, processor.preprocess_image(image))).heat_map()
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "second.png")), np.asarray(drawn))
+    assert not np.array_equal(np.asarray(drawn), np.asarray(Image.open(tmp_path / "first.png")))

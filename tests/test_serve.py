@@ -35,7 +35,8 @@ from PIL import Image
 from conftest import Server, needs_node, write_dicom
 from llama3med.checkpoints import load
 from llama3med.cli import _exposure_warnings, main
-from llama3med.inference import static_cache_decoder
+from llama3med.explain import answer_relevance, conversation_relevance
+from llama3med.inference import question_messages, static_cache_decoder
 from llama3med.processing import load_image, window_values
 from llama3med.serve import Engine, Settings
 from llama3med.serve.app import ApiError, ChatRequest, build_prompt, read_image_url
@@ -559,7 +560,7 @@ def test_the_web_page_renders_a_dicom_and_streams_an_answer(server, tmp_path):
     shown = server.run_web_page(tmp_path, pydicom.data.get_testdata_file("CT_small.dcm"), "Is there a lesion?")
     assert shown["preview"].startswith("blob:") and shown["image"].startswith("data:image/png;base64,")
     assert shown["first"]["hidden"] is True  # one slice: no slider
-    assert [m["cls"] for m in shown["log"]] == ["msg user", "msg assistant"]
+    assert [m["cls"] for m in shown["log"]] == ["msg user", "msg assistant", "explain"]  # "Where did it look?"
     assert shown["history"][0]["content"][0]["type"] == "image_url"
     assert shown["history"][1] == {"role": "assistant", "content": shown["log"][1]["text"]}
     assert shown["button"] == "Ask"
@@ -568,7 +569,7 @@ def test_the_web_page_renders_a_dicom_and_streams_an_answer(server, tmp_path):
 def test_the_web_pages_requests_are_relative_so_it_works_behind_a_proxy_at_any_path(server):
     script = re.search(r"<script>(.*)</script>", httpx.get(f"{server.url}/").text, re.S).group(1)
     requested = re.findall(r"fetch\(\s*[\"'`]([^\"'`]*)", script)
-    assert sorted(set(requested)) == ["v1/chat/completions", "v1/models", "v1/render?"]  # none from the host's root
+    assert sorted(set(requested)) == ["v1/chat/completions", "v1/explain", "v1/models", "v1/render?"]  # none from /
 
 
 @needs_node
@@ -736,3 +737,62 @@ def test_neutral_penalties_and_developer_messages_that_chat_clients_send_are_tak
     ):
         with pytest.raises(openai.BadRequestError, match=param):
             client.chat.completions.create(**options, **wrong)
+
+
+def explain(server, messages, model="tiny") -> httpx.Response:
+    return httpx.post(f"{server.url}/v1/explain", json={"model": model, "messages": messages}, timeout=60)
+
+
+def png_pixels(url: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.removeprefix("data:image/png;base64,")))))
+
+
+def test_explain_draws_where_a_chats_last_answer_came_from_as_the_python_api_does(server):
+    model, processor = server.engine.model, server.engine.processor
+    ct = Path(pydicom.data.get_testdata_file("CT_small.dcm")).read_bytes()
+    first_turn = [
+        *ask(data_url(ct, "application/dicom"), "Is there a lesion?"),
+        {"role": "assistant", "content": "yes"},
+    ]
+    reply = explain(server, first_turn)
+    assert reply.status_code == 200, reply.text
+    expected = answer_relevance(model, processor, ct, "Is there a lesion?", "yes")
+    relevance = torch.tensor(reply.json()["relevance"])
+    assert relevance.shape == (model.config.image_grid,) * 2 and float(relevance.sum()) == pytest.approx(1.0)
+    assert torch.allclose(relevance, expected.relevance, atol=1e-6)
+    assert np.array_equal(png_pixels(reply.json()["heat_map"]), np.asarray(expected.heat_map()))
+
+    later_turn = [*first_turn, {"role": "user", "content": "Which side?"}, {"role": "assistant", "content": "left"}]
+    lookups = server.engine.features.hits, server.engine.features.misses
+    reply = explain(server, later_turn)
+    assert (server.engine.features.hits, server.engine.features.misses) == (lookups[0] + 1, lookups[1])  # cached
+    with torch.no_grad():
+        features = model.encode_images(processor.preprocess_image(ct)[None])
+    as_text = [*question_messages("Is there a lesion?"), *later_turn[1:]]
+    expected = conversation_relevance(model, processor, features, as_text)
+    assert torch.allclose(torch.tensor(reply.json()["relevance"]), expected, atol=1e-6)
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    options = {"model": "tiny", "messages": ask(data_url(png(33))), "max_tokens": 48, "temperature": 0}
+    alone = client.chat.completions.create(**options).choices[0].message.content
+    with ThreadPoolExecutor(2) as pool:  # an explanation while a batch decodes: neither changes the other
+        answering = pool.submit(client.chat.completions.create, **options)
+        time.sleep(0.05)
+        beside = explain(server, later_turn)
+        assert answering.result().choices[0].message.content == alone
+    assert torch.allclose(torch.tensor(beside.json()["relevance"]), expected, atol=1e-6)
+
+    for messages, status, message in (
+        (first_turn[:1], 400, "the last message must be the answer"),
+        ([{"role": "user", "content": "Is there a lesion?"}, first_turn[1]], 400, "needs the image"),
+        ([*first_turn[:1], {"role": "assistant", "content": " "}], 400, "the answer is empty"),
+    ):
+        refused = explain(server, messages)
+        assert refused.status_code == status and message in refused.json()["error"]["message"]
+    assert explain(server, first_turn, model="gpt-4o").status_code == 404
+    server.settings.no_heat_maps = "a heat map differentiates through the LM, which its fp8 and 4-bit layers cannot do"
+    try:
+        refused = explain(server, first_turn)
+    finally:
+        server.settings.no_heat_maps = None
+    assert refused.status_code == 501 and "fp8 and 4-bit" in refused.json()["error"]["message"]

@@ -109,10 +109,14 @@ def cmd_ask(args: argparse.Namespace) -> None:
     if args.p_yes:
         print(_p_yes_line(chat.p_yes))
     if args.heatmap:
-        from .explain import answer_relevance
+        _save_heat_map(chat, args.heatmap)
 
-        answer_relevance(model, processor, image, args.question, text).heat_map().save(args.heatmap)
-        print(f"wrote {args.heatmap}: where in the image the answer came from", file=sys.stderr)
+
+def _save_heat_map(chat, path: str) -> None:
+    from .explain import chat_relevance
+
+    chat_relevance(chat).heat_map().save(path)
+    print(f"wrote {path}: where in the image the answer came from", file=sys.stderr)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -128,12 +132,16 @@ def cmd_chat(args: argparse.Namespace) -> None:
         import readline  # noqa: F401  (line editing and history for input())
 
         print(f"chatting about {args.image}; an empty line is skipped, Ctrl-D ends", file=sys.stderr)
+        print(f"{HEAT_MAP_COMMAND} FILE.png draws where the last answer came from", file=sys.stderr)
     while True:
         try:
             question = input("you> " if interactive else "")
         except (EOFError, KeyboardInterrupt):
             break
         if not question.strip():
+            continue
+        if question.split(maxsplit=1)[0] == HEAT_MAP_COMMAND:
+            _chat_heat_map(chat, question.split(maxsplit=1)[1:], args)
             continue
         if interactive:
             print("model> ", end="", flush=True)
@@ -150,6 +158,18 @@ def cmd_chat(args: argparse.Namespace) -> None:
         print(flush=True)
         if args.p_yes:
             print(_p_yes_line(chat.p_yes), flush=True)
+
+
+def _chat_heat_map(chat, names: list[str], args: argparse.Namespace) -> None:
+    """`chat`'s heat-map command: a mistake in it is said on stderr and the conversation goes on."""
+    try:
+        if not names:
+            raise ValueError(f"{HEAT_MAP_COMMAND} needs a file name: {HEAT_MAP_COMMAND} FILE.png")
+        _check_image_output(names[0].strip())
+        _check_heat_map_options(args, HEAT_MAP_COMMAND)
+        _save_heat_map(chat, names[0].strip())
+    except (ValueError, OSError) as err:
+        print(f"llama3med: error: {err}", file=sys.stderr, flush=True)
 
 
 def _check_image_output(path: str) -> None:
@@ -439,8 +459,16 @@ def cmd_answer(args: argparse.Namespace) -> None:
 def _check_heat_map_options(args: argparse.Namespace, flag: str) -> None:
     if getattr(args, "api_url", None):
         raise ValueError(f"{flag} needs the model itself (--model), not an endpoint")
+    refusal = _heat_map_refusal(args, flag)
+    if refusal:
+        raise ValueError(refusal)
+
+
+def _heat_map_refusal(args: argparse.Namespace, flag: str) -> str | None:
+    """Why `flag` cannot draw heat maps with these options, or None."""
     if args.fp8 or args.load_4bit:
-        raise ValueError(f"{flag} differentiates through the LM, which its fp8 and 4-bit layers cannot do")
+        return f"{flag} differentiates through the LM, which its fp8 and 4-bit layers cannot do"
+    return None
 
 
 def _write_heat_maps(model, processor, records: list, out: Path, prompt_style: str) -> None:
@@ -705,6 +733,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_body_bytes=int(args.max_body_mb * 2**20),
         max_tokens=args.max_tokens,
         request_timeout=args.request_timeout,
+        no_heat_maps=_heat_map_refusal(args, "a heat map"),
     )
     engine = Engine(
         model,
@@ -974,6 +1003,7 @@ HEAT_MAP_HELP = (
     "the image as the model saw it with a heat map of where the answer came from (each image token's gradient "
     "x input for the answer): an aid for reading it, not a localisation"
 )
+HEAT_MAP_COMMAND = "/heatmap"  # a chat line `/heatmap FILE.png`
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1039,7 +1069,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmap", metavar="FILE.png", default=None, help="also write " + HEAT_MAP_HELP)
     p.set_defaults(func=cmd_ask)
 
-    p = sub.add_parser("chat", help="a multi-turn chat about one image in the terminal, answers streamed")
+    p = sub.add_parser(
+        "chat",
+        help="a multi-turn chat about one image in the terminal, answers streamed",
+        description=f"A multi-turn chat about one image, a question a line. A line '{HEAT_MAP_COMMAND} FILE.png' "
+        "writes the last answer's heat map: " + HEAT_MAP_HELP + ".",
+    )
     _add_image_options(p)
     p.add_argument("--system", default=None, help="a system message before the conversation")
     _add_answering_options(p)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .inference import question_messages
+from .inference import ImageChat, question_messages
 from .model import Llama3MedForConditionalGeneration
 from .processing import IGNORE_INDEX, Llama3MedProcessor
 from .processing.images import ImageSource, Window
@@ -53,32 +53,59 @@ def answer_relevance(
     end of turn, as training supervises them): the gradient of that log-probability times the token's
     features, summed over the features, in absolute value. Any answer can be explained, the model's own
     or another ("why not no?")."""
-    pixel_values = processor.preprocess_image(image, window=window, frame=frame)[None].to(model.device)
+    pixel_values = processor.preprocess_image(image, window=window, frame=frame)
     with torch.no_grad():
-        features = model.encode_images(pixel_values)  # (1, N, D): the frozen tower is not differentiated
-    features.requires_grad_(True)
+        features = model.encode_images(pixel_values[None].to(model.device))  # the frozen tower is not differentiated
     messages = [*question_messages(question), {"role": "assistant", "content": answer}]
-    encoded = processor.encode_conversation(messages)
+    return AnswerRelevance(conversation_relevance(model, processor, features, messages), view(processor, pixel_values))
+
+
+def chat_relevance(chat: ImageChat) -> AnswerRelevance:
+    """`answer_relevance` of a conversation's last answer, the turns before it in the prompt as the model
+    had them, from the features the chat already holds (the image is not encoded again)."""
+    features = chat.image_features.clone()  # a normal tensor: the chat's was made in inference mode
+    relevance = conversation_relevance(chat.model, chat.processor, features, chat.messages)
+    return AnswerRelevance(relevance, view(chat.processor, chat.pixel_values))
+
+
+def conversation_relevance(
+    model: Llama3MedForConditionalGeneration,
+    processor: Llama3MedProcessor,
+    features: torch.Tensor,
+    messages: list[dict[str, str]],
+) -> torch.Tensor:
+    """`(grid, grid)` relevance of the image tokens to the last message, the assistant's, given the
+    messages before it; `features`: `(1, num_image_tokens, text_hidden)` projected features of the one
+    image the messages' placeholder stands for."""
+    if not messages or messages[-1]["role"] != "assistant":
+        raise ValueError("nothing to explain: the conversation does not end with an answer (an assistant message)")
+    if not messages[-1]["content"].strip():
+        raise ValueError("nothing to explain: the answer is empty")
+    features = features.detach().requires_grad_(True)
+    encoded = processor.encode_conversation(messages, max_length=model.config.text_config.max_position_embeddings)
     labels = torch.tensor(encoded["labels"], device=model.device)
     answer_length = len(labels) - int(torch.nonzero(labels == IGNORE_INDEX).max()) - 1  # the answer ends the chat
     if answer_length == 0 or (labels[-answer_length:] == IGNORE_INDEX).any():
+        answer = messages[-1]["content"]
         raise ValueError(f"answer {answer!r}: the chat template gives it no tokens of its own to explain")
     input_ids = torch.tensor([encoded["input_ids"]], device=model.device)
-    embeds = model.embed_inputs(input_ids, features)
-    logits = model.language_model(inputs_embeds=embeds, logits_to_keep=answer_length + 1).logits[0, :-1]
-    targets = labels[-answer_length:, None]  # each predicted from the position before it
-    log_p = torch.log_softmax(logits.float(), dim=-1).gather(1, targets).sum()
-    (gradient,) = torch.autograd.grad(log_p, features)  # no weight gradients: only the features' are asked for
+    with torch.enable_grad():
+        embeds = model.embed_inputs(input_ids, features)
+        logits = model.language_model(inputs_embeds=embeds, logits_to_keep=answer_length + 1).logits[0, :-1]
+        targets = labels[-answer_length:, None]  # each predicted from the position before it
+        log_p = torch.log_softmax(logits.float(), dim=-1).gather(1, targets).sum()
+        (gradient,) = torch.autograd.grad(log_p, features)  # no weight gradients: only the features' are asked for
     relevance = (gradient * features).float().sum(-1)[0].abs().detach().cpu()  # (N,)
     total = relevance.sum()
     if total > 0:
         relevance = relevance / total
     grid = model.config.image_grid
-    return AnswerRelevance(relevance.view(grid, grid), _view(processor, pixel_values[0].cpu()))
+    return relevance.view(grid, grid)
 
 
-def _view(processor: Llama3MedProcessor, pixel_values: torch.Tensor) -> Image.Image:
-    """`(3, S, S)` normalised pixels back to the RGB image they came from."""
+def view(processor: Llama3MedProcessor, pixel_values: torch.Tensor) -> Image.Image:
+    """`(3, S, S)` normalised pixels back to the RGB image they came from: the image as the model saw it."""
+    pixel_values = pixel_values.cpu()
     mean = torch.tensor(processor.image_mean).view(3, 1, 1)
     std = torch.tensor(processor.image_std).view(3, 1, 1)
     rgb = (pixel_values.float() * std + mean).clamp(0, 1).permute(1, 2, 0)

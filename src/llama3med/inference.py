@@ -159,9 +159,9 @@ class ImageChat:
         p_yes: bool = False,
     ):
         self.model, self.processor = model, processor
-        pixel_values = processor.preprocess_image(image, window=window, frame=frame)  # (3, S_max, S_max)
+        self.pixel_values = processor.preprocess_image(image, window=window, frame=frame)  # (3, S_max, S_max)
         with torch.inference_mode():
-            self.image_features = model.encode_images(pixel_values[None].to(model.device))  # (1, N, D)
+            self.image_features = model.encode_images(self.pixel_values[None].to(model.device))  # (1, N, D)
         self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
         self.yes_no = yes_no_tokens(processor.tokenizer) if p_yes else None
         self.p_yes: float | None = None

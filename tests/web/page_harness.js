@@ -1,7 +1,7 @@
 // Runs the web page's own script in Node against a live server, with just enough of a DOM for it:
 // picks an image file, renders it, moves the slice slider to FRAME when given, asks a question, and prints
 // what the page would show as JSON. With STOP_ANSWER=1 in the environment, the user presses the button
-// again as soon as the answer's stream opens.
+// again as soon as the answer's stream opens; with EXPLAIN=1, presses the answer's "Where did it look?".
 // Usage: node page_harness.js PAGE_SCRIPT PAGE_URL IMAGE QUESTION [FRAME]  (PAGE_URL: where the page is served)
 "use strict";
 const fs = require("fs");
@@ -10,9 +10,15 @@ const [pageScript, server, imagePath, question, chosenFrame] = process.argv.slic
 class Node_ {
   constructor(id) { this.id = id; this.value = ""; this.textContent = ""; this.className = ""; this.children = [];
     this.style = {}; this.src = ""; this.scrollTop = 0; this.scrollHeight = 0; this.classList = { add() {}, remove() {} }; }
-  appendChild(child) { this.children.push(child); }
+  appendChild(child) { if (child.parentNode) child.remove(); child.parentNode = this; this.children.push(child); }
+  remove() { const siblings = this.parentNode.children; siblings.splice(siblings.indexOf(this), 1); this.parentNode = null; }
+  replaceWith(other) {
+    if (other.parentNode) other.remove();
+    const parent = this.parentNode; parent.children[parent.children.indexOf(this)] = other;
+    other.parentNode = parent; this.parentNode = null;
+  }
   click() {}
-  set innerHTML(html) { this.children = []; }
+  set innerHTML(html) { for (const child of this.children) child.parentNode = null; this.children = []; }
 }
 const nodes = {};
 global.document = {
@@ -43,7 +49,9 @@ const test = `
   const shownFrame = { value: slider.value, label: document.getElementById("frame-label").textContent };
   document.getElementById("question").value = question;
   await document.getElementById("ask").onsubmit({ preventDefault() {} });
-  const log = document.getElementById("log").children.map((c) => ({ cls: c.className, text: c.textContent }));
+  if (process.env.EXPLAIN) await document.getElementById("log").children.find((c) => c.className === "explain").onclick();
+  const log = document.getElementById("log").children.map((c) => ({ cls: c.className, text: c.textContent,
+    ...(c.src ? { src: c.src } : {}) }));
   console.log(JSON.stringify({ preview: document.getElementById("preview").src, image: imageUrl, log, history,
     first, shownFrame, button: document.getElementById("send").textContent }));
 })().catch((err) => { console.error(err); process.exit(1); });

@@ -24,11 +24,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..data.web import is_public_host
+from ..explain import AnswerRelevance, conversation_relevance, view
 from ..processing import (
     IMAGE_PLACEHOLDER,
     ImageLoadError,
@@ -55,6 +57,7 @@ class Settings:
     max_images: int = 1
     max_tokens: int = 512
     request_timeout: float = 120.0
+    no_heat_maps: str | None = None  # why /v1/explain cannot run here (the LM's layers cannot be differentiated)
 
 
 class ApiError(Exception):
@@ -116,6 +119,23 @@ class ChatRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+
+
+class ExplainRequest(BaseModel):
+    """llama3med's own request: a chat as `ChatRequest` has it, ending with the answer to explain."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    messages: list[Message] = Field(min_length=1)
+
+
+def parse_request(kind: type[BaseModel], body: bytes) -> BaseModel:
+    try:
+        return kind.model_validate_json(body)
+    except ValidationError as err:
+        deepest = max(err.errors(), key=lambda e: len(e["loc"]))  # where a union's intended branch failed
+        param = ".".join(str(p) for p in deepest["loc"])
+        raise ApiError(400, f"{param}: {deepest['msg']}", param) from None
 
 
 # ---- images ------------------------------------------------------------------------------------------
@@ -201,12 +221,11 @@ def _window(value: str | list[float] | None) -> Window:
         raise ApiError(400, str(err), "window") from None
 
 
-def build_prompt(request: ChatRequest, engine: Engine, settings: Settings) -> tuple[list[int], list[JobImage]]:
-    """Token ids (images expanded) and images of a chat; images go before their message's text. An image
-    whose features the engine holds is not decoded again."""
-    processor = engine.processor
+def chat_messages(request_messages: list[Message], settings: Settings) -> tuple[list[dict], list[SentImage]]:
+    """A request's messages as the processor takes them (`role`, `content` with an image placeholder per
+    image, before its message's text) and the images they hold, in order."""
     messages, images = [], []
-    for message in request.messages:
+    for message in request_messages:
         if isinstance(message.content, str):
             text = message.content
         else:
@@ -220,7 +239,8 @@ def build_prompt(request: ChatRequest, engine: Engine, settings: Settings) -> tu
                     if part.image_url is None:
                         raise ApiError(400, "an image_url part needs an image_url", "messages")
                     window = _window(part.image_url.window)
-                    images.append((read_image_url(part.image_url.url, settings), part.image_url.frame, window))
+                    data = read_image_url(part.image_url.url, settings)
+                    images.append(SentImage(data, part.image_url.frame, window))
                     parts.append(None)
             text = message_content(parts)
         if IMAGE_PLACEHOLDER in text and isinstance(message.content, str):
@@ -228,16 +248,38 @@ def build_prompt(request: ChatRequest, engine: Engine, settings: Settings) -> tu
         messages.append({"role": "system" if message.role == "developer" else message.role, "content": text})
     if len(images) > settings.max_images:
         raise ApiError(400, f"{len(images)} images sent; this server takes at most {settings.max_images}", "messages")
+    return messages, images
+
+
+@dataclass
+class SentImage:
+    data: bytes
+    frame: int | None
+    window: Window
+
+    @property
+    def key(self) -> str:
+        return image_key(self.data, self.frame, self.window)
+
+    def pixel_values(self, processor, settings: Settings) -> torch.Tensor:
+        """`(3, S, S)`: the image decoded, windowed and fitted as the model takes it."""
+        try:
+            shown = load_image(self.data, window=self.window, frame=self.frame, max_pixels=settings.max_image_pixels)
+            return processor.preprocess_image(shown)
+        except ImageLoadError as err:
+            raise ApiError(400, f"unreadable image: {err.reason}", "image_url") from None
+
+
+def build_prompt(request: ChatRequest, engine: Engine, settings: Settings) -> tuple[list[int], list[JobImage]]:
+    """Token ids (images expanded) and images of a chat; images go before their message's text. An image
+    whose features the engine holds is not decoded again."""
+    processor = engine.processor
+    messages, images = chat_messages(request.messages, settings)
     job_images = []
-    for data, frame, window in images:
-        key = image_key(data, frame, window)
-        image = JobImage(key, features=engine.features.get(key))
+    for sent in images:
+        image = JobImage(sent.key, features=engine.features.get(sent.key))
         if image.features is None:
-            try:
-                shown = load_image(data, window=window, frame=frame, max_pixels=settings.max_image_pixels)
-                image.pixel_values = processor.preprocess_image(shown)
-            except ImageLoadError as err:
-                raise ApiError(400, f"unreadable image: {err.reason}", "image_url") from None
+            image.pixel_values = sent.pixel_values(processor, settings)
         job_images.append(image)
     prompt = processor.chat_prompt(messages)
     context = engine.model.config.text_config.max_position_embeddings
@@ -248,6 +290,33 @@ def build_prompt(request: ChatRequest, engine: Engine, settings: Settings) -> tu
             400, f"the prompt is too long for the model's context: {err}", "messages", "context_length_exceeded"
         ) from None
     return input_ids, job_images
+
+
+def explain_answer(request: ExplainRequest, engine: Engine, settings: Settings) -> tuple[list[list[float]], bytes]:
+    """Where in the image the chat's last answer came from (`conversation_relevance`): the relevance over
+    the base grid and the heat map as PNG, from the image's cached features when the engine holds them.
+    Runs beside the engine's decoding, on its own thread: it reads the same weights and changes nothing."""
+    messages, images = chat_messages(request.messages, settings)
+    if messages[-1]["role"] != "assistant":
+        raise ApiError(400, "the last message must be the answer to explain, in the assistant role", "messages")
+    if len(images) != 1:
+        raise ApiError(400, "a heat map needs the image the answer is about, in a user message", "messages")
+    model, processor = engine.model, engine.processor
+    pixel_values = images[0].pixel_values(processor, settings)  # for the view drawn; a cache hit skips the tower
+    features = engine.features.get(images[0].key)
+    if features is None:
+        with torch.no_grad():
+            features = model.encode_images(pixel_values[None].to(model.device))[0]
+        engine.features.put(images[0].key, features)
+    try:
+        relevance = conversation_relevance(model, processor, features[None].clone(), messages)
+    except SampleTooLongError as err:
+        raise ApiError(400, f"the chat is too long for the model's context: {err}", "messages") from None
+    except ValueError as err:
+        raise ApiError(400, str(err), "messages") from None
+    buffer = io.BytesIO()
+    AnswerRelevance(relevance, view(processor, pixel_values)).heat_map().save(buffer, format="PNG")
+    return relevance.tolist(), buffer.getvalue()
 
 
 # ---- metrics -----------------------------------------------------------------------------------------
@@ -377,16 +446,36 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
         headers = {"X-Frame": str(chosen), "X-Frame-Count": str(count)}
         return Response(png, media_type="image/png", headers=headers)
 
+    def check_model(name: str) -> None:
+        if name != settings.model_id:
+            raise ApiError(
+                404, f"model {name!r} is not served here; try {settings.model_id!r}", "model", "model_not_found"
+            )
+
+    explaining = asyncio.Lock()  # one backward pass at a time: each holds a forward's activations
+
+    @app.post("/v1/explain")
+    async def explain(request: Request):
+        """llama3med's own: where in the image a chat's last answer came from, as `ask --heatmap` draws
+        it: `relevance` over the base grid, row by row from the top left, summing to 1, and `heat_map`,
+        the model's view with it in red, as a PNG data URL."""
+        explain_request = parse_request(ExplainRequest, await _read_body(request, settings))
+        check_model(explain_request.model)
+        if settings.no_heat_maps:
+            raise ApiError(501, f"heat maps are off on this server: {settings.no_heat_maps}")
+        async with explaining:
+            relevance, heat_map = await asyncio.to_thread(explain_answer, explain_request, engine, settings)
+        return {
+            "object": "llama3med.explanation",
+            "model": settings.model_id,
+            "relevance": relevance,
+            "heat_map": "data:image/png;base64," + base64.b64encode(heat_map).decode(),
+        }
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         started = time.monotonic()
-        body = await _read_body(request, settings)
-        try:
-            chat_request = ChatRequest.model_validate_json(body)
-        except ValidationError as err:
-            deepest = max(err.errors(), key=lambda e: len(e["loc"]))  # where a union's intended branch failed
-            param = ".".join(str(p) for p in deepest["loc"])
-            raise ApiError(400, f"{param}: {deepest['msg']}", param) from None
+        chat_request = parse_request(ChatRequest, await _read_body(request, settings))
         if chat_request.n != 1:
             raise ApiError(400, "only n=1 is supported", "n")
         for param in ("frequency_penalty", "presence_penalty", "logit_bias"):
@@ -394,13 +483,7 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
                 raise ApiError(400, f"{param} is not supported; send 0 or leave it out", param)
         if chat_request.top_logprobs is not None and not chat_request.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-        if chat_request.model != settings.model_id:
-            raise ApiError(
-                404,
-                f"model {chat_request.model!r} is not served here; try {settings.model_id!r}",
-                "model",
-                "model_not_found",
-            )
+        check_model(chat_request.model)
         input_ids, images = await asyncio.to_thread(build_prompt, chat_request, engine, settings)
         stop = [chat_request.stop] if isinstance(chat_request.stop, str) else list(chat_request.stop or [])
         job = Job(
