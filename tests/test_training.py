@@ -410,24 +410,35 @@ def torchrun_train(recipe: Path, overrides: list[str]) -> subprocess.CompletedPr
     return result
 
 
-@pytest.mark.parametrize("lora", [None, {"r": 4, "alpha": 8, "dropout": 0.0}], ids=["full", "lora"])
-def test_two_processes_under_deepspeed_zero3_finetune_like_one(tmp_path, phantoms, lora):
+@pytest.mark.parametrize(
+    "engine,lora",
+    [("ds_zero3", None), ("ds_zero3", {"r": 4, "alpha": 8, "dropout": 0.0}), ("ds_zero2", None)],
+    ids=["zero3-full", "zero3-lora", "zero2-full"],
+)
+def test_two_processes_under_deepspeed_finetune_like_one(tmp_path, phantoms, engine, lora):
     pytest.importorskip("deepspeed")
     assert main(["train", str(pretrain_recipe(tmp_path, phantoms, max_steps=2))]) == 0
     training = {"per_device_train_batch_size": 4, "max_steps": 4, "learning_rate": 1e-3, "disable_tqdm": True}
     recipe = finetune_recipe(tmp_path, phantoms, "finetune", lora=lora, training=training)
     assert main(["train", str(recipe)]) == 0
-    zero3 = f"training.deepspeed={ROOT / 'recipes/engines/ds_zero3.json'}"
-    result = torchrun_train(
-        recipe, [f"output_dir={tmp_path / 'zero3'}", "training.per_device_train_batch_size=2", zero3]
-    )
+    overrides = [
+        f"output_dir={tmp_path / engine}",
+        "training.per_device_train_batch_size=2",
+        f"training.deepspeed={ROOT / 'recipes/engines' / engine}.json",
+    ]
+    if engine == "ds_zero2":  # each process holds the whole weights: the first answers while the other waits
+        overrides.append(f"vqa_eval={{data: {phantoms / 'test.json'}, limit: 6, every: 2, max_new_tokens: 2}}")
+    result = torchrun_train(recipe, overrides)
     assert result.returncode == 0, result.stderr[-3000:]
-    one, two = summary(tmp_path / "finetune"), summary(tmp_path / "zero3")
+    if engine == "ds_zero2":
+        rows = (tmp_path / engine / "vqa_eval.jsonl").read_text().splitlines()
+        assert [json.loads(row)["step"] for row in rows] == [2, 4]
+    one, two = summary(tmp_path / "finetune"), summary(tmp_path / engine)
     assert two["trainable_parameters"] == one["trainable_parameters"] > 0  # whole weights counted, not parts
     # logged every 10 steps, only the last step is logged: its loss, and the run's, are both processes'
     assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
     assert np.allclose([loss for _, loss in two["losses"]], [loss for _, loss in one["losses"]], rtol=1e-5)
-    (alone, _), (sharded, _) = load(tmp_path / "finetune"), load(tmp_path / "zero3")
+    (alone, _), (sharded, _) = load(tmp_path / "finetune"), load(tmp_path / engine)
     sharded_weights = sharded.state_dict()
     assert max((w - sharded_weights[k]).abs().max().item() for k, w in alone.state_dict().items()) < 1e-5
 
