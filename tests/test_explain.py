@@ -1,6 +1,7 @@
-"""Where an answer came from (`llama3med.explain`, `ask --heatmap`): each image token's gradient x input
-for the answer's log-probability, checked against finite differences, and on phantoms the demo model
-never saw, heaviest on the lesions it is asked about."""
+"""Where an answer came from (`llama3med.explain`, `ask --heatmap`, `chat`'s `/heatmap`, the page): each
+image token's gradient x input for the answer's log-probability, checked against finite differences; on
+phantoms the demo model never saw, heaviest on the lesions it is asked about, and the cells it ranks
+highest are the ones the answer cannot do without."""
 
 import base64
 import io
@@ -64,23 +65,53 @@ def test_relevance_is_how_much_scaling_each_tokens_features_moves_the_answers_lo
         assert slope / slopes[first] == pytest.approx(float(relevance.flatten()[token] / relevance.max()), rel=5e-3)
 
 
-def test_on_unseen_phantoms_the_answers_relevance_falls_on_their_lesions(demo, tmp_path):
+@pytest.fixture(scope="module")
+def unseen_lesions(tmp_path_factory) -> list[tuple[Path, list]]:
+    """The 40 slices with lesions among 80 phantoms the demo never saw (training used seed 0), each with
+    its lesions' boxes."""
+    folder = tmp_path_factory.mktemp("unseen")
+    write_phantom_set(folder, n=80, seed=4242, size=384, image_format="png")
+    records = json.loads((folder / "captions.json").read_text())
+    return [(folder / "images" / Path(r["image"]).name, r["finding_boxes"]) for r in records if r["finding_boxes"]]
+
+
+def test_on_unseen_phantoms_the_answers_relevance_falls_on_their_lesions(demo, unseen_lesions):
     model, processor = demo
-    write_phantom_set(tmp_path, n=80, seed=4242, size=384, image_format="png")  # training used seed 0
     grid = model.config.image_grid
     enrichment = []
-    for record in json.loads((tmp_path / "captions.json").read_text()):
-        if not record["finding_boxes"]:
-            continue
-        explained = answer_relevance(
-            model, processor, tmp_path / "images" / Path(record["image"]).name, QUESTION, "yes"
-        )
+    for image, boxes in unseen_lesions:
+        explained = answer_relevance(model, processor, image, QUESTION, "yes")
         in_a_box = torch.zeros(grid, grid, dtype=torch.bool)
-        for x0, y0, x1, y1 in record["finding_boxes"]:  # fractions of the image; the map runs row by row
+        for x0, y0, x1, y1 in boxes:  # fractions of the image; the map runs row by row
             in_a_box[int(y0 * grid) : int(y1 * grid) + 1, int(x0 * grid) : int(x1 * grid) + 1] = True
         enrichment.append(float(explained.relevance[in_a_box].sum() / in_a_box.float().mean()))
     assert len(enrichment) >= 30
     assert statistics.median(enrichment) > 4  # 1 would be a map blind to the lesions; about 7 when written
+
+
+def answer_without(model, processor, features, cells: torch.Tensor) -> float:
+    """log P("yes") when the image tokens `cells` say what the image's average token says."""
+    taken = features.clone()
+    taken[0, cells] = features[0].mean(0)
+    return answer_log_probability(model, processor, taken, "yes")
+
+
+def test_taking_away_the_cells_the_map_ranks_highest_moves_the_answer_and_as_many_random_cells_do_not(
+    demo, unseen_lesions
+):
+    model, processor = demo
+    generator = torch.Generator().manual_seed(0)
+    top_drops, random_drops = [], []
+    for image, _ in unseen_lesions[:20]:
+        relevance = answer_relevance(model, processor, image, QUESTION, "yes").relevance.flatten()
+        with torch.no_grad():
+            features = model.encode_images(processor.preprocess_image(image)[None])
+        whole = answer_log_probability(model, processor, features, "yes")
+        top_drops.append(whole - answer_without(model, processor, features, relevance.argsort(descending=True)[:6]))
+        draws = [torch.randperm(len(relevance), generator=generator)[:6] for _ in range(3)]
+        random_drops.append(whole - statistics.mean(answer_without(model, processor, features, c) for c in draws))
+    top, random = statistics.median(top_drops), statistics.median(random_drops)
+    assert top > 0.2 and top > 20 * abs(random)  # 0.50 and -0.0002 nats on these 20 slices when written
 
 
 def test_ask_heatmap_writes_the_models_view_with_the_relevance_over_it(demo, tmp_path, capsys):
