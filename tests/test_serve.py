@@ -790,6 +790,12 @@ def test_explain_draws_where_a_chats_last_answer_came_from_as_the_python_api_doe
         refused = explain(server, messages)
         assert refused.status_code == status and message in refused.json()["error"]["message"]
     assert explain(server, first_turn, model="gpt-4o").status_code == 404
+    server.engine.max_queue, queue = 0, server.engine.max_queue  # as many waiting as may
+    try:
+        busy = explain(server, first_turn)
+    finally:
+        server.engine.max_queue = queue
+    assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
     server.settings.no_heat_maps = "a heat map differentiates through the LM, which its fp8 and 4-bit layers cannot do"
     try:
         refused = explain(server, first_turn)

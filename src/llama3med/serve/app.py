@@ -453,18 +453,28 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
             )
 
     explaining = asyncio.Lock()  # one backward pass at a time: each holds a forward's activations
+    waiting_explains = 0  # as many as the engine's queue may wait, each holding its image
 
     @app.post("/v1/explain")
     async def explain(request: Request):
         """llama3med's own: where in the image a chat's last answer came from, as `ask --heatmap` draws
         it: `relevance` over the base grid, row by row from the top left, summing to 1, and `heat_map`,
         the model's view with it in red, as a PNG data URL."""
+        nonlocal waiting_explains
         explain_request = parse_request(ExplainRequest, await _read_body(request, settings))
         check_model(explain_request.model)
         if settings.no_heat_maps:
             raise ApiError(501, f"heat maps are off on this server: {settings.no_heat_maps}")
-        async with explaining:
-            relevance, heat_map = await asyncio.to_thread(explain_answer, explain_request, engine, settings)
+        if waiting_explains >= engine.max_queue:
+            raise ApiError(
+                429, "server busy explaining; retry shortly", code="queue_full", headers={"retry-after": "1"}
+            )
+        waiting_explains += 1
+        try:
+            async with explaining:
+                relevance, heat_map = await asyncio.to_thread(explain_answer, explain_request, engine, settings)
+        finally:
+            waiting_explains -= 1
         return {
             "object": "llama3med.explanation",
             "model": settings.model_id,
