@@ -18,6 +18,7 @@ from conftest import Server, needs_node
 from llama3med.checkpoints import DEMO_MODEL_DIR, load
 from llama3med.cli import main
 from llama3med.data.phantoms import write_phantom_set
+from llama3med.eval.runner import read_answers
 from llama3med.explain import AnswerRelevance, answer_relevance, conversation_relevance, view
 from llama3med.inference import question_messages
 from llama3med.processing import IGNORE_INDEX
@@ -136,11 +137,22 @@ def test_ask_heatmap_writes_the_models_view_with_the_relevance_over_it(demo, tmp
     assert "fp8 and 4-bit layers cannot" in capsys.readouterr().err
 
 
-def test_answer_heatmaps_draws_each_answer_as_ask_heatmap_does_and_a_rerun_draws_only_what_is_missing(tmp_path, capsys):
+def test_answer_heatmaps_draws_each_answer_as_ask_heatmap_does_and_a_rerun_draws_only_what_is_missing(
+    demo, tmp_path, capsys
+):
     run = ["answer", str(EXAMPLES), "--model", str(DEMO_MODEL_DIR), "--question", QUESTION, "--out", str(tmp_path)]
     assert main([*run, "--heatmaps"]) == 0
-    drawn = {p.name: p.read_bytes() for p in (tmp_path / "heatmaps").iterdir()}
+    drawn = {p.name: p.read_bytes() for p in (tmp_path / "heatmaps").glob("*.png")}
     assert sorted(drawn) == ["phantom_ct_lesion.dcm.png", "phantom_ct_lesion.nii.gz.png", "phantom_mr_normal.dcm.png"]
+    assert sorted(p.name for p in (tmp_path / "heatmaps").glob("*.json")) == [
+        name.removesuffix(".png") + ".json" for name in sorted(drawn)
+    ]
+    numbers = json.loads((tmp_path / "heatmaps" / "phantom_mr_normal.dcm.json").read_text())
+    assert numbers["question_id"] == "phantom_mr_normal.dcm"
+    assert numbers["answer"] == read_answers(tmp_path / "answers.jsonl")["phantom_mr_normal.dcm"]["text"]
+    model, processor = demo
+    explained = answer_relevance(model, processor, EXAMPLES / "phantom_mr_normal.dcm", QUESTION, numbers["answer"])
+    assert torch.allclose(torch.tensor(numbers["relevance"]), explained.relevance, atol=1e-6)
     assert (
         main(
             ["ask", "--image", str(EXAMPLES / "phantom_mr_normal.dcm"), QUESTION, "--heatmap", str(tmp_path / "a.png")]

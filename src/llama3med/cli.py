@@ -472,9 +472,11 @@ def _heat_map_refusal(args: argparse.Namespace, flag: str) -> str | None:
 
 
 def _write_heat_maps(model, processor, records: list, out: Path, prompt_style: str) -> None:
-    """`out/heatmaps/ID.png` for each answered question, as `ask --heatmap` draws it; one already there is
-    kept, so an interrupted run picks up where it stopped."""
+    """`out/heatmaps/ID.png` for each answered question, as `ask --heatmap` draws it, and `ID.json`, its
+    relevance over the base grid in numbers, to compare with a mask; a map already drawn is kept, so an
+    interrupted run picks up where it stopped."""
     import hashlib
+    import json
     import re
 
     from tqdm import tqdm
@@ -495,9 +497,13 @@ def _write_heat_maps(model, processor, records: list, out: Path, prompt_style: s
             continue
         question, answer = prompt_text(record, prompt_style), answers[record.id]["text"]
         explained = answer_relevance(model, processor, record.image, question, answer, record.window, record.frame)
+        numbers = {"question_id": record.id, "answer": answer, "relevance": explained.relevance.tolist()}
+        part = path.with_suffix(".part.json")
+        part.write_text(json.dumps(numbers) + "\n")
+        part.replace(path.with_suffix(".json"))
         part = path.with_suffix(".part.png")
         explained.heat_map().save(part)
-        part.replace(path)
+        part.replace(path)  # last: the picture marks the answer explained
     print(f"wrote {len(records)} heat maps under {folder}", file=sys.stderr)
 
 
