@@ -1,10 +1,11 @@
 """One GPU, one run, well under ten minutes: the device's ceilings, the S2 encoder and greedy decoding at
 the real sizes (SigLIP-so400m at 384/768/1152 px, Llama-3-8B; random weights, bf16), a SLAKE-shaped
-evaluation with the whole model, the peak memory of inference, and one step of the single-GPU LoRA
-finetune recipe on the whole model (HF's loss, ours, and QLoRA). Every fast path is checked against its
-reference (max abs diff of features, identical greedy tokens or answers, the same loss and gradients)
-before it is timed. Prints its table last; `--json` writes the figures. Installs nothing; the finetune
-step needs peft, and its QLoRA arm bitsandbytes (skipped with a note where missing).
+evaluation with the whole model (and the time and peak memory of one heat map), the peak memory of
+inference, and one step of the single-GPU LoRA finetune recipe on the whole model (HF's loss, ours, and
+QLoRA). Every fast path is checked against its reference (max abs diff of features, identical greedy
+tokens or answers, the same loss and gradients) before it is timed. Prints its table last; `--json`
+writes the figures. Installs nothing; the finetune step needs peft, and its QLoRA arm bitsandbytes
+(skipped with a note where missing).
 
     python benchmarks/gpu_suite.py --json gpu_figures.json     # one GPU
     python benchmarks/gpu_suite.py --tiny                      # small shapes on any device: a smoke run
@@ -28,6 +29,7 @@ from transformers import AutoConfig, AutoModel, LlamaConfig, LlamaForCausalLM
 
 from llama3med import Llama3MedConfig
 from llama3med.config import LLAMA3_8B
+from llama3med.explain import answer_relevance
 from llama3med.fp8 import quantize_language_model_fp8
 from llama3med.generation import StaticCacheDecoder
 from llama3med.model.multiscale import encode_multiscale
@@ -153,9 +155,22 @@ def evaluation(dev: Device, tiny: bool, images: int) -> dict:
         with train_memory.built_on(dev.torch, dev.dtype):
             model, processor = random_model(vision, TINY_LLAMA if tiny else LLAMA3_8B, records)
         result = compare(model, processor, records, batch_size=16, max_new_tokens=8, compiled=dev.cuda)
+        try:
+            result["heat_map"] = heat_map(dev, model, processor, records[0])
+        except Exception as err:  # noqa: BLE001 - reported in the table; the evaluation's figures stand
+            result["heat_map"] = {"error": f"{type(err).__name__}: {err}"}
     del model
     dev.reset_peak()
     return result
+
+
+def heat_map(dev: Device, model, processor, record) -> dict:
+    """Seconds and peak memory of one `ask --heatmap` explanation (`answer_relevance`: the image encoded,
+    then a forward and a backward through the LM to its features), weights frozen as `ask` loads them."""
+    model.requires_grad_(False)
+    dev.reset_peak()
+    seconds = dev.seconds(lambda: answer_relevance(model, processor, record.image, record.question, record.answer), 3)
+    return {"seconds": seconds, "peak_gib": dev.peak_gib()}
 
 
 def decode_length(tiny: bool) -> int:
@@ -424,6 +439,12 @@ def table_lines(name: str, section: dict) -> list[str]:
         f"{section['reference_questions_per_s']:.2f} q/s, llama3med eval {section['ours_questions_per_s']:.2f} q/s, "
         f"{section['speedup']:.2f}x, identical answers {section['identical_answers']}/{section['questions']}"
     ]
+    explained = section.get("heat_map", {})
+    if "error" in explained:
+        lines.append(f"  heat map (ask --heatmap): failed: {explained['error']}")
+    elif explained:
+        peak = "n/a (CPU)" if explained["peak_gib"] is None else f"{explained['peak_gib']:.1f} GiB"
+        lines.append(f"  heat map (ask --heatmap): {explained['seconds']:.2f} s, peak {peak}")
     if "compiled_questions_per_s" in section:
         lines.append(
             f"  eval --compile: {section['compiled_questions_per_s']:.2f} q/s, {section['compiled_speedup']:.2f}x, "
