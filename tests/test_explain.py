@@ -17,6 +17,7 @@ from PIL import Image
 from conftest import Server, needs_node
 from llama3med.checkpoints import DEMO_MODEL_DIR, load
 from llama3med.cli import main
+from llama3med.data.benchmarks import load_benchmark
 from llama3med.data.phantoms import write_phantom_set
 from llama3med.eval.runner import read_answers
 from llama3med.explain import AnswerRelevance, answer_relevance, conversation_relevance, view
@@ -222,3 +223,23 @@ def test_chat_heatmap_draws_the_last_answer_with_the_turns_before_it_and_a_mista
     drawn = AnswerRelevance(relevance, view(processor, processor.preprocess_image(image))).heat_map()
     assert np.array_equal(np.asarray(Image.open(tmp_path / "second.png")), np.asarray(drawn))
     assert not np.array_equal(np.asarray(drawn), np.asarray(Image.open(tmp_path / "first.png")))
+
+
+def test_eval_heatmaps_draws_each_benchmark_answer_with_its_numbers(demo, test_set, tmp_path, capsys):
+    model, processor = demo
+    out = tmp_path / "eval"
+    run = ["eval", "--model", str(DEMO_MODEL_DIR), "--data", str(test_set), "--out", str(out)]
+    assert main([*run, "--heatmaps"]) == 0
+    answers = read_answers(out / "answers.jsonl")
+    assert sorted(p.stem for p in (out / "heatmaps").glob("*.png")) == sorted(answers)
+    record = next(r for r in load_benchmark("llava-med", test_set) if r.answer_type == "CLOSED")
+    numbers = json.loads((out / "heatmaps" / f"{record.id}.json").read_text())
+    assert numbers["answer"] == answers[record.id]["text"]  # eval's plain prompt is the question itself
+    expected = answer_relevance(model, processor, record.image, record.question, numbers["answer"]).relevance
+    assert torch.allclose(torch.tensor(numbers["relevance"]), expected, atol=1e-6)
+    capsys.readouterr()
+    assert (
+        main(["eval", "--api-url", "http://127.0.0.1:9/v1", "--data", str(test_set), "--out", str(out), "--heatmaps"])
+        == 1
+    )
+    assert "--heatmaps needs the model itself" in capsys.readouterr().err

@@ -222,6 +222,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .inference import compile_model, peak_memory_gib
 
     _check_model_source_options(args)
+    if args.heatmaps:
+        _check_heat_map_options(args, "--heatmaps")
     records = load_benchmark(args.benchmark, args.data, args.split, args.image_root)
     candidates, candidates_source = _candidate_answers(args, args.data, records)
     published = load_published(args.compare) if args.compare else None
@@ -262,6 +264,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if published:
             print(f"\nbeside published results ({published['source']}):")
             print("\n".join("  ".join(row) for row in comparison_rows(report, published)))
+        if args.heatmaps:  # why each answer, right or wrong, came out as it did
+            _write_heat_maps(model, processor, records, out, args.prompt)
     _end_answering_processes(world_size)
 
 
@@ -934,6 +938,14 @@ def _add_batch_answering_options(p: argparse.ArgumentParser) -> None:
     _add_compile_option(p)
 
 
+def _add_heat_maps_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--heatmaps",
+        action="store_true",
+        help="also write OUT/heatmaps/QUESTION_ID.png (and .json, its numbers) for each answer: " + HEAT_MAP_HELP,
+    )
+
+
 def _add_model_or_api_options(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="model directory")
@@ -1120,6 +1132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory: answers.jsonl, report.md, report.json")
     p.add_argument("--limit", type=_positive, default=None, help="first N questions only")
     _add_batch_answering_options(p)
+    _add_heat_maps_option(p)
     p.add_argument(
         "--compare",
         default=None,
@@ -1159,11 +1172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", default=None, help="image folder (default: the file's images/ or folder)")
     p.add_argument("--out", required=True, help="output directory: answers.jsonl (LLaVA-Med's answer format)")
     _add_batch_answering_options(p)
-    p.add_argument(
-        "--heatmaps",
-        action="store_true",
-        help="also write OUT/heatmaps/QUESTION_ID.png for each answer: " + HEAT_MAP_HELP,
-    )
+    _add_heat_maps_option(p)
     p.set_defaults(func=cmd_answer)
 
     p = sub.add_parser("score", help="score an answers.jsonl against references (LLaVA-Med protocol)")
