@@ -178,8 +178,14 @@ def test_the_web_page_draws_where_an_answer_came_from_under_it_when_asked(tmp_pa
     server = Server(DEMO_MODEL_DIR, model_id="llama3med-demo")
     try:
         shown = server.run_web_page(tmp_path, EXAMPLES / "phantom_ct_lesion.dcm", QUESTION, explain=True)
+        server.settings.no_heat_maps = (
+            "a heat map differentiates through the LM, which its fp8 and 4-bit layers cannot do"
+        )
+        refused = server.run_web_page(tmp_path, EXAMPLES / "phantom_ct_lesion.dcm", QUESTION, explain=True)
     finally:
         server.stop()
+    assert [m["cls"] for m in refused["log"]] == ["msg user", "msg assistant", "msg p-yes", "msg error"]
+    assert refused["log"][3]["text"].startswith("heat maps are off on this server")  # in the button's place
     assert [m["cls"] for m in shown["log"]] == ["msg user", "msg assistant", "msg p-yes", "heat-map"]
     assert shown["log"][1]["text"] == "yes"
     sent = base64.b64decode(shown["image"].removeprefix("data:image/png;base64,"))  # the view the page asked about

@@ -11,7 +11,11 @@ class Node_ {
   constructor(id) { this.id = id; this.value = ""; this.textContent = ""; this.className = ""; this.children = [];
     this.style = {}; this.src = ""; this.scrollTop = 0; this.scrollHeight = 0; this.classList = { add() {}, remove() {} }; }
   appendChild(child) { if (child.parentNode) child.remove(); child.parentNode = this; this.children.push(child); }
-  remove() { const siblings = this.parentNode.children; siblings.splice(siblings.indexOf(this), 1); this.parentNode = null; }
+  get isConnected() { return this.parentNode != null; }
+  remove() {
+    if (!this.parentNode) return;
+    const siblings = this.parentNode.children; siblings.splice(siblings.indexOf(this), 1); this.parentNode = null;
+  }
   replaceWith(other) {
     if (other.parentNode) other.remove();
     const parent = this.parentNode; parent.children[parent.children.indexOf(this)] = other;
