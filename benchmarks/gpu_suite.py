@@ -166,8 +166,7 @@ def evaluation(dev: Device, tiny: bool, images: int) -> dict:
 
 def heat_map(dev: Device, model, processor, record) -> dict:
     """Seconds and peak memory of one `ask --heatmap` explanation (`answer_relevance`: the image encoded,
-    then a forward and a backward through the LM to its features), weights frozen as `ask` loads them."""
-    model.requires_grad_(False)
+    then a forward and a backward through the LM to its features)."""
     dev.reset_peak()
     seconds = dev.seconds(lambda: answer_relevance(model, processor, record.image, record.question, record.answer), 3)
     return {"seconds": seconds, "peak_gib": dev.peak_gib()}

@@ -717,7 +717,6 @@ def _load_for_answering(model_dir, device, args: argparse.Namespace):
     model, processor = load(model_dir, device, dtype, quantization_config=quantization)
     if args.fp8:
         quantize_language_model_fp8(model.language_model)
-    model.requires_grad_(False)  # answering never trains: a heat map's backward keeps only what it needs
     return model, processor
 
 
