@@ -802,3 +802,7 @@ def test_explain_draws_where_a_chats_last_answer_came_from_as_the_python_api_doe
     finally:
         server.settings.no_heat_maps = None
     assert refused.status_code == 501 and "fp8 and 4-bit" in refused.json()["error"]["message"]
+    counted = dict(
+        re.findall(r'llama3med_explanations_total\{status="(\d+)"\} (\d+)', httpx.get(f"{server.url}/metrics").text)
+    )
+    assert int(counted["200"]) >= 3 and int(counted["400"]) >= 3 and counted["501"] == "1" and counted["429"] == "1"

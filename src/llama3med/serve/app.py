@@ -325,6 +325,7 @@ def explain_answer(request: ExplainRequest, engine: Engine, settings: Settings) 
 class Metrics:
     def __init__(self):
         self.requests: dict[str, int] = {}
+        self.explanations: dict[str, int] = {}  # /v1/explain's answers, by status
         self.prompt_tokens = self.completion_tokens = 0
         self.latency_sum = 0.0
         self.latency_count = 0
@@ -347,6 +348,8 @@ class Metrics:
             "# TYPE llama3med_request_latency_seconds summary",
             f"llama3med_request_latency_seconds_sum {self.latency_sum:.6f}",
             f"llama3med_request_latency_seconds_count {self.latency_count}",
+            "# TYPE llama3med_explanations_total counter",
+            *(f'llama3med_explanations_total{{status="{s}"}} {n}' for s, n in sorted(self.explanations.items())),
             "# TYPE llama3med_queue_depth gauge",
             f"llama3med_queue_depth {queue_depth}",
             "# TYPE llama3med_finished_total counter",
@@ -404,6 +407,9 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
         response = await call_next(request)
         if request.url.path.startswith("/v1/chat") and response.status_code != 200:
             metrics.observe(response.status_code, time.monotonic() - started)
+        if request.url.path == "/v1/explain":
+            status = str(response.status_code)
+            metrics.explanations[status] = metrics.explanations.get(status, 0) + 1
         logger.info(
             "%s %s %d %.3fs", request.method, request.url.path, response.status_code, time.monotonic() - started
         )
