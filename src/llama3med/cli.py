@@ -140,8 +140,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
             break
         if not question.strip():
             continue
-        if question.split(maxsplit=1)[0] == HEAT_MAP_COMMAND:
-            _chat_heat_map(chat, question.split(maxsplit=1)[1:], args)
+        command, *rest = question.split(maxsplit=1)
+        if command == HEAT_MAP_COMMAND:
+            _chat_heat_map(chat, rest[0].strip() if rest else "", args)
             continue
         if interactive:
             print("model> ", end="", flush=True)
@@ -160,14 +161,14 @@ def cmd_chat(args: argparse.Namespace) -> None:
             print(_p_yes_line(chat.p_yes), flush=True)
 
 
-def _chat_heat_map(chat, names: list[str], args: argparse.Namespace) -> None:
+def _chat_heat_map(chat, path: str, args: argparse.Namespace) -> None:
     """`chat`'s heat-map command: a mistake in it is said on stderr and the conversation goes on."""
     try:
-        if not names:
+        if not path:
             raise ValueError(f"{HEAT_MAP_COMMAND} needs a file name: {HEAT_MAP_COMMAND} FILE.png")
-        _check_image_output(names[0].strip())
+        _check_image_output(path)
         _check_heat_map_options(args, HEAT_MAP_COMMAND)
-        _save_heat_map(chat, names[0].strip())
+        _save_heat_map(chat, path)
     except (ValueError, OSError) as err:
         print(f"llama3med: error: {err}", file=sys.stderr, flush=True)
 
@@ -480,12 +481,14 @@ def _write_heat_maps(model, processor, records: list, out: Path, prompt_style: s
     relevance over the base grid in numbers, to compare with a mask; a map already drawn is kept, so an
     interrupted run picks up where it stopped."""
     import hashlib
+    import io
     import json
     import re
 
     from tqdm import tqdm
 
     from .data.benchmarks import prompt_text
+    from .data.conversations import write_atomically
     from .eval.runner import read_answers
     from .explain import answer_relevance
 
@@ -502,12 +505,10 @@ def _write_heat_maps(model, processor, records: list, out: Path, prompt_style: s
         question, answer = prompt_text(record, prompt_style), answers[record.id]["text"]
         explained = answer_relevance(model, processor, record.image, question, answer, record.window, record.frame)
         numbers = {"question_id": record.id, "answer": answer, "relevance": explained.relevance.tolist()}
-        part = path.with_suffix(".part.json")
-        part.write_text(json.dumps(numbers) + "\n")
-        part.replace(path.with_suffix(".json"))
-        part = path.with_suffix(".part.png")
-        explained.heat_map().save(part)
-        part.replace(path)  # last: the picture marks the answer explained
+        write_atomically(path.with_suffix(".json"), json.dumps(numbers) + "\n")
+        picture = io.BytesIO()
+        explained.heat_map().save(picture, format="PNG")
+        write_atomically(path, picture.getvalue())  # last: the picture marks the answer explained
     print(f"wrote {len(records)} heat maps under {folder}", file=sys.stderr)
 
 
