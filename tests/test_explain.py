@@ -22,6 +22,7 @@ from llama3med.data.phantoms import write_phantom_set
 from llama3med.eval.runner import read_answers
 from llama3med.explain import AnswerRelevance, answer_relevance, conversation_relevance, view
 from llama3med.inference import question_messages
+from llama3med.model import Llama3MedForConditionalGeneration
 from llama3med.processing import IGNORE_INDEX
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -231,13 +232,26 @@ def test_chat_heatmap_draws_the_last_answer_with_the_turns_before_it_and_a_mista
     assert not np.array_equal(np.asarray(drawn), np.asarray(Image.open(tmp_path / "first.png")))
 
 
-def test_eval_heatmaps_draws_each_benchmark_answer_with_its_numbers(demo, test_set, tmp_path, capsys):
+def test_eval_heatmaps_draws_each_benchmark_answer_with_its_numbers_encoding_each_image_once(
+    demo, test_set, tmp_path, capsys, monkeypatch
+):
     model, processor = demo
     out = tmp_path / "eval"
     run = ["eval", "--model", str(DEMO_MODEL_DIR), "--data", str(test_set), "--out", str(out)]
+    assert main(run) == 0  # answered; the rerun below only draws
+    encoded = []
+    encode_images = Llama3MedForConditionalGeneration.encode_images
+
+    def counted(self, pixel_values):
+        encoded.append(len(pixel_values))
+        return encode_images(self, pixel_values)
+
+    monkeypatch.setattr(Llama3MedForConditionalGeneration, "encode_images", counted)
     assert main([*run, "--heatmaps"]) == 0
     answers = read_answers(out / "answers.jsonl")
     assert sorted(p.stem for p in (out / "heatmaps").glob("*.png")) == sorted(answers)
+    images = {r.image_key for r in load_benchmark("llava-med", test_set)}
+    assert sum(encoded) == len(images) < len(answers)  # once per image, not once per question
     record = next(r for r in load_benchmark("llava-med", test_set) if r.answer_type == "CLOSED")
     numbers = json.loads((out / "heatmaps" / f"{record.id}.json").read_text())
     assert numbers["answer"] == answers[record.id]["text"]  # eval's plain prompt is the question itself

@@ -490,20 +490,24 @@ def _write_heat_maps(model, processor, records: list, out: Path, prompt_style: s
     from .data.benchmarks import prompt_text
     from .data.conversations import write_atomically
     from .eval.runner import read_answers
-    from .explain import answer_relevance
+    from .explain import ImageExplainer
 
     folder = out / "heatmaps"
     folder.mkdir(exist_ok=True)
     answers = read_answers(out / "answers.jsonl")
-    for record in tqdm(records, desc="heat maps", unit="answer"):
+    explainer, explaining = None, None  # the image being explained, encoded once for all its questions
+    for record in tqdm(sorted(records, key=lambda r: r.image_key), desc="heat maps", unit="answer"):
         name = re.sub(r"[^\w.@#-]+", "_", record.id)
         if name != record.id:  # a folder's ids hold paths: two could flatten to one name
             name += "-" + hashlib.sha1(record.id.encode()).hexdigest()[:8]
         path = folder / f"{name}.png"
         if path.exists():
             continue
-        question, answer = prompt_text(record, prompt_style), answers[record.id]["text"]
-        explained = answer_relevance(model, processor, record.image, question, answer, record.window, record.frame)
+        if explaining != record.image_key:
+            explainer = ImageExplainer(model, processor, record.image, record.window, record.frame)
+            explaining = record.image_key
+        answer = answers[record.id]["text"]
+        explained = explainer(prompt_text(record, prompt_style), answer)
         numbers = {"question_id": record.id, "answer": answer, "relevance": explained.relevance.tolist()}
         write_atomically(path.with_suffix(".json"), json.dumps(numbers) + "\n")
         picture = io.BytesIO()

@@ -53,11 +53,29 @@ def answer_relevance(
     end of turn, as training supervises them): the gradient of that log-probability times the token's
     features, summed over the features, in absolute value. Any answer can be explained, the model's own
     or another ("why not no?")."""
-    pixel_values = processor.preprocess_image(image, window=window, frame=frame)
-    with torch.no_grad():
-        features = model.encode_images(pixel_values[None].to(model.device))  # the frozen tower is not differentiated
-    messages = [*question_messages(question), {"role": "assistant", "content": answer}]
-    return AnswerRelevance(conversation_relevance(model, processor, features, messages), view(processor, pixel_values))
+    return ImageExplainer(model, processor, image, window, frame)(question, answer)
+
+
+class ImageExplainer:
+    """`answer_relevance` for many questions about one image, which is encoded once."""
+
+    def __init__(
+        self,
+        model: Llama3MedForConditionalGeneration,
+        processor: Llama3MedProcessor,
+        image: ImageSource,
+        window: Window = None,
+        frame: int | None = None,
+    ):
+        self.model, self.processor = model, processor
+        pixel_values = processor.preprocess_image(image, window=window, frame=frame)
+        with torch.no_grad():  # the frozen tower is not differentiated
+            self.features = model.encode_images(pixel_values[None].to(model.device))  # (1, N, D)
+        self.view = view(processor, pixel_values)
+
+    def __call__(self, question: str, answer: str) -> AnswerRelevance:
+        messages = [*question_messages(question), {"role": "assistant", "content": answer}]
+        return AnswerRelevance(conversation_relevance(self.model, self.processor, self.features, messages), self.view)
 
 
 def chat_relevance(chat: ImageChat) -> AnswerRelevance:
