@@ -217,7 +217,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from .data.benchmarks import load_benchmark
-    from .eval import closed_auroc, confidence_intervals, majority_baseline, score
+    from .eval import choice_chance, closed_auroc, confidence_intervals, majority_baseline, score
     from .eval.report import comparison_rows, format_table, load_published, write_report
     from .eval.runner import check_run_settings, yes_probabilities
     from .inference import compile_model, peak_memory_gib
@@ -225,6 +225,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     _check_model_source_options(args)
     if args.heatmaps:
         _check_heat_map_options(args, "--heatmaps")
+    if args.rank_options and (args.api_url or args.heatmaps):
+        flag = "--api-url" if args.api_url else "--heatmaps"
+        raise ValueError(f"--rank-options and {flag}: ranking reads a local --model's scores, and explains no answer")
     records = load_benchmark(args.benchmark, args.data, args.split, args.image_root)
     candidates, candidates_source = _candidate_answers(args, args.data, records)
     published = load_published(args.compare) if args.compare else None
@@ -238,7 +241,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         run_facts = {"model": settings["model"], "api_url": args.api_url}
     else:
         rank, world_size, device = _start_answering_processes(args)
-        settings = _run_settings(args, device, **inputs)
+        settings = {**_run_settings(args, device, **inputs), "rank_options": args.rank_options}
         check_run_settings(out, settings)
         model, processor = _load_for_answering(args.model, device, args)
         if args.compile:
@@ -247,6 +250,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         run_facts = {"model": str(args.model)}
         for key in ("dtype", "fp8", "load_4bit"):  # fp8, load_4bit: how the LM's linear layers were stored
             run_facts[key] = settings[key]
+        if args.rank_options:
+            run_facts["rank_options"] = True
         run_facts["peak_memory_gib"] = peak_memory_gib(device)  # rank 0's; the GPU's on a GPU
     if rank == 0:
         scores = score(records, answers, candidates=candidates)
@@ -255,13 +260,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if "sampling" in settings:  # else greedy
             report["sampling"] = settings["sampling"]
         report["majority_closed_baseline"] = baseline
-        report["candidates"] = candidates_source
+        if chance := choice_chance(records):
+            report["choice_chance"] = chance
+        if scores["all"]["n_open"]:
+            report["candidates"] = candidates_source
         report["intervals"] = confidence_intervals(records, answers)
         report["closed_auroc"] = closed_auroc(records, yes_probabilities(out / "answers.jsonl"))
         if published:
             report["published"] = published
         write_report(out, report)
-        print(format_table(scores, baseline, report["intervals"], report["closed_auroc"]))
+        print(format_table(scores, baseline, report["intervals"], report["closed_auroc"], chance))
         if published:
             print(f"\nbeside published results ({published['source']}):")
             print("\n".join("  ".join(row) for row in comparison_rows(report, published)))
@@ -390,6 +398,7 @@ def _answer_in_processes(args, model, processor, records: list, out: Path, rank:
         max_new_tokens=args.max_new_tokens,
         sampling=sampling,
         seed=seed,
+        rank_choices=getattr(args, "rank_options", False),  # `answer` has no such option
     )
     if world_size > 1:
         dist.barrier()
@@ -548,7 +557,7 @@ def cmd_score(args: argparse.Namespace) -> None:
     import json
 
     from .data.benchmarks import load_benchmark
-    from .eval import closed_auroc, confidence_intervals, paired_difference, score
+    from .eval import choice_chance, closed_auroc, confidence_intervals, paired_difference, score
     from .eval.report import difference_lines, format_table
     from .eval.runner import read_answers, yes_probabilities
 
@@ -568,7 +577,8 @@ def cmd_score(args: argparse.Namespace) -> None:
         print(json.dumps(scores if difference is None else {"scores": scores, "against": difference}, indent=1))
         return
     intervals = confidence_intervals(records, answers, strict=args.strict)
-    print(format_table(scores, intervals=intervals, closed_auroc=closed_auroc(records, yes_probabilities(args.pred))))
+    ranked = closed_auroc(records, yes_probabilities(args.pred))
+    print(format_table(scores, intervals=intervals, closed_auroc=ranked, chance=choice_chance(records)))
     if difference is not None:
         print(f"\n{args.pred} minus {args.against}:")
         print("\n".join(difference_lines(difference)))
@@ -1136,6 +1146,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory: answers.jsonl, report.md, report.json")
     p.add_argument("--limit", type=_positive, default=None, help="first N questions only")
     _add_batch_answering_options(p)
+    p.add_argument(
+        "--rank-options",
+        action="store_true",
+        help="multiple-choice questions: answer with the option the model scores likeliest as its whole answer to "
+        "the question asked alone, instead of reading the letter it writes (for models not taught to answer with "
+        "letters)",
+    )
     _add_heat_maps_option(p)
     p.add_argument(
         "--compare",

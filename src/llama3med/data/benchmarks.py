@@ -1,16 +1,20 @@
 """Benchmark loaders: each yields `VQARecord`s, one record type for every dataset and layout.
 
-Closed questions are yes/no questions (LLaVA-Med's `answer_type` CLOSED); open questions are the rest.
+Closed questions are yes/no questions (LLaVA-Med's `answer_type` CLOSED); multiple-choice questions
+(CHOICE: PMC-VQA's, or a record with `options`) have lettered options and the right one's letter as
+their answer; open questions are the rest.
 Malformed input is refused with the file and record named, never silently dropped: a benchmark number
 over a silently shrunken test set would not be comparable.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
 import pickle
+import re
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,8 +28,9 @@ from ..processing import IMAGE_PLACEHOLDER, find_images, frame_count
 from ..processing.images import Window
 from .conversations import read_records, record_frame, record_window, write_atomically
 
-ANSWER_TYPES = ("OPEN", "CLOSED")
-BENCHMARKS = ("vqa-rad", "slake", "pathvqa", "llava-med")
+ANSWER_TYPES = ("OPEN", "CLOSED", "CHOICE")
+BENCHMARKS = ("vqa-rad", "slake", "pathvqa", "pmc-vqa", "llava-med")
+OPTION_LETTERS = "ABCDEFGH"  # a multiple-choice question's options, in order
 
 
 @dataclass(frozen=True)
@@ -33,13 +38,14 @@ class VQARecord:
     id: str
     image: Path | bytes  # a file, or the encoded bytes embedded in a parquet file
     question: str
-    answer: str  # the reference; "" for a question asked without one (`load_questions`)
-    answer_type: str  # OPEN or CLOSED; "" without a reference
+    answer: str  # the reference (CHOICE: the right option's letter); "" for a question asked without one
+    answer_type: str  # OPEN, CLOSED or CHOICE; "" without a reference
     dataset: str
     split: str = "test"
     question_type: str | None = None
     frame: int | None = None  # a volume's or series' slice, a multi-frame DICOM's frame; None: the middle
     window: Window = None  # DICOM/NIfTI: (centre, width) or a CT preset; None: the file's own display
+    options: tuple[str, ...] = ()  # CHOICE: the options' texts, lettered A, B, ... in this order
     image_key: str = field(default="", compare=False)  # identifies the image as shown, for encoding it once
 
     def __post_init__(self) -> None:
@@ -55,9 +61,18 @@ PROMPT_STYLES = {  # how a question is put to the model, in `eval` and in the co
 }
 
 
-def prompt_text(record: VQARecord, style: str) -> str:
+CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+
+
+def prompt_text(record: VQARecord, style: str, options: bool = True) -> str:
+    """The question as the model is asked it. A multiple-choice question is asked as LLaVA-1.5 asks
+    ScienceQA's and MMBench's, whatever the style: the question, a line per option ("A. liver"), and
+    `CHOICE_INSTRUCTION`; with `options=False` as an open question (to rank its options' texts)."""
     if style not in PROMPT_STYLES:
         raise ValueError(f"prompt style must be one of {sorted(PROMPT_STYLES)}, got {style!r}")
+    if record.options and options:
+        lines = [f"{OPTION_LETTERS[i]}. {text}" for i, text in enumerate(record.options)]
+        return "\n".join([record.question, *lines, CHOICE_INSTRUCTION])
     return PROMPT_STYLES[style].format(question=record.question)
 
 
@@ -75,9 +90,36 @@ def _text(value, name: str, what: str) -> str:
 
 def _answer_type(value, answer: str, name: str) -> str:
     answer_type = str(value).upper() if value else answer_type_of(answer)
+    if answer_type == "CHOICE":
+        raise ValueError(f"{name}: answer_type CHOICE needs the question's 'options'")
     if answer_type not in ANSWER_TYPES:
         raise ValueError(f"{name}: answer_type must be OPEN or CLOSED, got {value!r}")
     return answer_type
+
+
+def _options(values: Sequence, name: str) -> tuple[str, ...]:
+    """A multiple-choice record's option texts, each stripped of a leading copy of its own letter
+    ("A:liver", "B. kidney", as PMC-VQA writes them)."""
+    if not 2 <= len(values) <= len(OPTION_LETTERS):
+        count = len(values)
+        raise ValueError(f"{name}: a multiple-choice question needs 2 to {len(OPTION_LETTERS)} options, not {count}")
+    options = []
+    for letter, value in zip(OPTION_LETTERS, values, strict=False):
+        text = _text(value, name, f"option {letter}")
+        options.append(re.sub(rf"^\(?{letter}\s*[:.)]\s*", "", text).strip() or text)
+    return tuple(options)
+
+
+def _choice_answer(answer, options: tuple[str, ...], name: str) -> str:
+    """The right option's letter, given as the letter ("B", "(B)", "B.", "B:kidney") or as the option's text."""
+    text = _text(answer, name, "answer")
+    lettered = re.match(rf"^\(?([{OPTION_LETTERS[: len(options)]}])(?:[.:)]|\s*$)", text)
+    if lettered:
+        return lettered.group(1)
+    matches = [i for i, option in enumerate(options) if option.casefold() == text.casefold()]
+    if len(matches) != 1:
+        raise ValueError(f"{name}: answer {text!r} is neither an option's letter nor exactly one option's text")
+    return OPTION_LETTERS[matches[0]]
 
 
 def _image_file(root: Path, relative, name: str, check: bool) -> Path:
@@ -108,7 +150,9 @@ def _default_image_root(path: Path, image_root: str | Path | None) -> Path:
 def load_llava_med(
     path: str | Path, image_root: str | Path | None = None, dataset: str = "llava-med", check_images: bool = True
 ) -> list[VQARecord]:
-    """LLaVA-Med's evaluation format: `[{id, image, conversations: [human, gpt], answer_type}]`.
+    """LLaVA-Med's evaluation format: `[{id, image, conversations: [human, gpt], answer_type}]`. A record
+    with `options` (a list of texts) is a multiple-choice question: its answer is the right option's
+    letter or text, and the options are put to the model as `prompt_text` words them.
 
     Images are looked up under `image_root`, by default the file's `images/` folder when it exists, else
     the file's own folder.
@@ -128,18 +172,27 @@ def load_llava_med(
         if "id" not in raw:
             raise ValueError(f"{name}: needs an 'id'")
         question_type = str(raw["question_type"]) if raw.get("question_type") else None
+        options = raw.get("options")
+        if options is not None:
+            if not isinstance(options, list):
+                raise ValueError(f"{name}: options must be a list of texts")
+            options = _options(options, name)
+            answer = _choice_answer(answer, options, name)
+            if raw.get("answer_type") and str(raw["answer_type"]).upper() != "CHOICE":
+                raise ValueError(f"{name}: a record with options has answer_type CHOICE, got {raw['answer_type']!r}")
         records.append(
             VQARecord(
                 str(raw["id"]),
                 _image_file(image_root, raw.get("image"), name, check_images),
                 question,
                 answer,
-                _answer_type(raw.get("answer_type"), answer, name),
+                "CHOICE" if options else _answer_type(raw.get("answer_type"), answer, name),
                 dataset,
                 "test",
                 question_type,
                 record_frame(raw, name),
                 record_window(raw, name),
+                options or (),
             )
         )
     return _unique(records, path)
@@ -284,6 +337,56 @@ def _slake_images(root: Path, check: bool):
     return image_of
 
 
+PMC_VQA_IMAGE_FOLDERS = ("images", "figures", "images_2")  # where PMC-VQA's image archives unpack
+
+
+def load_pmc_vqa(
+    path: str | Path, split: str = "test", image_root: str | Path | None = None, check_images: bool = True
+) -> list[VQARecord]:
+    """PMC-VQA's multiple-choice questions: a release CSV (`Figure_path`, `Question`, `Choice A` to
+    `Choice D`, and the right option as `Answer_label` or `Answer`, a letter or the option's text), or
+    the release folder, whose `SPLIT.csv` is read (`--split test_2` reads `test_2.csv`). Images are
+    under `image_root`, by default the CSV's first folder of `PMC_VQA_IMAGE_FOLDERS` that exists.
+    Records are numbered by row, as the release gives no question ids."""
+    path = Path(path)
+    file = path / f"{split}.csv" if path.is_dir() else path
+    if not file.is_file():
+        found = sorted(p.name for p in path.glob("*.csv")) if path.is_dir() else []
+        raise ValueError(f"{file}: PMC-VQA CSV not found" + (f" (the folder has {', '.join(found)})" if found else ""))
+    if image_root is None:
+        folders = [file.parent / name for name in PMC_VQA_IMAGE_FOLDERS if (file.parent / name).is_dir()]
+        image_root = folders[0] if folders else file.parent
+    with file.open(encoding="utf-8-sig", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    columns = set(rows[0]) if rows else set()
+    option_columns = [f"Choice {letter}" for letter in OPTION_LETTERS if f"Choice {letter}" in columns]
+    missing = {"Figure_path", "Question", "Choice A", "Choice B"} - columns
+    if missing or not {"Answer_label", "Answer"} & columns:
+        raise ValueError(f"{file}: not a PMC-VQA CSV (missing columns {sorted(missing) or ['Answer_label or Answer']})")
+    stem = file.stem
+    records = []
+    for position, raw in enumerate(rows):
+        name = f"{file}: row {position + 2}"  # as a spreadsheet numbers it, after the header
+        given = [(raw[column] or "").strip() for column in option_columns]
+        while given and not given[-1]:  # a question with fewer options leaves the last columns empty
+            given.pop()
+        options = _options(given, name)
+        label = raw.get("Answer_label") or raw.get("Answer")
+        records.append(
+            VQARecord(
+                f"{stem}-{position:06d}",
+                _image_file(Path(image_root), raw["Figure_path"], name, check_images),
+                _text(raw["Question"], name, "question"),
+                _choice_answer(label, options, name),
+                "CHOICE",
+                "pmc-vqa",
+                stem,
+                options=options,
+            )
+        )
+    return _unique(records, file)
+
+
 class _PlainDataUnpickler(pickle.Unpickler):
     """Question pickles hold lists of dicts of strings; refusing every class keeps a tampered file from
     running code."""
@@ -379,7 +482,7 @@ def local_dataset(path: str | Path) -> Path:
 def load_benchmark(
     name: str, path: str | Path, split: str = "test", image_root: str | Path | None = None, check_images: bool = True
 ) -> list[VQARecord]:
-    """Records of benchmark `name` (vqa-rad, slake, pathvqa, llava-med) from `path`, a local file or
+    """Records of benchmark `name` (vqa-rad, slake, pathvqa, pmc-vqa, llava-med) from `path`, a local file or
     folder or a Hugging Face dataset id (`local_dataset`). Scoring needs no images, so
     `check_images=False` reads the questions and answers alone."""
     path = local_dataset(path)
@@ -391,6 +494,8 @@ def load_benchmark(
         return load_vqa_rad(path, split, image_root, check_images=check_images)
     if name == "pathvqa":
         return load_pathvqa(path, split, image_root, check_images=check_images)
+    if name == "pmc-vqa":
+        return load_pmc_vqa(path, split, image_root, check_images=check_images)
     raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
 
 
@@ -411,8 +516,9 @@ def train_open_answers(
     name: str, path: str | Path, test_records: list[VQARecord], image_root: str | Path | None = None
 ) -> list[str] | None:
     """The open answers of the benchmark's train split (LLaVA-Med's candidate set), when the release
-    at `path` holds one; None for the LLaVA-Med format or a lone test file."""
-    if name == "llava-med" or (Path(path).is_file() and name != "vqa-rad"):  # one file, one split (but VQA-RAD's)
+    at `path` holds one; None for the LLaVA-Med format, PMC-VQA (no open questions) or a lone test file."""
+    one_split = Path(path).is_file() and name != "vqa-rad"  # one file, one split (but VQA-RAD's)
+    if name in ("llava-med", "pmc-vqa") or one_split:
         return None
     try:
         train = load_benchmark(name, path, "train", image_root, check_images=False)

@@ -2,6 +2,8 @@
 
 from .runner import generate_answers, run
 from .scoring import (
+    choice_chance,
+    chosen_option,
     closed_auroc,
     closed_hit,
     confidence_intervals,
@@ -13,6 +15,8 @@ from .scoring import (
 )
 
 __all__ = [
+    "choice_chance",
+    "chosen_option",
     "closed_auroc",
     "closed_hit",
     "confidence_intervals",

@@ -27,15 +27,26 @@ COLUMNS = (
 )
 
 
-def table_rows(scores: dict) -> list[list[str]]:
+CHOICE_COLUMNS = (("choice", "choice_accuracy"), ("choice unread", "choice_unread"))
+
+
+def score_table(scores: dict) -> tuple[list[str], list[list[str]]]:
+    """The header and a row per group of a run's scores (percentages, then question counts): the
+    LLaVA-Med protocol's columns where there are closed or open questions, the multiple-choice ones
+    where there are such."""
+    overall = scores["all"]
+    vqa, choice = bool(overall["n_closed"] or overall["n_open"]), bool(overall.get("n_choice"))
+    columns = (*(COLUMNS if vqa else ()), *(CHOICE_COLUMNS if choice else ()))
+    counts = (*(("n_closed", "n_open") if vqa else ()), *(("n_choice",) if choice else ()))
+    header = ["group", *(name for name, _ in columns), *(count.replace("_", " ") for count in counts)]
     rows = []
     for group, values in scores.items():
-        cells = [f"{100 * values[key]:.2f}" if key in values else "-" for _, key in COLUMNS]
-        rows.append([group, *cells, str(values["n_closed"]), str(values["n_open"])])
-    return rows
+        cells = [f"{100 * values[key]:.2f}" if key in values else "-" for _, key in columns]
+        rows.append([group, *cells, *(str(values.get(count, 0)) for count in counts)])
+    return header, rows
 
 
-HEADLINE_LABELS = {"closed_accuracy": "closed", "open_recall": "open (recall)"}  # the papers' two columns
+HEADLINE_LABELS = {"closed_accuracy": "closed", "open_recall": "open (recall)", "choice_accuracy": "choice"}
 
 
 def interval_line(intervals: dict) -> str:
@@ -78,11 +89,16 @@ def auroc_line(result: dict) -> str:
 
 
 def format_table(
-    scores: dict, baseline: float | None = None, intervals: dict | None = None, closed_auroc: dict | None = None
+    scores: dict,
+    baseline: float | None = None,
+    intervals: dict | None = None,
+    closed_auroc: dict | None = None,
+    chance: float | None = None,
 ) -> str:
-    """A plain-text table (percentages) of every group's scores."""
-    header = ["group", *(name for name, _ in COLUMNS), "n closed", "n open"]
-    rows = [header, *table_rows(scores)]
+    """A plain-text table (percentages) of every group's scores, with the closed questions' majority
+    baseline and the multiple-choice questions' chance accuracy where given."""
+    header, rows = score_table(scores)
+    rows = [header, *rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = [
         "  ".join(
@@ -96,6 +112,8 @@ def format_table(
         lines.append(auroc_line(closed_auroc))
     if baseline is not None:
         lines.append(f"majority-answer baseline, closed: {100 * baseline:.2f}")
+    if chance is not None:
+        lines.append(f"chance, multiple choice: {100 * chance:.2f}")
     return "\n".join(lines)
 
 
@@ -145,15 +163,17 @@ def write_report(out: Path, report: dict) -> None:
     """`report.json` (everything) and `report.md` (the table, with what was run)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    header = ["group", *(name for name, _ in COLUMNS), "n closed", "n open"]
+    header, rows = score_table(report["scores"])
     lines = [
         f"# {report['benchmark']}: {report['model']}",
         "",
-        f"Prompt `{report['prompt']}`, {decoding_words(report.get('sampling'))}, LLaVA-Med scoring (percent).",
+        f"Prompt `{report['prompt']}`, {decoding_words(report.get('sampling'))}"
+        + (", multiple-choice options ranked by the model's likelihood" if report.get("rank_options") else "")
+        + ", LLaVA-Med scoring (percent).",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
-        *("| " + " | ".join(row) + " |" for row in table_rows(report["scores"])),
+        *("| " + " | ".join(row) + " |" for row in rows),
     ]
     if report.get("intervals"):
         lines += ["", interval_line(report["intervals"]) + "."]
@@ -161,6 +181,8 @@ def write_report(out: Path, report: dict) -> None:
         lines += ["", auroc_line(report["closed_auroc"]) + "."]
     if report.get("majority_closed_baseline") is not None:
         lines += ["", f"Majority-answer baseline on closed questions: {100 * report['majority_closed_baseline']:.2f}"]
+    if report.get("choice_chance") is not None:
+        lines += ["", f"Chance on multiple-choice questions: {100 * report['choice_chance']:.2f}"]
     if report.get("candidates"):
         lines += ["", f"Candidate accuracy maps answers onto {report['candidates']}."]
     if published := report.get("published"):
@@ -176,7 +198,13 @@ def write_report(out: Path, report: dict) -> None:
 
 
 TABLE_FORMATS = ("markdown", "latex", "csv")
-BENCHMARK_NAMES = {"vqa-rad": "VQA-RAD", "slake": "SLAKE", "pathvqa": "PathVQA", "llava-med": "LLaVA-Med format"}
+BENCHMARK_NAMES = {
+    "vqa-rad": "VQA-RAD",
+    "slake": "SLAKE",
+    "pathvqa": "PathVQA",
+    "pmc-vqa": "PMC-VQA",
+    "llava-med": "LLaVA-Med format",
+}
 
 
 def read_reports(runs: list[str | Path]) -> list[dict]:
@@ -201,37 +229,46 @@ def results_table(
 ) -> tuple[list[str], list[list[str]]]:
     """The papers' results table: a row per model (and prompt, where not plain), an open-recall and a
     closed-accuracy column per benchmark, in percent, and with `auroc` the closed yes/no AUROC by P(yes);
-    then the published rows, if any. A cell without a figure is "-"; with `intervals`, ours carry their
+    a multiple-choice accuracy column for a benchmark with such questions (PMC-VQA's only column); then
+    the published rows, if any. A cell without a figure is "-"; with `intervals`, ours carry their
     95 % interval."""
     from ..data.benchmarks import BENCHMARKS
 
     present = {r["benchmark"] for r in [*reports, *(published or {}).get("rows", [])]}
     benchmarks = [b for b in BENCHMARKS if b in present]
-    cells: dict[str, dict[str, list[str]]] = {}
+    cells: dict[str, dict[tuple[str, str], str]] = {}
     runs: dict[tuple[str, str], str] = {}
+    has_vqa = {row["benchmark"] for row in (published or {}).get("rows", [])}
+    has_choice = set()
     for report in reports:
         label = report["model"] + ("" if report.get("prompt", "plain") == "plain" else f" ({report['prompt']} prompt)")
-        if (label, report["benchmark"]) in runs:
-            raise ValueError(
-                f"{report['run']} and {runs[label, report['benchmark']]}: two runs of {label} on {report['benchmark']}"
-            )
-        runs[label, report["benchmark"]] = report["run"]
+        label += " (options ranked)" if report.get("rank_options") else ""
+        benchmark = report["benchmark"]
+        if (label, benchmark) in runs:
+            raise ValueError(f"{report['run']} and {runs[label, benchmark]}: two runs of {label} on {benchmark}")
+        runs[label, benchmark] = report["run"]
         scores, bounds = report["scores"]["all"], report.get("intervals", {})
+        if scores.get("n_open") or scores.get("n_closed"):
+            has_vqa.add(benchmark)
+        if scores.get("n_choice"):
+            has_choice.add(benchmark)
         row = cells.setdefault(label, {})
-        row[report["benchmark"]] = [
-            _percent(scores.get(key), bounds.get(key) if intervals else None)
-            for key in ("open_recall", "closed_accuracy")
-        ]
-        if auroc:
-            row[report["benchmark"]].append(_auroc_cell(report.get("closed_auroc"), intervals))
-    columns = ("open", "closed", "AUROC") if auroc else ("open", "closed")
+        for column, key in (("open", "open_recall"), ("closed", "closed_accuracy"), ("choice", "choice_accuracy")):
+            row[benchmark, column] = _percent(scores.get(key), bounds.get(key) if intervals else None)
+        row[benchmark, "AUROC"] = _auroc_cell(report.get("closed_auroc"), intervals)
     for entry in (published or {}).get("rows", []):
-        label = f"{entry['model']} (published)"
-        figures = [f"{entry['open']:.2f}", f"{entry['closed']:.2f}", "-"]
-        cells.setdefault(label, {})[entry["benchmark"]] = figures[: len(columns)]
-    header = ["model", *(f"{BENCHMARK_NAMES[b]} {column}" for b in benchmarks for column in columns)]
-    missing = ["-"] * len(columns)
-    rows = [[label, *(cell for b in benchmarks for cell in row.get(b, missing))] for label, row in cells.items()]
+        figures = {"open": f"{entry['open']:.2f}", "closed": f"{entry['closed']:.2f}"}
+        cells.setdefault(f"{entry['model']} (published)", {}).update(
+            {(entry["benchmark"], column): figure for column, figure in figures.items()}
+        )
+    vqa_columns = ("open", "closed", "AUROC") if auroc else ("open", "closed")
+    columns = [
+        (b, column)
+        for b in benchmarks
+        for column in (*(vqa_columns if b in has_vqa else ()), *(("choice",) if b in has_choice else ()))
+    ]
+    header = ["model", *(f"{BENCHMARK_NAMES[b]} {column}" for b, column in columns)]
+    rows = [[label, *(row.get(column, "-") for column in columns)] for label, row in cells.items()]
     return header, rows
 
 

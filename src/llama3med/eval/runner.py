@@ -4,7 +4,8 @@ run resumes where it stopped.
 Questions about one image share its work: the image is encoded once, and the prompt up to its last image
 token (the chat template's start and the image tokens, most of a short VQA prompt) goes through the LM
 once per image, even when its questions fall into two batches; each question's own tokens continue from
-that cached prefix.
+that cached prefix. Multiple-choice questions may instead be answered by ranking their options
+(`rank_options`), each option's tokens scored after the same prefix.
 
 The answers file has LLaVA-Med's fields (`question_id`, `prompt`, `text`, `answer_id`, `model_id`) and,
 once a run is complete, the benchmark's question order, so its own evaluator (which asserts that order)
@@ -14,10 +15,11 @@ reads it too. Under torchrun each process answers its share of the images into `
 
 from __future__ import annotations
 
+import itertools
 import json
 import uuid
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
@@ -26,23 +28,34 @@ import torch
 from tqdm import tqdm
 from transformers import DynamicCache
 
-from ..data.benchmarks import VQARecord, prompt_text
+from ..data.benchmarks import OPTION_LETTERS, VQARecord, prompt_text
 from ..data.conversations import read_appended_rows, repair_appended_rows, write_atomically
 from ..generation import Sampling
 from ..inference import question_messages, static_cache_decoder, yes_no_tokens, yes_probability
 from ..model import Llama3MedForConditionalGeneration
-from ..processing import Llama3MedProcessor, pad_sequences
+from ..processing import IGNORE_INDEX, Llama3MedProcessor, pad_sequences
 
 
-def answer_row(record: VQARecord, prompt: str, text: str, model_id: str, p_yes: float | None = None) -> dict:
-    """A line of `answers.jsonl`, in LLaVA-Med's answer format; `metadata` holds llama3med's `p_yes`."""
+def answer_row(
+    record: VQARecord,
+    prompt: str,
+    text: str,
+    model_id: str,
+    p_yes: float | None = None,
+    option_log_probs: list[float] | None = None,
+) -> dict:
+    """A line of `answers.jsonl`, in LLaVA-Med's answer format; `metadata` holds llama3med's `p_yes`
+    and, for a ranked multiple-choice question, each option's `option_log_probs`."""
+    metadata = {} if p_yes is None else {"p_yes": p_yes}
+    if option_log_probs is not None:
+        metadata["option_log_probs"] = option_log_probs
     return {
         "question_id": record.id,
         "prompt": prompt,
         "text": text,
         "answer_id": uuid.uuid4().hex,
         "model_id": model_id,
-        "metadata": {} if p_yes is None else {"p_yes": p_yes},
+        "metadata": metadata,
     }
 
 
@@ -141,19 +154,77 @@ def generate_answers(
     (default: when the model is on an accelerator) the next batch's images are read and preprocessed on
     a thread while this batch runs. On a CPU the thread takes cores from the model: on 2 cores it cost
     13 % (52 against 60 questions/s)."""
+    yes_no = yes_no_tokens(processor.tokenizer)
+    batches = _prefixed_batches(
+        model, processor, records, lambda r: prompt_text(r, prompt_style), batch_size, prefetch_images
+    )
+    for batch, prompts, questions, prefixes in batches:
+        if sampling is not None:
+            torch.manual_seed(zlib.crc32(f"{seed}:{batch[0].id}".encode()))
+        texts, p_yes = _answer_batch(model, processor, questions, prefixes, max_new_tokens, yes_no, sampling)
+        for record, prompt, text, p in zip(batch, prompts, texts, p_yes, strict=True):
+            yield record, prompt, text.strip(), p
+
+
+@torch.inference_mode()
+def rank_options(
+    model: Llama3MedForConditionalGeneration,
+    processor: Llama3MedProcessor,
+    records: Sequence[VQARecord],
+    prompt_style: str = "plain",
+    batch_size: int = 16,
+    prefetch_images: bool | None = None,
+) -> Iterator[tuple[VQARecord, str, str, list[float]]]:
+    """Yield `(record, prompt, answer, log_probs)` for multiple-choice records, in image order: each
+    option scored as the model's whole answer to the question asked without its options, `log P` of
+    the option's tokens and the end of the turn (as training supervises an answer) after the image's
+    cached prefix; the answer is the likeliest option, as "B. liver". Unlike reading a generated
+    letter, this needs no model taught to answer with letters: it asks what the model would say."""
+    batches = _prefixed_batches(
+        model, processor, records, lambda r: prompt_text(r, prompt_style, options=False), batch_size, prefetch_images
+    )
+    for batch, prompts, _, prefixes in batches:
+        rows = []  # (question's record index, the answer's tokens after the prefix, their labels)
+        for index, record in enumerate(batch):
+            prefix_length = prefixes[index][0][0].shape[1]  # the prompt's tokens up to its image's last
+            messages = question_messages(prompt_text(record, prompt_style, options=False))
+            for option in record.options:
+                encoded = processor.encode_conversation([*messages, {"role": "assistant", "content": option}])
+                rows.append((index, encoded["input_ids"][prefix_length:], encoded["labels"][prefix_length:]))
+        scores: list[list[float]] = [[] for _ in batch]
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            log_probs = _answer_log_probs(model, processor, [prefixes[i] for i, _, _ in chunk], chunk)
+            for (index, _, _), log_p in zip(chunk, log_probs, strict=True):
+                scores[index].append(log_p)
+        for record, prompt, log_probs in zip(batch, prompts, scores, strict=True):
+            best = max(range(len(log_probs)), key=log_probs.__getitem__)
+            yield record, prompt, f"{OPTION_LETTERS[best]}. {record.options[best]}", log_probs
+
+
+def _prefixed_batches(
+    model: Llama3MedForConditionalGeneration,
+    processor: Llama3MedProcessor,
+    records: Sequence[VQARecord],
+    question_of: Callable[[VQARecord], str],
+    batch_size: int,
+    prefetch_images: bool | None,
+) -> Iterator[tuple[list[VQARecord], list[str], list[list[int]], list[list[tuple[torch.Tensor, torch.Tensor]]]]]:
+    """The records sorted by image in batches, each with its prompts, each question's own tokens (after
+    the shared prefix) and each record's prefix keys and values, an image's kept while the next batch
+    still needs it; with `prefetch_images` the next batch's images are preprocessed on a thread."""
     ordered = sorted(records, key=lambda r: r.image_key)
     batches = [ordered[start : start + batch_size] for start in range(0, len(ordered), batch_size)]
     if prefetch_images is None:
         prefetch_images = model.device.type != "cpu"
     prefixes: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     loading: dict[str, Future] = {}
-    yes_no = yes_no_tokens(processor.tokenizer)
     loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-loader") if prefetch_images else None
     with loader or nullcontext():
         for index, batch in enumerate(batches):
             if loader is not None and index + 1 < len(batches):
                 _start_loading(loader, loading, processor, batch, batches[index + 1])
-            prompts = [processor.chat_prompt(question_messages(prompt_text(r, prompt_style))) for r in batch]
+            prompts = [processor.chat_prompt(question_messages(question_of(r))) for r in batch]
             token_ids = [processor.encode_text(p, num_images=1) for p in prompts]
             prefix_ids = shared_prefix(token_ids, model.config.image_token_id)
             images = {r.image_key: r for r in batch}  # one record per image: its file and frame
@@ -162,13 +233,8 @@ def generate_answers(
             if new:
                 pixels = torch.stack([_pixels(processor, loading, images[key]) for key in new]).to(model.device)
                 prefixes.update(zip(new, prefix_caches(model, prefix_ids, pixels), strict=True))
-            rows = [prefixes[r.image_key] for r in batch]
             questions = [ids[len(prefix_ids) :] for ids in token_ids]
-            if sampling is not None:
-                torch.manual_seed(zlib.crc32(f"{seed}:{batch[0].id}".encode()))
-            texts, p_yes = _answer_batch(model, processor, questions, rows, max_new_tokens, yes_no, sampling)
-            for record, prompt, text, p in zip(batch, prompts, texts, p_yes, strict=True):
-                yield record, prompt, text.strip(), p
+            yield batch, prompts, questions, [prefixes[r.image_key] for r in batch]
 
 
 def _start_loading(
@@ -232,10 +298,7 @@ def _answer_batch(
     question_ids, question_mask = pad_sequences(questions, processor.tokenizer.pad_token_id, "left")
     prefix_length = prefixes[0][0][0].shape[1]
     attention_mask = torch.cat([torch.ones(len(questions), prefix_length, dtype=torch.long), question_mask], dim=1)
-    prefix = [
-        (torch.stack([row[layer][0] for row in prefixes]), torch.stack([row[layer][1] for row in prefixes]))
-        for layer in range(len(prefixes[0]))
-    ]
+    prefix = _stacked(prefixes)
     question_embeds = model.embed_inputs(question_ids.to(device), None)
     first: list[torch.Tensor] = []
     new_tokens = static_cache_decoder(model)(
@@ -249,6 +312,43 @@ def _answer_batch(
     return processor.batch_decode(new_tokens), yes_probability(first[0], *yes_no)
 
 
+def _stacked(prefixes: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Rows' prefix keys and values, layer by layer, as one batch: `(rows, H, P, D)` each."""
+    return [
+        (torch.stack([row[layer][0] for row in prefixes]), torch.stack([row[layer][1] for row in prefixes]))
+        for layer in range(len(prefixes[0]))
+    ]
+
+
+def _answer_log_probs(
+    model: Llama3MedForConditionalGeneration,
+    processor: Llama3MedProcessor,
+    prefixes: list[list[tuple[torch.Tensor, torch.Tensor]]],
+    rows: list[tuple[int, list[int], list[int]]],
+) -> list[float]:
+    """Per row, the summed log-probability of its labelled tokens, the row's tokens continuing its
+    cached prefix. Right padding keeps every real token at the position it has alone."""
+    device = model.device
+    ids, mask = pad_sequences([tokens for _, tokens, _ in rows], processor.tokenizer.pad_token_id, "right")
+    labels, _ = pad_sequences([labels for _, _, labels in rows], IGNORE_INDEX, "right")
+    prefix_length = prefixes[0][0][0].shape[1]
+    attention_mask = torch.cat([torch.ones(len(rows), prefix_length, dtype=torch.long), mask], dim=1)
+    cache = DynamicCache(_stacked(prefixes), config=model.config.text_config)
+    logits = model.language_model(
+        inputs_embeds=model.embed_inputs(ids.to(device), None),
+        attention_mask=attention_mask.to(device),
+        cache=cache,
+        use_cache=True,
+    ).logits  # (rows, L, vocab): position t predicts token t + 1
+    targets = labels[:, 1:].to(device)
+    sums = []
+    for row in range(len(rows)):
+        kept = targets[row] != IGNORE_INDEX
+        log_p = torch.log_softmax(logits[row, :-1][kept].float(), dim=-1)
+        sums.append(float(log_p.gather(1, targets[row][kept, None]).sum()))
+    return sums
+
+
 def run(
     model: Llama3MedForConditionalGeneration,
     processor: Llama3MedProcessor,
@@ -260,23 +360,34 @@ def run(
     max_new_tokens: int = 64,
     sampling: Sampling | None = None,
     seed: int = 0,
+    rank_choices: bool = False,
 ) -> dict[str, str]:
     """Answer every record not yet in `answers_path`, appending line by line (greedy, or drawn with
-    `sampling` and `seed`: see `generate_answers`); returns all answers."""
+    `sampling` and `seed`: see `generate_answers`; with `rank_choices`, multiple-choice questions by
+    `rank_options`); returns all answers."""
     answers_path = Path(answers_path)
     answers_path.parent.mkdir(parents=True, exist_ok=True)
     done = {str(row["question_id"]): row for row in repair_appended_rows(answers_path)}
     pending = [r for r in records if r.id not in done]
+    ranked = [r for r in pending if rank_choices and r.options]
+    generated = [r for r in pending if not (rank_choices and r.options)]
     with (
         answers_path.open("a", encoding="utf-8") as out,
         tqdm(total=len(records), initial=len(records) - len(pending), unit="q", desc="answering") as bar,
     ):
-        for record, prompt, text, p_yes in generate_answers(
-            model, processor, pending, prompt_style, batch_size, max_new_tokens, sampling=sampling, seed=seed
-        ):
-            row = answer_row(record, prompt, text, model_id, p_yes)
+        rows = (
+            answer_row(record, prompt, text, model_id, p_yes)
+            for record, prompt, text, p_yes in generate_answers(
+                model, processor, generated, prompt_style, batch_size, max_new_tokens, sampling=sampling, seed=seed
+            )
+        )
+        ranked_rows = (
+            answer_row(record, prompt, text, model_id, option_log_probs=log_probs)
+            for record, prompt, text, log_probs in rank_options(model, processor, ranked, prompt_style, batch_size)
+        )
+        for row in itertools.chain(rows, ranked_rows):
             out.write(json.dumps(row) + "\n")
             out.flush()
-            done[record.id] = row
+            done[row["question_id"]] = row
             bar.update()
     return {qid: row["text"] for qid, row in done.items()}

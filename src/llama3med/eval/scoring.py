@@ -10,6 +10,8 @@ first yes/no word). Every closed question counts, as in the Llama3-Med evaluator
 Open questions get token precision, recall and F1 with counts (the papers' "open" column is the mean
 recall), the evaluator's "exact match" and sentence BLEU (NLTK's, unsmoothed), and the candidate-set
 accuracy. `tests/test_eval.py` checks every number against the evaluator on a prepared answers file.
+Multiple-choice questions, which that protocol does not have, get their accuracy: the option an answer
+picks (`chosen_option`: its letter, else the one option whose text it gives) against the right one.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from statistics import fmean as mean
 
 import numpy as np
 
-from ..data.benchmarks import VQARecord
+from ..data.benchmarks import OPTION_LETTERS, VQARecord
 
 PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
 PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")  # the evaluator's pattern, look-behind typo and all
@@ -97,6 +99,26 @@ def closed_hit(prediction: str, reference: str, strict: bool = False) -> bool:
         return first_yes_or_no(prediction) == normalize_answer(reference)
     prediction, reference = normalize_answer(prediction), normalize_answer(reference)
     return ("yes" in prediction or "no" in prediction) and reference in prediction
+
+
+def chosen_option(prediction: str, options: Sequence[str]) -> str | None:
+    """The letter of the option an answer picks, read as multiple-choice evaluations of generative
+    models read it: a letter alone or leading the answer ("B", "(B)", "B.", "B: kidney"), one after
+    "answer" or "option" ("The answer is B"), else the one option whose text the answer holds (of
+    "liver" and "liver cyst", an answer "liver cyst" picks the latter). None when it picks none or
+    several: such answers count as wrong."""
+    letters = OPTION_LETTERS[: len(options)]
+    text = prediction.strip()
+    alone = re.fullmatch(rf"\(?([{letters}])\)?\.?", text, flags=re.IGNORECASE)
+    leading = re.match(rf"\(?([{letters}])[.:),]", text)
+    named = re.search(rf"\b(?i:answer|option|choice)\b\W*(?:(?i:is)\W+)?\(?([{letters}])\b", text)
+    if found := alone or leading or named:
+        return found.group(1).upper()
+    said = f" {normalize_answer(text)} "
+    words = [normalize_answer(option) for option in options]
+    given = [i for i, option in enumerate(words) if option and f" {option} " in said]
+    widest = [i for i in given if not any(words[i] in words[j] for j in given if j != i)]
+    return letters[widest[0]] if len(widest) == 1 else None
 
 
 def token_scores(prediction: str, reference: str) -> tuple[float, float, float]:
@@ -203,7 +225,12 @@ def _group_scores(
 ) -> dict:
     closed = [closed_hit(predictions[r.id], r.answer, strict) for r in records if r.answer_type == "CLOSED"]
     open_records = [r for r in records if r.answer_type == "OPEN"]
+    chosen = [(chosen_option(predictions[r.id], r.options), r.answer) for r in records if r.answer_type == "CHOICE"]
     result = {"n_closed": len(closed), "n_open": len(open_records)}
+    if chosen:
+        result["n_choice"] = len(chosen)
+        result["choice_accuracy"] = mean(pick == answer for pick, answer in chosen)
+        result["choice_unread"] = mean(pick is None for pick, _ in chosen)  # answers that picked no option
     if closed:
         result["closed_accuracy"] = sum(closed) / len(closed)
     if open_records:
@@ -221,19 +248,21 @@ def _group_scores(
     return result
 
 
-HEADLINE_METRICS = {"closed_accuracy": (0, 1), "open_recall": (2, 3)}  # (total, count) rows of the sums
+HEADLINE_METRICS = {"closed_accuracy": (0, 1), "open_recall": (2, 3), "choice_accuracy": (4, 5)}  # sums' rows
 
 
 def _image_sums(records: Sequence[VQARecord], predictions: Mapping[str, str], strict: bool) -> np.ndarray:
-    """`(4, images)`: per image, in the records' order of images, the closed hits, closed questions, open
-    recall and open questions."""
+    """`(6, images)`: per image, in the records' order of images, the closed hits, closed questions, open
+    recall, open questions, multiple-choice hits and multiple-choice questions."""
     check_predictions(records, predictions)
     keys = {key: i for i, key in enumerate(dict.fromkeys(r.image_key for r in records))}
-    sums = np.zeros((4, len(keys)))
+    sums = np.zeros((6, len(keys)))
     for record in records:
         image, prediction = keys[record.image_key], predictions[record.id]
         if record.answer_type == "CLOSED":
             sums[0:2, image] += closed_hit(prediction, record.answer, strict), 1
+        elif record.answer_type == "CHOICE":
+            sums[4:6, image] += chosen_option(prediction, record.options) == record.answer, 1
         else:
             sums[2:4, image] += token_scores(prediction, record.answer)[2], 1
     return sums
@@ -358,11 +387,18 @@ def calibration(labels: np.ndarray, scores: np.ndarray, bins: int = 10) -> dict:
     return {"brier": float(((scores - truth) ** 2).mean()), "ece": float(sum(gaps)), "ece_bins": bins}
 
 
-def majority_baseline(records: Sequence[VQARecord]) -> float:
-    """Closed accuracy of always giving each question's most common answer (by question text)."""
+def choice_chance(records: Sequence[VQARecord]) -> float | None:
+    """The multiple-choice accuracy of picking an option at random; None without such questions."""
+    counts = [len(r.options) for r in records if r.answer_type == "CHOICE"]
+    return mean(1 / count for count in counts) if counts else None
+
+
+def majority_baseline(records: Sequence[VQARecord]) -> float | None:
+    """Closed accuracy of always giving each question's most common answer (by question text); None
+    without closed questions."""
     by_question: dict[str, Counter] = defaultdict(Counter)
     closed = [r for r in records if r.answer_type == "CLOSED"]
     for record in closed:
         by_question[record.question][normalize_answer(record.answer)] += 1
     hits = sum(counts.most_common(1)[0][1] for counts in by_question.values())
-    return hits / len(closed) if closed else 0.0
+    return hits / len(closed) if closed else None

@@ -1,7 +1,8 @@
 """Benchmark accuracy while a stage trains. The loss says little about whether answers are getting
 right; every `every` steps (and at the end) the model answers a VQA set's first `limit` questions as
 `llama3med eval` answers them (greedy, each image encoded once) and is scored as `eval` scores them.
-The closed accuracy, open recall and closed yes/no AUROC (by P(yes)) go into the Trainer's logs
+The closed accuracy, open recall, closed yes/no AUROC (by P(yes)) and, for multiple-choice questions
+(PMC-VQA's), the choice accuracy go into the Trainer's logs
 (TensorBoard, the progress lines, the checkpoints' `trainer_state.json`) and, with the step, into
 `OUTPUT_DIR/vqa_eval.jsonl`.
 
@@ -22,7 +23,7 @@ from ..eval.scoring import closed_auroc, score
 from ..inference import release_decoder
 
 VQA_EVAL_FILE = "vqa_eval.jsonl"
-HEADLINES = ("closed_accuracy", "open_recall")
+HEADLINES = ("closed_accuracy", "open_recall", "choice_accuracy")
 
 
 class VQAEvalCallback(TrainerCallback):
