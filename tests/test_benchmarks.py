@@ -45,6 +45,7 @@ def test_vqa_rad_official_json_keeps_the_test_phrase_types(tmp_path):
     (tmp_path / "VQA_RAD Image Folder").mkdir()
     (tmp_path / "VQA_RAD Image Folder" / "synpic1.jpg").write_bytes(png_bytes(10))
     row = {"image_name": "synpic1.jpg", "answer_type": "CLOSED", "question_type": "PRES", "answer": "Yes"}
+    row["image_organ"] = "ABD"
     rows = [
         {**row, "qid": 1, "phrase_type": "freeform", "question": "Is there a mass?"},
         {**row, "qid": 4, "phrase_type": "para", "question": "Where?", "answer": "Liver", "answer_type": "OPEN"},
@@ -64,6 +65,7 @@ def test_vqa_rad_official_json_keeps_the_test_phrase_types(tmp_path):
         ("2", "Yes", "CLOSED", "PRES"),
         ("3", "2", "OPEN", "PRES"),
     ]
+    assert {r.strata for r in records} == {(("organ", "ABD"),)}  # scored per organ too
     assert [r.id for r in load_vqa_rad(tmp_path, split="train")] == ["1", "4"]
     assert records[0].image_key == records[1].image_key  # one image, encoded once
     # The candidate set of the open "accuracy" is the train split's open answers, as in LLaVA-Med.
@@ -88,12 +90,14 @@ def test_slake_keeps_english_questions_by_default(tmp_path):
     (tmp_path / "imgs" / "xmlab1").mkdir(parents=True)
     (tmp_path / "imgs" / "xmlab1" / "source.jpg").write_bytes(png_bytes(5))
     base = {"img_name": "xmlab1/source.jpg", "answer_type": "OPEN", "content_type": "Organ", "answer": "Lung"}
+    base |= {"modality": "CT", "location": "Lung"}
     rows = [
         {**base, "qid": 10, "q_lang": "en", "question": "Which organ?"},
         {**base, "qid": 11, "q_lang": "zh", "question": "哪个器官?"},
     ]
     (tmp_path / "test.json").write_text(json.dumps(rows, ensure_ascii=False))
     assert [(r.id, r.question_type) for r in load_slake(tmp_path)] == [("10", "Organ")]
+    assert load_slake(tmp_path)[0].strata == (("modality", "CT"), ("location", "Lung"))  # scored by each too
     assert len(load_slake(tmp_path, language=None)) == 2
     train = [{**base, "qid": 1, "q_lang": "en", "question": "Which organ is this?", "answer": "Heart"}]
     (tmp_path / "train.json").write_text(json.dumps(train))

@@ -167,6 +167,31 @@ def test_published_figures_outside_this_runs_interval_are_marked():
     assert comparison_rows(report, published) == [["this run (ours)", "60.00", "80.00"], ["theirs", "70.00 *", "82.00"]]
 
 
+def test_scores_are_broken_down_by_question_type_and_by_the_releases_other_groupings():
+    def record(qid, question_type, modality, location):
+        strata = (("modality", modality), ("location", location))
+        return VQARecord(qid, b"", "Is there a mass?", "yes", "CLOSED", "slake", "test", question_type, strata=strata)
+
+    records = [
+        record("1", "Abnormality", "CT", "Lung"),
+        record("2", "Organ", "MRI", "Brain"),
+        record("3", "Abnormality", "CT", "Abdomen"),
+    ]
+    scores = score(records, {"1": "yes", "2": "no", "3": "yes"})
+    assert list(scores) == [
+        "all",
+        "question_type=Abnormality",
+        "question_type=Organ",
+        "modality=CT",
+        "modality=MRI",
+        "location=Lung",
+        "location=Brain",
+        "location=Abdomen",
+    ]
+    assert (scores["modality=CT"]["closed_accuracy"], scores["modality=MRI"]["closed_accuracy"]) == (1.0, 0.0)
+    assert scores["location=Abdomen"]["n_closed"] == 1
+
+
 def test_scores_need_one_prediction_per_question(tmp_path):
     records = [VQARecord("q1", tmp_path, "Is there a lesion?", "yes", "CLOSED", "x", question_type="presence")]
     with pytest.raises(ValueError, match=r"missing \['q1'\], extra \['q9'\]"):

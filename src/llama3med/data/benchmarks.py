@@ -46,6 +46,7 @@ class VQARecord:
     frame: int | None = None  # a volume's or series' slice, a multi-frame DICOM's frame; None: the middle
     window: Window = None  # DICOM/NIfTI: (centre, width) or a CT preset; None: the file's own display
     options: tuple[str, ...] = ()  # CHOICE: the options' texts, lettered A, B, ... in this order
+    strata: tuple[tuple[str, str], ...] = ()  # the release's other groupings: SLAKE's modality, VQA-RAD's organ
     image_key: str = field(default="", compare=False)  # identifies the image as shown, for encoding it once
 
     def __post_init__(self) -> None:
@@ -120,6 +121,11 @@ def _choice_answer(answer, options: tuple[str, ...], name: str) -> str:
     if len(matches) != 1:
         raise ValueError(f"{name}: answer {text!r} is neither an option's letter nor exactly one option's text")
     return OPTION_LETTERS[matches[0]]
+
+
+def _strata(raw: dict, fields: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """`(name, value)` of each of a record's `fields` (name -> the release's key) that it fills."""
+    return tuple((name, str(raw[key]).strip()) for name, key in fields.items() if str(raw.get(key) or "").strip())
 
 
 def _image_file(root: Path, relative, name: str, check: bool) -> Path:
@@ -276,6 +282,7 @@ def load_vqa_rad(
                 "vqa-rad",
                 split,
                 raw.get("question_type") and str(raw["question_type"]),
+                strata=_strata(raw, {"organ": "image_organ"}),
             )
         )
     return _unique(records, path)
@@ -308,6 +315,7 @@ def load_slake(
                 "slake",
                 split,
                 raw.get("content_type") and str(raw["content_type"]),
+                strata=_strata(raw, {"modality": "modality", "location": "location"}),
             )
         )
     return _unique(records, file)

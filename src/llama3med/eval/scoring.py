@@ -194,7 +194,9 @@ def score(
     strict: bool = False,
     candidates: Sequence[str] | None = None,
 ) -> dict:
-    """Scores of `predictions` (question id -> text) against `records`, overall and by question type.
+    """Scores of `predictions` (question id -> text) against `records`, overall, by question type and
+    by each of the release's other groupings (`VQARecord.strata`: SLAKE's modality and location,
+    VQA-RAD's organ), as `all`, `question_type=PRES`, `modality=CT`, ... in that order.
 
     `candidates` is the answer set of the open "accuracy" (LLaVA-Med uses the training split's open
     answers, `train_open_answers.json`); by default, the open answers of `records` themselves.
@@ -205,11 +207,16 @@ def score(
         candidates = [r.answer for r in records if r.answer_type == "OPEN"]
     candidates = candidate_answers(candidates)
     groups: dict[str, list[VQARecord]] = defaultdict(list)
+    kinds = {"all": 0, "question_type": 1}
     for record in records:
         groups["all"].append(record)
         if record.question_type:
             groups[f"question_type={record.question_type}"].append(record)
-    return {name: _group_scores(group, predictions, strict, candidates) for name, group in groups.items()}
+        for name, value in record.strata:
+            kinds.setdefault(name, len(kinds))
+            groups[f"{name}={value}"].append(record)
+    ordered = sorted(groups, key=lambda group: kinds[group.split("=")[0]])  # stable: first seen first
+    return {name: _group_scores(groups[name], predictions, strict, candidates) for name in ordered}
 
 
 def check_predictions(records: Sequence[VQARecord], predictions: Mapping[str, str]) -> None:
