@@ -14,6 +14,7 @@ from llama3med.cli import main
 from llama3med.data.benchmarks import VQARecord, load_benchmark, load_llava_med, prompt_text
 from llama3med.data.phantoms import write_phantom_set
 from llama3med.eval import choice_chance, chosen_option, confidence_intervals, paired_difference, score
+from llama3med.eval.report import comparison_rows, load_published
 from llama3med.inference import question_messages
 
 PMC_VQA_COLUMNS = ["Figure_path", "Question", "Answer", "Choice A", "Choice B", "Choice C", "Choice D", "Answer_label"]
@@ -179,26 +180,45 @@ def answer_rows(out) -> dict[str, dict]:
 
 
 def test_eval_scores_the_option_each_answer_picks_and_table_prints_the_choice_column(phantom_pmc_vqa, tmp_path, capsys):
-    out = tmp_path / "generated"
+    out, published = tmp_path / "generated", tmp_path / "published.yaml"
+    published.write_text("source: a test's own table\nrows:\n  - {model: theirs, benchmark: pmc-vqa, choice: 99.5}\n")
     args = ["--model", str(DEMO_MODEL_DIR), "--benchmark", "pmc-vqa", "--data", str(phantom_pmc_vqa)]
-    assert main(["eval", *args, "--out", str(out), "--max-new-tokens", "4"]) == 0
+    assert main(["eval", *args, "--out", str(out), "--max-new-tokens", "4", "--compare", str(published)]) == 0
     records, rows = load_benchmark("pmc-vqa", phantom_pmc_vqa), answer_rows(out)
     assert all(prompt_text(r, "plain") in rows[r.id]["prompt"] for r in records)  # asked with its options
     report = json.loads((out / "report.json").read_text())
     assert report["scores"] == score(records, {qid: row["text"] for qid, row in rows.items()})
     assert report["scores"]["all"]["n_choice"] == len(records) and report["choice_chance"] == choice_chance(records)
-    assert "| group | choice | choice unread | n choice |" in (out / "report.md").read_text()
+    markdown = (out / "report.md").read_text()
+    assert "| group | choice | choice unread | n choice |" in markdown
+    assert "| model | choice |\n|---|---|\n" in markdown and "| theirs | 99.50 * |" in markdown
     capsys.readouterr()
     scoring = ["--benchmark", "pmc-vqa", "--gt", str(phantom_pmc_vqa), "--pred", str(out / "answers.jsonl")]
     assert main(["score", *scoring, "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == report["scores"]
-    assert main(["table", str(out)]) == 0
+    assert main(["table", str(out), "--published", str(published)]) == 0
     accuracy = 100 * report["scores"]["all"]["choice_accuracy"]
     assert capsys.readouterr().out.splitlines() == [
         "| model | PMC-VQA choice |",
         "|---|---:|",
         f"| {DEMO_MODEL_DIR} | {accuracy:.2f} |",
+        "| theirs (published) | 99.50 |",
     ]
+
+
+def test_published_multiple_choice_figures_are_compared_with_this_runs_interval(tmp_path):
+    report = {"model": "ours", "benchmark": "pmc-vqa", "scores": {"all": {"n_choice": 9, "choice_accuracy": 0.5}}}
+    report["intervals"] = {"choice_accuracy": [0.4, 0.6]}
+    published = {
+        "rows": [
+            {"model": "a", "benchmark": "pmc-vqa", "choice": 55.0},
+            {"model": "b", "benchmark": "pmc-vqa", "choice": 70.0},
+        ]
+    }
+    assert comparison_rows(report, published) == [["this run (ours)", "50.00"], ["a", "55.00"], ["b", "70.00 *"]]
+    (tmp_path / "bad.yaml").write_text("source: paper\nrows:\n  - {model: m, benchmark: pmc-vqa, choice: high}\n")
+    with pytest.raises(ValueError, match="row 0: 'choice' is missing or not a number"):
+        load_published(tmp_path / "bad.yaml")
 
 
 def whole_answer_log_prob(model, processor, record: VQARecord, option: str) -> float:

@@ -117,9 +117,13 @@ def format_table(
     return "\n".join(lines)
 
 
+PUBLISHED_FIGURES = {"open": "open_recall", "closed": "closed_accuracy", "choice": "choice_accuracy"}
+
+
 def load_published(path: str | Path) -> dict:
     """Published results to print beside ours: YAML or JSON with a `source` and `rows` of `model`,
-    `benchmark`, `open` (recall, percent) and `closed` (accuracy, percent); see docs/evaluation.md."""
+    `benchmark`, and `open` (recall, percent) and `closed` (accuracy, percent), or for a multiple-choice
+    benchmark `choice` (accuracy, percent); see docs/evaluation.md."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: published results file not found")
@@ -127,26 +131,39 @@ def load_published(path: str | Path) -> dict:
     if not isinstance(data, dict) or not isinstance(data.get("source"), str) or not isinstance(data.get("rows"), list):
         raise ValueError(f"{path}: expected a mapping with 'source' (text) and 'rows' (a list)")
     for number, row in enumerate(data["rows"]):
-        for key, kind in (("model", str), ("benchmark", str), ("open", (int, float)), ("closed", (int, float))):
-            if not isinstance(row, dict) or not isinstance(row.get(key), kind):
+        figures = ("choice",) if isinstance(row, dict) and "choice" in row else ("open", "closed")
+        for key, kind in (("model", str), ("benchmark", str), *((figure, (int, float)) for figure in figures)):
+            if not isinstance(row, dict) or not isinstance(row.get(key), kind) or isinstance(row.get(key), bool):
                 expected = "text" if kind is str else "number (percent)"
                 raise ValueError(f"{path}: row {number}: '{key}' is missing or not a {expected}")
     return data
 
 
+def comparison_columns(report: dict) -> list[str]:
+    """The published figures a run is compared on: choice where it has multiple-choice questions, open
+    and closed unless it has only those."""
+    ours = report["scores"]["all"]
+    choice = bool(ours.get("n_choice"))
+    vqa = ["open", "closed"] if not choice or ours.get("n_open") or ours.get("n_closed") else []
+    return vqa + (["choice"] if choice else [])
+
+
 def comparison_rows(report: dict, published: dict) -> list[list[str]]:
-    """`[model, open recall, closed]` rows in percent: this run first, then the published rows of its
-    benchmark. A published figure outside this run's interval is marked `*`: it differs from ours by more
-    than resampling the test images would explain."""
+    """`[model, figure, ...]` rows in percent, a figure per `comparison_columns`: this run first, then
+    the published rows of its benchmark. A published figure outside this run's interval is marked `*`:
+    it differs from ours by more than resampling the test images would explain."""
     ours, intervals = report["scores"]["all"], report.get("intervals", {})
-    keys = ("open_recall", "closed_accuracy")
+    keys = [PUBLISHED_FIGURES[column] for column in comparison_columns(report)]
     cells = [f"{100 * ours[k]:.2f}" if k in ours else "-" for k in keys]
     rows = [[f"this run ({report['model']})", *cells]]
     for row in published["rows"]:
         if row["benchmark"] == report["benchmark"]:
             figures = []
-            for key, value in zip(keys, (row["open"], row["closed"]), strict=True):
-                low, high = intervals.get(key, (0.0, 1.0))
+            for column in comparison_columns(report):
+                if (value := row.get(column)) is None:
+                    figures.append("-")
+                    continue
+                low, high = intervals.get(PUBLISHED_FIGURES[column], (0.0, 1.0))
                 figures.append(f"{value:.2f}" + ("" if 100 * low <= value <= 100 * high else " *"))
             rows.append([row["model"], *figures])
     return rows
@@ -187,7 +204,8 @@ def write_report(out: Path, report: dict) -> None:
         lines += ["", f"Candidate accuracy maps answers onto {report['candidates']}."]
     if published := report.get("published"):
         lines += ["", "## Beside published results", "", f"Source: {published['source']}", ""]
-        lines += ["| model | open (recall) | closed |", "|---|---|---|"]
+        columns = [{"open": "open (recall)"}.get(column, column) for column in comparison_columns(report)]
+        lines += ["| " + " | ".join(["model", *columns]) + " |", "|---|" + "---|" * len(columns)]
         lines += ["| " + " | ".join(row) + " |" for row in comparison_rows(report, published)]
         if report.get("intervals"):
             lines += [
@@ -238,8 +256,7 @@ def results_table(
     benchmarks = [b for b in BENCHMARKS if b in present]
     cells: dict[str, dict[tuple[str, str], str]] = {}
     runs: dict[tuple[str, str], str] = {}
-    has_vqa = {row["benchmark"] for row in (published or {}).get("rows", [])}
-    has_choice = set()
+    has_vqa, has_choice = set(), set()
     for report in reports:
         label = report["model"] + ("" if report.get("prompt", "plain") == "plain" else f" ({report['prompt']} prompt)")
         label += " (options ranked)" if report.get("rank_options") else ""
@@ -257,7 +274,8 @@ def results_table(
             row[benchmark, column] = _percent(scores.get(key), bounds.get(key) if intervals else None)
         row[benchmark, "AUROC"] = _auroc_cell(report.get("closed_auroc"), intervals)
     for entry in (published or {}).get("rows", []):
-        figures = {"open": f"{entry['open']:.2f}", "closed": f"{entry['closed']:.2f}"}
+        figures = {column: f"{entry[column]:.2f}" for column in PUBLISHED_FIGURES if column in entry}
+        (has_choice if "choice" in figures else has_vqa).add(entry["benchmark"])
         cells.setdefault(f"{entry['model']} (published)", {}).update(
             {(entry["benchmark"], column): figure for column, figure in figures.items()}
         )
