@@ -11,10 +11,11 @@ import torch
 
 from llama3med.checkpoints import DEMO_MODEL_DIR, load
 from llama3med.cli import main
-from llama3med.data.benchmarks import VQARecord, load_benchmark, load_llava_med, prompt_text
+from llama3med.data.benchmarks import VQARecord, load_benchmark, load_llava_med, load_questions, prompt_text
 from llama3med.data.phantoms import write_phantom_set
 from llama3med.eval import choice_chance, chosen_option, confidence_intervals, paired_difference, score
 from llama3med.eval.report import comparison_rows, load_published
+from llama3med.explain import answer_relevance
 from llama3med.inference import question_messages
 
 PMC_VQA_COLUMNS = ["Figure_path", "Question", "Answer", "Choice A", "Choice B", "Choice C", "Choice D", "Answer_label"]
@@ -257,5 +258,44 @@ def test_ranked_options_are_their_likelihoods_as_the_whole_answer_and_beat_chanc
     capsys.readouterr()
     assert main(["eval", *args, "--out", str(out)]) == 1  # resumed without ranking: answers would mix
     assert "rank_options True -> False" in capsys.readouterr().err
-    assert main(["eval", *args, "--out", str(tmp_path / "other"), "--rank-options", "--heatmaps"]) == 1
-    assert "--rank-options and --heatmaps" in capsys.readouterr().err
+    endpoint = ["--api-url", "http://127.0.0.1:9/v1", *args[2:], "--out", str(tmp_path / "api"), "--rank-options"]
+    assert main(["eval", *endpoint]) == 1  # an endpoint gives no answer's likelihood
+    assert "--rank-options: for a local --model" in capsys.readouterr().err
+
+
+def test_answer_classifies_a_folder_by_ranking_options_and_gives_each_options_probability(phantom_pmc_vqa, tmp_path):
+    out, question = tmp_path / "classified", "What imaging modality is this?"
+    asked = ["answer", str(phantom_pmc_vqa / "images"), "--question", question, "--option", "CT", "--option", "MRI"]
+    assert main([*asked, "--rank-options", "--model", str(DEMO_MODEL_DIR), "--out", str(out), "--heatmaps"]) == 0
+    with (out / "answers.csv").open(newline="") as table:
+        rows = list(csv.DictReader(table))
+    truth = {
+        record["image"]: record["conversations"][1]["value"]
+        for record in json.loads((phantom_pmc_vqa / "test.json").read_text())
+        if record["question_type"] == "modality" and record["answer_type"] == "OPEN"
+    }
+    assert sorted(row["image"].rsplit("/", 1)[1] for row in rows) == sorted(truth)
+    for row in rows:
+        probabilities = json.loads(row["option_probabilities"])
+        assert set(probabilities) == {"CT", "MRI"} and sum(probabilities.values()) == pytest.approx(1)
+        assert row["option"] == max(probabilities, key=probabilities.get) == truth[row["image"].rsplit("/", 1)[1]]
+        assert row["answer"] == f"{'AB'[['CT', 'MRI'].index(row['option'])]}. {row['option']}"
+
+    model, processor = load(DEMO_MODEL_DIR)  # a ranked answer's heat map explains the option it picked
+    first = rows[0]
+    numbers = json.loads((out / "heatmaps" / f"{first['question_id']}.json").read_text())
+    expected = answer_relevance(model, processor, first["image"], question, first["option"])
+    assert numbers["answer"] == first["option"]
+    assert torch.tensor(numbers["relevance"]) == pytest.approx(expected.relevance, abs=1e-6)
+
+
+def test_a_questions_file_may_give_each_question_options(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    question = {"question_id": "q1", "image": "a.png", "text": "Which view?", "options": ["PA", "lateral"]}
+    without = {**question, "question_id": "q2", "options": None}
+    (tmp_path / "questions.jsonl").write_text(json.dumps(question) + "\n" + json.dumps(without) + "\n")
+    first, second = load_questions(tmp_path / "questions.jsonl")
+    assert (first.options, second.options) == (("PA", "lateral"), ())
+    (tmp_path / "questions.jsonl").write_text(json.dumps({**question, "options": ["PA", "PA"]}) + "\n")
+    with pytest.raises(ValueError, match="q1: option 'PA' is given twice"):
+        load_questions(tmp_path / "questions.jsonl")

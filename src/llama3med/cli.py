@@ -225,9 +225,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
     _check_model_source_options(args)
     if args.heatmaps:
         _check_heat_map_options(args, "--heatmaps")
-    if args.rank_options and (args.api_url or args.heatmaps):
-        flag = "--api-url" if args.api_url else "--heatmaps"
-        raise ValueError(f"--rank-options and {flag}: ranking reads a local --model's scores, and explains no answer")
     records = load_benchmark(args.benchmark, args.data, args.split, args.image_root)
     candidates, candidates_source = _candidate_answers(args, args.data, records)
     published = load_published(args.compare) if args.compare else None
@@ -241,7 +238,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         run_facts = {"model": settings["model"], "api_url": args.api_url}
     else:
         rank, world_size, device = _start_answering_processes(args)
-        settings = {**_run_settings(args, device, **inputs), "rank_options": args.rank_options}
+        settings = _run_settings(args, device, **inputs)
         check_run_settings(out, settings)
         model, processor = _load_for_answering(args.model, device, args)
         if args.compile:
@@ -326,6 +323,7 @@ def _check_model_source_options(args: argparse.Namespace) -> None:
     if args.api_url:
         local_only = {"--device": args.device, "--dtype": args.dtype, "--fp8": args.fp8, "--load-4bit": args.load_4bit}
         local_only.update({"--compile": args.compile, "--batch-size": args.batch_size})
+        local_only["--rank-options"] = args.rank_options  # an endpoint gives no answer's likelihood
         given = [flag for flag, value in local_only.items() if value]
         if given:
             raise ValueError(f"{', '.join(given)}: for a local --model; the endpoint at --api-url decides its own")
@@ -398,7 +396,7 @@ def _answer_in_processes(args, model, processor, records: list, out: Path, rank:
         max_new_tokens=args.max_new_tokens,
         sampling=sampling,
         seed=seed,
-        rank_choices=getattr(args, "rank_options", False),  # `answer` has no such option
+        rank_choices=args.rank_options,
     )
     if world_size > 1:
         dist.barrier()
@@ -439,9 +437,9 @@ def cmd_answer(args: argparse.Namespace) -> None:
                 f"{args.questions} is a folder of images: give --question to ask about each (--image-root is for "
                 "a questions file)"
             )
-        records = folder_questions(args.questions, args.question, args.window, args.slice_step)
-    elif args.question or args.slice_step:
-        folder_only = {"--question": args.question, "--slice-step": args.slice_step}
+        records = folder_questions(args.questions, args.question, args.window, args.slice_step, args.option)
+    elif args.question or args.slice_step or args.option:
+        folder_only = {"--question": args.question, "--slice-step": args.slice_step, "--option": args.option}
         flags = ", ".join(flag for flag, value in folder_only.items() if value)
         raise ValueError(f"{flags}: for a folder of images; {args.questions} is a questions file")
     else:
@@ -452,6 +450,8 @@ def cmd_answer(args: argparse.Namespace) -> None:
         inputs["window"] = args.window
     if args.slice_step is not None:
         inputs["slice_step"] = args.slice_step
+    if args.option:
+        inputs["options"] = args.option
     if args.heatmaps:
         _check_heat_map_options(args, "--heatmaps")
     if args.api_url:
@@ -488,7 +488,8 @@ def _heat_map_refusal(args: argparse.Namespace, flag: str) -> str | None:
 def _write_heat_maps(model, processor, records: list, out: Path, prompt_style: str) -> None:
     """`out/heatmaps/ID.png` for each answered question, as `ask --heatmap` draws it, and `ID.json`, its
     relevance over the base grid in numbers, to compare with a mask; a map already drawn is kept, so an
-    interrupted run picks up where it stopped."""
+    interrupted run picks up where it stopped. A ranked multiple-choice answer is explained as it was
+    made: its option's text, after the question asked without the options."""
     import hashlib
     import io
     import json
@@ -515,8 +516,11 @@ def _write_heat_maps(model, processor, records: list, out: Path, prompt_style: s
         if explaining != record.image_key:
             explainer = ImageExplainer(model, processor, record.image, record.window, record.frame)
             explaining = record.image_key
-        answer = answers[record.id]["text"]
-        explained = explainer(prompt_text(record, prompt_style), answer)
+        answer, question = answers[record.id]["text"], prompt_text(record, prompt_style)
+        if scores := (answers[record.id].get("metadata") or {}).get("option_log_probs"):  # ranked: its option
+            answer = record.options[scores.index(max(scores))]
+            question = prompt_text(record, prompt_style, options=False)
+        explained = explainer(question, answer)
         numbers = {"question_id": record.id, "answer": answer, "relevance": explained.relevance.tolist()}
         write_atomically(path.with_suffix(".json"), json.dumps(numbers) + "\n")
         picture = io.BytesIO()
@@ -682,6 +686,7 @@ def _run_settings(args: argparse.Namespace, device, **inputs: object) -> dict[st
         "dtype": str(inference_dtype(device, args.dtype)).removeprefix("torch."),
         "fp8": args.fp8,
         "load_4bit": args.load_4bit,
+        "rank_options": args.rank_options,
     }
 
 
@@ -948,6 +953,13 @@ def _add_batch_answering_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive, default=None, help="questions decoded together (default: 16)")
     p.add_argument("--max-new-tokens", type=_positive, default=64)
     _add_sampling_options(p, "0: greedy (the default); above 0, sampled, as LLaVA-Med's model_vqa does at 0.2")
+    p.add_argument(
+        "--rank-options",
+        action="store_true",
+        help="multiple-choice questions: answer with the option the model scores likeliest as its whole answer to "
+        "the question asked alone, instead of reading the letter it writes (for models not taught to answer with "
+        "letters)",
+    )
     _add_loading_options(p)
     _add_compile_option(p)
 
@@ -1146,13 +1158,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory: answers.jsonl, report.md, report.json")
     p.add_argument("--limit", type=_positive, default=None, help="first N questions only")
     _add_batch_answering_options(p)
-    p.add_argument(
-        "--rank-options",
-        action="store_true",
-        help="multiple-choice questions: answer with the option the model scores likeliest as its whole answer to "
-        "the question asked alone, instead of reading the letter it writes (for models not taught to answer with "
-        "letters)",
-    )
     _add_heat_maps_option(p)
     p.add_argument(
         "--compare",
@@ -1174,6 +1179,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         help="with a folder: the question to ask about every image in it (repeatable)",
+    )
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        help="with a folder: an option each --question chooses among (repeat, 2 to 8; with --rank-options, a "
+        "zero-shot classification of the folder with each option's probability)",
     )
     p.add_argument(
         "--window",

@@ -108,6 +108,8 @@ def _options(values: Sequence, name: str) -> tuple[str, ...]:
     for letter, value in zip(OPTION_LETTERS, values, strict=False):
         text = _text(value, name, f"option {letter}")
         options.append(re.sub(rf"^\(?{letter}\s*[:.)]\s*", "", text).strip() or text)
+    if repeated := sorted({option for option in options if options.count(option) > 1}):
+        raise ValueError(f"{name}: option {repeated[0]!r} is given twice")
     return tuple(options)
 
 
@@ -207,7 +209,8 @@ def load_llava_med(
 def load_questions(path: str | Path, image_root: str | Path | None = None, window: Window = None) -> list[VQARecord]:
     """Questions to answer without references, in LLaVA-Med's `model_vqa` question format (JSON or
     JSONL): `{question_id, image, text}` per record (`id` and `question` are read too), with an optional
-    `frame` and `window` (else `window`); images are looked up as `load_llava_med` looks them up."""
+    `frame` and `window` (else `window`), and `options` (a list of texts) for a multiple-choice question;
+    images are looked up as `load_llava_med` looks them up."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: questions file not found")
@@ -222,23 +225,33 @@ def load_questions(path: str | Path, image_root: str | Path | None = None, windo
         question = _text(None if text is None else str(text).replace(IMAGE_PLACEHOLDER, ""), name, "question")
         image = _image_file(root, raw.get("image"), name, check=True)
         shown = {"frame": record_frame(raw, name), "window": record_window(raw, name) or window}
+        options = raw.get("options")
+        if options is not None and not isinstance(options, list):
+            raise ValueError(f"{name}: options must be a list of texts")
+        shown["options"] = _options(options, name) if options else ()
         records.append(VQARecord(str(qid), image, question, "", "", "questions", **shown))
     return _unique(records, path)
 
 
 def folder_questions(
-    root: str | Path, questions: Sequence[str], window: Window = None, slice_step: int | None = None
+    root: str | Path,
+    questions: Sequence[str],
+    window: Window = None,
+    slice_step: int | None = None,
+    options: Sequence[str] = (),
 ) -> list[VQARecord]:
     """Each question about every image in the folder tree `root` (a series folder, a DICOM, NIfTI, PNG or
     JPEG file: see `find_images`), image by image, DICOM and NIfTI shown through `window`. A series or a
     volume is asked about at its middle slice, or with `slice_step` at every that many slices from the
     feet (a multi-frame DICOM at its frames). A question's id is its image's path within `root`, with
-    `@K` after it for slice K and `#N` for the Nth of several questions."""
+    `@K` after it for slice K and `#N` for the Nth of several questions. With `options`, each question
+    is a multiple-choice one among them (a zero-shot classification of the folder)."""
     root = Path(root)
     images = find_images(root, progress=True)
     if not images:
         raise ValueError(f"{root}: no images in the folder (DICOM, NIfTI, PNG, JPEG, TIFF)")
     texts = [_text(q.replace(IMAGE_PLACEHOLDER, ""), f"--question {q!r}", "question") for q in questions]
+    choices = _options(options, "--option") if options else ()
     records = []
     for image in tqdm(images, desc="counting slices", unit="image", disable=slice_step is None, leave=False):
         name = image.relative_to(root).as_posix() if image != root else root.name
@@ -247,7 +260,8 @@ def folder_questions(
             shown = name if frame is None else f"{name}@{frame}"
             for number, text in enumerate(texts, start=1):
                 qid = shown if len(texts) == 1 else f"{shown}#{number}"
-                records.append(VQARecord(qid, image, text, "", "", "questions", frame=frame, window=window))
+                asked = {"frame": frame, "window": window, "options": choices}
+                records.append(VQARecord(qid, image, text, "", "", "questions", **asked))
     return records
 
 

@@ -6,16 +6,17 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
 
-from ..data.benchmarks import VQARecord
+from ..data.benchmarks import OPTION_LETTERS, VQARecord
 from ..processing import dicom_identifiers
 from ..processing.images import DICOM_IDENTIFIERS, middle_frame
 from .runner import read_answers
-from .scoring import first_yes_or_no
+from .scoring import chosen_option, first_yes_or_no
 
 COLUMNS = (
     ("closed", "closed_accuracy"),
@@ -328,7 +329,18 @@ def render_table(header: list[str], rows: list[list[str]], style: str = "markdow
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-ANSWER_TABLE_COLUMNS = ("question_id", "image", "frame", "window", "question", "answer", "p_yes", *DICOM_IDENTIFIERS)
+ANSWER_TABLE_COLUMNS = (
+    "question_id",
+    "image",
+    "frame",
+    "window",
+    "question",
+    "answer",
+    "p_yes",
+    "option",
+    "option_probabilities",
+    *DICOM_IDENTIFIERS,
+)
 SLICE_SUMMARY_COLUMNS = (
     "image",
     "question",
@@ -363,6 +375,7 @@ def write_answer_tables(records: Sequence[VQARecord], answers_path: Path) -> lis
         else:  # one file, whichever its frame
             shown = slices[0] if slices else {}
         p_yes = (answer.get("metadata") or {}).get("p_yes")
+        option, probabilities = _picked_option(record, answer)
         row = {
             "question_id": record.id,
             "image": image,
@@ -371,6 +384,8 @@ def write_answer_tables(records: Sequence[VQARecord], answers_path: Path) -> lis
             "question": record.question,
             "answer": answer["text"],
             "p_yes": "" if p_yes is None else p_yes,
+            "option": option,
+            "option_probabilities": probabilities,
             **shown,
         }
         rows.append(row)
@@ -381,6 +396,20 @@ def write_answer_tables(records: Sequence[VQARecord], answers_path: Path) -> lis
         written.append(answers_path.parent / "answers_by_image.csv")
         _write_csv(written[1], SLICE_SUMMARY_COLUMNS, [_slice_summary(group) for group in by_image.values()])
     return written
+
+
+def _picked_option(record: VQARecord, answer: dict) -> tuple[str, str]:
+    """A multiple-choice answer's option (its text; "" if it picked none) and, where the options were
+    ranked, each one's probability among them as JSON (`{"liver": 0.91, ...}`), for a spreadsheet."""
+    if not record.options:
+        return "", ""
+    scores = (answer.get("metadata") or {}).get("option_log_probs")
+    if not scores:
+        letter = chosen_option(answer["text"], record.options)
+        return ("" if letter is None else record.options[OPTION_LETTERS.index(letter)]), ""
+    shares = [math.exp(score - max(scores)) for score in scores]
+    probabilities = {option: share / sum(shares) for option, share in zip(record.options, shares, strict=True)}
+    return record.options[scores.index(max(scores))], json.dumps(probabilities)
 
 
 def _slice_summary(group: list[dict]) -> dict:
