@@ -5,9 +5,12 @@ picks, and, for models never taught to answer with a letter, answered by ranking
 import csv
 import json
 import random
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from llama3med.checkpoints import DEMO_MODEL_DIR, load
 from llama3med.cli import main
@@ -15,6 +18,7 @@ from llama3med.data.benchmarks import VQARecord, load_benchmark, load_llava_med,
 from llama3med.data.phantoms import write_phantom_set
 from llama3med.eval import choice_chance, chosen_option, confidence_intervals, paired_difference, score
 from llama3med.eval.report import comparison_rows, load_published
+from llama3med.eval.runner import option_probabilities
 from llama3med.explain import answer_relevance
 from llama3med.inference import question_messages
 
@@ -299,3 +303,21 @@ def test_a_questions_file_may_give_each_question_options(tmp_path):
     (tmp_path / "questions.jsonl").write_text(json.dumps({**question, "options": ["PA", "PA"]}) + "\n")
     with pytest.raises(ValueError, match="q1: option 'PA' is given twice"):
         load_questions(tmp_path / "questions.jsonl")
+
+
+def test_ask_ranks_the_options_given_and_prints_each_ones_probability(tmp_path, capsys):
+    image, question = "examples/phantom_ct_lesion.dcm", "What imaging modality is this?"
+    asked = ["ask", "--image", image, question, "--option", "MRI", "--option", "CT", "--rank-options"]
+    assert main([*asked, "--heatmap", str(tmp_path / "where.png")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    model, processor = load(DEMO_MODEL_DIR)
+    record = VQARecord("ask", Path(image), question, "", "", "ask", options=("MRI", "CT"))
+    log_probs = [whole_answer_log_prob(model, processor, record, option) for option in record.options]
+    p_mri, p_ct = option_probabilities(log_probs)
+    assert lines[0] == "B. CT" and p_ct > 0.99  # the example is a CT slice
+    assert lines[1:] == [f"P(MRI) {p_mri:.3f}", f"P(CT) {p_ct:.3f}"]
+    expected = answer_relevance(model, processor, image, question, "CT").heat_map()
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "where.png")), np.asarray(expected))
+
+    assert main(["ask", "--image", image, question, "--rank-options"]) == 1
+    assert "--rank-options: give the answers to rank, each with --option" in capsys.readouterr().err

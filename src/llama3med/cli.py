@@ -93,23 +93,60 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_ask(args: argparse.Namespace) -> None:
+    from .data.benchmarks import VQARecord, option_texts, prompt_text
     from .inference import ImageChat, question_messages
     from .processing import load_image
 
     question_messages(args.question)  # a bad question, image or output file fails before the model loads
     image = load_image(args.image, window=args.window, frame=args.frame)
+    options = option_texts(args.option, "--option") if args.option else ()
     if args.heatmap:
         _check_image_output(args.heatmap)
         _check_heat_map_options(args, "--heatmap")
     sampling_options = _seeded_sampling_options(args)
+    if args.rank_options:
+        _check_ranking_options(args, sampling_options)
     model, processor = _load_for_answering(_model_dir(args.model), _answering_device(args.device), args)
+    shown = {"frame": args.frame, "window": args.window, "options": options}
+    asked = VQARecord("ask", Path(args.image), args.question, "", "", "ask", **shown)
+    if args.rank_options:
+        _ask_ranking_options(model, processor, asked, args.heatmap)
+        return
     chat = ImageChat(model, processor, image, p_yes=args.p_yes)
-    text = chat.ask(args.question, max_new_tokens=args.max_new_tokens, **sampling_options)
+    text = chat.ask(prompt_text(asked, "plain"), max_new_tokens=args.max_new_tokens, **sampling_options)
     print(text)
     if args.p_yes:
         print(_p_yes_line(chat.p_yes))
     if args.heatmap:
         _save_heat_map(chat, args.heatmap)
+
+
+def _check_ranking_options(args: argparse.Namespace, sampling_options: dict) -> None:
+    """`ask --rank-options` needs options, and scores them rather than writing an answer."""
+    if not args.option:
+        raise ValueError("--rank-options: give the answers to rank, each with --option")
+    written = {"--p-yes": args.p_yes, "--temperature": sampling_options}
+    if given := [flag for flag, value in written.items() if value]:
+        raise ValueError(f"{', '.join(given)}: for a written answer; --rank-options scores the options instead")
+
+
+def _ask_ranking_options(model, processor, asked, heat_map: str | None) -> None:
+    """Print the likeliest option, then each option's probability among them ("P(lateral) 0.969"); with
+    `heat_map`, where in the image the picked option came from."""
+    from .data.benchmarks import prompt_text
+    from .eval.runner import option_probabilities, rank_options
+    from .explain import answer_relevance
+
+    [(_, _, text, log_probs)] = rank_options(model, processor, [asked])
+    print(text)
+    for option, probability in zip(asked.options, option_probabilities(log_probs), strict=True):
+        print(f"P({option}) {probability:.3f}")
+    if heat_map:
+        picked = asked.options[log_probs.index(max(log_probs))]
+        question = prompt_text(asked, "plain", options=False)
+        explained = answer_relevance(model, processor, asked.image, question, picked, asked.window, asked.frame)
+        explained.heat_map().save(heat_map)
+        print(f"wrote {heat_map}: where in the image the answer came from", file=sys.stderr)
 
 
 def _save_heat_map(chat, path: str) -> None:
@@ -1112,6 +1149,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_image_options(p)
     _add_answering_options(p)
     p.add_argument("--heatmap", metavar="FILE.png", default=None, help="also write " + HEAT_MAP_HELP)
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        help="an answer to choose from (repeat, 2 to 8): the question is asked with them lettered",
+    )
+    p.add_argument(
+        "--rank-options",
+        action="store_true",
+        help="answer with the --option the model finds likeliest as its whole answer, then each option's "
+        "probability, 'P(lateral) 0.969'",
+    )
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser(

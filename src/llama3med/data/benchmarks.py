@@ -98,7 +98,7 @@ def _answer_type(value, answer: str, name: str) -> str:
     return answer_type
 
 
-def _options(values: Sequence, name: str) -> tuple[str, ...]:
+def option_texts(values: Sequence, name: str) -> tuple[str, ...]:
     """A multiple-choice record's option texts, each stripped of a leading copy of its own letter
     ("A:liver", "B. kidney", as PMC-VQA writes them)."""
     if not 2 <= len(values) <= len(OPTION_LETTERS):
@@ -184,7 +184,7 @@ def load_llava_med(
         if options is not None:
             if not isinstance(options, list):
                 raise ValueError(f"{name}: options must be a list of texts")
-            options = _options(options, name)
+            options = option_texts(options, name)
             answer = _choice_answer(answer, options, name)
             if raw.get("answer_type") and str(raw["answer_type"]).upper() != "CHOICE":
                 raise ValueError(f"{name}: a record with options has answer_type CHOICE, got {raw['answer_type']!r}")
@@ -228,7 +228,7 @@ def load_questions(path: str | Path, image_root: str | Path | None = None, windo
         options = raw.get("options")
         if options is not None and not isinstance(options, list):
             raise ValueError(f"{name}: options must be a list of texts")
-        shown["options"] = _options(options, name) if options else ()
+        shown["options"] = option_texts(options, name) if options else ()
         records.append(VQARecord(str(qid), image, question, "", "", "questions", **shown))
     return _unique(records, path)
 
@@ -251,7 +251,7 @@ def folder_questions(
     if not images:
         raise ValueError(f"{root}: no images in the folder (DICOM, NIfTI, PNG, JPEG, TIFF)")
     texts = [_text(q.replace(IMAGE_PLACEHOLDER, ""), f"--question {q!r}", "question") for q in questions]
-    choices = _options(options, "--option") if options else ()
+    choices = option_texts(options, "--option") if options else ()
     records = []
     for image in tqdm(images, desc="counting slices", unit="image", disable=slice_step is None, leave=False):
         name = image.relative_to(root).as_posix() if image != root else root.name
@@ -392,7 +392,7 @@ def load_pmc_vqa(
         given = [(raw[column] or "").strip() for column in option_columns]
         while given and not given[-1]:  # a question with fewer options leaves the last columns empty
             given.pop()
-        options = _options(given, name)
+        options = option_texts(given, name)
         label = raw.get("Answer_label") or raw.get("Answer")
         records.append(
             VQARecord(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import yaml
 from ..data.benchmarks import OPTION_LETTERS, VQARecord
 from ..processing import dicom_identifiers
 from ..processing.images import DICOM_IDENTIFIERS, middle_frame
-from .runner import read_answers
+from .runner import option_probabilities, read_answers
 from .scoring import chosen_option, first_yes_or_no
 
 COLUMNS = (
@@ -407,8 +406,7 @@ def _picked_option(record: VQARecord, answer: dict) -> tuple[str, str]:
     if not scores:
         letter = chosen_option(answer["text"], record.options)
         return ("" if letter is None else record.options[OPTION_LETTERS.index(letter)]), ""
-    shares = [math.exp(score - max(scores)) for score in scores]
-    probabilities = {option: share / sum(shares) for option, share in zip(record.options, shares, strict=True)}
+    probabilities = dict(zip(record.options, option_probabilities(scores), strict=True))
     return record.options[scores.index(max(scores))], json.dumps(probabilities)
 
 

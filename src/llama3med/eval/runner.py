@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import uuid
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -200,6 +201,12 @@ def rank_options(
         for record, prompt, log_probs in zip(batch, prompts, scores, strict=True):
             best = max(range(len(log_probs)), key=log_probs.__getitem__)
             yield record, prompt, f"{OPTION_LETTERS[best]}. {record.options[best]}", log_probs
+
+
+def option_probabilities(log_probs: Sequence[float]) -> list[float]:
+    """Ranked options' probabilities among themselves, from their answers' log-probabilities."""
+    shares = [math.exp(log_p - max(log_probs)) for log_p in log_probs]
+    return [share / sum(shares) for share in shares]
 
 
 def _prefixed_batches(
