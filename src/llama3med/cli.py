@@ -101,7 +101,7 @@ def cmd_ask(args: argparse.Namespace) -> None:
     image = load_image(args.image, window=args.window, frame=args.frame)
     options = option_texts(args.option, "--option") if args.option else ()
     if args.heatmap:
-        _check_image_output(args.heatmap)
+        _check_image_output(args.heatmap, args.image, args.frame)
         _check_heat_map_options(args, "--heatmap")
     sampling_options = _seeded_sampling_options(args)
     if args.rank_options:
@@ -118,7 +118,7 @@ def cmd_ask(args: argparse.Namespace) -> None:
     if args.p_yes:
         print(_p_yes_line(chat.p_yes))
     if args.heatmap:
-        _save_heat_map(chat, args.heatmap)
+        _save_heat_map(chat, args.heatmap, args.image, args.frame)
 
 
 def _check_ranking_options(args: argparse.Namespace, sampling_options: dict) -> None:
@@ -145,14 +145,29 @@ def _ask_ranking_options(model, processor, asked, heat_map: str | None) -> None:
         picked = asked.options[log_probs.index(max(log_probs))]
         question = prompt_text(asked, "plain", options=False)
         explained = answer_relevance(model, processor, asked.image, question, picked, asked.window, asked.frame)
-        explained.heat_map().save(heat_map)
-        print(f"wrote {heat_map}: where in the image the answer came from", file=sys.stderr)
+        _write_heat_map(heat_map, explained.heat_map(), asked.image, asked.frame, question, picked)
 
 
-def _save_heat_map(chat, path: str) -> None:
+def _save_heat_map(chat, path: str, image: str, frame: int | None) -> None:
+    """The heat map of `chat`'s last answer about `image` (shown at `frame`), to `path`."""
     from .explain import chat_relevance
 
-    chat_relevance(chat).heat_map().save(path)
+    picture = chat_relevance(chat).heat_map()  # refuses a chat with no answer yet
+    question, answer = (message["content"] for message in chat.messages[-2:])
+    _write_heat_map(path, picture, image, frame, question, answer)
+
+
+def _write_heat_map(path: str | Path, picture, image, frame: int | None, question: str, answer: str) -> None:
+    """A heat map as the image file `path` names, or with a `.dcm` name as a DICOM Secondary Capture in
+    the study of the DICOM image it explains (`dicom_export`), the question and answer in its comments."""
+    from .data.conversations import write_atomically
+    from .dicom_export import heat_map_comment, heat_map_dicom_bytes
+
+    if Path(path).suffix.lower() == ".dcm":
+        comment = heat_map_comment(question, answer)
+        write_atomically(Path(path), heat_map_dicom_bytes(picture, image, frame, comment))
+    else:
+        picture.save(path)
     print(f"wrote {path}: where in the image the answer came from", file=sys.stderr)
 
 
@@ -203,18 +218,24 @@ def _chat_heat_map(chat, path: str, args: argparse.Namespace) -> None:
     try:
         if not path:
             raise ValueError(f"{HEAT_MAP_COMMAND} needs a file name: {HEAT_MAP_COMMAND} FILE.png")
-        _check_image_output(path)
+        _check_image_output(path, args.image, args.frame)
         _check_heat_map_options(args, HEAT_MAP_COMMAND)
-        _save_heat_map(chat, path)
+        _save_heat_map(chat, path, args.image, args.frame)
     except (ValueError, OSError) as err:
         print(f"llama3med: error: {err}", file=sys.stderr, flush=True)
 
 
-def _check_image_output(path: str) -> None:
+def _check_image_output(path: str, image: str, frame: int | None) -> None:
+    """A heat map's file name: an image Pillow writes, or `.dcm` for a DICOM `image`, in a folder that exists."""
     from PIL import Image
 
-    if Path(path).suffix.lower() not in Image.registered_extensions():
-        raise ValueError(f"{path}: name an image file (.png, .jpg, .tif, ...) for the heat map")
+    from .dicom_export import shown_dicom
+
+    suffix = Path(path).suffix.lower()
+    if suffix == ".dcm" and shown_dicom(image, frame) is None:
+        raise ValueError(f"{path}: a DICOM heat map joins the study of a DICOM image, and {image} is not one")
+    if suffix != ".dcm" and suffix not in Image.registered_extensions():
+        raise ValueError(f"{path}: name an image file (.png, .jpg, .tif, ...) or .dcm (DICOM) for the heat map")
     if not Path(path).parent.is_dir():
         raise ValueError(f"{path}: no such folder {Path(path).parent}")
 
@@ -308,7 +329,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             print(f"\nbeside published results ({published['source']}):")
             print("\n".join("  ".join(row) for row in comparison_rows(report, published)))
         if args.heatmaps:  # why each answer, right or wrong, came out as it did
-            _write_heat_maps(model, processor, records, out, args.prompt)
+            _write_heat_maps(model, processor, records, out, args.prompt, args.heatmap_format == "dicom")
     _end_answering_processes(world_size)
 
 
@@ -503,7 +524,7 @@ def cmd_answer(args: argparse.Namespace) -> None:
     if _answer_in_processes(args, model, processor, records, out, rank, world_size) is not None:
         _write_answer_tables(records, out)
         if args.heatmaps:
-            _write_heat_maps(model, processor, records, out, args.prompt)
+            _write_heat_maps(model, processor, records, out, args.prompt, args.heatmap_format == "dicom")
     _end_answering_processes(world_size)
 
 
@@ -522,11 +543,12 @@ def _heat_map_refusal(args: argparse.Namespace, flag: str) -> str | None:
     return None
 
 
-def _write_heat_maps(model, processor, records: list, out: Path, prompt_style: str) -> None:
+def _write_heat_maps(model, processor, records: list, out: Path, prompt_style: str, as_dicom: bool = False) -> None:
     """`out/heatmaps/ID.png` for each answered question, as `ask --heatmap` draws it, and `ID.json`, its
     relevance over the base grid in numbers, to compare with a mask; a map already drawn is kept, so an
     interrupted run picks up where it stopped. A ranked multiple-choice answer is explained as it was
-    made: its option's text, after the question asked without the options."""
+    made: its option's text, after the question asked without the options. With `as_dicom`, a DICOM
+    image's map is `ID.dcm` instead, a Secondary Capture in its study (`dicom_export`)."""
     import hashlib
     import io
     import json
@@ -536,23 +558,26 @@ def _write_heat_maps(model, processor, records: list, out: Path, prompt_style: s
 
     from .data.benchmarks import prompt_text
     from .data.conversations import write_atomically
+    from .dicom_export import heat_map_comment, heat_map_dicom_bytes, shown_dicom
     from .eval.runner import read_answers
     from .explain import ImageExplainer
 
     folder = out / "heatmaps"
     folder.mkdir(exist_ok=True)
     answers = read_answers(out / "answers.jsonl")
-    explainer, explaining = None, None  # the image being explained, encoded once for all its questions
+    explainer, explaining, dicom = None, None, False  # the image being explained, encoded once for all its questions
     for record in tqdm(sorted(records, key=lambda r: r.image_key), desc="heat maps", unit="answer"):
+        if explaining != record.image_key:
+            explainer, explaining = None, record.image_key
+            dicom = as_dicom and shown_dicom(record.image, record.frame) is not None
         name = re.sub(r"[^\w.@#-]+", "_", record.id)
         if name != record.id:  # a folder's ids hold paths: two could flatten to one name
             name += "-" + hashlib.sha1(record.id.encode()).hexdigest()[:8]
-        path = folder / f"{name}.png"
+        path = folder / f"{name}.{'dcm' if dicom else 'png'}"
         if path.exists():
             continue
-        if explaining != record.image_key:
+        if explainer is None:
             explainer = ImageExplainer(model, processor, record.image, record.window, record.frame)
-            explaining = record.image_key
         answer, question = answers[record.id]["text"], prompt_text(record, prompt_style)
         if scores := (answers[record.id].get("metadata") or {}).get("option_log_probs"):  # ranked: its option
             answer = record.options[scores.index(max(scores))]
@@ -560,9 +585,14 @@ def _write_heat_maps(model, processor, records: list, out: Path, prompt_style: s
         explained = explainer(question, answer)
         numbers = {"question_id": record.id, "answer": answer, "relevance": explained.relevance.tolist()}
         write_atomically(path.with_suffix(".json"), json.dumps(numbers) + "\n")
-        picture = io.BytesIO()
-        explained.heat_map().save(picture, format="PNG")
-        write_atomically(path, picture.getvalue())  # last: the picture marks the answer explained
+        if dicom:
+            comment = heat_map_comment(question, answer)
+            picture = heat_map_dicom_bytes(explained.heat_map(), record.image, record.frame, comment)
+        else:
+            buffer = io.BytesIO()
+            explained.heat_map().save(buffer, format="PNG")
+            picture = buffer.getvalue()
+        write_atomically(path, picture)  # last: the picture marks the answer explained
     print(f"wrote {len(records)} heat maps under {folder}", file=sys.stderr)
 
 
@@ -1006,6 +1036,13 @@ def _add_heat_maps_option(p: argparse.ArgumentParser) -> None:
         "--heatmaps",
         action="store_true",
         help="also write OUT/heatmaps/QUESTION_ID.png (and .json, its numbers) for each answer: " + HEAT_MAP_HELP,
+    )
+    p.add_argument(
+        "--heatmap-format",
+        choices=("png", "dicom"),
+        default="png",
+        help="with --heatmaps: dicom writes a DICOM image's map as QUESTION_ID.dcm, a Secondary Capture in its "
+        "study for the PACS (other images' stay PNG)",
     )
 
 

@@ -13,7 +13,7 @@ import yaml
 
 from ..data.benchmarks import OPTION_LETTERS, VQARecord
 from ..processing import dicom_identifiers
-from ..processing.images import DICOM_IDENTIFIERS, middle_frame
+from ..processing.images import DICOM_IDENTIFIERS, shown_frame
 from .runner import option_probabilities, read_answers
 from .scoring import chosen_option, first_yes_or_no
 
@@ -370,7 +370,7 @@ def write_answer_tables(records: Sequence[VQARecord], answers_path: Path) -> lis
             identifiers[image] = dicom_identifiers(record.image) if image else []
         slices = identifiers[image]
         if len(slices) > 1:  # a series: the slice shown
-            shown = slices[middle_frame(len(slices)) if record.frame is None else record.frame]
+            shown = slices[shown_frame(len(slices), record.frame)]
         else:  # one file, whichever its frame
             shown = slices[0] if slices else {}
         p_yes = (answer.get("metadata") or {}).get("p_yes")

@@ -60,9 +60,10 @@ def is_dicom(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
-def middle_frame(count: int) -> int:
-    """The frame or slice shown when none is chosen: the middle one, as viewers open a series."""
-    return count // 2
+def shown_frame(count: int, frame: int | None = None) -> int:
+    """The frame or slice shown of `count`: `frame`, or when none is chosen the middle one, as viewers
+    open a series."""
+    return count // 2 if frame is None else frame
 
 
 def nifti_header_bytes(data: bytes) -> bytes | None:
@@ -114,7 +115,7 @@ def load_image(
         slices = dicom_series(source)
         if len(slices) == 1:  # one file, perhaps multi-frame
             return load_image(slices[0], window=window, frame=frame, max_pixels=max_pixels)
-        index = middle_frame(len(slices)) if frame is None else frame
+        index = shown_frame(len(slices), frame)
         if not 0 <= index < len(slices):
             raise ImageLoadError(source, f"slice {index} requested but the DICOM series has {len(slices)} slices")
         return load_image(slices[index], window=window, max_pixels=max_pixels)
@@ -358,7 +359,7 @@ def dicom_to_uint8(
         raise ImageLoadError(source, f"cannot decode the DICOM pixel data{encoding}: {reason}") from None
     samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
     if frames > 1:
-        index = middle_frame(frames) if frame is None else frame
+        index = shown_frame(frames, frame)
         if not 0 <= index < frames:
             raise ImageLoadError(source, f"frame {index} requested but the DICOM has {frames} frames")
         pixels = pixels[index]
@@ -491,7 +492,7 @@ def _axial_slice(volume, frame: int | None, source: object, max_pixels: int) -> 
     shape = (volume.shape + (1, 1))[:3]
     axial, orientation = _axial_axis(volume)
     count = shape[axial]
-    index = middle_frame(count) if frame is None else frame
+    index = shown_frame(count, frame)
     if not 0 <= index < count:
         slices = f"{count} axial slice" + ("" if count == 1 else "s")
         raise ImageLoadError(source, f"slice {index} requested but the NIfTI volume has {slices}")

@@ -39,7 +39,7 @@ from ..processing import (
     load_image,
     message_content,
 )
-from ..processing.images import CT_WINDOWS, Window, middle_frame, parse_window
+from ..processing.images import CT_WINDOWS, Window, parse_window, shown_frame
 from .engine import Engine, FeatureCache, Job, JobImage, QueueFull, image_key
 
 logger = logging.getLogger("llama3med.serve")
@@ -203,7 +203,7 @@ def render_png(body: bytes, window: str | None, frame: str | None, settings: Set
     about a second to decompress to its middle slice."""
     try:
         count = frame_count(body)
-        chosen = middle_frame(count) if frame is None else int(frame)
+        chosen = shown_frame(count, None if frame is None else int(frame))
         if chosen >= count:
             raise ApiError(400, f"frame {chosen} requested but the image has {count}", "frame")
         image = load_image(body, window=window, frame=chosen, max_pixels=settings.max_image_pixels)
