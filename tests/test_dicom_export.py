@@ -72,6 +72,7 @@ def test_answer_writes_each_dicom_slices_heat_map_as_dcm_in_one_series_and_other
     assert {d.SeriesInstanceUID for d in written} != {uid} and len({d.SeriesInstanceUID for d in written}) == 1
     assert [d.SourceImageSequence[0].ReferencedSOPInstanceUID for d in written] == [s.SOPInstanceUID for s in shown]
     assert {d.StudyInstanceUID for d in written} == {study}
+    assert main([*asked, "--out", str(tmp_path / "other"), "--heatmap-format", "dicom"]) == 1  # without --heatmaps
     numbers = json.loads((out / "heatmaps" / "screenshot.png.json").read_text())
     assert numbers["question_id"] == "screenshot.png" and len(numbers["relevance"]) > 1
 

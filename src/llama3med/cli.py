@@ -283,6 +283,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     _check_model_source_options(args)
     if args.heatmaps:
         _check_heat_map_options(args, "--heatmaps")
+    elif args.heatmap_format != "png":
+        raise ValueError("--heatmap-format: only with --heatmaps")
     records = load_benchmark(args.benchmark, args.data, args.split, args.image_root)
     candidates, candidates_source = _candidate_answers(args, args.data, records)
     published = load_published(args.compare) if args.compare else None
@@ -512,6 +514,8 @@ def cmd_answer(args: argparse.Namespace) -> None:
         inputs["options"] = args.option
     if args.heatmaps:
         _check_heat_map_options(args, "--heatmaps")
+    elif args.heatmap_format != "png":
+        raise ValueError("--heatmap-format: only with --heatmaps")
     if args.api_url:
         _answers_from_api(args, records, out, inputs, own_images=True)
         _write_answer_tables(records, out)
