@@ -319,6 +319,14 @@ def test_eval_and_score_commands_use_the_llava_med_answer_format(built_model_dir
     assert 0 < report["peak_memory_gib"] < 64
     row = json.loads((out / "answers.jsonl").read_text().splitlines()[0])
     assert set(row) >= {"question_id", "prompt", "text", "answer_id", "model_id"}
+    with (out / "answers.csv").open(newline="") as table:  # each answer beside its reference, scored
+        lines = list(csv.DictReader(table))
+    assert [line["question_id"] for line in lines] == [r.id for r in records]
+    assert [line["reference"] for line in lines] == [r.answer for r in records]
+    for kind, figure in (("CLOSED", "closed_accuracy"), ("OPEN", "open_recall")):
+        kept = [float(line["score"]) for line in lines if line["answer_type"] == kind]
+        assert sum(kept) / len(kept) == pytest.approx(report["scores"]["all"][figure])
+    assert not (out / "answers_by_image.csv").exists()  # no image was asked about at several slices
     assert 0 <= row["metadata"]["p_yes"] <= 1 and "AUROC" in markdown
     assert report["closed_auroc"] == closed_auroc(records, yes_probabilities(out / "answers.jsonl"))
     capsys.readouterr()

@@ -326,6 +326,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if published:
             report["published"] = published
         write_report(out, report)
+        _write_answer_tables(records, out)
         print(format_table(scores, baseline, report["intervals"], report["closed_auroc"], chance))
         if published:
             print(f"\nbeside published results ({published['source']}):")

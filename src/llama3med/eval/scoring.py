@@ -258,20 +258,26 @@ def _group_scores(
 HEADLINE_METRICS = {"closed_accuracy": (0, 1), "open_recall": (2, 3), "choice_accuracy": (4, 5)}  # sums' rows
 
 
+def question_score(record: VQARecord, prediction: str, strict: bool = False) -> float:
+    """One answer's term in its kind's headline figure: 1 or 0 for a closed or multiple-choice question
+    (hit or not), the token recall for an open one."""
+    if record.answer_type == "CLOSED":
+        return float(closed_hit(prediction, record.answer, strict))
+    if record.answer_type == "CHOICE":
+        return float(chosen_option(prediction, record.options) == record.answer)
+    return token_scores(prediction, record.answer)[2]
+
+
 def _image_sums(records: Sequence[VQARecord], predictions: Mapping[str, str], strict: bool) -> np.ndarray:
     """`(6, images)`: per image, in the records' order of images, the closed hits, closed questions, open
     recall, open questions, multiple-choice hits and multiple-choice questions."""
     check_predictions(records, predictions)
     keys = {key: i for i, key in enumerate(dict.fromkeys(r.image_key for r in records))}
+    rows = {"CLOSED": 0, "OPEN": 2, "CHOICE": 4}
     sums = np.zeros((6, len(keys)))
     for record in records:
-        image, prediction = keys[record.image_key], predictions[record.id]
-        if record.answer_type == "CLOSED":
-            sums[0:2, image] += closed_hit(prediction, record.answer, strict), 1
-        elif record.answer_type == "CHOICE":
-            sums[4:6, image] += chosen_option(prediction, record.options) == record.answer, 1
-        else:
-            sums[2:4, image] += token_scores(prediction, record.answer)[2], 1
+        row = rows[record.answer_type]
+        sums[row : row + 2, keys[record.image_key]] += question_score(record, predictions[record.id], strict), 1
     return sums
 
 
