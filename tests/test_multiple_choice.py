@@ -21,6 +21,8 @@ from llama3med.eval.report import comparison_rows, load_published
 from llama3med.eval.runner import option_probabilities
 from llama3med.explain import answer_relevance
 from llama3med.inference import question_messages
+from llama3med.train.recipe import check_vqa_eval
+from llama3med.train.vqa_eval import VQAEvalCallback
 
 PMC_VQA_COLUMNS = ["Figure_path", "Question", "Answer", "Choice A", "Choice B", "Choice C", "Choice D", "Answer_label"]
 
@@ -321,3 +323,29 @@ def test_ask_ranks_the_options_given_and_prints_each_ones_probability(tmp_path, 
 
     assert main(["ask", "--image", image, question, "--rank-options"]) == 1
     assert "--rank-options: give the answers to rank, each with --option" in capsys.readouterr().err
+
+
+def test_vqa_eval_while_training_ranks_options_as_eval_does(phantom_pmc_vqa, tmp_path):
+    spec = {"benchmark": "pmc-vqa", "data": str(phantom_pmc_vqa), "rank_options": True, "batch_size": 5}
+    model, processor = load(DEMO_MODEL_DIR)
+    scores, _ = VQAEvalCallback(spec, tmp_path).evaluate(model, processor)
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(DEMO_MODEL_DIR),
+                "--benchmark",
+                "pmc-vqa",
+                "--data",
+                str(phantom_pmc_vqa),
+                "--out",
+                str(tmp_path / "eval"),
+                "--rank-options",
+            ]
+        )
+        == 0
+    )
+    assert scores == json.loads((tmp_path / "eval" / "report.json").read_text())["scores"]["all"]
+    with pytest.raises(ValueError, match="vqa_eval.rank_options must be true or false"):
+        check_vqa_eval({**spec, "rank_options": "yes"})

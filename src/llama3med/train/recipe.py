@@ -40,7 +40,18 @@ MODEL_PARTS = ("vision_tower", "multi_modal_projector", "language_model")
 STAGES = ("tower", "pretrain", "finetune")
 LORA_KEYS = {"r", "alpha", "dropout", "target_modules", "bits"}
 # `vqa_eval`: a VQA set answered and scored while a stage trains (train/vqa_eval.py)
-VQA_EVAL_KEYS = {"benchmark", "data", "split", "image_root", "limit", "prompt", "every", "max_new_tokens", "batch_size"}
+VQA_EVAL_KEYS = {
+    "benchmark",
+    "data",
+    "split",
+    "image_root",
+    "limit",
+    "prompt",
+    "every",
+    "max_new_tokens",
+    "batch_size",
+    "rank_options",
+}
 
 
 def check_vqa_eval(spec: dict) -> None:
@@ -60,6 +71,8 @@ def check_vqa_eval(spec: dict) -> None:
         raise ValueError(
             f"recipe: vqa_eval.benchmark must be one of {', '.join(BENCHMARKS)}, got {spec['benchmark']!r}"
         )
+    if not isinstance(spec.get("rank_options", False), bool):
+        raise ValueError(f"recipe: vqa_eval.rank_options must be true or false, got {spec['rank_options']!r}")
     if spec.get("prompt", "plain") not in PROMPT_STYLES:
         raise ValueError(f"recipe: vqa_eval.prompt must be one of {', '.join(PROMPT_STYLES)}, got {spec['prompt']!r}")
 

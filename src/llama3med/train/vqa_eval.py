@@ -18,7 +18,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..data.benchmarks import load_benchmark
-from ..eval.runner import generate_answers
+from ..eval.runner import generate_answers, rank_options
 from ..eval.scoring import closed_auroc, score
 from ..inference import release_decoder
 
@@ -39,6 +39,7 @@ class VQAEvalCallback(TrainerCallback):
         self.prompt = spec.get("prompt", "plain")
         self.max_new_tokens = spec.get("max_new_tokens", 32)
         self.batch_size = spec.get("batch_size", 16)
+        self.rank_options = spec.get("rank_options", False)  # multiple choice: the likeliest option, as eval's
         self.path = Path(output_dir) / VQA_EVAL_FILE
         self.trainer = None
 
@@ -70,13 +71,17 @@ class VQAEvalCallback(TrainerCallback):
         was_training = base.training
         base.eval()
         answers, p_yes = {}, {}
+        ranked = [r for r in self.records if self.rank_options and r.options]
+        written = [r for r in self.records if not (self.rank_options and r.options)]
         try:
             for record, _, text, p in generate_answers(
-                base, processor, self.records, self.prompt, self.batch_size, self.max_new_tokens
+                base, processor, written, self.prompt, self.batch_size, self.max_new_tokens
             ):
                 answers[record.id] = text
                 if p is not None:
                     p_yes[record.id] = p
+            for record, _, text, _ in rank_options(base, processor, ranked, self.prompt, self.batch_size):
+                answers[record.id] = text
         finally:
             release_decoder(base)  # its KV cache is not held through training
             base.train(was_training)
