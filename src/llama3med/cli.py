@@ -134,7 +134,7 @@ def _ask_ranking_options(model, processor, asked, heat_map: str | None) -> None:
     """Print the likeliest option, then each option's probability among them ("P(lateral) 0.969"); with
     `heat_map`, where in the image the picked option came from."""
     from .data.benchmarks import prompt_text
-    from .eval.runner import option_probabilities, rank_options
+    from .eval.runner import option_probabilities, picked_option, rank_options
     from .explain import answer_relevance
 
     [(_, _, text, log_probs)] = rank_options(model, processor, [asked])
@@ -142,7 +142,7 @@ def _ask_ranking_options(model, processor, asked, heat_map: str | None) -> None:
     for option, probability in zip(asked.options, option_probabilities(log_probs), strict=True):
         print(f"P({option}) {probability:.3f}")
     if heat_map:
-        picked = asked.options[log_probs.index(max(log_probs))]
+        picked = picked_option(asked, log_probs)
         question = prompt_text(asked, "plain", options=False)
         explained = answer_relevance(model, processor, asked.image, question, picked, asked.window, asked.frame)
         _write_heat_map(heat_map, explained.heat_map(), asked.image, asked.frame, question, picked)
@@ -564,7 +564,7 @@ def _write_heat_maps(model, processor, records: list, out: Path, prompt_style: s
     from .data.benchmarks import prompt_text
     from .data.conversations import write_atomically
     from .dicom_export import heat_map_comment, heat_map_dicom_bytes, shown_dicom
-    from .eval.runner import read_answers
+    from .eval.runner import picked_option, read_answers
     from .explain import ImageExplainer
 
     folder = out / "heatmaps"
@@ -585,7 +585,7 @@ def _write_heat_maps(model, processor, records: list, out: Path, prompt_style: s
             explainer = ImageExplainer(model, processor, record.image, record.window, record.frame)
         answer, question = answers[record.id]["text"], prompt_text(record, prompt_style)
         if scores := (answers[record.id].get("metadata") or {}).get("option_log_probs"):  # ranked: its option
-            answer = record.options[scores.index(max(scores))]
+            answer = picked_option(record, scores)
             question = prompt_text(record, prompt_style, options=False)
         explained = explainer(question, answer)
         numbers = {"question_id": record.id, "answer": answer, "relevance": explained.relevance.tolist()}

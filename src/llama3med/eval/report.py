@@ -14,7 +14,7 @@ import yaml
 from ..data.benchmarks import OPTION_LETTERS, VQARecord
 from ..processing import dicom_identifiers
 from ..processing.images import DICOM_IDENTIFIERS, shown_frame
-from .runner import option_probabilities, read_answers
+from .runner import option_probabilities, picked_option, read_answers
 from .scoring import chosen_option, first_yes_or_no, question_score
 
 COLUMNS = (
@@ -379,7 +379,7 @@ def write_answer_tables(records: Sequence[VQARecord], answers_path: Path) -> lis
         else:  # one file, whichever its frame
             shown = slices[0] if slices else {}
         p_yes = (answer.get("metadata") or {}).get("p_yes")
-        option, probabilities = _picked_option(record, answer)
+        option, probabilities = _option_cells(record, answer)
         row = {
             "question_id": record.id,
             "image": image,
@@ -408,7 +408,7 @@ def write_answer_tables(records: Sequence[VQARecord], answers_path: Path) -> lis
     return written
 
 
-def _picked_option(record: VQARecord, answer: dict) -> tuple[str, str]:
+def _option_cells(record: VQARecord, answer: dict) -> tuple[str, str]:
     """A multiple-choice answer's option (its text; "" if it picked none) and, where the options were
     ranked, each one's probability among them as JSON (`{"liver": 0.91, ...}`), for a spreadsheet."""
     if not record.options:
@@ -418,7 +418,7 @@ def _picked_option(record: VQARecord, answer: dict) -> tuple[str, str]:
         letter = chosen_option(answer["text"], record.options)
         return ("" if letter is None else record.options[OPTION_LETTERS.index(letter)]), ""
     probabilities = dict(zip(record.options, option_probabilities(scores), strict=True))
-    return record.options[scores.index(max(scores))], json.dumps(probabilities)
+    return picked_option(record, scores), json.dumps(probabilities)
 
 
 def _slice_summary(group: list[dict]) -> dict:

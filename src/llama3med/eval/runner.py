@@ -199,8 +199,13 @@ def rank_options(
             for (index, _, _), log_p in zip(chunk, log_probs, strict=True):
                 scores[index].append(log_p)
         for record, prompt, log_probs in zip(batch, prompts, scores, strict=True):
-            best = max(range(len(log_probs)), key=log_probs.__getitem__)
-            yield record, prompt, f"{OPTION_LETTERS[best]}. {record.options[best]}", log_probs
+            picked = picked_option(record, log_probs)
+            yield record, prompt, f"{OPTION_LETTERS[record.options.index(picked)]}. {picked}", log_probs
+
+
+def picked_option(record: VQARecord, log_probs: Sequence[float]) -> str:
+    """The option `rank_options` answers with: the likeliest, the first of equals."""
+    return record.options[list(log_probs).index(max(log_probs))]
 
 
 def option_probabilities(log_probs: Sequence[float]) -> list[float]:
