@@ -73,7 +73,8 @@ def heat_map_dicom(picture: Image.Image, source: Path, comment: str, frame: int 
     if "StudyInstanceUID" not in ds:  # a source without one: a study of its own, the same on a rerun
         ds.StudyInstanceUID = generate_uid(entropy_srcs=["llama3med study", str(source.resolve())])
     ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, instance_uid
-    ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = series_uid, SERIES_NUMBER, 1
+    ds.SeriesInstanceUID, ds.SeriesNumber = series_uid, SERIES_NUMBER
+    ds.InstanceNumber = original.get("InstanceNumber", 1)  # a series' maps sort in the viewer as their slices
     ds.Modality, ds.ConversionType = "OT", "WSD"  # other, made at a workstation
     ds.SeriesDescription, ds.ImageComments = SERIES_DESCRIPTION, comment
     ds.ContentDate = ds.InstanceCreationDate = now.strftime("%Y%m%d")
