@@ -5,6 +5,7 @@ picks, and, for models never taught to answer with a letter, answered by ranking
 import csv
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -349,3 +350,26 @@ def test_vqa_eval_while_training_ranks_options_as_eval_does(phantom_pmc_vqa, tmp
     assert scores == json.loads((tmp_path / "eval" / "report.json").read_text())["scores"]["all"]
     with pytest.raises(ValueError, match="vqa_eval.rank_options must be true or false"):
         check_vqa_eval({**spec, "rank_options": "yes"})
+
+
+def test_without_options_asks_multiple_choice_questions_as_open_ones_scored_against_the_right_text(
+    phantom_pmc_vqa, tmp_path, capsys
+):
+    out = tmp_path / "blank"
+    args = ["--model", str(DEMO_MODEL_DIR), "--benchmark", "pmc-vqa", "--data", str(phantom_pmc_vqa)]
+    assert main(["eval", *args, "--out", str(out), "--without-options"]) == 0
+    records = load_benchmark("pmc-vqa", phantom_pmc_vqa)
+    rows = answer_rows(out)
+    assert all(rows[r.id]["prompt"].count(r.question) == 1 and "\nA. " not in rows[r.id]["prompt"] for r in records)
+    report = json.loads((out / "report.json").read_text())
+    open_records = [
+        replace(r, answer=r.options["ABCD".index(r.answer)], answer_type="OPEN", options=()) for r in records
+    ]
+    texts = {qid: row["text"] for qid, row in rows.items()}
+    assert report["scores"] == score(open_records, texts) and report["without_options"] is True
+    assert report["scores"]["all"]["n_open"] == len(records) and report["scores"]["all"]["open_recall"] > 0.5
+    capsys.readouterr()
+    assert main(["eval", *args, "--out", str(out)]) == 1  # resumed with the options: answers would mix
+    assert "without_options True -> False" in capsys.readouterr().err
+    assert main(["table", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "| model | PMC-VQA open | PMC-VQA closed |"

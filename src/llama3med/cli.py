@@ -274,7 +274,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .data.benchmarks import load_benchmark
+    from .data.benchmarks import load_benchmark, without_options
     from .eval import choice_chance, closed_auroc, confidence_intervals, majority_baseline, score
     from .eval.report import comparison_rows, format_table, load_published, write_report
     from .eval.runner import check_run_settings, yes_probabilities
@@ -286,12 +286,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
     elif args.heatmap_format != "png":
         raise ValueError("--heatmap-format: only with --heatmaps")
     records = load_benchmark(args.benchmark, args.data, args.split, args.image_root)
+    if args.without_options:
+        if args.rank_options:
+            raise ValueError("--without-options and --rank-options: ranking needs the options")
+        records = without_options(records)
     candidates, candidates_source = _candidate_answers(args, args.data, records)
     published = load_published(args.compare) if args.compare else None
     if args.limit:
         records = records[: args.limit]
     out = Path(args.out)
     inputs = {"benchmark": args.benchmark, "data": _resolved(args.data), "split": args.split}
+    inputs["without_options"] = args.without_options
     if args.api_url:
         answers, settings = _answers_from_api(args, records, out, inputs)
         rank, world_size = 0, 1
@@ -314,6 +319,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         scores = score(records, answers, candidates=candidates)
         baseline = majority_baseline(records)
         report = {"benchmark": args.benchmark, **run_facts, "prompt": args.prompt, "scores": scores}
+        if args.without_options:
+            report["without_options"] = True
         if "sampling" in settings:  # else greedy
             report["sampling"] = settings["sampling"]
         report["majority_closed_baseline"] = baseline
@@ -1249,6 +1256,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory: answers.jsonl, report.md, report.json")
     p.add_argument("--limit", type=_positive, default=None, help="first N questions only")
     _add_batch_answering_options(p)
+    p.add_argument(
+        "--without-options",
+        action="store_true",
+        help="multiple-choice questions asked without their options and scored as open ones against the right "
+        "option's text (PMC-VQA's blank setting)",
+    )
     _add_heat_maps_option(p)
     p.add_argument(
         "--compare",

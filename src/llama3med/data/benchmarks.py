@@ -17,7 +17,7 @@ import pickle
 import re
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from PIL import Image
@@ -75,6 +75,17 @@ def prompt_text(record: VQARecord, style: str, options: bool = True) -> str:
         lines = [f"{OPTION_LETTERS[i]}. {text}" for i, text in enumerate(record.options)]
         return "\n".join([record.question, *lines, CHOICE_INSTRUCTION])
     return PROMPT_STYLES[style].format(question=record.question)
+
+
+def without_options(records: Sequence[VQARecord]) -> list[VQARecord]:
+    """Multiple-choice records as open questions: asked without their options, the right option's text
+    their reference (PMC-VQA's "blank" setting, beside its "choice" one); other records unchanged."""
+    return [
+        replace(r, answer=r.options[OPTION_LETTERS.index(r.answer)], answer_type="OPEN", options=())
+        if r.answer_type == "CHOICE"
+        else r
+        for r in records
+    ]
 
 
 def answer_type_of(answer: str) -> str:

@@ -186,6 +186,7 @@ def write_report(out: Path, report: dict) -> None:
         "",
         f"Prompt `{report['prompt']}`, {decoding_words(report.get('sampling'))}"
         + (", multiple-choice options ranked by the model's likelihood" if report.get("rank_options") else "")
+        + (", multiple-choice questions asked without their options" if report.get("without_options") else "")
         + ", LLaVA-Med scoring (percent).",
         "",
         "| " + " | ".join(header) + " |",
@@ -260,6 +261,7 @@ def results_table(
     for report in reports:
         label = report["model"] + ("" if report.get("prompt", "plain") == "plain" else f" ({report['prompt']} prompt)")
         label += " (options ranked)" if report.get("rank_options") else ""
+        label += " (without options)" if report.get("without_options") else ""
         benchmark = report["benchmark"]
         if (label, benchmark) in runs:
             raise ValueError(f"{report['run']} and {runs[label, benchmark]}: two runs of {label} on {benchmark}")
