@@ -1,6 +1,7 @@
 """One GPU, one run, well under ten minutes: the device's ceilings, the S2 encoder and greedy decoding at
 the real sizes (SigLIP-so400m at 384/768/1152 px, Llama-3-8B; random weights, bf16), a SLAKE-shaped
-evaluation with the whole model (and the time and peak memory of one heat map), the peak memory of
+evaluation with the whole model (and the time and peak memory of one heat map, and the rate of ranked
+multiple-choice answers), the peak memory of
 inference, and one step of the single-GPU LoRA finetune recipe on the whole model (HF's loss, ours, and
 QLoRA). Every fast path is checked against its reference (max abs diff of features, identical greedy
 tokens or answers, the same loss and gradients) before it is timed. Prints its table last; `--json`
@@ -19,6 +20,7 @@ import json
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 
 import torch
@@ -29,6 +31,7 @@ from transformers import AutoConfig, AutoModel, LlamaConfig, LlamaForCausalLM
 
 from llama3med import Llama3MedConfig
 from llama3med.config import LLAMA3_8B
+from llama3med.eval.runner import rank_options
 from llama3med.explain import answer_relevance
 from llama3med.fp8 import quantize_language_model_fp8
 from llama3med.generation import StaticCacheDecoder
@@ -155,21 +158,36 @@ def evaluation(dev: Device, tiny: bool, images: int) -> dict:
         with train_memory.built_on(dev.torch, dev.dtype):
             model, processor = random_model(vision, TINY_LLAMA if tiny else LLAMA3_8B, records)
         result = compare(model, processor, records, batch_size=16, max_new_tokens=8, compiled=dev.cuda)
-        try:
-            result["heat_map"] = heat_map(dev, model, processor, records[0])
-        except Exception as err:  # noqa: BLE001 - reported in the table; the evaluation's figures stand
-            result["heat_map"] = {"error": f"{type(err).__name__}: {err}"}
+        for name, measure in (("heat_map", heat_map), ("ranked", ranked_options)):
+            try:
+                result[name] = measure(dev, model, processor, records)
+            except Exception as err:  # noqa: BLE001 - reported in the table; the evaluation's figures stand
+                result[name] = {"error": f"{type(err).__name__}: {err}"}
     del model
     dev.reset_peak()
     return result
 
 
-def heat_map(dev: Device, model, processor, record) -> dict:
+def heat_map(dev: Device, model, processor, records) -> dict:
     """Seconds and peak memory of one `ask --heatmap` explanation (`answer_relevance`: the image encoded,
     then a forward and a backward through the LM to its features)."""
+    record = records[0]
     dev.reset_peak()
     seconds = dev.seconds(lambda: answer_relevance(model, processor, record.image, record.question, record.answer), 3)
     return {"seconds": seconds, "peak_gib": dev.peak_gib()}
+
+
+def ranked_options(dev: Device, model, processor, records) -> dict:
+    """Questions per second and peak memory of `eval --rank-options` over the run's questions, each made
+    a four-option one (its answer and three others): a forward pass per option from the image's prefix."""
+    others = ("none of these", "cannot tell", "another finding", "normal")
+    choices = [
+        replace(r, options=tuple(dict.fromkeys([r.answer, *others]))[:4], answer="A", answer_type="CHOICE")
+        for r in records
+    ]
+    dev.reset_peak()
+    seconds = dev.seconds(lambda: list(rank_options(model, processor, choices, batch_size=16)), 1)
+    return {"questions": len(choices), "questions_per_s": len(choices) / seconds, "peak_gib": dev.peak_gib()}
 
 
 def decode_length(tiny: bool) -> int:
@@ -444,6 +462,12 @@ def table_lines(name: str, section: dict) -> list[str]:
     elif explained:
         peak = "n/a (CPU)" if explained["peak_gib"] is None else f"{explained['peak_gib']:.1f} GiB"
         lines.append(f"  heat map (ask --heatmap): {explained['seconds']:.2f} s, peak {peak}")
+    ranked = section.get("ranked", {})
+    if "error" in ranked:
+        lines.append(f"  eval --rank-options: failed: {ranked['error']}")
+    elif ranked:
+        peak = "n/a (CPU)" if ranked["peak_gib"] is None else f"{ranked['peak_gib']:.1f} GiB"
+        lines.append(f"  eval --rank-options, 4 options each: {ranked['questions_per_s']:.2f} q/s, peak {peak}")
     if "compiled_questions_per_s" in section:
         lines.append(
             f"  eval --compile: {section['compiled_questions_per_s']:.2f} q/s, {section['compiled_speedup']:.2f}x, "

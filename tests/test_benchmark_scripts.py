@@ -23,6 +23,7 @@ def test_the_gpu_suite_runs_its_checks_at_small_shapes(tmp_path):
     assert figures["evaluation"]["identical_answers"] == figures["evaluation"]["questions"]
     assert figures["evaluation"]["heat_map"]["seconds"] > 0  # one explanation with the whole model
     assert "heat map (ask --heatmap):" in run.stdout
+    assert figures["evaluation"]["ranked"]["questions_per_s"] > 0 and "eval --rank-options" in run.stdout
     finetune = figures["finetune"]
     assert (finetune["batch"], finetune["lora"]["r"]) == (4, 128)  # the single-GPU LoRA recipe's
     assert finetune["loss_relative_diff"] < 1e-5 and finetune["grad_norms_relative_diff"] < 1e-4
