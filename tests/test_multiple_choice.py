@@ -50,12 +50,14 @@ def test_pmc_vqa_csv_is_read_with_its_lettered_options_and_the_right_letter(tmp_
     rows = [
         pmc_row("PMC1_F1.jpg", "Which organ is shown?", ["liver", "kidney", "spleen", "lung"], 1),
         pmc_row("PMC1_F1.jpg", "What modality is this?", ["CT", "MRI", "ultrasound"], 0),  # Choice D left empty
+        {**pmc_row("PMC1_F1.jpg", "Which side?", ["left", "right"], 1), "Choice C": " C: ", "Choice D": " D:"},
     ]
     write_pmc_vqa_csv(tmp_path / "test_2.csv", rows)
     records = load_benchmark("pmc-vqa", tmp_path, split="test_2")
-    assert [r.id for r in records] == ["test_2-000000", "test_2-000001"]
+    assert [r.id for r in records] == ["test_2-000000", "test_2-000001", "test_2-000002"]
     assert records[0].options == ("liver", "kidney", "spleen", "lung") and records[0].answer == "B"
     assert records[1].options == ("CT", "MRI", "ultrasound") and records[1].answer == "A"
+    assert records[2].options == ("left", "right")  # letters with no text after them are no options
     assert {r.answer_type for r in records} == {"CHOICE"} and {r.dataset for r in records} == {"pmc-vqa"}
     assert records[0].image == tmp_path / "figures" / "PMC1_F1.jpg"  # the folder PMC-VQA's images unpack to
 
@@ -153,7 +155,7 @@ def test_llava_med_records_with_options_are_multiple_choice(tmp_path):
     refused = [
         ({**record, "answer_type": "OPEN"}, "m1: a record with options has answer_type CHOICE"),
         ({**record, "options": None, "answer_type": "CHOICE"}, "m1: answer_type CHOICE needs the question's 'options'"),
-        ({**record, "options": ["liver"]}, "m1: a multiple-choice question needs 2 to 8 options, not 1"),
+        ({**record, "options": ["liver"]}, "m1: a multiple-choice question needs 2 to 8 options"),
     ]
     for bad, message in refused:
         (tmp_path / "bad.json").write_text(json.dumps([bad]))

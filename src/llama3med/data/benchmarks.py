@@ -111,14 +111,20 @@ def _answer_type(value, answer: str, name: str) -> str:
 
 def option_texts(values: Sequence, name: str) -> tuple[str, ...]:
     """A multiple-choice record's option texts, each stripped of a leading copy of its own letter
-    ("A:liver", "B. kidney", as PMC-VQA writes them)."""
-    if not 2 <= len(values) <= len(OPTION_LETTERS):
-        count = len(values)
-        raise ValueError(f"{name}: a multiple-choice question needs 2 to {len(OPTION_LETTERS)} options, not {count}")
-    options = []
-    for letter, value in zip(OPTION_LETTERS, values, strict=False):
-        text = _text(value, name, f"option {letter}")
-        options.append(re.sub(rf"^\(?{letter}\s*[:.)]\s*", "", text).strip() or text)
+    ("A:liver", "B. kidney", as PMC-VQA writes them); empty ones at the end (a question with fewer
+    options than the table has columns) are dropped, an empty one before another refused."""
+    if len(values) > len(OPTION_LETTERS):
+        raise ValueError(f"{name}: a multiple-choice question has at most {len(OPTION_LETTERS)} options")
+    options = [
+        re.sub(rf"^\(?{letter}\s*[:.)]", "", "" if value is None else str(value).strip()).strip()
+        for letter, value in zip(OPTION_LETTERS, values, strict=False)
+    ]
+    while options and not options[-1]:
+        options.pop()
+    if len(options) < 2:
+        raise ValueError(f"{name}: a multiple-choice question needs 2 to {len(OPTION_LETTERS)} options")
+    if empty := [letter for letter, option in zip(OPTION_LETTERS, options, strict=False) if not option]:
+        raise ValueError(f"{name}: empty option {empty[0]}")
     if repeated := sorted({option for option in options if options.count(option) > 1}):
         raise ValueError(f"{name}: option {repeated[0]!r} is given twice")
     return tuple(options)
@@ -400,10 +406,7 @@ def load_pmc_vqa(
     records = []
     for position, raw in enumerate(rows):
         name = f"{file}: row {position + 2}"  # as a spreadsheet numbers it, after the header
-        given = [(raw[column] or "").strip() for column in option_columns]
-        while given and not given[-1]:  # a question with fewer options leaves the last columns empty
-            given.pop()
-        options = option_texts(given, name)
+        options = option_texts([raw[column] for column in option_columns], name)
         label = raw.get("Answer_label") or raw.get("Answer")
         records.append(
             VQARecord(
