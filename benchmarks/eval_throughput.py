@@ -9,9 +9,13 @@ prompt) at small widths, so the image prefix weighs in the prompt as it does for
 ways must give the same answers; the ratio is printed. `--compile` adds `llama3med eval --compile`'s
 path, timed on a second pass over the questions: the first pass compiles every shape the run meets
 (prefix prefill, question prefill and decoding, batches of one and more) and is printed apart.
+`--rank-options` instead makes each question a four-option one (its answer and three other answers of
+the set) and times `eval --rank-options` (batched, the image's prompt prefix run once for all its
+options) against scoring each option alone with one forward pass over its whole prompt, the image
+encoded for it: the same log-probabilities (max abs diff) and the same picks.
 
     python benchmarks/eval_throughput.py [--model DIR | --paper-layout] [--images 40] [--batch-size 32]
-        [--slake-like] [--compile]
+        [--slake-like] [--compile | --rank-options]
 """
 
 from __future__ import annotations
@@ -24,11 +28,12 @@ import time
 import torch
 
 from llama3med.checkpoints import DEMO_MODEL_DIR, build_scratch, load
-from llama3med.data.benchmarks import PROMPT_STYLES, VQARecord, load_llava_med
+from llama3med.data.benchmarks import OPTION_LETTERS, PROMPT_STYLES, VQARecord, load_llava_med, prompt_text
 from llama3med.data.phantoms import write_phantom_set
 from llama3med.eval import generate_answers
+from llama3med.eval.runner import picked_option, rank_options
 from llama3med.inference import best_device, compile_model, question_messages
-from llama3med.processing import train_bpe_tokenizer
+from llama3med.processing import IGNORE_INDEX, train_bpe_tokenizer
 
 # SigLIP-so400m-patch14-384's image geometry (729 tokens per 384 px tile) at small widths, with a small Llama.
 PAPER_LAYOUT_VISION = dict(
@@ -115,6 +120,51 @@ def compare(
     return result
 
 
+def four_option_questions(records: list[VQARecord]) -> list[VQARecord]:
+    """Each question with four options, in a fixed order: its answer and the three answers of the set
+    that follow it, the right one's letter its reference."""
+    answers = sorted({r.answer for r in records})
+    made = []
+    for r in records:
+        start = answers.index(r.answer)
+        options = tuple(sorted(answers[(start + k) % len(answers)] for k in range(min(4, len(answers)))))
+        letter = OPTION_LETTERS[options.index(r.answer)]
+        made.append(dataclasses.replace(r, options=options, answer=letter, answer_type="CHOICE"))
+    return made
+
+
+@torch.inference_mode()
+def option_log_prob_alone(model, processor, record: VQARecord, option: str) -> float:
+    """log P(the answer is `option`) from one forward pass over the whole prompt, the image encoded for it."""
+    question = question_messages(prompt_text(record, "plain", options=False))
+    encoded = processor.encode_conversation([*question, {"role": "assistant", "content": option}])
+    targets = torch.tensor(encoded["labels"][1:], device=model.device)
+    kept = targets != IGNORE_INDEX
+    features = model.encode_images(processor.preprocess_image(record.image)[None].to(model.device))
+    embeds = model.embed_inputs(torch.tensor([encoded["input_ids"]], device=model.device), features)
+    logits = model.language_model(inputs_embeds=embeds).logits[0, :-1][kept]
+    return float(torch.log_softmax(logits.float(), dim=-1).gather(1, targets[kept, None]).sum())
+
+
+def compare_ranking(model, processor, records: list[VQARecord], batch_size: int) -> dict:
+    """Questions/s of scoring each option alone and of `rank_options`, the largest difference of their
+    log-probabilities and how many picks agree."""
+    start = time.perf_counter()
+    alone = {r.id: [option_log_prob_alone(model, processor, r, o) for o in r.options] for r in records}
+    reference_rate = len(records) / (time.perf_counter() - start)
+    start = time.perf_counter()
+    ranked = {r.id: log_probs for r, _, _, log_probs in rank_options(model, processor, records, batch_size=batch_size)}
+    rate_ = len(records) / (time.perf_counter() - start)
+    return {
+        "questions": len(records),
+        "reference_questions_per_s": reference_rate,
+        "ours_questions_per_s": rate_,
+        "speedup": rate_ / reference_rate,
+        "max_abs_diff": max(abs(a - b) for k in alone for a, b in zip(alone[k], ranked[k], strict=True)),
+        "identical_picks": sum(picked_option(r, alone[r.id]) == picked_option(r, ranked[r.id]) for r in records),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(DEMO_MODEL_DIR))
@@ -124,6 +174,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--slake-like", action="store_true", help="each question also in short-answer wording")
     parser.add_argument("--compile", action="store_true", help="also time eval --compile's path")
+    parser.add_argument("--rank-options", action="store_true", help="time eval --rank-options on four options each")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -138,6 +189,15 @@ def main() -> None:
             f"{len(records)} questions about {args.images} images, {model.config.num_image_tokens} image tokens "
             f"per prompt, device {model.device}, torch {torch.__version__}"
         )
+        if args.rank_options:
+            ranked = compare_ranking(model, processor, four_option_questions(records), args.batch_size)
+            print(f"each option alone, image re-encoded: {ranked['reference_questions_per_s']:8.2f} questions/s")
+            print(f"eval --rank-options (batch {args.batch_size}):   {ranked['ours_questions_per_s']:8.2f} questions/s")
+            print(
+                f"speed-up: {ranked['speedup']:.2f}x; max abs diff of log-probabilities {ranked['max_abs_diff']:.1e}; "
+                f"identical picks: {ranked['identical_picks']}/{len(records)}"
+            )
+            return
         result = compare(model, processor, records, args.batch_size, args.max_new_tokens, args.compile)
     print(f"one at a time, image re-encoded: {result['reference_questions_per_s']:8.2f} questions/s")
     print(f"llama3med eval (batch {args.batch_size}):        {result['ours_questions_per_s']:8.2f} questions/s")

@@ -65,3 +65,13 @@ def test_the_load_benchmark_serves_the_same_greedy_answers_one_at_a_time_and_in_
     assert run.returncode == 0, run.stderr[-2000:]
     lines = run.stdout.rstrip().splitlines()
     assert [line.split()[-1] for line in lines[1:3]] == ["4/4", "4/4"]  # the greedy clients' answers
+
+
+def test_the_ranking_benchmark_finds_the_log_probabilities_and_picks_of_each_option_scored_alone():
+    script = ROOT / "benchmarks" / "eval_throughput.py"
+    command = [sys.executable, str(script), "--images", "2", "--rank-options"]
+    run = subprocess.run(command, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    last = run.stdout.rstrip().splitlines()[-1]
+    picks = last.split("identical picks: ")[1].split("/")
+    assert picks[0] == picks[1] and float(last.split("log-probabilities ")[1].split(";")[0]) < 1e-4, last
