@@ -84,3 +84,12 @@ def test_chat_writes_a_dcm_heat_map_of_its_last_answer(tmp_path, capsys, monkeyp
     heat_map = pydicom.dcmread(tmp_path / "where.dcm")
     assert heat_map.StudyInstanceUID == pydicom.dcmread(scan).StudyInstanceUID
     assert heat_map.ImageComments.startswith(f"Question: {QUESTION} Answer: ")
+
+
+def test_a_multi_frame_dicoms_heat_map_references_the_frame_it_explains(tmp_path, capsys):
+    frames = np.random.default_rng(1).integers(0, 2000, size=(3, 32, 32)).astype(np.uint16)
+    scan = write_dicom(tmp_path / "cine.dcm", frames, modality="MR")
+    assert main(["ask", "--image", str(scan), "--frame", "1", QUESTION, "--heatmap", str(tmp_path / "where.dcm")]) == 0
+    [reference] = pydicom.dcmread(tmp_path / "where.dcm").SourceImageSequence
+    assert reference.ReferencedSOPInstanceUID == pydicom.dcmread(scan).SOPInstanceUID
+    assert reference.ReferencedFrameNumber == 2  # DICOM counts frames from 1
