@@ -375,3 +375,6 @@ def test_without_options_asks_multiple_choice_questions_as_open_ones_scored_agai
     assert "without_options True -> False" in capsys.readouterr().err
     assert main(["table", str(out)]) == 0
     assert capsys.readouterr().out.splitlines()[0] == "| model | PMC-VQA open | PMC-VQA closed |"
+    scoring = ["score", "--benchmark", "pmc-vqa", "--gt", str(phantom_pmc_vqa), "--pred", str(out / "answers.jsonl")]
+    assert main([*scoring, "--without-options", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == report["scores"]

@@ -639,12 +639,14 @@ def cmd_env(args: argparse.Namespace) -> None:
 def cmd_score(args: argparse.Namespace) -> None:
     import json
 
-    from .data.benchmarks import load_benchmark
+    from .data.benchmarks import load_benchmark, without_options
     from .eval import choice_chance, closed_auroc, confidence_intervals, paired_difference, score
     from .eval.report import difference_lines, format_table
     from .eval.runner import read_answers, yes_probabilities
 
     records = load_benchmark(args.benchmark, args.gt, args.split, args.image_root, check_images=False)
+    if args.without_options:
+        records = without_options(records)
     candidates, _ = _candidate_answers(args, args.gt, records)
 
     def texts(path: str) -> dict[str, str]:
@@ -1319,6 +1321,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pred", required=True, help="answers.jsonl")
     p.add_argument("--image-root", default=None)
     p.add_argument("--strict", action="store_true", help="closed: compare the first yes/no word only")
+    p.add_argument(
+        "--without-options",
+        action="store_true",
+        help="multiple-choice questions scored as open ones against the right option's text (answers of an "
+        "eval --without-options)",
+    )
     _add_candidates_option(p)
     p.add_argument(
         "--against",
