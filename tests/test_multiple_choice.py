@@ -86,6 +86,10 @@ def test_malformed_pmc_vqa_rows_are_refused_by_file_and_row(tmp_path):
     write_pmc_vqa_csv(tmp_path / "test.csv", [good])
     with pytest.raises(ValueError, match="image .*a.jpg not found"):
         load_benchmark("pmc-vqa", tmp_path)
+    (tmp_path / "images_2.zip").write_bytes(b"")  # the release's images, still zipped
+    with pytest.raises(ValueError, match="no image folder .* but images_2.zip: unzip the release's images there"):
+        load_benchmark("pmc-vqa", tmp_path)
+    assert load_benchmark("pmc-vqa", tmp_path, check_images=False)  # scoring needs no images
     write_pmc_vqa_csv(tmp_path / "bare.csv", [{"Figure_path": "a.jpg"}], ["Figure_path"])
     with pytest.raises(ValueError, match="not a PMC-VQA CSV"):
         load_benchmark("pmc-vqa", tmp_path / "bare.csv")

@@ -392,9 +392,6 @@ def load_pmc_vqa(
     if not file.is_file():
         found = sorted(p.name for p in path.glob("*.csv")) if path.is_dir() else []
         raise ValueError(f"{file}: PMC-VQA CSV not found" + (f" (the folder has {', '.join(found)})" if found else ""))
-    if image_root is None:
-        folders = [file.parent / name for name in PMC_VQA_IMAGE_FOLDERS if (file.parent / name).is_dir()]
-        image_root = folders[0] if folders else file.parent
     with file.open(encoding="utf-8-sig", newline="") as handle:
         rows = list(csv.DictReader(handle))
     columns = set(rows[0]) if rows else set()
@@ -402,6 +399,15 @@ def load_pmc_vqa(
     missing = {"Figure_path", "Question", "Choice A", "Choice B"} - columns
     if missing or not {"Answer_label", "Answer"} & columns:
         raise ValueError(f"{file}: not a PMC-VQA CSV (missing columns {sorted(missing) or ['Answer_label or Answer']})")
+    if image_root is None:
+        folders = [file.parent / name for name in PMC_VQA_IMAGE_FOLDERS if (file.parent / name).is_dir()]
+        archives = sorted(p.name for p in file.parent.glob("*.zip"))
+        if not folders and archives and check_images:
+            raise ValueError(
+                f"{file.parent}: no image folder ({', '.join(PMC_VQA_IMAGE_FOLDERS)}) but {', '.join(archives)}: "
+                "unzip the release's images there, or give --image-root"
+            )
+        image_root = folders[0] if folders else file.parent
     stem = file.stem
     records = []
     for position, raw in enumerate(rows):
