@@ -31,7 +31,8 @@ from llama3med.checkpoints import DEMO_MODEL_DIR, build_scratch, load
 from llama3med.data.benchmarks import OPTION_LETTERS, PROMPT_STYLES, VQARecord, load_llava_med, prompt_text
 from llama3med.data.phantoms import write_phantom_set
 from llama3med.eval import generate_answers
-from llama3med.eval.runner import picked_option, rank_options
+from llama3med.eval.runner import rank_options
+from llama3med.eval.scoring import picked_option
 from llama3med.inference import best_device, compile_model, question_messages
 from llama3med.processing import IGNORE_INDEX, train_bpe_tokenizer
 

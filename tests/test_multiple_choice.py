@@ -19,7 +19,7 @@ from llama3med.data.benchmarks import VQARecord, load_benchmark, load_llava_med,
 from llama3med.data.phantoms import write_phantom_set
 from llama3med.eval import choice_chance, chosen_option, confidence_intervals, paired_difference, score
 from llama3med.eval.report import comparison_rows, load_published
-from llama3med.eval.runner import option_probabilities
+from llama3med.eval.scoring import option_probabilities
 from llama3med.explain import answer_relevance
 from llama3med.inference import question_messages
 from llama3med.train.recipe import check_vqa_eval
@@ -267,6 +267,11 @@ def test_ranked_options_are_their_likelihoods_as_the_whole_answer_and_beat_chanc
     assert report["rank_options"] is True and report["scores"]["all"]["choice_unread"] == 0
     assert report["scores"]["all"]["choice_accuracy"] > report["choice_chance"] + 0.3  # 0.78 against 0.30
     assert "options ranked by the model's likelihood" in (out / "report.md").read_text()
+    sure = report["choice_calibration"]  # how sure the picks were, against how often right
+    confidences = [max(option_probabilities(row["metadata"]["option_log_probs"])) for row in rows.values()]
+    assert sure["mean_confidence"] == pytest.approx(sum(confidences) / len(confidences))
+    assert sure["accuracy"] == pytest.approx(report["scores"]["all"]["choice_accuracy"]) and 0 <= sure["ece"] <= 1
+    assert "ranked options (41 questions): picked with a mean probability" in (out / "report.md").read_text()
 
     capsys.readouterr()
     assert main(["eval", *args, "--out", str(out)]) == 1  # resumed without ranking: answers would mix

@@ -134,7 +134,8 @@ def _ask_ranking_options(model, processor, asked, heat_map: str | None) -> None:
     """Print the likeliest option, then each option's probability among them ("P(lateral) 0.969"); with
     `heat_map`, where in the image the picked option came from."""
     from .data.benchmarks import prompt_text
-    from .eval.runner import option_probabilities, picked_option, rank_options
+    from .eval.runner import rank_options
+    from .eval.scoring import option_probabilities, picked_option
     from .explain import answer_relevance
 
     [(_, _, text, log_probs)] = rank_options(model, processor, [asked])
@@ -277,7 +278,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .data.benchmarks import load_benchmark, without_options
     from .eval import choice_chance, closed_auroc, confidence_intervals, majority_baseline, score
     from .eval.report import comparison_rows, format_table, load_published, write_report
-    from .eval.runner import check_run_settings, yes_probabilities
+    from .eval.runner import check_run_settings, option_log_probs, yes_probabilities
+    from .eval.scoring import choice_calibration
     from .inference import compile_model, peak_memory_gib
 
     _check_model_source_options(args)
@@ -330,11 +332,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
             report["candidates"] = candidates_source
         report["intervals"] = confidence_intervals(records, answers)
         report["closed_auroc"] = closed_auroc(records, yes_probabilities(out / "answers.jsonl"))
+        if ranked := choice_calibration(records, option_log_probs(out / "answers.jsonl")):
+            report["choice_calibration"] = ranked
         if published:
             report["published"] = published
         write_report(out, report)
         _write_answer_tables(records, out)
-        print(format_table(scores, baseline, report["intervals"], report["closed_auroc"], chance))
+        print(
+            format_table(
+                scores, baseline, report["intervals"], report["closed_auroc"], chance, report.get("choice_calibration")
+            )
+        )
         if published:
             print(f"\nbeside published results ({published['source']}):")
             print("\n".join("  ".join(row) for row in comparison_rows(report, published)))
@@ -571,7 +579,8 @@ def _write_heat_maps(model, processor, records: list, out: Path, prompt_style: s
     from .data.benchmarks import prompt_text
     from .data.conversations import write_atomically
     from .dicom_export import heat_map_comment, heat_map_dicom_bytes, shown_dicom
-    from .eval.runner import picked_option, read_answers
+    from .eval.runner import read_answers
+    from .eval.scoring import picked_option
     from .explain import ImageExplainer
 
     folder = out / "heatmaps"

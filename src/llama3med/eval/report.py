@@ -14,8 +14,8 @@ import yaml
 from ..data.benchmarks import OPTION_LETTERS, VQARecord
 from ..processing import dicom_identifiers
 from ..processing.images import DICOM_IDENTIFIERS, shown_frame
-from .runner import option_probabilities, picked_option, read_answers
-from .scoring import chosen_option, first_yes_or_no, question_score
+from .runner import read_answers
+from .scoring import chosen_option, first_yes_or_no, option_probabilities, picked_option, question_score
 
 COLUMNS = (
     ("closed", "closed_accuracy"),
@@ -76,6 +76,15 @@ def difference_lines(difference: dict) -> list[str]:
     return lines
 
 
+def choice_calibration_line(result: dict) -> str:
+    """One sentence giving how sure ranked multiple-choice answers were against how often right."""
+    return (
+        f"ranked options ({result['n']} questions): picked with a mean probability {result['mean_confidence']:.3f}, "
+        f"right {100 * result['accuracy']:.2f} %; calibration: Brier {result['brier']:.3f}, "
+        f"ECE {result['ece']:.3f} ({result['ece_bins']} bins)"
+    )
+
+
 def auroc_line(result: dict) -> str:
     """One sentence giving the closed yes/no questions' AUROC by P(yes)."""
     low, high = result["interval"]
@@ -94,6 +103,7 @@ def format_table(
     intervals: dict | None = None,
     closed_auroc: dict | None = None,
     chance: float | None = None,
+    choice_calibration: dict | None = None,
 ) -> str:
     """A plain-text table (percentages) of every group's scores, with the closed questions' majority
     baseline and the multiple-choice questions' chance accuracy where given."""
@@ -114,6 +124,8 @@ def format_table(
         lines.append(f"majority-answer baseline, closed: {100 * baseline:.2f}")
     if chance is not None:
         lines.append(f"chance, multiple choice: {100 * chance:.2f}")
+    if choice_calibration is not None:
+        lines.append(choice_calibration_line(choice_calibration))
     return "\n".join(lines)
 
 
@@ -201,6 +213,8 @@ def write_report(out: Path, report: dict) -> None:
         lines += ["", f"Majority-answer baseline on closed questions: {100 * report['majority_closed_baseline']:.2f}"]
     if report.get("choice_chance") is not None:
         lines += ["", f"Chance on multiple-choice questions: {100 * report['choice_chance']:.2f}"]
+    if report.get("choice_calibration"):
+        lines += ["", choice_calibration_line(report["choice_calibration"]) + "."]
     if report.get("candidates"):
         lines += ["", f"Candidate accuracy maps answers onto {report['candidates']}."]
     if published := report.get("published"):

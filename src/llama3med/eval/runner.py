@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import uuid
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -35,6 +34,7 @@ from ..generation import Sampling
 from ..inference import question_messages, static_cache_decoder, yes_no_tokens, yes_probability
 from ..model import Llama3MedForConditionalGeneration
 from ..processing import IGNORE_INDEX, Llama3MedProcessor, pad_sequences
+from .scoring import picked_option
 
 
 def answer_row(
@@ -63,6 +63,12 @@ def answer_row(
 def read_answers(path: Path) -> dict[str, dict]:
     """Answers already written, by question id; a line cut by a crash is ignored."""
     return {str(row["question_id"]): row for row in read_appended_rows(path)}
+
+
+def option_log_probs(path: str | Path) -> dict[str, list[float]]:
+    """Each ranked answer's options' log-probabilities in `answers.jsonl` (`metadata.option_log_probs`)."""
+    metadata = {qid: row.get("metadata") or {} for qid, row in read_answers(Path(path)).items()}
+    return {qid: given["option_log_probs"] for qid, given in metadata.items() if given.get("option_log_probs")}
 
 
 def yes_probabilities(path: str | Path) -> dict[str, float]:
@@ -201,17 +207,6 @@ def rank_options(
         for record, prompt, log_probs in zip(batch, prompts, scores, strict=True):
             picked = picked_option(record, log_probs)
             yield record, prompt, f"{OPTION_LETTERS[record.options.index(picked)]}. {picked}", log_probs
-
-
-def picked_option(record: VQARecord, log_probs: Sequence[float]) -> str:
-    """The option `rank_options` answers with: the likeliest, the first of equals."""
-    return record.options[list(log_probs).index(max(log_probs))]
-
-
-def option_probabilities(log_probs: Sequence[float]) -> list[float]:
-    """Ranked options' probabilities among themselves, from their answers' log-probabilities."""
-    shares = [math.exp(log_p - max(log_probs)) for log_p in log_probs]
-    return [share / sum(shares) for share in shares]
 
 
 def _prefixed_batches(

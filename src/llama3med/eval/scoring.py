@@ -121,6 +121,17 @@ def chosen_option(prediction: str, options: Sequence[str]) -> str | None:
     return letters[widest[0]] if len(widest) == 1 else None
 
 
+def picked_option(record: VQARecord, log_probs: Sequence[float]) -> str:
+    """The option `rank_options` answers with: the likeliest, the first of equals."""
+    return record.options[list(log_probs).index(max(log_probs))]
+
+
+def option_probabilities(log_probs: Sequence[float]) -> list[float]:
+    """Ranked options' probabilities among themselves, from their answers' log-probabilities."""
+    shares = [math.exp(log_p - max(log_probs)) for log_p in log_probs]
+    return [share / sum(shares) for share in shares]
+
+
 def token_scores(prediction: str, reference: str) -> tuple[float, float, float]:
     """(F1, precision, recall) over whitespace tokens; a shared token counts as often as the prediction
     has it, as in the evaluator."""
@@ -404,6 +415,20 @@ def choice_chance(records: Sequence[VQARecord]) -> float | None:
     """The multiple-choice accuracy of picking an option at random; None without such questions."""
     counts = [len(r.options) for r in records if r.answer_type == "CHOICE"]
     return mean(1 / count for count in counts) if counts else None
+
+
+def choice_calibration(records: Sequence[VQARecord], log_probs: Mapping[str, Sequence[float]]) -> dict | None:
+    """How sure ranked multiple-choice answers are against how often they are right: the mean probability
+    of the option picked, the share right, and `calibration` of that top-option probability (10 bins),
+    as for P(yes). None without ranked answers."""
+    ranked = [(r, log_probs[r.id]) for r in records if r.answer_type == "CHOICE" and log_probs.get(r.id)]
+    if not ranked:
+        return None
+    right = np.array([OPTION_LETTERS[r.options.index(picked_option(r, scores))] == r.answer for r, scores in ranked])
+    confidence = np.array([max(option_probabilities(scores)) for _, scores in ranked])
+    return {"n": len(ranked), "mean_confidence": float(confidence.mean()), "accuracy": float(right.mean())} | (
+        calibration(right, confidence)
+    )
 
 
 def majority_baseline(records: Sequence[VQARecord]) -> float | None:
