@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from .processing import IMAGE_PLACEHOLDER, dicom_series, frame_count
-from .processing.images import ImageSource, is_dicom, shown_frame
+from .processing.images import ImageSource, is_dicom_file, shown_frame
 
 COPIED_FROM_SOURCE = (  # the patient and study, by which a PACS files the heat map with its scan
     "PatientName",
@@ -46,9 +46,8 @@ def shown_dicom(image: ImageSource, frame: int | None) -> tuple[Path, int | None
     if path.is_dir():
         slices = dicom_series(path)
         return (slices[shown_frame(len(slices), frame)], None) if slices else None
-    with path.open("rb") as handle:
-        if not is_dicom(handle.read(132)) and path.suffix.lower() not in (".dcm", ".dicom"):
-            return None
+    if not is_dicom_file(path):
+        return None
     frames = frame_count(path)
     return path, (shown_frame(frames, frame) if frames > 1 else None)
 

@@ -227,12 +227,17 @@ def dicom_identifiers(source: ImageSource) -> list[dict[str, str]]:
     return [{name: str(h.get(tag, "")) for name, tag in DICOM_IDENTIFIERS.items()} for h in headers if h is not None]
 
 
-def _dicom_image_header(path: Path):
-    """The header of a DICOM image file (known by content, or by a `.dcm` name); None for any other
-    file, and for DICOM that holds no image (a DICOMDIR, a report)."""
+def is_dicom_file(path: Path) -> bool:
+    """A DICOM file, known by its content (`is_dicom`) or by a `.dcm` or `.dicom` name."""
     with path.open("rb") as handle:
-        if not is_dicom(handle.read(132)) and path.suffix.lower() not in (".dcm", ".dicom"):
-            return None
+        return is_dicom(handle.read(132)) or path.suffix.lower() in (".dcm", ".dicom")
+
+
+def _dicom_image_header(path: Path):
+    """The header of a DICOM image file (`is_dicom_file`); None for any other file, and for DICOM that
+    holds no image (a DICOMDIR, a report)."""
+    if not is_dicom_file(path):
+        return None
     header = _read_dicom(path, path, headers_only=True)
     return header if "Rows" in header else None
 
