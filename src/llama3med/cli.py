@@ -162,11 +162,11 @@ def _write_heat_map(path: str | Path, picture, image, frame: int | None, questio
     """A heat map as the image file `path` names, or with a `.dcm` name as a DICOM Secondary Capture in
     the study of the DICOM image it explains (`dicom_export`), the question and answer in its comments."""
     from .data.conversations import write_atomically
-    from .dicom_export import heat_map_comment, heat_map_dicom_bytes
+    from .dicom_export import heat_map_comment, heat_map_dicom_bytes, shown_dicom
 
     if Path(path).suffix.lower() == ".dcm":
         comment = heat_map_comment(question, answer)
-        write_atomically(Path(path), heat_map_dicom_bytes(picture, image, frame, comment))
+        write_atomically(Path(path), heat_map_dicom_bytes(picture, shown_dicom(image, frame), comment))
     else:
         picture.save(path)
     print(f"wrote {path}: where in the image the answer came from", file=sys.stderr)
@@ -586,15 +586,15 @@ def _write_heat_maps(model, processor, records: list, out: Path, prompt_style: s
     folder = out / "heatmaps"
     folder.mkdir(exist_ok=True)
     answers = read_answers(out / "answers.jsonl")
-    explainer, explaining, dicom = None, None, False  # the image being explained, encoded once for all its questions
+    explainer, explaining, source = None, None, None  # the image being explained, encoded once for its questions
     for record in tqdm(sorted(records, key=lambda r: r.image_key), desc="heat maps", unit="answer"):
         if explaining != record.image_key:
             explainer, explaining = None, record.image_key
-            dicom = as_dicom and shown_dicom(record.image, record.frame) is not None
+            source = shown_dicom(record.image, record.frame) if as_dicom else None  # its DICOM file, if any
         name = re.sub(r"[^\w.@#-]+", "_", record.id)
         if name != record.id:  # a folder's ids hold paths: two could flatten to one name
             name += "-" + hashlib.sha1(record.id.encode()).hexdigest()[:8]
-        path = folder / f"{name}.{'dcm' if dicom else 'png'}"
+        path = folder / f"{name}.{'png' if source is None else 'dcm'}"
         if path.exists():
             continue
         if explainer is None:
@@ -606,9 +606,8 @@ def _write_heat_maps(model, processor, records: list, out: Path, prompt_style: s
         explained = explainer(question, answer)
         numbers = {"question_id": record.id, "answer": answer, "relevance": explained.relevance.tolist()}
         write_atomically(path.with_suffix(".json"), json.dumps(numbers) + "\n")
-        if dicom:
-            comment = heat_map_comment(question, answer)
-            picture = heat_map_dicom_bytes(explained.heat_map(), record.image, record.frame, comment)
+        if source is not None:
+            picture = heat_map_dicom_bytes(explained.heat_map(), source, heat_map_comment(question, answer))
         else:
             buffer = io.BytesIO()
             explained.heat_map().save(buffer, format="PNG")

@@ -103,9 +103,9 @@ def heat_map_comment(question: str, answer: str) -> str:
     return f"Question: {question.replace(IMAGE_PLACEHOLDER, '').strip()} Answer: {answer.strip()}"
 
 
-def heat_map_dicom_bytes(picture: Image.Image, image: ImageSource, frame: int | None, comment: str) -> bytes:
-    """The DICOM file of `heat_map_dicom` for the DICOM image `image` shows at `frame`."""
-    shown = shown_dicom(image, frame)
+def heat_map_dicom_bytes(picture: Image.Image, shown: tuple[Path, int | None] | None, comment: str) -> bytes:
+    """The DICOM file of `heat_map_dicom` for `shown`, the DICOM file and frame a heat map explains
+    (`shown_dicom`)."""
     if shown is None:
         raise ValueError("a DICOM heat map belongs to a DICOM image's study, and this image is not DICOM")
     source, source_frame = shown
