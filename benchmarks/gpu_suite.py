@@ -456,18 +456,17 @@ def table_lines(name: str, section: dict) -> list[str]:
         f"{section['reference_questions_per_s']:.2f} q/s, llama3med eval {section['ours_questions_per_s']:.2f} q/s, "
         f"{section['speedup']:.2f}x, identical answers {section['identical_answers']}/{section['questions']}"
     ]
-    explained = section.get("heat_map", {})
-    if "error" in explained:
-        lines.append(f"  heat map (ask --heatmap): failed: {explained['error']}")
-    elif explained:
-        peak = "n/a (CPU)" if explained["peak_gib"] is None else f"{explained['peak_gib']:.1f} GiB"
-        lines.append(f"  heat map (ask --heatmap): {explained['seconds']:.2f} s, peak {peak}")
-    ranked = section.get("ranked", {})
-    if "error" in ranked:
-        lines.append(f"  eval --rank-options: failed: {ranked['error']}")
-    elif ranked:
-        peak = "n/a (CPU)" if ranked["peak_gib"] is None else f"{ranked['peak_gib']:.1f} GiB"
-        lines.append(f"  eval --rank-options, 4 options each: {ranked['questions_per_s']:.2f} q/s, peak {peak}")
+    extras = (  # measured beside the evaluation: what each is, how its figure reads
+        ("heat_map", "heat map (ask --heatmap)", lambda row: f"{row['seconds']:.2f} s"),
+        ("ranked", "eval --rank-options, 4 options each", lambda row: f"{row['questions_per_s']:.2f} q/s"),
+    )
+    for key, label, figure in extras:
+        row = section.get(key, {})
+        if "error" in row:
+            lines.append(f"  {label}: failed: {row['error']}")
+        elif row:
+            peak = "n/a (CPU)" if row["peak_gib"] is None else f"{row['peak_gib']:.1f} GiB"
+            lines.append(f"  {label}: {figure(row)}, peak {peak}")
     if "compiled_questions_per_s" in section:
         lines.append(
             f"  eval --compile: {section['compiled_questions_per_s']:.2f} q/s, {section['compiled_speedup']:.2f}x, "
