@@ -1,7 +1,7 @@
 """Benchmark loaders: each yields `VQARecord`s, one record type for every dataset and layout.
 
 Closed questions are yes/no questions (LLaVA-Med's `answer_type` CLOSED); multiple-choice questions
-(CHOICE: PMC-VQA's, or a record with `options`) have lettered options and the right one's letter as
+(CHOICE: PMC-VQA's and OmniMedVQA's, or a record with `options`) have lettered options and the right one's letter as
 their answer; open questions are the rest.
 Malformed input is refused with the file and record named, never silently dropped: a benchmark number
 over a silently shrunken test set would not be comparable.
@@ -29,7 +29,7 @@ from ..processing.images import Window
 from .conversations import read_records, record_frame, record_window, write_atomically
 
 ANSWER_TYPES = ("OPEN", "CLOSED", "CHOICE")
-BENCHMARKS = ("vqa-rad", "slake", "pathvqa", "pmc-vqa", "llava-med")
+BENCHMARKS = ("vqa-rad", "slake", "pathvqa", "pmc-vqa", "omnimedvqa", "llava-med")
 OPTION_LETTERS = "ABCDEFGH"  # a multiple-choice question's options, in order
 
 
@@ -429,6 +429,86 @@ def load_pmc_vqa(
     return _unique(records, file)
 
 
+OMNIMEDVQA_SPLITS = {"test": "Open-access", "open-access": "Open-access", "restricted-access": "Restricted-access"}
+
+
+def load_omnimedvqa(
+    path: str | Path, split: str = "test", image_root: str | Path | None = None, check_images: bool = True
+) -> list[VQARecord]:
+    """OmniMedVQA's multiple-choice questions: the release folder (the one holding `QA_information/`)
+    or its `QA_information/`, whose `Open-access/*.json` are read (`--split restricted-access` reads
+    `Restricted-access/`, whose images come from each source dataset), a folder of those JSON files,
+    or one of them (one source dataset). Each record gives `question`, `option_A`.. and the right
+    option's text as `gt_answer`; `image_path` is relative to the release folder (`image_root`, by
+    default found above the JSON files). The report groups by `question_type`, by `modality_type` and
+    by the source `dataset`."""
+    path = Path(path)
+    if split not in OMNIMEDVQA_SPLITS:
+        raise ValueError(f"OmniMedVQA has no split {split!r}; choose from {', '.join(OMNIMEDVQA_SPLITS)}")
+    folder = path / "QA_information" if (path / "QA_information").is_dir() else path
+    if folder.name == "QA_information":
+        folder = folder / OMNIMEDVQA_SPLITS[split]
+    files = sorted(folder.glob("*.json")) if folder.is_dir() else [folder]
+    if not files or not files[0].is_file():
+        raise ValueError(f"{folder}: no OmniMedVQA question files (QA_information/Open-access/*.json)")
+    if image_root is None:
+        above = [p for p in files[0].parents if p.name == "QA_information"]
+        image_root = above[0].parent if above else files[0].parent
+    records = []
+    for file in files:
+        try:
+            rows = json.loads(file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{file}: not JSON ({err})") from None
+        if not isinstance(rows, list) or not all(isinstance(raw, dict) for raw in rows):
+            raise ValueError(f"{file}: expected a JSON list of questions, each an object")
+        for position, raw in enumerate(rows):
+            name = f"{file}: record {raw.get('question_id', f'#{position}')}"
+            options = option_texts([raw.get(f"option_{letter}") for letter in OPTION_LETTERS], name)
+            records.append(
+                VQARecord(
+                    str(raw.get("question_id") or f"{file.stem}-{position:06d}"),
+                    _omnimedvqa_image(Path(image_root), raw.get("image_path"), name, check_images, split),
+                    _text(raw.get("question"), name, "question"),
+                    _choice_text(raw.get("gt_answer"), options, name),
+                    "CHOICE",
+                    "omnimedvqa",
+                    split,
+                    raw.get("question_type") and str(raw["question_type"]),
+                    options=options,
+                    strata=_strata(
+                        {**raw, "modality": raw.get("modality_type") or raw.get("modality")},
+                        {"modality": "modality", "source": "dataset"},
+                    ),
+                )
+            )
+    return _unique(records, folder)
+
+
+def _choice_text(answer, options: tuple[str, ...], name: str) -> str:
+    """The letter of the option whose text `answer` is (OmniMedVQA's `gt_answer`), ignoring case and a
+    full stop at the end; `_choice_answer`'s letter forms only where no option's text matches."""
+    text = _text(answer, name, "answer")
+
+    def plain(value: str) -> str:
+        return value.casefold().rstrip(".").strip()
+
+    matches = [i for i, option in enumerate(options) if plain(option) == plain(text)]
+    return OPTION_LETTERS[matches[0]] if len(matches) == 1 else _choice_answer(text, options, name)
+
+
+def _omnimedvqa_image(root: Path, relative, name: str, check: bool, split: str) -> Path:
+    try:
+        return _image_file(root, relative, name, check)
+    except ValueError as err:
+        if split == "restricted-access":
+            raise ValueError(
+                f"{err} (restricted-access images are not in the release: get them from the "
+                "source dataset and place them where image_path says, or give --image-root)"
+            ) from None
+        raise
+
+
 class _PlainDataUnpickler(pickle.Unpickler):
     """Question pickles hold lists of dicts of strings; refusing every class keeps a tampered file from
     running code."""
@@ -524,7 +604,7 @@ def local_dataset(path: str | Path) -> Path:
 def load_benchmark(
     name: str, path: str | Path, split: str = "test", image_root: str | Path | None = None, check_images: bool = True
 ) -> list[VQARecord]:
-    """Records of benchmark `name` (vqa-rad, slake, pathvqa, pmc-vqa, llava-med) from `path`, a local file or
+    """Records of benchmark `name` (one of `BENCHMARKS`) from `path`, a local file or
     folder or a Hugging Face dataset id (`local_dataset`). Scoring needs no images, so
     `check_images=False` reads the questions and answers alone."""
     path = local_dataset(path)
@@ -538,6 +618,8 @@ def load_benchmark(
         return load_pathvqa(path, split, image_root, check_images=check_images)
     if name == "pmc-vqa":
         return load_pmc_vqa(path, split, image_root, check_images=check_images)
+    if name == "omnimedvqa":
+        return load_omnimedvqa(path, split, image_root, check_images=check_images)
     raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
 
 
@@ -558,9 +640,10 @@ def train_open_answers(
     name: str, path: str | Path, test_records: list[VQARecord], image_root: str | Path | None = None
 ) -> list[str] | None:
     """The open answers of the benchmark's train split (LLaVA-Med's candidate set), when the release
-    at `path` holds one; None for the LLaVA-Med format, PMC-VQA (no open questions) or a lone test file."""
+    at `path` holds one; None for the LLaVA-Med format, the multiple-choice sets (no open questions) or a
+    lone test file."""
     one_split = Path(path).is_file() and name != "vqa-rad"  # one file, one split (but VQA-RAD's)
-    if name in ("llava-med", "pmc-vqa") or one_split:
+    if name in ("llava-med", "pmc-vqa", "omnimedvqa") or one_split:
         return None
     try:
         train = load_benchmark(name, path, "train", image_root, check_images=False)

@@ -236,6 +236,7 @@ BENCHMARK_NAMES = {
     "slake": "SLAKE",
     "pathvqa": "PathVQA",
     "pmc-vqa": "PMC-VQA",
+    "omnimedvqa": "OmniMedVQA",
     "llava-med": "LLaVA-Med format",
 }
 
