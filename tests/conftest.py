@@ -48,6 +48,46 @@ TINY_SIGLIP = dict(
 TINY_CLIP = dict(TINY_SIGLIP, model_type="clip_vision_model")
 
 
+def send_json(handler: http.server.BaseHTTPRequestHandler, status: int, payload: dict, headers: dict | None = None):
+    """Answer `handler`'s request with `payload` as JSON."""
+    data = json.dumps(payload).encode()
+    handler.send_response(status)
+    handler.send_header("content-type", "application/json")
+    handler.send_header("content-length", str(len(data)))
+    for key, value in (headers or {}).items():
+        handler.send_header(key, value)
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
+def chat_reply(path: str, model: str, text: str, input_tokens: int, output_tokens: int) -> dict:
+    """`text` as the reply to a chat request at `path`: an Anthropic message for `/v1/messages`, else an
+    OpenAI chat completion."""
+    if path.endswith("/messages"):
+        return {
+            "id": "msg_1",
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [{"type": "text", "text": text}],
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+            "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens},
+        }
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 0,
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "usage": {
+            "prompt_tokens": input_tokens,
+            "completion_tokens": output_tokens,
+            "total_tokens": input_tokens + output_tokens,
+        },
+    }
+
+
 def tiny_llama(vocab_size: int) -> dict:
     return dict(
         model_type="llama",

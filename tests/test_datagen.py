@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from conftest import chat_reply, send_json
 from llama3med.cli import main
 from llama3med.datagen import (
     AnthropicTeacher,
@@ -104,42 +105,14 @@ class Handler(BaseHTTPRequestHandler):
                     [{"from": "human", "value": "How big?"}, {"from": "gpt", "value": "About 7 cm."}]
                 ),
             }.get(case, json.dumps(GOOD))
-            if self.path.endswith("/messages"):
-                payload = {
-                    "id": "msg_1",
-                    "type": "message",
-                    "role": "assistant",
-                    "model": body["model"],
-                    "content": [{"type": "text", "text": text}],
-                    "stop_reason": "end_turn",
-                    "stop_sequence": None,
-                    "usage": {"input_tokens": 100, "output_tokens": 50},
-                }
-            else:
-                payload = {
-                    "id": "chatcmpl-1",
-                    "object": "chat.completion",
-                    "created": 0,
-                    "model": body["model"],
-                    "choices": [
-                        {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-                    ],
-                    "usage": {"prompt_tokens": 100, "completion_tokens": 50, "total_tokens": 150},
-                }
+            payload = chat_reply(self.path, body["model"], text, 100, 50)
             self.reply(200, payload)
         finally:
             with server.lock:
                 server.in_flight -= 1
 
     def reply(self, status: int, payload: dict, headers: dict | None = None):
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(data)))
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, status, payload, headers)
 
 
 @pytest.fixture()

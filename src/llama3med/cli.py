@@ -691,6 +691,14 @@ def _is_local(url: str | None) -> bool:
     return url is not None and urlparse(url).hostname in ("localhost", "127.0.0.1", "::1")
 
 
+def _confirm_paid_run() -> None:
+    """Ask at the terminal before requests that cost money; refuse without one (pass --yes)."""
+    if not sys.stdin.isatty():
+        raise ValueError("a paid run needs confirmation: pass --yes")
+    if input("Proceed? [y/N] ").strip().lower() not in ("y", "yes"):
+        raise ValueError("cancelled")
+
+
 def cmd_datagen(args: argparse.Namespace) -> None:
     import asyncio
 
@@ -720,10 +728,7 @@ def cmd_datagen(args: argparse.Namespace) -> None:
             f"{len(pending)} of {len(records)} records to do with {teacher.model}: ~{tokens:,} tokens, {cost} at most"
         )
     if pending and paid and not args.yes:
-        if not sys.stdin.isatty():
-            raise ValueError("a paid run needs confirmation: pass --yes")
-        if input("Proceed? [y/N] ").strip().lower() not in ("y", "yes"):
-            raise ValueError("cancelled")
+        _confirm_paid_run()
     policy = RetryPolicy(max_retries=args.max_retries)
     stats = asyncio.run(
         generate(records, out, teachers, prompt, args.concurrency, policy, args.max_requests, args.seed, done=done)
@@ -748,6 +753,76 @@ def cmd_datagen_mix(args: argparse.Namespace) -> None:
             raise ValueError(f"--source must be FILE or FILE:RATIO, got {text!r}") from None
     stats = mix(sources, args.out, seed=args.seed, licenses=args.license)
     print(json.dumps(stats, indent=1))
+
+
+def cmd_judge(args: argparse.Namespace) -> None:
+    import asyncio
+    import json
+
+    from .data.conversations import read_appended_rows, write_atomically
+    from .datagen import RetryPolicy, make_teacher
+    from .datagen.pipeline import rejects_path
+    from .eval.judge import (
+        PROMPT_ID,
+        format_summary,
+        judge_answers,
+        judge_prompt,
+        pending_reviews,
+        read_chat_questions,
+        summarize_reviews,
+    )
+    from .eval.runner import check_run_settings, read_answers
+
+    questions = read_chat_questions(args.questions)
+    answers_path = Path(args.answers)
+    if answers_path.is_dir():
+        answers_path = answers_path / "answers.jsonl"
+    if not answers_path.is_file():
+        raise ValueError(f"{answers_path}: answers file not found")
+    answers = {qid: str(row.get("text") or "") for qid, row in read_answers(answers_path).items()}
+    out = Path(args.out)
+    reviews = out / "reviews.jsonl"
+    settings = {
+        "questions": _resolved(args.questions),
+        "judge": args.judge,
+        "judge_model": args.judge_model,
+        "prompt": PROMPT_ID,
+        "both_orders": args.both_orders,
+    }
+    pending = pending_reviews(questions, answers, reviews, args.both_orders)  # before the settings: it checks
+    check_run_settings(out, settings, made="reviews")
+    if args.judge == "openai" and args.base_url is None and not (args.api_key or os.environ.get("OPENAI_API_KEY")):
+        raise ValueError("a judge on OpenAI's API needs OPENAI_API_KEY (or --api-key); --base-url for another endpoint")
+    judge = make_teacher(args.judge, model=args.judge_model, api_key=args.api_key, base_url=args.base_url)
+    tokens = sum(len(judge_prompt(q, q.reference, answers[q.id])) // 4 + 250 for q, _ in pending)
+    print(f"{len(pending)} reviews to do with {args.judge_model}: ~{tokens:,} tokens", file=sys.stderr)
+    paid = args.judge == "anthropic" or not _is_local(args.base_url)
+    if pending and paid and not args.yes:
+        _confirm_paid_run()
+    policy = RetryPolicy(max_retries=args.max_retries)
+    stats = asyncio.run(
+        judge_answers(questions, answers, reviews, judge, args.both_orders, args.concurrency, policy, args.max_requests)
+    )
+    rows = read_appended_rows(reviews)
+    reviewed = len({row["question_id"] for row in rows})
+    rejected = len(read_appended_rows(rejects_path(reviews)))
+    summary = {
+        "judge": args.judge_model,
+        "prompt": PROMPT_ID,
+        "both_orders": args.both_orders,
+        "questions": len(questions),
+        "reviewed": reviewed,
+        "rejected": rejected,
+        "groups": summarize_reviews(rows),
+    }
+    write_atomically(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    if reviewed < len(questions):
+        print(
+            f"reviewed {reviewed} of {len(questions)} questions: {stats.failed} requests failed this run (rerun to "
+            f"ask again), {rejected} replies without readable scores (in {rejects_path(reviews)})",
+            file=sys.stderr,
+        )
+    print(json.dumps(summary, indent=1) if args.json else format_summary(summary["groups"], args.judge_model))
 
 
 def _model_dir(model: str | None):
@@ -1384,6 +1459,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep only records whose license contains TEXT (repeatable), e.g. creativecommons.org/licenses/by/",
     )
     p.set_defaults(func=cmd_datagen_mix)
+
+    p = sub.add_parser("judge", help="LLaVA-Med's visual-chat score: a judge LLM grades answers against references")
+    p.add_argument(
+        "questions",
+        help="LLaVA-Med's llava_med_eval_qa50_qa.jsonl: question_id, text, gpt4_answer, fig_label, fig_caption, "
+        "in_text_mention, type, domain",
+    )
+    p.add_argument("--answers", required=True, help="answers.jsonl (or an answer --out folder) to the same questions")
+    p.add_argument("--out", required=True, help="folder: reviews.jsonl (appended; resumable) and summary.json")
+    p.add_argument("--judge", choices=["openai", "anthropic"], default="openai", help="the judge's API")
+    p.add_argument(
+        "--judge-model",
+        required=True,
+        help="the judge LLM, e.g. gpt-4o (LLaVA-Med's gpt-4-0314 is retired; scores compare under one judge only)",
+    )
+    p.add_argument("--base-url", default=None, help="the API's endpoint, e.g. http://localhost:8000/v1 for vLLM")
+    p.add_argument("--api-key", default=None, help="default: OPENAI_API_KEY / ANTHROPIC_API_KEY")
+    p.add_argument(
+        "--both-orders",
+        action="store_true",
+        help="grade each answer twice, shown first and second, and average: cancels a judge's taste for a position",
+    )
+    p.add_argument("--concurrency", type=_positive, default=8)
+    p.add_argument("--max-retries", type=int, default=5)
+    p.add_argument("--max-requests", type=_positive, default=None, help="request budget for this run")
+    p.add_argument("--yes", action="store_true", help="skip the confirmation before a paid run")
+    p.add_argument("--json", action="store_true", help="print summary.json instead of the table")
+    p.set_defaults(func=cmd_judge)
 
     p = sub.add_parser("serve", help="OpenAI-compatible API and web page for asking about images")
     p.add_argument("--model", default=None, help="model directory (default: the built-in phantom demo model)")

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ..data.conversations import domain_name, read_records, repair_appended_rows
 from .cleaning import BadReply, clean_conversation, parse_reply
-from .teachers import FatalError, PermanentError, RetryPolicy, TransientError
+from .teachers import FatalError, PermanentError, RetryPolicy, complete_with_retries
 
 PROMPTS = ("conversation", "vqa", "description")
 
@@ -177,19 +177,6 @@ async def generate(
 
     with out.open("a", encoding="utf-8") as good, rejects.open("a", encoding="utf-8") as bad:
 
-        async def ask(teacher, record):
-            for attempt in range(retry.max_retries + 1):
-                if max_requests is not None and stats.requests >= max_requests:
-                    raise PermanentError("request budget spent")
-                stats.requests += 1
-                try:
-                    return await teacher.complete(prompt.system, prompt.messages(record), prompt.max_tokens)
-                except TransientError as err:
-                    if attempt == retry.max_retries:
-                        raise PermanentError(f"gave up after {attempt + 1} attempts: {err}") from None
-                    stats.retries += 1
-                    await asyncio.sleep(retry.delay(attempt, err.retry_after, rng))
-
         async def one(record):
             teacher = choose_teacher(record["id"], teachers, seed)
             async with semaphore:
@@ -198,7 +185,16 @@ async def generate(
                 stats.in_flight += 1
                 stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
                 try:
-                    reply = await ask(teacher, record)
+                    reply = await complete_with_retries(
+                        teacher,
+                        prompt.system,
+                        prompt.messages(record),
+                        prompt.max_tokens,
+                        retry,
+                        rng,
+                        stats,
+                        max_requests,
+                    )
                 except FatalError as err:
                     fatal.append(f"the {teacher.name} teacher ({teacher.model}) cannot be used: {err}")
                     return

@@ -9,11 +9,13 @@ and are never logged or written.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import os
 import random
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Protocol
 
 DEFAULT_MODELS = {"anthropic": "claude-3-opus-20240229", "openai": "meta-llama/Meta-Llama-3-70B-Instruct"}
 # US$ per million input and output tokens, for the estimate printed before a paid run.
@@ -110,7 +112,11 @@ class AnthropicTeacher:
             raise ValueError("the anthropic teacher needs ANTHROPIC_API_KEY (or --api-key)")
         self.client = self.sdk.AsyncAnthropic(api_key=key, base_url=base_url, timeout=timeout, max_retries=0)
 
-    async def complete(self, system: str, messages: list[dict[str, str]], max_tokens: int) -> Reply:
+    async def complete(
+        self, system: str, messages: list[dict[str, str]], max_tokens: int, temperature: float | None = None
+    ) -> Reply:
+        """`temperature` is not sent: Anthropic's API took sampling settings out in its 2026-10-21 version
+        (and its SDK 2 with it), so its models decode as they do."""
         try:
             response = await self.client.messages.create(
                 model=self.model, system=system, messages=messages, max_tokens=max_tokens
@@ -135,19 +141,54 @@ class OpenAITeacher:
         key = api_key or os.environ.get("OPENAI_API_KEY") or "none"  # local servers take any key
         self.client = self.sdk.AsyncOpenAI(api_key=key, base_url=base_url, timeout=timeout, max_retries=0)
 
-    async def complete(self, system: str, messages: list[dict[str, str]], max_tokens: int) -> Reply:
+    async def complete(
+        self, system: str, messages: list[dict[str, str]], max_tokens: int, temperature: float | None = None
+    ) -> Reply:
         try:
             response = await self.client.chat.completions.create(
                 model=self.model,
                 messages=[{"role": "system", "content": system}, *messages],
                 max_tokens=max_tokens,
-                temperature=0.7,
+                temperature=0.7 if temperature is None else temperature,
             )
         except self.sdk.OpenAIError as err:
             raise classify_error(err, self.sdk) from None
         usage = response.usage
         text = response.choices[0].message.content or ""
         return Reply(text, usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0)
+
+
+class RequestCounts(Protocol):
+    requests: int
+    retries: int
+
+
+async def complete_with_retries(
+    teacher,
+    system: str,
+    messages: list[dict[str, str]],
+    max_tokens: int,
+    retry: RetryPolicy,
+    rng: random.Random,
+    counts: RequestCounts,
+    max_requests: int | None = None,
+    temperature: float | None = None,
+) -> Reply:
+    """`teacher`'s reply, a transient failure tried again as `retry` says; every request and retry is
+    counted in `counts`, and none is made once `max_requests` have been."""
+    attempt = 0
+    while True:
+        if max_requests is not None and counts.requests >= max_requests:
+            raise PermanentError("request budget spent")
+        counts.requests += 1
+        try:
+            return await teacher.complete(system, messages, max_tokens, temperature)
+        except TransientError as err:
+            if attempt == retry.max_retries:
+                raise PermanentError(f"gave up after {attempt + 1} attempts: {err}") from None
+            counts.retries += 1
+            await asyncio.sleep(retry.delay(attempt, err.retry_after, rng))
+            attempt += 1
 
 
 TEACHERS = {"anthropic": AnthropicTeacher, "openai": OpenAITeacher}

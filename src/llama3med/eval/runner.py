@@ -87,7 +87,7 @@ def answered_ids(answers_path: Path) -> set[str]:
     return {qid for path in (answers_path, *answer_parts(answers_path)) for qid in read_answers(path)}
 
 
-def check_run_settings(out: Path, settings: dict[str, object]) -> None:
+def check_run_settings(out: Path, settings: dict[str, object], made: str = "answers") -> None:
     """Keep a resumed run from mixing its answers with another model's, prompt's or precision's: the first
     run writes `settings.json` in `out`, and a later one with other settings is refused, naming each
     change, before it answers anything. Settings are compared as the file holds them (a tuple as a list).
@@ -101,7 +101,7 @@ def check_run_settings(out: Path, settings: dict[str, object]) -> None:
         ]
         if changed:
             raise ValueError(
-                f"{out}: its answers were made with other settings ({'; '.join(changed)}); "
+                f"{out}: its {made} were made with other settings ({'; '.join(changed)}); "
                 "resume with the same ones or choose another --out"
             )
         return
