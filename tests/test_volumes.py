@@ -11,8 +11,16 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from llama3med.processing import ImageLoadError, dicom_series, frame_count, load_image, window_values
-from llama3med.processing.images import _series_order
+from conftest import write_dicom
+from llama3med.processing import (
+    ImageLoadError,
+    dicom_series,
+    find_images,
+    frame_count,
+    images,
+    load_image,
+    window_values,
+)
 
 SLICES = 5
 SLICE_STEP = 100  # HU added per slice from the feet up, so each slice can be told apart
@@ -179,17 +187,35 @@ def test_a_dicom_series_directory_is_ordered_from_the_feet_by_position_and_opens
         load_image(tmp_path / "series", frame=5)
 
 
-def test_a_series_order_is_read_once_while_its_files_stay_as_they_are(tmp_path):
-    ct_series(tmp_path / "series", [0.0, 5.0, 10.0])
-    feet_up = dicom_series(tmp_path / "series")
-    reads = _series_order.cache_info().misses
-    for frame in range(3):  # each slice asked for: the headers are not read again
-        load_image(tmp_path / "series", frame=frame)
-    assert _series_order.cache_info().misses == reads
+def test_a_series_headers_are_read_once_while_its_files_stay_as_they_are(tmp_path, monkeypatch):
+    (tmp_path / "cohort").mkdir()
+    ct_series(tmp_path / "cohort" / "series", [0.0, 5.0, 10.0])
+    header_reads = []
+    read_dicom = images._read_dicom
+
+    def counted(file, source, headers_only=False):
+        header_reads.extend([file] if headers_only else [])
+        return read_dicom(file, source, headers_only)
+
+    monkeypatch.setattr(images, "_read_dicom", counted)
+    assert find_images(tmp_path / "cohort") == [tmp_path / "cohort" / "series"]
+    assert len(header_reads) == 3  # each slice's, by find_images
+    feet_up = dicom_series(tmp_path / "cohort" / "series")
+    assert frame_count(tmp_path / "cohort" / "series") == 3
+    for frame in range(3):  # each slice asked for
+        load_image(tmp_path / "cohort" / "series", frame=frame)
+    assert len(header_reads) == 3
     moved = pydicom.dcmread(feet_up[0])
     moved.ImagePositionPatient = [-40.0, -40.0, 20.0]  # the lowest slice, moved above the others
     moved.save_as(feet_up[0])
-    assert dicom_series(tmp_path / "series") == [*feet_up[1:], feet_up[0]]
+    assert dicom_series(tmp_path / "cohort" / "series") == [*feet_up[1:], feet_up[0]]
+    assert len(header_reads) == 6
+
+
+def test_the_frames_of_a_multi_frame_dicom_are_counted_from_its_header_alone(tmp_path, monkeypatch):
+    path = write_dicom(tmp_path / "cine.dcm", np.zeros((4, 8, 8), np.uint8))
+    monkeypatch.setattr(images, "_read_bytes", lambda source: pytest.fail(f"{source} read whole"))
+    assert frame_count(path) == 4
 
 
 def test_a_series_without_positions_is_ordered_by_instance_number(tmp_path):
@@ -208,3 +234,10 @@ def test_a_directory_of_two_series_or_of_no_dicom_is_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ImageLoadError, match="empty: no DICOM images in the directory"):
         load_image(tmp_path / "empty")
+
+
+def test_a_folder_mixing_a_series_and_a_multi_frame_file_is_refused_when_found(tmp_path):
+    ct_series(tmp_path / "series", [0.0, 5.0])
+    write_dicom(tmp_path / "series" / "cine.dcm", np.zeros((4, 8, 8), np.uint8))
+    with pytest.raises(ImageLoadError, match="series: mixes multi-frame DICOM files into a series; give each a folder"):
+        find_images(tmp_path)

@@ -9,11 +9,11 @@ being expanded.
 
 from __future__ import annotations
 
-import functools
 import gzip
 import io
 import warnings
 import zlib
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -134,43 +134,65 @@ def frame_count(source: str | Path | bytes) -> int:
     if not isinstance(source, bytes) and Path(source).is_dir():
         slices = dicom_series(source)
         return frame_count(slices[0]) if len(slices) == 1 else len(slices)
+    if not isinstance(source, bytes) and (header := _dicom_image_header(_regular_file(source))) is not None:
+        return _frames(header)  # its pixel data, maybe a thousand frames, is not read
     data = _read_bytes(source)
     kind = _medical_kind(source, data)
     if kind == "nifti":
         volume = _open_nifti(data, source)
         return (volume.shape + (1, 1))[:3][_axial_axis(volume)[0]]
     if kind == "dicom":
-        return int(getattr(_read_dicom(io.BytesIO(data), source, headers_only=True), "NumberOfFrames", 1) or 1)
+        return _frames(_read_dicom(io.BytesIO(data), source, headers_only=True))
     return 1
 
 
 def dicom_series(directory: str | Path) -> list[Path]:
     """The DICOM files of the one series in `directory`, ordered from the feet up: by position along the
     slice normal (`ImagePositionPatient`, `ImageOrientationPatient`), else by `InstanceNumber`, else by
-    name. Files that are not DICOM images (notes, a DICOMDIR) are passed over; headers only are read.
+    name. Hidden files, and files that are not DICOM images (notes, a DICOMDIR), are passed over; headers
+    only are read.
 
     The order is kept for as long as no file in the directory changes (name, size or modification
     time): asking about each slice of a 300-slice series would otherwise read its 300 headers once per
-    slice (0.2 s each time, against 4 ms for the slice itself)."""
-    files = sorted(entry for entry in Path(directory).iterdir() if entry.is_file())
-    listing = tuple((file.name, stat.st_size, stat.st_mtime_ns) for file in files for stat in [file.stat()])
-    return list(_series_order(directory, tuple(files), listing))
+    slice (0.2 s each time, against 4 ms for the slice itself). `find_images` keeps the order of each
+    series it finds, so that its headers are read once in all."""
+    listing = _listing(Path(directory))
+    if (order := _SERIES_ORDERS.get(listing)) is None:
+        headers = [(path, header) for path, *_ in listing if (header := _dicom_image_header(path)) is not None]
+        order = _keep_series_order(listing, _order_series(directory, headers))
+    else:
+        _SERIES_ORDERS.move_to_end(listing)
+    return list(order)
 
 
-@functools.lru_cache(maxsize=32)
-def _series_order(directory: str | Path, files: tuple[Path, ...], listing: tuple) -> tuple[Path, ...]:
-    """`dicom_series` for one listing of the directory's files (`listing` keys the cache)."""
-    headers = []
-    for path in files:
-        if (header := _dicom_image_header(path)) is not None:
-            headers.append((path, header))
+_SERIES_ORDERS: OrderedDict[tuple, tuple[Path, ...]] = OrderedDict()  # by listing, the latest used last
+KEPT_SERIES_ORDERS = 32
+
+
+def _listing(directory: Path) -> tuple[tuple[Path, int, int], ...]:
+    """The directory's files that are not hidden, by name, with the size and modification time that
+    tell whether a series' kept order still holds."""
+    files = sorted(entry for entry in directory.iterdir() if entry.is_file() and not entry.name.startswith("."))
+    return tuple((file, stat.st_size, stat.st_mtime_ns) for file in files for stat in [file.stat()])
+
+
+def _keep_series_order(listing: tuple, order: tuple[Path, ...]) -> tuple[Path, ...]:
+    _SERIES_ORDERS[listing] = order
+    if len(_SERIES_ORDERS) > KEPT_SERIES_ORDERS:
+        _SERIES_ORDERS.popitem(last=False)
+    return order
+
+
+def _order_series(directory: str | Path, headers: list[tuple[Path, object]]) -> tuple[Path, ...]:
+    """The files of `headers` (a directory's DICOM images and their headers) from the feet up, checked
+    to be the slices of one series."""
     if not headers:
         raise ImageLoadError(directory, "no DICOM images in the directory")
+    if len(headers) > 1 and any(_frames(header) > 1 for _, header in headers):
+        raise ImageLoadError(directory, "mixes multi-frame DICOM files into a series; give each a folder of its own")
     series = {str(header.get("SeriesInstanceUID", "")) for _, header in headers}
     if len(series) > 1:
         raise ImageLoadError(directory, f"holds {len(series)} DICOM series; give the directory of one")
-    if len(headers) > 1 and any(int(header.get("NumberOfFrames", 1) or 1) > 1 for _, header in headers):
-        raise ImageLoadError(directory, "mixes multi-frame DICOM files into a series; give one file")
     order = _feet_first([header for _, header in headers])
     return tuple(path for _, (path, _) in sorted(zip(order, headers, strict=True), key=lambda item: item[0]))
 
@@ -188,22 +210,21 @@ def find_images(root: str | Path, progress: bool = False) -> list[Path]:
     for directory in tqdm(folders, desc="finding images", unit="folder", disable=not progress, leave=False):
         if any(part.startswith(".") for part in directory.relative_to(root).parts):
             continue
-        files = sorted(f for f in directory.iterdir() if f.is_file() and not f.name.startswith("."))
-        found += [f for f in files if f.name.lower().endswith(PICTURE_SUFFIXES + NIFTI_SUFFIXES)]
+        listing = _listing(directory)
+        found += [file for file, *_ in listing if file.name.lower().endswith(PICTURE_SUFFIXES + NIFTI_SUFFIXES)]
+        headers = [(path, header) for path, *_ in listing if (header := _dicom_image_header(path)) is not None]
         series: dict[str, list[Path]] = {}  # single-frame DICOM images by series
-        for path in files:
-            if (header := _dicom_image_header(path)) is None:
-                continue
-            if int(header.get("NumberOfFrames", 1) or 1) > 1:
-                found.append(path)
-            else:
+        for path, header in headers:
+            if _frames(header) == 1:
                 series.setdefault(str(header.get("SeriesInstanceUID", "")) or str(path), []).append(path)
         most_slices = max((len(slices) for slices in series.values()), default=0)
         if len(series) == 1 and most_slices > 1:
+            _keep_series_order(listing, _order_series(directory, headers))
             found.append(directory)
         elif most_slices > 1:
             raise ImageLoadError(directory, f"holds {len(series)} DICOM series; give each series a folder of its own")
         else:
+            found += [path for path, header in headers if _frames(header) > 1]
             found += [slices[0] for slices in series.values()]
     return sorted(found)
 
@@ -242,6 +263,11 @@ def _dicom_image_header(path: Path):
     return header if "Rows" in header else None
 
 
+def _frames(header) -> int:
+    """How many frames a DICOM image's header says it holds."""
+    return int(header.get("NumberOfFrames", 1) or 1)
+
+
 def _feet_first(headers: list) -> list[float]:
     """A sort key per slice that grows towards the patient's head (DICOM's +z is superior)."""
     try:
@@ -267,17 +293,21 @@ def _medical_kind(source: str | Path | bytes, data: bytes) -> str | None:
     return None
 
 
-def _read_bytes(source: str | Path | bytes) -> bytes:
-    if isinstance(source, bytes):
-        if not source:
-            raise ImageLoadError(source, "empty image data")
-        return source
+def _regular_file(source: str | Path) -> Path:
     path = Path(source)
     if not path.exists():
         raise ImageLoadError(source, "file not found")
     if not path.is_file():
         raise ImageLoadError(source, "not a regular file")
-    data = path.read_bytes()
+    return path
+
+
+def _read_bytes(source: str | Path | bytes) -> bytes:
+    if isinstance(source, bytes):
+        if not source:
+            raise ImageLoadError(source, "empty image data")
+        return source
+    data = _regular_file(source).read_bytes()
     if not data:
         raise ImageLoadError(source, "file is empty")
     return data
