@@ -122,14 +122,17 @@ def domain_of(kinds: list[str]) -> str | None:
     return ", ".join(IMAGING_KINDS[key][0] for key in kinds) or None
 
 
-def figure_records(jats: bytes, images: dict[str, bytes], article: str) -> tuple[list[tuple[dict, bytes]], int]:
+def figure_records(
+    jats: bytes, images: dict[str, bytes], article: str, kinds: Sequence[str] = ()
+) -> tuple[list[tuple[dict, bytes]], int, int]:
     """`(record, image bytes)` for each figure of an article with a caption and an image among `images`
-    that is one, and how many figures lacked either."""
+    that is one, and with `kinds` a caption naming one of those kinds of image; how many figures lacked a
+    caption or an image, and how many were of other kinds."""
     root = parse_jats(jats)
     pmcid = _pmcid(root) or article
     license_text = _license(root)
     mentions = _mentions(root)
-    found, lacking = [], 0
+    found, lacking, other_kinds = [], 0, 0
     for number, figure in enumerate(root.iter("fig")):
         figure_id = figure.get("id") or f"fig{number + 1}"
         href = _graphic_href(figure)
@@ -138,19 +141,23 @@ def figure_records(jats: bytes, images: dict[str, bytes], article: str) -> tuple
         if name is None or not caption or not is_image(images[name]):
             lacking += 1
             continue
+        named = imaging_kinds(caption)
+        if kinds and not set(kinds) & set(named):
+            other_kinds += 1
+            continue
         record_id = f"{pmcid}_{re.sub(r'[^A-Za-z0-9_.-]', '_', figure_id)}"
         record = {
             "id": record_id,
             "image": record_id + Path(name).suffix.lower(),
             "caption": caption,
             "in_text_mention": mentions.get(figure_id, []),
-            "domain": domain_of(imaging_kinds(caption)),
+            "domain": domain_of(named),
             "pmcid": pmcid,
             "license": license_text,
             "article": article,
         }
         found.append((record, images[name]))
-    return found, lacking
+    return found, lacking, other_kinds
 
 
 def extract_pmc_figures(
@@ -180,15 +187,13 @@ def extract_pmc_figures(
         for source in bar:
             try:
                 jats, images = read_article(source)
-                found, lacking = figure_records(jats, images, article_name(source))
+                found, lacking, other_kinds = figure_records(jats, images, article_name(source), kinds)
             except (ET.ParseError, tarfile.TarError, EOFError, zlib.error, OSError, ValueError) as err:
                 failures.append({"article": source.name, "reason": " ".join(str(err).split())})
                 counts["failed"] += 1
                 continue
             if kinds:
-                kept = [(r, d) for r, d in found if set(kinds) & set(imaging_kinds(r["caption"]))]
-                counts["of other kinds"] += len(found) - len(kept)
-                found = kept
+                counts["of other kinds"] += other_kinds
             for record, data in found:
                 (out / "images" / record["image"]).write_bytes(data)
                 figures_file.write(json.dumps(record, ensure_ascii=False) + "\n")
