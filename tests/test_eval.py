@@ -37,6 +37,7 @@ from llama3med.eval.report import comparison_rows, load_published
 from llama3med.eval.runner import (
     generate_answers,
     prefix_caches,
+    read_answers,
     unanswered_share,
     yes_probabilities,
 )
@@ -328,7 +329,7 @@ def test_eval_and_score_commands_use_the_llava_med_answer_format(built_model_dir
         assert sum(kept) / len(kept) == pytest.approx(report["scores"]["all"][figure])
     assert not (out / "answers_by_image.csv").exists()  # no image was asked about at several slices
     assert 0 <= row["metadata"]["p_yes"] <= 1 and "AUROC" in markdown
-    assert report["closed_auroc"] == closed_auroc(records, yes_probabilities(out / "answers.jsonl"))
+    assert report["closed_auroc"] == closed_auroc(records, yes_probabilities(read_answers(out / "answers.jsonl")))
     capsys.readouterr()
     assert main(["score", "--gt", str(test_set), "--pred", str(out / "answers.jsonl"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == report["scores"]

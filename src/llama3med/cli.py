@@ -278,7 +278,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .data.benchmarks import load_benchmark, without_options
     from .eval import choice_chance, closed_auroc, confidence_intervals, majority_baseline, score
     from .eval.report import comparison_rows, format_table, load_published, write_report
-    from .eval.runner import check_run_settings, option_log_probs, yes_probabilities
+    from .eval.runner import answer_texts, check_run_settings, option_log_probs, yes_probabilities
     from .eval.scoring import choice_calibration
     from .inference import compile_model, peak_memory_gib
 
@@ -300,7 +300,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     inputs = {"benchmark": args.benchmark, "data": _resolved(args.data), "split": args.split}
     inputs["without_options"] = args.without_options
     if args.api_url:
-        answers, settings = _answers_from_api(args, records, out, inputs)
+        rows, settings = _answers_from_api(args, records, out, inputs)
         rank, world_size = 0, 1
         run_facts = {"model": settings["model"], "api_url": args.api_url}
     else:
@@ -310,7 +310,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         model, processor = _load_for_answering(args.model, device, args)
         if args.compile:
             compile_model(model)
-        answers = _answer_in_processes(args, model, processor, records, out, rank, world_size)
+        rows = _answer_in_processes(args, model, processor, records, out, rank, world_size)
         run_facts = {"model": str(args.model)}
         for key in ("dtype", "fp8", "load_4bit"):  # fp8, load_4bit: how the LM's linear layers were stored
             run_facts[key] = settings[key]
@@ -318,6 +318,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             run_facts["rank_options"] = True
         run_facts["peak_memory_gib"] = peak_memory_gib(device)  # rank 0's; the GPU's on a GPU
     if rank == 0:
+        answers = answer_texts(rows)
         scores = score(records, answers, candidates=candidates)
         baseline = majority_baseline(records)
         report = {"benchmark": args.benchmark, **run_facts, "prompt": args.prompt, "scores": scores}
@@ -331,13 +332,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if scores["all"]["n_open"]:
             report["candidates"] = candidates_source
         report["intervals"] = confidence_intervals(records, answers)
-        report["closed_auroc"] = closed_auroc(records, yes_probabilities(out / "answers.jsonl"))
-        if ranked := choice_calibration(records, option_log_probs(out / "answers.jsonl")):
+        report["closed_auroc"] = closed_auroc(records, yes_probabilities(rows))
+        if ranked := choice_calibration(records, option_log_probs(rows)):
             report["choice_calibration"] = ranked
         if published:
             report["published"] = published
         write_report(out, report)
-        _write_answer_tables(records, out)
+        _write_answer_tables(records, rows, out)
         print(
             format_table(
                 scores, baseline, report["intervals"], report["closed_auroc"], chance, report.get("choice_calibration")
@@ -417,8 +418,8 @@ def _check_model_source_options(args: argparse.Namespace) -> None:
 
 def _answers_from_api(
     args, records: list, out: Path, inputs: dict, own_images: bool = False
-) -> tuple[dict[str, str], dict[str, object]]:
-    """Every answer, in the records' order, from the endpoint `--api-url` names, and the run's settings
+) -> tuple[dict[str, dict], dict[str, object]]:
+    """Every answer row, in the records' order, from the endpoint `--api-url` names, and the run's settings
     (checked against those a resumed run began with). With `own_images` (the user's, not a public
     benchmark's) a public endpoint is named on stderr before anything is sent."""
     import urllib.parse
@@ -533,16 +534,16 @@ def cmd_answer(args: argparse.Namespace) -> None:
     elif args.heatmap_format != "png":
         raise ValueError("--heatmap-format: only with --heatmaps")
     if args.api_url:
-        _answers_from_api(args, records, out, inputs, own_images=True)
-        _write_answer_tables(records, out)
+        rows, _ = _answers_from_api(args, records, out, inputs, own_images=True)
+        _write_answer_tables(records, rows, out)
         return
     rank, world_size, device = _start_answering_processes(args)
     check_run_settings(out, _run_settings(args, device, **inputs))
     model, processor = _load_for_answering(args.model, device, args)
     if args.compile:
         compile_model(model)
-    if _answer_in_processes(args, model, processor, records, out, rank, world_size) is not None:
-        _write_answer_tables(records, out)
+    if (rows := _answer_in_processes(args, model, processor, records, out, rank, world_size)) is not None:
+        _write_answer_tables(records, rows, out)
         if args.heatmaps:
             _write_heat_maps(model, processor, records, out, args.prompt, args.heatmap_format == "dicom")
     _end_answering_processes(world_size)
@@ -616,10 +617,10 @@ def _write_heat_maps(model, processor, records: list, out: Path, prompt_style: s
     print(f"wrote {len(records)} heat maps under {folder}", file=sys.stderr)
 
 
-def _write_answer_tables(records: list, out: Path) -> None:
+def _write_answer_tables(records: list, rows: dict[str, dict], out: Path) -> None:
     from .eval.report import write_answer_tables
 
-    tables = write_answer_tables(records, out / "answers.jsonl")
+    tables = write_answer_tables(records, rows, out)
     print(
         f"wrote {out / 'answers.jsonl'} and {' and '.join(map(str, tables))}: {len(records)} answers", file=sys.stderr
     )
@@ -650,27 +651,25 @@ def cmd_score(args: argparse.Namespace) -> None:
     from .data.benchmarks import load_benchmark, without_options
     from .eval import choice_chance, closed_auroc, confidence_intervals, paired_difference, score
     from .eval.report import difference_lines, format_table
-    from .eval.runner import read_answers, yes_probabilities
+    from .eval.runner import answer_texts, read_answers, yes_probabilities
 
     records = load_benchmark(args.benchmark, args.gt, args.split, args.image_root, check_images=False)
     if args.without_options:
         records = without_options(records)
     candidates, _ = _candidate_answers(args, args.gt, records)
 
-    def texts(path: str) -> dict[str, str]:
-        return {qid: row["text"] for qid, row in read_answers(Path(path)).items()}
-
-    answers = texts(args.pred)
+    rows = read_answers(Path(args.pred))
+    answers = answer_texts(rows)
     scores = score(records, answers, strict=args.strict, candidates=candidates)
     difference = None
     if args.against:
-        baseline = texts(args.against)
+        baseline = answer_texts(read_answers(Path(args.against)))
         difference = paired_difference(records, answers, baseline, strict=args.strict)
     if args.json:
         print(json.dumps(scores if difference is None else {"scores": scores, "against": difference}, indent=1))
         return
     intervals = confidence_intervals(records, answers, strict=args.strict)
-    ranked = closed_auroc(records, yes_probabilities(args.pred))
+    ranked = closed_auroc(records, yes_probabilities(rows))
     print(format_table(scores, intervals=intervals, closed_auroc=ranked, chance=choice_chance(records)))
     if difference is not None:
         print(f"\n{args.pred} minus {args.against}:")

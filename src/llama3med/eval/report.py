@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import yaml
@@ -14,7 +14,6 @@ import yaml
 from ..data.benchmarks import OPTION_LETTERS, VQARecord
 from ..processing import dicom_identifiers
 from ..processing.images import DICOM_IDENTIFIERS, shown_frame
-from .runner import read_answers
 from .scoring import chosen_option, first_yes_or_no, option_probabilities, picked_option, question_score
 
 COLUMNS = (
@@ -372,16 +371,16 @@ SLICE_SUMMARY_COLUMNS = (
 REFERENCE_COLUMNS = ("reference", "answer_type", "question_type", "score")  # `eval`'s, after the answer
 
 
-def write_answer_tables(records: Sequence[VQARecord], answers_path: Path) -> list[Path]:
-    """`answers.csv` beside `answers_path`: each answered question in the records' order, with its image
-    and, for DICOM, the modality and UIDs of the image shown (`dicom_identifiers`), for a spreadsheet or
-    a join with the RIS. Records with references (a benchmark's) also get `REFERENCE_COLUMNS`: the
-    reference, the kinds of question, and the answer's `question_score` (1 or 0, or an open answer's
-    recall), so that a filter finds the errors a score hides. Where a question was asked about several
-    slices of an image (`answer --slice-step`), also `answers_by_image.csv`: per image and question, how
-    many slices were answered yes and no, and the slice of the highest P(yes) with its UIDs, the one to
-    open first. Made again from `answers.jsonl` at the end of every run; returns the files written."""
-    answers = read_answers(answers_path)
+def write_answer_tables(records: Sequence[VQARecord], answers: Mapping[str, dict], out: Path) -> list[Path]:
+    """`answers.csv` in `out`: each question answered in `answers` (the rows of `answers.jsonl`, by id) in
+    the records' order, with its image and, for DICOM, the modality and UIDs of the image shown
+    (`dicom_identifiers`), for a spreadsheet or a join with the RIS. Records with references (a
+    benchmark's) also get `REFERENCE_COLUMNS`: the reference, the kinds of question, and the answer's
+    `question_score` (1 or 0, or an open answer's recall), so that a filter finds the errors a score
+    hides. Where a question was asked about several slices of an image (`answer --slice-step`), also
+    `answers_by_image.csv`: per image and question, how many slices were answered yes and no, and the
+    slice of the highest P(yes) with its UIDs, the one to open first. Made again from all the answers at
+    the end of every run; returns the files written."""
     identifiers: dict[str, list[dict[str, str]]] = {}  # by image, for each of its slices
     rows, by_image = [], {}
     for record in records:
@@ -414,13 +413,13 @@ def write_answer_tables(records: Sequence[VQARecord], answers_path: Path) -> lis
             row |= {"question_type": record.question_type or "", "score": question_score(record, answer["text"])}
         rows.append(row)
         by_image.setdefault((image, record.question), []).append(row)
-    written = [answers_path.parent / "answers.csv"]
+    written = [out / "answers.csv"]
     columns = list(ANSWER_TABLE_COLUMNS)
     if any(record.answer_type for record in records):
         columns[columns.index("answer") + 1 : columns.index("answer") + 1] = REFERENCE_COLUMNS
     _write_csv(written[0], columns, rows)
     if any(len({row["frame"] for row in group}) > 1 for group in by_image.values()):  # asked about slices
-        written.append(answers_path.parent / "answers_by_image.csv")
+        written.append(out / "answers_by_image.csv")
         _write_csv(written[1], SLICE_SUMMARY_COLUMNS, [_slice_summary(group) for group in by_image.values()])
     return written
 

@@ -19,7 +19,7 @@ import itertools
 import json
 import uuid
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
@@ -65,15 +65,19 @@ def read_answers(path: Path) -> dict[str, dict]:
     return {str(row["question_id"]): row for row in read_appended_rows(path)}
 
 
-def option_log_probs(path: str | Path) -> dict[str, list[float]]:
-    """Each ranked answer's options' log-probabilities in `answers.jsonl` (`metadata.option_log_probs`)."""
-    metadata = {qid: row.get("metadata") or {} for qid, row in read_answers(Path(path)).items()}
+def answer_texts(rows: Mapping[str, dict]) -> dict[str, str]:
+    """The text of each answer row (`read_answers`, `merge_answers`), by question id."""
+    return {qid: row["text"] for qid, row in rows.items()}
+
+
+def option_log_probs(rows: Mapping[str, dict]) -> dict[str, list[float]]:
+    """Each ranked answer's options' log-probabilities (`metadata.option_log_probs`), by question id."""
+    metadata = {qid: row.get("metadata") or {} for qid, row in rows.items()}
     return {qid: given["option_log_probs"] for qid, given in metadata.items() if given.get("option_log_probs")}
 
 
-def yes_probabilities(path: str | Path) -> dict[str, float]:
-    """The P(yes) each answer in `answers.jsonl` carries (`metadata.p_yes`), by question id."""
-    rows = read_answers(Path(path))
+def yes_probabilities(rows: Mapping[str, dict]) -> dict[str, float]:
+    """The P(yes) each answer row carries (`metadata.p_yes`), by question id."""
     return {qid: row["metadata"]["p_yes"] for qid, row in rows.items() if "p_yes" in (row.get("metadata") or {})}
 
 
@@ -125,9 +129,10 @@ def unanswered_share(records: Sequence[VQARecord], answers_path: Path, rank: int
     return [r for r in shard_by_image(records, rank, world_size) if r.id not in answered]
 
 
-def merge_answers(answers_path: Path, records: Sequence[VQARecord]) -> dict[str, str]:
+def merge_answers(answers_path: Path, records: Sequence[VQARecord]) -> dict[str, dict]:
     """Rewrite `answers.jsonl` with every answer (its own and the parts') in the benchmark's order, then
-    delete the parts. The new file replaces the old in one step, so a crash loses nothing."""
+    delete the parts, and return its rows by question id. The new file replaces the old in one step, so a
+    crash loses nothing."""
     rows: dict[str, dict] = {}
     for path in (answers_path, *answer_parts(answers_path)):
         rows.update(read_answers(path))
@@ -137,7 +142,7 @@ def merge_answers(answers_path: Path, records: Sequence[VQARecord]) -> dict[str,
     write_atomically(answers_path, "".join(json.dumps(rows[r.id]) + "\n" for r in records))
     for part in answer_parts(answers_path):
         part.unlink()
-    return {r.id: rows[r.id]["text"] for r in records}
+    return {r.id: rows[r.id] for r in records}
 
 
 @torch.inference_mode()
