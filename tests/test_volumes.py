@@ -134,6 +134,32 @@ def test_a_truncated_file_is_named_as_corrupt(tmp_path):
         load_image(path)
 
 
+def test_a_gzipped_volume_asked_about_slice_after_slice_is_decompressed_once_while_unchanged(tmp_path, monkeypatch):
+    volume, views = ct_volume()
+    path = tmp_path / "ct.nii.gz"
+    path.write_bytes(gzip.compress(volume.to_bytes()))
+    reads = []
+    read_bytes = images._read_bytes
+    monkeypatch.setattr(images, "_read_bytes", lambda source: reads.append(source) or read_bytes(source))
+    for k in range(SLICES):
+        assert np.array_equal(grey(path, window="soft_tissue", frame=k), views[k])
+    assert len(reads) == 2  # the first slice streamed from the file, the second kept the whole volume
+    brighter = nibabel.Nifti1Image(np.asanyarray(volume.dataobj) + 200, volume.affine)
+    path.write_bytes(gzip.compress(brighter.to_bytes() + b"\0"))  # the file changed: read again
+    assert np.array_equal(grey(path, window="soft_tissue", frame=0), views[2])
+    assert len(reads) == 3
+
+
+def test_a_gzipped_volume_too_large_to_keep_is_read_slice_by_slice(tmp_path, monkeypatch):
+    volume, views = ct_volume()
+    path = tmp_path / "ct.nii.gz"
+    path.write_bytes(gzip.compress(volume.to_bytes()))
+    monkeypatch.setattr(images, "KEPT_VOLUME_BYTES", len(volume.to_bytes()) - 1)
+    for k in (0, 4, 1, 3):
+        assert np.array_equal(grey(path, window="soft_tissue", frame=k), views[k])
+    assert not any(key[0] == str(path) for key in images._KEPT_VOLUMES)
+
+
 def test_a_header_claiming_a_huge_volume_is_refused_before_decompressing(tmp_path):
     header = nibabel.Nifti1Header()
     header.set_data_shape((4096, 4096, 4096))

@@ -106,7 +106,9 @@ def load_image(
     file's own display curve is used (DICOM's VOI LUT or window tags, NIfTI's `cal_min`/`cal_max`), else
     its full range.
     `frame` picks a frame of a multi-frame DICOM, or a slice of a DICOM series or a NIfTI volume counted
-    from the feet (default: the middle one).
+    from the feet (default: the middle one). A gzipped NIfTI file asked for again is kept decompressed
+    while it is unchanged (`KEPT_VOLUME_BYTES` of the latest in all), so that each of its slices is read
+    in turn without decompressing the volume up to it again.
     """
     if isinstance(source, Image.Image):
         _check_single_frame(frame, source)
@@ -119,11 +121,13 @@ def load_image(
         if not 0 <= index < len(slices):
             raise ImageLoadError(source, f"slice {index} requested but the DICOM series has {len(slices)} slices")
         return load_image(slices[index], window=window, max_pixels=max_pixels)
-    data = _read_bytes(source)
+    data = _file_bytes(source)
     kind = _medical_kind(source, data)
     if kind is None:
         _check_single_frame(frame, source)
         return _open_with_pillow(data, source, max_pixels)
+    if kind == "nifti":
+        data = _keep_volume(source, data)
     to_uint8 = dicom_to_uint8 if kind == "dicom" else nifti_to_uint8
     return Image.fromarray(to_uint8(data, source, window=window, frame=frame, max_pixels=max_pixels)).convert("RGB")
 
@@ -136,7 +140,7 @@ def frame_count(source: str | Path | bytes) -> int:
         return frame_count(slices[0]) if len(slices) == 1 else len(slices)
     if not isinstance(source, bytes) and (header := _dicom_image_header(_regular_file(source))) is not None:
         return _frames(header)  # its pixel data, maybe a thousand frames, is not read
-    data = _read_bytes(source)
+    data = _file_bytes(source)
     kind = _medical_kind(source, data)
     if kind == "nifti":
         volume = _open_nifti(data, source)
@@ -300,6 +304,61 @@ def _regular_file(source: str | Path) -> Path:
     if not path.is_file():
         raise ImageLoadError(source, "not a regular file")
     return path
+
+
+KEPT_VOLUME_BYTES = 2**30  # decompressed NIfTI files kept by `load_image`, in all
+_KEPT_VOLUMES: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()  # by file, the latest used last
+REMEMBERED_VOLUMES = 256
+_VOLUMES_READ: OrderedDict[tuple[str, int, int], None] = OrderedDict()  # the latest gzipped NIfTI files read
+
+
+def _file_key(source: str | Path | bytes) -> tuple[str, int, int] | None:
+    """A file's path, size and modification time: while they hold, what was read from it holds."""
+    if isinstance(source, bytes):
+        return None
+    try:
+        stat = Path(source).stat()
+    except OSError:
+        return None
+    return str(source), stat.st_size, stat.st_mtime_ns
+
+
+def _file_bytes(source: str | Path | bytes) -> bytes:
+    """`_read_bytes`, or the decompressed NIfTI file `_keep_volume` kept."""
+    if (key := _file_key(source)) in _KEPT_VOLUMES:
+        _KEPT_VOLUMES.move_to_end(key)
+        return _KEPT_VOLUMES[key]
+    return _read_bytes(source)
+
+
+def _keep_volume(source: str | Path | bytes, data: bytes) -> bytes:
+    """A gzipped NIfTI file's bytes, decompressed and kept for its next slice when it is read a second
+    time: a gzip stream is read from its start, so asking about each of a volume's n slices would
+    decompress it n/2 times over, while one question about one slice decompresses no further than that
+    slice. Only the bytes its header accounts for are decompressed, after that header has been checked
+    (its voxel count capped); a volume larger than `KEPT_VOLUME_BYTES`, or a stream that ends early, is
+    left to be read slice by slice. Bytes given as such are never kept."""
+    if (key := _file_key(source)) is None or data[:2] != b"\x1f\x8b":
+        return data
+    if key not in _VOLUMES_READ:
+        _VOLUMES_READ[key] = None
+        if len(_VOLUMES_READ) > REMEMBERED_VOLUMES:
+            _VOLUMES_READ.popitem(last=False)
+        return data
+    volume = _open_nifti(data, source)
+    size = int(volume.dataobj.offset) + volume.get_data_dtype().itemsize * int(np.prod(volume.shape))
+    if size > KEPT_VOLUME_BYTES:
+        return data
+    try:
+        decompressed = zlib.decompressobj(wbits=31).decompress(data, size)
+    except zlib.error:
+        return data
+    if len(decompressed) < size:
+        return data
+    _KEPT_VOLUMES[key] = decompressed
+    while sum(map(len, _KEPT_VOLUMES.values())) > KEPT_VOLUME_BYTES:
+        _KEPT_VOLUMES.popitem(last=False)
+    return decompressed
 
 
 def _read_bytes(source: str | Path | bytes) -> bytes:
