@@ -154,10 +154,10 @@ def test_a_gzipped_volume_too_large_to_keep_is_read_slice_by_slice(tmp_path, mon
     volume, views = ct_volume()
     path = tmp_path / "ct.nii.gz"
     path.write_bytes(gzip.compress(volume.to_bytes()))
-    monkeypatch.setattr(images, "KEPT_VOLUME_BYTES", len(volume.to_bytes()) - 1)
+    monkeypatch.setattr(images._KEPT_VOLUMES, "limit", len(volume.to_bytes()) - 1)
     for k in (0, 4, 1, 3):
         assert np.array_equal(grey(path, window="soft_tissue", frame=k), views[k])
-    assert not any(key[0] == str(path) for key in images._KEPT_VOLUMES)
+    assert not any(key[0] == str(path) for key in images._KEPT_VOLUMES.values)
 
 
 def test_a_header_claiming_a_huge_volume_is_refused_before_decompressing(tmp_path):

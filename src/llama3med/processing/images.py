@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import gzip
 import io
+import threading
 import warnings
 import zlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -107,7 +108,7 @@ def load_image(
     its full range.
     `frame` picks a frame of a multi-frame DICOM, or a slice of a DICOM series or a NIfTI volume counted
     from the feet (default: the middle one). A gzipped NIfTI file asked for again is kept decompressed
-    while it is unchanged (`KEPT_VOLUME_BYTES` of the latest in all), so that each of its slices is read
+    while it is unchanged (1 GiB of the latest in all), so that each of its slices is read
     in turn without decompressing the volume up to it again.
     """
     if isinstance(source, Image.Image):
@@ -163,14 +164,35 @@ def dicom_series(directory: str | Path) -> list[Path]:
     listing = _listing(Path(directory))
     if (order := _SERIES_ORDERS.get(listing)) is None:
         headers = [(path, header) for path, *_ in listing if (header := _dicom_image_header(path)) is not None]
-        order = _keep_series_order(listing, _order_series(directory, headers))
-    else:
-        _SERIES_ORDERS.move_to_end(listing)
+        order = _SERIES_ORDERS.put(listing, _order_series(directory, headers))
     return list(order)
 
 
-_SERIES_ORDERS: OrderedDict[tuple, tuple[Path, ...]] = OrderedDict()  # by listing, the latest used last
-KEPT_SERIES_ORDERS = 32
+class _Recent:
+    """What was read from files, by a key that names them as they were (`_listing`, `_file_key`), kept
+    while `size` summed over the values stays within `limit`, the least recently used dropped first. The
+    image loader's threads share it."""
+
+    def __init__(self, limit: int, size: Callable[[object], int] = lambda value: 1):
+        self.limit, self.size = limit, size
+        self.values: OrderedDict = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key):
+        with self.lock:
+            if key in self.values:
+                self.values.move_to_end(key)
+            return self.values.get(key)
+
+    def put(self, key, value):
+        with self.lock:
+            self.values[key] = value
+            while sum(map(self.size, self.values.values())) > self.limit:
+                self.values.popitem(last=False)
+        return value
+
+
+_SERIES_ORDERS = _Recent(limit=32)  # each series' slices from the feet up, by its directory's listing
 
 
 def _listing(directory: Path) -> tuple[tuple[Path, int, int], ...]:
@@ -178,13 +200,6 @@ def _listing(directory: Path) -> tuple[tuple[Path, int, int], ...]:
     tell whether a series' kept order still holds."""
     files = sorted(entry for entry in directory.iterdir() if entry.is_file() and not entry.name.startswith("."))
     return tuple((file, stat.st_size, stat.st_mtime_ns) for file in files for stat in [file.stat()])
-
-
-def _keep_series_order(listing: tuple, order: tuple[Path, ...]) -> tuple[Path, ...]:
-    _SERIES_ORDERS[listing] = order
-    if len(_SERIES_ORDERS) > KEPT_SERIES_ORDERS:
-        _SERIES_ORDERS.popitem(last=False)
-    return order
 
 
 def _order_series(directory: str | Path, headers: list[tuple[Path, object]]) -> tuple[Path, ...]:
@@ -223,7 +238,7 @@ def find_images(root: str | Path, progress: bool = False) -> list[Path]:
                 series.setdefault(str(header.get("SeriesInstanceUID", "")) or str(path), []).append(path)
         most_slices = max((len(slices) for slices in series.values()), default=0)
         if len(series) == 1 and most_slices > 1:
-            _keep_series_order(listing, _order_series(directory, headers))
+            _SERIES_ORDERS.put(listing, _order_series(directory, headers))
             found.append(directory)
         elif most_slices > 1:
             raise ImageLoadError(directory, f"holds {len(series)} DICOM series; give each series a folder of its own")
@@ -306,10 +321,8 @@ def _regular_file(source: str | Path) -> Path:
     return path
 
 
-KEPT_VOLUME_BYTES = 2**30  # decompressed NIfTI files kept by `load_image`, in all
-_KEPT_VOLUMES: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()  # by file, the latest used last
-REMEMBERED_VOLUMES = 256
-_VOLUMES_READ: OrderedDict[tuple[str, int, int], None] = OrderedDict()  # the latest gzipped NIfTI files read
+_KEPT_VOLUMES = _Recent(limit=2**30, size=len)  # decompressed gzipped NIfTI files, 1 GiB in all
+_VOLUMES_READ = _Recent(limit=256)  # the gzipped NIfTI files read once, not yet kept
 
 
 def _file_key(source: str | Path | bytes) -> tuple[str, int, int] | None:
@@ -325,10 +338,8 @@ def _file_key(source: str | Path | bytes) -> tuple[str, int, int] | None:
 
 def _file_bytes(source: str | Path | bytes) -> bytes:
     """`_read_bytes`, or the decompressed NIfTI file `_keep_volume` kept."""
-    if (key := _file_key(source)) in _KEPT_VOLUMES:
-        _KEPT_VOLUMES.move_to_end(key)
-        return _KEPT_VOLUMES[key]
-    return _read_bytes(source)
+    key = _file_key(source)
+    return kept if key is not None and (kept := _KEPT_VOLUMES.get(key)) is not None else _read_bytes(source)
 
 
 def _keep_volume(source: str | Path | bytes, data: bytes) -> bytes:
@@ -336,18 +347,16 @@ def _keep_volume(source: str | Path | bytes, data: bytes) -> bytes:
     time: a gzip stream is read from its start, so asking about each of a volume's n slices would
     decompress it n/2 times over, while one question about one slice decompresses no further than that
     slice. Only the bytes its header accounts for are decompressed, after that header has been checked
-    (its voxel count capped); a volume larger than `KEPT_VOLUME_BYTES`, or a stream that ends early, is
-    left to be read slice by slice. Bytes given as such are never kept."""
+    (its voxel count capped); a volume larger than all `_KEPT_VOLUMES` may hold, or a stream that ends
+    early, is left to be read slice by slice. Bytes given as such are never kept."""
     if (key := _file_key(source)) is None or data[:2] != b"\x1f\x8b":
         return data
-    if key not in _VOLUMES_READ:
-        _VOLUMES_READ[key] = None
-        if len(_VOLUMES_READ) > REMEMBERED_VOLUMES:
-            _VOLUMES_READ.popitem(last=False)
+    if _VOLUMES_READ.get(key) is None:
+        _VOLUMES_READ.put(key, True)
         return data
     volume = _open_nifti(data, source)
     size = int(volume.dataobj.offset) + volume.get_data_dtype().itemsize * int(np.prod(volume.shape))
-    if size > KEPT_VOLUME_BYTES:
+    if size > _KEPT_VOLUMES.limit:
         return data
     try:
         decompressed = zlib.decompressobj(wbits=31).decompress(data, size)
@@ -355,10 +364,7 @@ def _keep_volume(source: str | Path | bytes, data: bytes) -> bytes:
         return data
     if len(decompressed) < size:
         return data
-    _KEPT_VOLUMES[key] = decompressed
-    while sum(map(len, _KEPT_VOLUMES.values())) > KEPT_VOLUME_BYTES:
-        _KEPT_VOLUMES.popitem(last=False)
-    return decompressed
+    return _KEPT_VOLUMES.put(key, decompressed)
 
 
 def _read_bytes(source: str | Path | bytes) -> bytes:
