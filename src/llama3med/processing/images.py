@@ -108,8 +108,8 @@ def load_image(
     its full range.
     `frame` picks a frame of a multi-frame DICOM, or a slice of a DICOM series or a NIfTI volume counted
     from the feet (default: the middle one). A gzipped NIfTI file asked for again is kept decompressed
-    while it is unchanged (1 GiB of the latest in all), so that each of its slices is read
-    in turn without decompressing the volume up to it again.
+    while it is unchanged (1 GiB of the latest in all), so that each of its slices is read in turn
+    without decompressing the volume up to it again.
     """
     if isinstance(source, Image.Image):
         _check_single_frame(frame, source)
@@ -122,13 +122,14 @@ def load_image(
         if not 0 <= index < len(slices):
             raise ImageLoadError(source, f"slice {index} requested but the DICOM series has {len(slices)} slices")
         return load_image(slices[index], window=window, max_pixels=max_pixels)
-    data = _file_bytes(source)
+    key = _file_key(source)
+    data = _file_bytes(source, key)
     kind = _medical_kind(source, data)
     if kind is None:
         _check_single_frame(frame, source)
         return _open_with_pillow(data, source, max_pixels)
     if kind == "nifti":
-        data = _keep_volume(source, data)
+        data = _keep_volume(source, key, data)
     to_uint8 = dicom_to_uint8 if kind == "dicom" else nifti_to_uint8
     return Image.fromarray(to_uint8(data, source, window=window, frame=frame, max_pixels=max_pixels)).convert("RGB")
 
@@ -141,7 +142,7 @@ def frame_count(source: str | Path | bytes) -> int:
         return frame_count(slices[0]) if len(slices) == 1 else len(slices)
     if not isinstance(source, bytes) and (header := _dicom_image_header(_regular_file(source))) is not None:
         return _frames(header)  # its pixel data, maybe a thousand frames, is not read
-    data = _file_bytes(source)
+    data = _file_bytes(source, _file_key(source))
     kind = _medical_kind(source, data)
     if kind == "nifti":
         volume = _open_nifti(data, source)
@@ -336,20 +337,19 @@ def _file_key(source: str | Path | bytes) -> tuple[str, int, int] | None:
     return str(source), stat.st_size, stat.st_mtime_ns
 
 
-def _file_bytes(source: str | Path | bytes) -> bytes:
-    """`_read_bytes`, or the decompressed NIfTI file `_keep_volume` kept."""
-    key = _file_key(source)
+def _file_bytes(source: str | Path | bytes, key: tuple[str, int, int] | None) -> bytes:
+    """`_read_bytes`, or the decompressed NIfTI file `_keep_volume` kept under `key` (`_file_key`)."""
     return kept if key is not None and (kept := _KEPT_VOLUMES.get(key)) is not None else _read_bytes(source)
 
 
-def _keep_volume(source: str | Path | bytes, data: bytes) -> bytes:
+def _keep_volume(source: str | Path | bytes, key: tuple[str, int, int] | None, data: bytes) -> bytes:
     """A gzipped NIfTI file's bytes, decompressed and kept for its next slice when it is read a second
     time: a gzip stream is read from its start, so asking about each of a volume's n slices would
     decompress it n/2 times over, while one question about one slice decompresses no further than that
     slice. Only the bytes its header accounts for are decompressed, after that header has been checked
     (its voxel count capped); a volume larger than all `_KEPT_VOLUMES` may hold, or a stream that ends
-    early, is left to be read slice by slice. Bytes given as such are never kept."""
-    if (key := _file_key(source)) is None or data[:2] != b"\x1f\x8b":
+    early, is left to be read slice by slice. Bytes given as such (no `key`) are never kept."""
+    if key is None or data[:2] != b"\x1f\x8b":
         return data
     if _VOLUMES_READ.get(key) is None:
         _VOLUMES_READ.put(key, True)
