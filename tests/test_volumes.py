@@ -169,6 +169,27 @@ def test_a_header_claiming_a_huge_volume_is_refused_before_decompressing(tmp_pat
         load_image(gzip.compress(bomb))
 
 
+@pytest.mark.parametrize("image_class", [nibabel.Nifti1Image, nibabel.Nifti2Image])
+@pytest.mark.parametrize("name, pack", [("ct.nii", bytes), ("ct.nii.gz", gzip.compress)])
+def test_the_slices_of_a_nifti_file_are_counted_from_its_header_alone(tmp_path, monkeypatch, image_class, name, pack):
+    volume, _ = ct_volume(("S", "R", "A"))  # the slices along the first array axis
+    volume = image_class(np.asanyarray(volume.dataobj), volume.affine)
+    volume.header.extensions.append(nibabel.nifti1.Nifti1Extension("comment", b"a header extension"))
+    path = tmp_path / name
+    path.write_bytes(pack(volume.to_bytes()))
+    monkeypatch.setattr(images, "_read_bytes", lambda source: pytest.fail(f"{source} read whole"))
+    assert frame_count(path) == SLICES
+
+
+def test_a_nifti_file_whose_header_claims_a_huge_volume_is_refused_when_its_slices_are_counted(tmp_path):
+    header = nibabel.Nifti1Header()
+    header.set_data_shape((4096, 4096, 4096))
+    path = tmp_path / "bomb.nii.gz"
+    path.write_bytes(gzip.compress(header.binaryblock + b"\0" * 4))
+    with pytest.raises(ImageLoadError, match=r"bomb\.nii\.gz: 68719476736 voxels exceed the limit"):
+        frame_count(path)
+
+
 def test_a_file_named_nii_that_is_not_nifti_is_refused(tmp_path):
     path = tmp_path / "scan.nii.gz"
     path.write_bytes(gzip.compress(b"not a volume" * 100))

@@ -17,6 +17,7 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -140,13 +141,15 @@ def frame_count(source: str | Path | bytes) -> int:
     if not isinstance(source, bytes) and Path(source).is_dir():
         slices = dicom_series(source)
         return frame_count(slices[0]) if len(slices) == 1 else len(slices)
-    if not isinstance(source, bytes) and (header := _dicom_image_header(_regular_file(source))) is not None:
-        return _frames(header)  # its pixel data, maybe a thousand frames, is not read
-    data = _file_bytes(source, _file_key(source))
+    if not isinstance(source, bytes):
+        if (header := _dicom_image_header(_regular_file(source))) is not None:
+            return _frames(header)  # its pixel data, maybe a thousand frames, is not read
+        if (volume := _nifti_file_header(Path(source))) is not None:
+            return _axial_count(volume)  # nor are its voxels, maybe 100 MB gzipped
+    data = _read_bytes(source)
     kind = _medical_kind(source, data)
     if kind == "nifti":
-        volume = _open_nifti(data, source)
-        return (volume.shape + (1, 1))[:3][_axial_axis(volume)[0]]
+        return _axial_count(_open_nifti(data, source))
     if kind == "dicom":
         return _frames(_read_dicom(io.BytesIO(data), source, headers_only=True))
     return 1
@@ -551,12 +554,35 @@ def nifti_to_uint8(
 
 def _open_nifti(data: bytes, source: object):
     """The volume's header and a proxy of its voxels (nothing decompressed past the header yet), checked."""
-    import nibabel
-
     head = nifti_header_bytes(data)
     if head is None:
         raise ImageLoadError(source, "not a NIfTI-1 or NIfTI-2 file (no n+1/n+2 magic; .hdr/.img pairs are not read)")
-    stream = gzip.GzipFile(fileobj=io.BytesIO(data)) if data[:2] == b"\x1f\x8b" else io.BytesIO(data)
+    return _nifti_from_stream(_nifti_stream(io.BytesIO(data), data), head, source)
+
+
+def _nifti_file_header(path: Path):
+    """A NIfTI file's volume read no further than its header (and header extensions), for its shape and
+    affine (the file is closed: its voxels cannot be read); None for a file that is not NIfTI."""
+    with path.open("rb") as handle:
+        start = handle.read(_NIFTI_SNIFF_BYTES)
+        if (head := nifti_header_bytes(start)) is None:
+            return None
+        handle.seek(0)
+        return _nifti_from_stream(_nifti_stream(handle, start), head, path)
+
+
+_NIFTI_SNIFF_BYTES = 4096  # a gzipped NIfTI header decompresses from its first few hundred bytes
+
+
+def _nifti_stream(handle: BinaryIO, start: bytes) -> BinaryIO:
+    """`handle` as NIfTI is read from it: decompressed on the fly when the file (beginning `start`) is gzipped."""
+    return gzip.GzipFile(fileobj=handle) if start[:2] == b"\x1f\x8b" else handle
+
+
+def _nifti_from_stream(stream: BinaryIO, head: bytes, source: object):
+    """`_open_nifti` of a stream, given its header's first bytes `head` (`nifti_header_bytes`)."""
+    import nibabel
+
     image_class = nibabel.Nifti1Image if head[344:348] == b"n+1\x00" else nibabel.Nifti2Image
     try:
         volume = image_class.from_stream(stream)
@@ -573,6 +599,11 @@ def _open_nifti(data: bytes, source: object):
     if voxels > MAX_VOLUME_VOXELS:
         raise ImageLoadError(source, f"{voxels} voxels exceed the limit of {MAX_VOLUME_VOXELS} (decompression bomb?)")
     return volume
+
+
+def _axial_count(volume) -> int:
+    """How many axial slices the volume has (`_axial_axis`)."""
+    return (volume.shape + (1, 1))[:3][_axial_axis(volume)[0]]
 
 
 def _axial_axis(volume) -> tuple[int, np.ndarray]:
