@@ -179,6 +179,7 @@ def test_in_pretrain_only_the_projector_receives_gradients(tiny_config, model):
         (dict(scales=[64, 32]), "distinct and ascending"),
         (dict(projector_type="mlp3x"), "projector_type must be one of"),
         (dict(vision_feature_layer=-5), "outside a tower of 3 layers"),
+        (dict(pyramid_resize="nearest"), "pyramid_resize must be one of"),
     ],
 )
 def test_invalid_configs_are_refused(tiny_config, change, message):

@@ -43,6 +43,15 @@ def test_largest_scale_is_the_input_and_others_are_antialiased_resizes():
     assert (small - 0.5).abs().max() < 0.1
 
 
+def test_s2s_bicubic_resize_is_not_antialiased_shrinking_by_three_it_keeps_each_blocks_centre_pixel():
+    """S2's reference code (and the paper's) resizes with plain bicubic interpolation: a third of the size
+    samples the centre of every 3x3 block and averages nothing."""
+    images = torch.rand(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    small, largest = image_pyramid(images, [32, 96], resize="bicubic")
+    assert largest is images
+    torch.testing.assert_close(small, images[..., 1::3, 1::3], rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_images_are_resized_in_float32_and_kept_in_their_dtype(dtype):
     images = torch.rand(2, 3, 96, 96, generator=torch.Generator().manual_seed(0)).to(dtype)

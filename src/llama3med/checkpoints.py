@@ -95,11 +95,13 @@ def build(
     vision_feature_layer: int = -2,
     projector_type: str = "mlp2x_gelu",
     dtype: str | torch.dtype = "auto",
+    pyramid_resize: str = "bilinear_antialiased",
 ) -> tuple[Llama3MedForConditionalGeneration, Llama3MedProcessor]:
     """A fresh Llama3-Med from a vision tower (SigLIP/CLIP dir) and a causal LM dir; projector untrained.
 
     `scales` defaults to 1x, 2x and 3x the tower's resolution (384/768/1152 for so400m-384), as in the
-    paper. The tokenizer gains an `<image>` token when it has none, and the LM's embeddings grow by it.
+    paper; `pyramid_resize` is `Llama3MedConfig`'s. The tokenizer gains an `<image>` token when it has
+    none, and the LM's embeddings grow by it.
     """
     vision_full = AutoModel.from_pretrained(vision)
     vision_model = getattr(vision_full, "vision_model", vision_full)
@@ -124,6 +126,7 @@ def build(
         scales=scales,
         vision_feature_layer=vision_feature_layer,
         projector_type=projector_type,
+        pyramid_resize=pyramid_resize,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
     )
     model = Llama3MedForConditionalGeneration.from_components(config, vision_model, language_model)
@@ -133,12 +136,13 @@ def build(
 
 
 def rescale(
-    model_dir: str | Path, scales: Sequence[int] | None = None
+    model_dir: str | Path, scales: Sequence[int] | None = None, pyramid_resize: str | None = None
 ) -> tuple[Llama3MedForConditionalGeneration, Llama3MedProcessor]:
     """A model's tower, LM and tokenizer (chat template and image fit included) encoding at other S2
-    scales, default 1x, 2x and 3x the tower's resolution: the paper's pyramid tried on an existing model,
-    such as a converted LLaVA-Med. The projector's input width is the tower's times the number of
-    scales, so it starts afresh: the result needs at least the projector-alignment stage."""
+    scales, default 1x, 2x and 3x the tower's resolution, resized as `pyramid_resize` says (default: as
+    the model does): the paper's pyramid tried on an existing model, such as a converted LLaVA-Med. The
+    projector's input width is the tower's times the number of scales, so it starts afresh: the result
+    needs at least the projector-alignment stage."""
     source, processor = load(model_dir)
     base = source.config.base_image_size
     config = Llama3MedConfig(
@@ -147,6 +151,7 @@ def rescale(
         scales=list(scales) if scales else [base, 2 * base, 3 * base],
         vision_feature_layer=source.config.vision_feature_layer,
         projector_type=source.config.projector_type,
+        pyramid_resize=pyramid_resize or source.config.pyramid_resize,
         image_token_id=source.config.image_token_id,
     )
     model = Llama3MedForConditionalGeneration.from_components(
@@ -304,7 +309,9 @@ def convert_original_llava(
     llava_dir: str | Path, vision: str | Path | None = None, conv_mode: str | None = None
 ) -> tuple[Llama3MedForConditionalGeneration, Llama3MedProcessor]:
     """Import a checkpoint of the original LLaVA code (`LlavaLlamaForCausalLM`, `LlavaMistralForCausalLM`:
-    LLaVA-1.5, LLaVA-Med v1.5) as a single-scale Llama3-Med that computes what it computes.
+    LLaVA-1.5, LLaVA-Med v1.5) as a Llama3-Med that computes what it computes: at its tower's one scale,
+    or with `s2` (LLaVA's S2 tower, Shi et al.'s scaling on scales) at its `s2_scales`, resized as S2's
+    code resizes them.
 
     Such a checkpoint holds the LM and the projector and names its CLIP tower (`mm_vision_tower`); the
     tower's config and image statistics, and its weights when the checkpoint lacks them, come from
@@ -334,10 +341,10 @@ def convert_original_llava(
     vision_config = getattr(vision_config, "vision_config", vision_config)
     if vision_config.model_type != "clip_vision_model":
         raise ValueError(f"{vision}: a {vision_config.model_type!r} tower; the original LLaVA code reads CLIP towers")
-    if vision_config.hidden_size != raw["mm_hidden_size"]:
-        raise ValueError(
-            f"{vision}: width {vision_config.hidden_size}, but {llava_dir} has mm_hidden_size {raw['mm_hidden_size']}"
-        )
+    scales = _original_scales(llava_dir, raw, vision_config.image_size)
+    if vision_config.hidden_size * len(scales) != raw["mm_hidden_size"]:
+        width = f"{vision_config.hidden_size}" + (f" x {len(scales)} scales" if len(scales) > 1 else "")
+        raise ValueError(f"{vision}: width {width}, but {llava_dir} has mm_hidden_size {raw['mm_hidden_size']}")
 
     state = _original_state_dict(path)
     # "vision_model." is in the names transformers 4 wrote (every published LLaVA), not in transformers 5's
@@ -376,9 +383,10 @@ def convert_original_llava(
     config = Llama3MedConfig(
         vision_config=vision_config.to_dict(),
         text_config=language_model.config.to_dict(),
-        scales=[vision_config.image_size],
+        scales=scales,
         vision_feature_layer=raw.get("mm_vision_select_layer", -2),
         projector_type=raw.get("mm_projector_type", "linear"),
+        pyramid_resize="bicubic" if len(scales) > 1 else "bilinear_antialiased",
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
     )
     model = Llama3MedForConditionalGeneration.from_components(config, tower, language_model)
@@ -400,12 +408,32 @@ def convert_original_llava(
     return model, make_processor(tokenizer, config, mean, std, image_fit=fit, llava_tokenization=True)
 
 
+def _original_scales(model_dir: str | Path, raw: dict, tile: int) -> list[int]:
+    """The scales a checkpoint of the original LLaVA code encodes at: its tower's `tile` px, or with `s2`
+    the `s2_scales` (default LLaVA's 336,672,1008) that its S2 tower cuts into tiles of the smallest."""
+    if not raw.get("s2"):
+        return [tile]
+    text = str(raw.get("s2_scales", "336,672,1008"))
+    try:
+        scales = sorted(int(size) for size in text.split(","))
+    except ValueError:
+        raise ValueError(f"{model_dir}: s2_scales={text!r} is not a comma-separated list of sizes") from None
+    if scales[0] != tile or len(set(scales)) < len(scales) or any(size % tile for size in scales):
+        raise ValueError(
+            f"{model_dir}: s2_scales={text!r} cannot be converted (only distinct multiples of the tower's {tile} px "
+            "tiles, the smallest equal to it, are cut into whole tiles)"
+        )
+    return scales
+
+
 # Fields of an original LLaVA config that describe the vision side or training, not the LM.
 _LLAVA_ONLY_FIELDS = {
     "architectures",
     "model_type",
     "image_aspect_ratio",
     "image_grid_pinpoints",
+    "s2",
+    "s2_scales",
     "use_mm_proj",
     "tune_mm_mlp_adapter",
     "freeze_mm_mlp_adapter",

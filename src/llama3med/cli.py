@@ -35,7 +35,7 @@ def cmd_build(args: argparse.Namespace) -> None:
     if args.source:
         if args.vision or args.llm:
             raise ValueError("--from takes the tower and the LM from its model; leave out --vision and --llm")
-        model, processor = rescale(args.source, scales=args.scales)
+        model, processor = rescale(args.source, scales=args.scales, pyramid_resize=args.pyramid_resize)
         origin = (
             f"Made by `llama3med build --from` with the vision tower and the LM of `{args.source}`, encoding at "
             "new scales. Its projector is freshly initialised (its input width changes with the number of "
@@ -49,6 +49,7 @@ def cmd_build(args: argparse.Namespace) -> None:
             scales=args.scales,
             vision_feature_layer=args.vision_feature_layer,
             projector_type=args.projector_type,
+            pyramid_resize=args.pyramid_resize or "bilinear_antialiased",
         )
         origin = (
             f"Assembled by `llama3med build` from the vision tower `{args.vision}` and the LM `{args.llm}`. Its "
@@ -67,6 +68,10 @@ def cmd_build(args: argparse.Namespace) -> None:
     )
 
 
+def _scales_said(scales: list[int]) -> str:
+    return "at one scale" if len(scales) == 1 else "at the S2 scales " + "/".join(map(str, scales)) + " px"
+
+
 def cmd_convert(args: argparse.Namespace) -> None:
     from .checkpoints import convert_llava, convert_original_llava, is_original_llava, save
     from .model_card import write_model_card
@@ -77,7 +82,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
         mode = next(m for m, t in LLAVA_CHAT_TEMPLATES.items() if t == processor.tokenizer.chat_template)
         origin = (
             f"Converted by `llama3med convert` from `{args.llava}`, a checkpoint of the original LLaVA code. It "
-            f"computes what the original computes, at one scale, and is prompted in LLaVA's `{mode}` format."
+            f"computes what the original computes, {_scales_said(model.config.scales)}, and is prompted in "
+            f"LLaVA's `{mode}` format."
         )
     elif args.vision or args.conv_mode:
         raise ValueError(f"{args.llava}: --vision and --conv-mode are for checkpoints of the original LLaVA code")
@@ -1222,6 +1228,7 @@ HEAT_MAP_COMMAND = "/heatmap"  # a chat line `/heatmap FILE.png`
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import PYRAMID_RESIZES
     from .data.benchmarks import BENCHMARKS
     from .data.europe_pmc import SEARCH_URL
     from .data.phantoms import PHANTOM_FORMATS
@@ -1253,10 +1260,17 @@ def build_parser() -> argparse.ArgumentParser:
         default="mlp2x_gelu",
         help="with --vision (--from: its own)",
     )
+    p.add_argument(
+        "--pyramid-resize",
+        choices=list(PYRAMID_RESIZES),
+        default=None,
+        help="how the smaller scales are made: bilinear_antialiased (default; --from: its own) or bicubic, as "
+        "S2's and the paper's code resize",
+    )
     p.add_argument("--max-shard-size", default="5GB")
     p.set_defaults(func=cmd_build)
 
-    p = sub.add_parser("convert", help="import a LLaVA or LLaVA-Med checkpoint (single scale)")
+    p = sub.add_parser("convert", help="import a LLaVA or LLaVA-Med checkpoint (S2 ones too)")
     p.add_argument(
         "--llava",
         required=True,

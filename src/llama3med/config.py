@@ -10,6 +10,7 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 PROJECTOR_TYPES = ("mlp2x_gelu", "linear")
+PYRAMID_RESIZES = ("bilinear_antialiased", "bicubic")
 
 # SigLIP-so400m-patch14-384, the paper's vision tower.
 SIGLIP_SO400M = {
@@ -59,6 +60,10 @@ class Llama3MedConfig(PreTrainedConfig):
             The processor resizes to the largest; the smaller ones are made on the device.
         vision_feature_layer: which hidden state of the tower is used (LLaVA's -2: second-to-last layer).
         projector_type: `mlp2x_gelu` (Linear-GELU-Linear, the paper's) or `linear`.
+        pyramid_resize: how the smaller scales are made from the largest. `bilinear_antialiased` averages
+            the pixels each output pixel covers; `bicubic` is S2's reference code (and so the paper's
+            code): a bicubic resize without antialiasing, which shrinking by 3 turns into keeping every
+            third pixel. A model computes what it was trained with: `bicubic` for checkpoints of S2 code.
         image_token_id: id of the `<image>` placeholder token in the LM's vocabulary.
     """
 
@@ -75,6 +80,7 @@ class Llama3MedConfig(PreTrainedConfig):
     scales: list[int] | tuple[int, ...] = (384, 768, 1152)
     vision_feature_layer: int = -2
     projector_type: str = "mlp2x_gelu"
+    pyramid_resize: str = "bilinear_antialiased"
     image_token_id: int = 128256
     tie_word_embeddings: bool = False
 
@@ -88,6 +94,8 @@ class Llama3MedConfig(PreTrainedConfig):
             raise ValueError(f"every scale must be a multiple of the tower's image_size {base}, got {self.scales}")
         if self.projector_type not in PROJECTOR_TYPES:
             raise ValueError(f"projector_type must be one of {PROJECTOR_TYPES}, got {self.projector_type!r}")
+        if self.pyramid_resize not in PYRAMID_RESIZES:
+            raise ValueError(f"pyramid_resize must be one of {PYRAMID_RESIZES}, got {self.pyramid_resize!r}")
         kept_vision_layers(self.vision_config.num_hidden_layers, self.vision_feature_layer)
 
     @property

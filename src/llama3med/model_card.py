@@ -27,11 +27,18 @@ def describe_architecture(config: Llama3MedConfig) -> str:
     return (
         f"A `{vision.model_type}` vision tower ({vision.image_size} px tiles of {vision.patch_size} px patches, read "
         f"at layer {config.vision_feature_layer}) encodes each image at {scales} px "
-        f"({'S2, ' if len(config.scales) > 1 else ''}{config.num_image_tokens} image tokens); a "
+        f"({_pyramid(config)}{config.num_image_tokens} image tokens); a "
         f"`{config.projector_type}` projector maps its {config.image_feature_size} channels into a "
         f"`{text.model_type}` LM ({text.num_hidden_layers} layers, hidden size {text.hidden_size}, "
         f"vocabulary {text.vocab_size})."
     )
+
+
+def _pyramid(config: Llama3MedConfig) -> str:
+    """How the smaller scales are made, for a model that has them."""
+    if len(config.scales) == 1:
+        return ""
+    return "S2, resized bicubic as S2's code does, " if config.pyramid_resize == "bicubic" else "S2, "
 
 
 def model_card(

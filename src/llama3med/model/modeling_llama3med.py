@@ -78,6 +78,7 @@ class Llama3MedForConditionalGeneration(Llama3MedPreTrainedModel, GenerationMixi
             self.config.scales,
             self.config.base_image_size,
             self.config.image_grid,
+            self.config.pyramid_resize,
         )
         return self.multi_modal_projector(features.to(self.multi_modal_projector.linear_1.weight.dtype))
 

@@ -15,17 +15,19 @@ import torch
 import torch.nn.functional as F
 
 
-def image_pyramid(pixel_values: torch.Tensor, scales: Sequence[int]) -> list[torch.Tensor]:
-    """Antialiased resizes of `(B, 3, S_max, S_max)` to every scale (the largest is the input itself).
-    They are computed in float32 (CPUs have no bfloat16 or float16 antialiased resize) and returned in
-    the input's dtype."""
+def image_pyramid(
+    pixel_values: torch.Tensor, scales: Sequence[int], resize: str = "bilinear_antialiased"
+) -> list[torch.Tensor]:
+    """`(B, 3, S_max, S_max)` resized to every scale (the largest is the input itself): antialiased
+    bilinear (`bilinear_antialiased`), or bicubic without antialiasing as S2's reference code resizes
+    (`bicubic`; see `Llama3MedConfig.pyramid_resize`). They are computed in float32 (CPUs have no
+    bfloat16 or float16 antialiased resize) and returned in the input's dtype."""
     largest, as_float = pixel_values.shape[-1], pixel_values.float()  # one float32 copy for every scale
+    options = {"mode": "bicubic"} if resize == "bicubic" else {"mode": "bilinear", "antialias": True}
     return [
         pixel_values
         if scale == largest
-        else F.interpolate(as_float, size=(scale, scale), mode="bilinear", antialias=True, align_corners=False).to(
-            pixel_values.dtype
-        )
+        else F.interpolate(as_float, size=(scale, scale), align_corners=False, **options).to(pixel_values.dtype)
         for scale in scales
     ]
 
@@ -52,15 +54,17 @@ def encode_multiscale(
     scales: Sequence[int],
     base_size: int,
     grid: int,
+    resize: str = "bilinear_antialiased",
 ) -> torch.Tensor:
     """S2 features of `(B, 3, S_max, S_max)` images: `(B, grid*grid, C * len(scales))`.
 
     `tower` maps `(tiles, 3, base_size, base_size)` to `(tiles, grid*grid, C)`; it is called once.
+    `resize` makes the smaller scales (`image_pyramid`).
     """
     batch = pixel_values.shape[0]
     if pixel_values.shape[-1] != scales[-1] or pixel_values.shape[-2] != scales[-1]:
         raise ValueError(f"pixel_values must be {scales[-1]}x{scales[-1]}, got {tuple(pixel_values.shape[-2:])}")
-    tiles = [split_tiles(level, base_size) for level in image_pyramid(pixel_values, scales)]
+    tiles = [split_tiles(level, base_size) for level in image_pyramid(pixel_values, scales, resize)]
     features = tower(torch.cat(tiles))  # (sum_s B*n_s^2, g*g, C): one call for everything
     pooled = []
     for level in torch.split(features, [t.shape[0] for t in tiles]):

@@ -29,13 +29,14 @@ class FindingMapModel(nn.Module):
         config = model.config
         self.vision_tower = model.vision_tower
         self.scales, self.base_image_size, self.image_grid = config.scales, config.base_image_size, config.image_grid
+        self.pyramid_resize = config.pyramid_resize
         self.head = nn.Linear(config.image_feature_size, 1)
         self.vision_tower.requires_grad_(True)
 
     def forward(self, pixel_values: torch.Tensor, finding_map: torch.Tensor) -> dict[str, torch.Tensor]:
         """`(B, 3, S_max, S_max)` images and `(B, grid * grid)` targets -> per-token logits and their loss."""
         features = encode_multiscale(
-            self.vision_tower, pixel_values, self.scales, self.base_image_size, self.image_grid
+            self.vision_tower, pixel_values, self.scales, self.base_image_size, self.image_grid, self.pyramid_resize
         )
         logits = self.head(features).squeeze(-1)  # (B, grid * grid)
         weight = torch.tensor(FINDING_WEIGHT, device=logits.device)
