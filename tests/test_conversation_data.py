@@ -59,6 +59,26 @@ def test_strict_fails_naming_the_record(tmp_path, phantoms, processor):
         )
 
 
+def test_a_system_turn_comes_first_and_the_image_placeholder_goes_in_the_users_turn(tmp_path, phantoms, processor):
+    good = json.loads((phantoms / "conversations.json").read_text())[0]
+    question, answer = good["conversations"][0]["value"], good["conversations"][1]["value"]
+    system = {"from": "system", "value": "You are a radiologist."}
+    unmarked = {"from": "human", "value": question.replace("<image>", "").strip()}
+    records = [
+        {**good, "id": "marked", "conversations": [system, *good["conversations"][:2]]},
+        {**good, "id": "unmarked", "conversations": [system, unmarked, {"from": "gpt", "value": answer}]},
+    ]
+    path = tmp_path / "with-system.json"
+    path.write_text(json.dumps(records))
+    dataset = ConversationDataset([Source(path, phantoms / "images")], processor, 400, strict=True)
+    messages = [
+        {"role": "system", "content": system["value"]},
+        {"role": "user", "content": "<image>\n" + unmarked["value"]},
+    ]
+    expected = processor.encode_conversation([*messages, {"role": "assistant", "content": answer}], num_images=1)
+    assert list(dataset[0]["input_ids"]) == list(dataset[1]["input_ids"]) == list(expected["input_ids"])
+
+
 def test_sources_mix_with_ratios_deterministically(phantoms, processor):
     sources = [
         Source(phantoms / "conversations.json", phantoms / "images", ratio=2.0),

@@ -223,9 +223,9 @@ class ConversationDataset(RecordDataset):
     def _encode(self, number: int, source: Source, record: dict, name: str, max_length: int) -> Sample:
         messages = llava_to_messages(record.get("conversations"), record=name)
         image, frame = record_image(record, source.image_root, name)
-        if image is not None:
-            if IMAGE_PLACEHOLDER not in messages[0]["content"]:
-                messages[0]["content"] = f"{IMAGE_PLACEHOLDER}\n{messages[0]['content']}"
+        if image is not None and not any(IMAGE_PLACEHOLDER in m["content"] for m in messages):
+            first = next((m for m in messages if m["role"] == "user"), messages[0])  # not a system message
+            first["content"] = f"{IMAGE_PLACEHOLDER}\n{first['content']}"
         if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
             raise ValueError(f"{name}: no assistant answer to learn from")
         encoded = self.processor.encode_conversation(messages, num_images=int(image is not None), max_length=max_length)
