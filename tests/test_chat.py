@@ -96,3 +96,19 @@ def test_chat_with_p_yes_follows_each_answer_with_its_p_yes_the_first_as_ask_giv
     lines = capsys.readouterr().out.splitlines()
     assert lines[:2] == asked == ["yes", asked[1]]
     assert lines[2] == "yes" and float(lines[3].removeprefix("P(yes) ")) > 0.5
+
+
+def test_ask_puts_a_system_message_before_the_question_as_the_chat_does(capsys):
+    image, system = str(ROOT / "examples" / "phantom_ct_lesion.dcm"), "You are a radiologist."
+    model, processor = load(DEMO_MODEL_DIR)
+    chat = ImageChat(model, processor, image, system=system)
+    expected = chat.ask("How many lesions are visible?", max_new_tokens=16)
+    assert chat.messages[0] == {"role": "system", "content": system}
+    assert (
+        main(["ask", "--system", system, "--max-new-tokens", "16", "--image", image, "How many lesions are visible?"])
+        == 0
+    )
+    assert capsys.readouterr().out.splitlines() == [expected]
+    ranked = ["ask", "--system", system, "--image", image, "Which side?", "--option", "left", "--option", "right"]
+    assert main([*ranked, "--rank-options"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] in ("A. left", "B. right")

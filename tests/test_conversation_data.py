@@ -181,5 +181,13 @@ def test_a_benchmark_s_train_split_becomes_conversations_worded_as_eval_asks(tmp
     assert processor.tokenizer.decode(supervised).startswith("right lobe")
     assert torch.equal(dataset[0]["pixel_values"], processor.preprocess_image(out / written[0]["image"]))
 
+    system = "You are a radiologist."  # as `eval --system` will ask the tuned model
+    assert main([*argv, "--system", system, "--out", str(tmp_path / "with-system")]) == 0
+    with_system = json.loads((tmp_path / "with-system" / "conversations.json").read_text())
+    assert all(c["conversations"][0] == {"from": "system", "value": system} for c in with_system)
+    item = ConversationDataset([Source(tmp_path / "with-system" / "conversations.json", out)], processor, 400)[1]
+    prompt = processor.chat_prompt([{"role": "system", "content": system}, {"role": "user", "content": "x"}])
+    assert processor.tokenizer.decode(item["input_ids"]).startswith(prompt.split("x")[0])
+
     assert main([*argv, "--split", "test", "--out", str(tmp_path / "t")]) == 1  # no test split in this release
     assert "a model tuned on it cannot be evaluated on it" in capsys.readouterr().err

@@ -20,7 +20,7 @@ import torch
 from conftest import write_dicom
 from llama3med.checkpoints import load
 from llama3med.cli import main
-from llama3med.data.benchmarks import VQARecord, load_llava_med, load_questions
+from llama3med.data.benchmarks import VQARecord, load_llava_med, load_questions, prompt_text
 from llama3med.eval import (
     closed_auroc,
     closed_hit,
@@ -44,6 +44,7 @@ from llama3med.eval.runner import (
 from llama3med.eval.scoring import auroc, bleu, calibration, closest_candidate, exact_match
 from llama3med.inference import answer, question_messages, yes_no_tokens
 from llama3med.processing import dicom_series, find_images, load_image
+from llama3med.train.vqa_eval import VQAEvalCallback
 
 ROOT = Path(__file__).parents[1]
 PARITY = ROOT / "tests" / "fixtures" / "llava_med_parity"
@@ -649,6 +650,40 @@ def test_a_run_resumed_with_other_settings_is_refused_before_it_answers(built_mo
     assert (out / "answers.jsonl").read_text() == answers
     assert main([*args[:-1], "3", "--max-new-tokens", "2"]) == 0  # the same settings resume, here to more questions
     assert (out / "answers.jsonl").read_text().startswith(answers)
+
+
+def test_a_system_message_comes_before_every_question_and_a_resumed_run_keeps_to_it(
+    built_model_dir, test_set, tmp_path, capsys
+):
+    system = "You are a radiologist. Answer in one word."
+    out = tmp_path / "run"
+    args = ["eval", "--model", str(built_model_dir), "--data", str(test_set), "--out", str(out), "--limit", "4"]
+    assert main([*args, "--max-new-tokens", "3", "--system", system]) == 0
+    model, processor = load(built_model_dir)
+    rows = read_answers(out / "answers.jsonl")
+    for record in load_llava_med(test_set)[:4]:
+        question = prompt_text(record, "plain")
+        assert rows[record.id]["prompt"] == processor.chat_prompt(question_messages(question, system))
+        alone = answer(model, processor, record.image, question, max_new_tokens=3, window=record.window, system=system)
+        assert rows[record.id]["text"] == alone
+    report = json.loads((out / "report.json").read_text())
+    assert report["system"] == system
+    spec = {"data": str(test_set), "limit": 4, "max_new_tokens": 3, "system": system}
+    while_training = VQAEvalCallback(spec, tmp_path / "training").evaluate(model, processor)[0]
+    for figure in ("closed_accuracy", "open_recall"):  # as a recipe's vqa_eval asks, with the same message
+        assert while_training[figure] == report["scores"]["all"][figure]
+    assert main([*args, "--max-new-tokens", "3"]) == 1  # resumed without it
+    assert f"other settings (system {system!r} -> None)" in capsys.readouterr().err
+    assert main([*args, "--max-new-tokens", "3", "--temperature", "1"]) == 1
+    assert "sampling None -> {'temperature': 1.0" in capsys.readouterr().err
+
+
+def test_a_sampled_run_resumed_greedily_is_refused(built_model_dir, test_set, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["eval", "--model", str(built_model_dir), "--data", str(test_set), "--out", str(out), "--limit", "2"]
+    assert main([*args, "--max-new-tokens", "2", "--temperature", "0.7"]) == 0
+    assert main([*args, "--max-new-tokens", "2"]) == 1
+    assert "other settings (sampling {'temperature': 0.7, 'top_p': 1.0, 'seed': 0} -> None)" in capsys.readouterr().err
 
 
 def test_a_published_results_file_is_checked_row_by_row(tmp_path):

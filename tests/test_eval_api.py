@@ -105,6 +105,26 @@ def test_a_users_own_images_bound_for_a_public_host_are_announced_before_they_ar
     assert "127.0.0.1 is a public host and every image and question goes there" in capsys.readouterr().err
 
 
+def test_a_system_message_reaches_the_endpoint_before_each_question_as_it_is_put_locally(
+    demo_server, test_set, tmp_path
+):
+    system = "You are a radiologist. Answer in one word."
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    flags = ["--data", str(test_set), "--limit", "6", "--system", system]
+    assert main(["eval", "--model", str(DEMO_MODEL_DIR), "--out", str(local), *flags]) == 0
+    endpoint = forwarding(Forwards, demo_server.url)
+    try:
+        url = f"http://127.0.0.1:{endpoint.server_port}/v1"
+        assert main(["eval", "--api-url", url, "--out", str(remote), *flags]) == 0
+    finally:
+        endpoint.shutdown()
+    assert [row["text"] for row in answers(remote)] == [row["text"] for row in answers(local)]
+    asked = [body["messages"] for body in Forwards.bodies if "messages" in body]
+    assert len(asked) == 6 and all(messages[0] == {"role": "system", "content": system} for messages in asked)
+    assert [messages[1]["role"] for messages in asked] == ["user"] * 6
+    assert json.loads((remote / "settings.json").read_text())["system"] == system
+
+
 def test_an_endpoint_samples_each_question_with_a_seed_of_its_own_that_repeats_it(demo_server, test_set, tmp_path):
     def texts(name: str, *flags: str) -> list[str]:
         args = ["eval", "--api-url", f"{demo_server.url}/v1", "--data", str(test_set), "--out", str(tmp_path / name)]
@@ -116,21 +136,22 @@ def test_an_endpoint_samples_each_question_with_a_seed_of_its_own_that_repeats_i
     assert json.loads((tmp_path / "a" / "settings.json").read_text())["sampling"]["seed"] == 4
 
 
-class RefusesLogprobs(http.server.BaseHTTPRequestHandler):
-    """An endpoint that refuses `logprobs` with a 400, as some hosted models do, and passes every other
-    request on to the server in `upstream`."""
+class Forwards(http.server.BaseHTTPRequestHandler):
+    """An endpoint that passes every request on to the server in `upstream`, keeping each POST's body."""
 
     upstream = ""
+    bodies: list[dict] = []
 
     def do_GET(self):
         self.reply(httpx.get(self.upstream + self.path))
 
     def do_POST(self):
         body = self.rfile.read(int(self.headers["content-length"]))
-        if "logprobs" in json.loads(body):
-            error = {"error": {"message": "logprobs is not supported for this model", "type": "invalid_request_error"}}
-            return self.reply(httpx.Response(400, json=error))
-        self.reply(httpx.post(self.upstream + self.path, content=body, headers={"content-type": "application/json"}))
+        self.bodies.append(json.loads(body))
+        self.reply(self.answer(json.loads(body), body))
+
+    def answer(self, request: dict, body: bytes) -> httpx.Response:
+        return httpx.post(self.upstream + self.path, content=body, headers={"content-type": "application/json"})
 
     def reply(self, response: httpx.Response):
         self.send_response(response.status_code)
@@ -143,10 +164,26 @@ class RefusesLogprobs(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_an_endpoint_that_refuses_logprobs_is_asked_without_them(demo_server, test_set, tmp_path, capsys):
-    RefusesLogprobs.upstream = demo_server.url
-    endpoint = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RefusesLogprobs)
+class RefusesLogprobs(Forwards):
+    """An endpoint that refuses `logprobs` with a 400, as some hosted models do."""
+
+    def answer(self, request: dict, body: bytes) -> httpx.Response:
+        if "logprobs" in request:
+            error = {"error": {"message": "logprobs is not supported for this model", "type": "invalid_request_error"}}
+            return httpx.Response(400, json=error)
+        return super().answer(request, body)
+
+
+def forwarding(handler: type[Forwards], upstream: str) -> http.server.ThreadingHTTPServer:
+    """`handler` serving on a free local port in a thread of its own, in front of `upstream`."""
+    handler.upstream, handler.bodies = upstream, []
+    endpoint = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=endpoint.serve_forever, daemon=True).start()
+    return endpoint
+
+
+def test_an_endpoint_that_refuses_logprobs_is_asked_without_them(demo_server, test_set, tmp_path, capsys):
+    endpoint = forwarding(RefusesLogprobs, demo_server.url)
     try:
         records = load_benchmark("llava-med", test_set)[:4]
         run_api(ChatAPI(f"http://127.0.0.1:{endpoint.server_port}/v1"), records, tmp_path / "answers.jsonl")

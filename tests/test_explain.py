@@ -263,3 +263,15 @@ def test_eval_heatmaps_draws_each_benchmark_answer_with_its_numbers_encoding_eac
         == 1
     )
     assert "--heatmaps needs the model itself" in capsys.readouterr().err
+
+
+def test_answer_heatmaps_explain_each_answer_after_the_runs_system_message(demo, tmp_path):
+    system, image = "You are a radiologist.", EXAMPLES / "phantom_mr_normal.dcm"
+    run = ["answer", str(EXAMPLES), "--model", str(DEMO_MODEL_DIR), "--question", QUESTION, "--out", str(tmp_path)]
+    assert main([*run, "--system", system, "--heatmaps"]) == 0
+    numbers = json.loads((tmp_path / "heatmaps" / "phantom_mr_normal.dcm.json").read_text())
+    model, processor = demo
+    with_system = answer_relevance(model, processor, image, QUESTION, numbers["answer"], system=system)
+    without = answer_relevance(model, processor, image, QUESTION, numbers["answer"])
+    assert torch.allclose(torch.tensor(numbers["relevance"]), with_system.relevance, atol=1e-6)
+    assert not torch.allclose(with_system.relevance, without.relevance, atol=1e-4)

@@ -103,7 +103,7 @@ def cmd_ask(args: argparse.Namespace) -> None:
     from .inference import ImageChat, question_messages
     from .processing import load_image
 
-    question_messages(args.question)  # a bad question, image or output file fails before the model loads
+    question_messages(args.question, args.system)  # a bad question, image or output file fails before the model loads
     image = load_image(args.image, window=args.window, frame=args.frame)
     options = option_texts(args.option, "--option") if args.option else ()
     if args.heatmap:
@@ -116,9 +116,9 @@ def cmd_ask(args: argparse.Namespace) -> None:
     shown = {"frame": args.frame, "window": args.window, "options": options}
     asked = VQARecord("ask", Path(args.image), args.question, "", "", "ask", **shown)
     if args.rank_options:
-        _ask_ranking_options(model, processor, asked, args.heatmap)
+        _ask_ranking_options(model, processor, asked, args.heatmap, args.system)
         return
-    chat = ImageChat(model, processor, image, p_yes=args.p_yes)
+    chat = ImageChat(model, processor, image, system=args.system, p_yes=args.p_yes)
     text = chat.ask(prompt_text(asked, "plain"), max_new_tokens=args.max_new_tokens, **sampling_options)
     print(text)
     if args.p_yes:
@@ -136,22 +136,23 @@ def _check_ranking_options(args: argparse.Namespace, sampling_options: dict) -> 
         raise ValueError(f"{', '.join(given)}: for a written answer; --rank-options scores the options instead")
 
 
-def _ask_ranking_options(model, processor, asked, heat_map: str | None) -> None:
+def _ask_ranking_options(model, processor, asked, heat_map: str | None, system: str | None) -> None:
     """Print the likeliest option, then each option's probability among them ("P(lateral) 0.969"); with
-    `heat_map`, where in the image the picked option came from."""
+    `heat_map`, where in the image the picked option came from. `system`: a system message before the
+    question."""
     from .data.benchmarks import prompt_text
     from .eval.runner import rank_options
     from .eval.scoring import option_probabilities, picked_option
     from .explain import answer_relevance
 
-    [(_, _, text, log_probs)] = rank_options(model, processor, [asked])
+    [(_, _, text, log_probs)] = rank_options(model, processor, [asked], system=system)
     print(text)
     for option, probability in zip(asked.options, option_probabilities(log_probs), strict=True):
         print(f"P({option}) {probability:.3f}")
     if heat_map:
         picked = picked_option(asked, log_probs)
         question = prompt_text(asked, "plain", options=False)
-        explained = answer_relevance(model, processor, asked.image, question, picked, asked.window, asked.frame)
+        explained = answer_relevance(model, processor, asked.image, question, picked, asked.window, asked.frame, system)
         _write_heat_map(heat_map, explained.heat_map(), asked.image, asked.frame, question, picked)
 
 
@@ -327,7 +328,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         answers = answer_texts(rows)
         scores = score(records, answers, candidates=candidates)
         baseline = majority_baseline(records)
-        report = {"benchmark": args.benchmark, **run_facts, "prompt": args.prompt, "scores": scores}
+        report = {"benchmark": args.benchmark, **run_facts, "prompt": args.prompt, **_system_setting(args)}
+        report["scores"] = scores
         if args.without_options:
             report["without_options"] = True
         if "sampling" in settings:  # else greedy
@@ -354,7 +356,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             print(f"\nbeside published results ({published['source']}):")
             print("\n".join("  ".join(row) for row in comparison_rows(report, published)))
         if args.heatmaps:  # why each answer, right or wrong, came out as it did
-            _write_heat_maps(model, processor, records, out, args.prompt, args.heatmap_format == "dicom")
+            _write_heat_maps(model, processor, records, out, args, args.heatmap_format == "dicom")
     _end_answering_processes(world_size)
 
 
@@ -447,6 +449,7 @@ def _answers_from_api(
         "api_url": args.api_url,
         **inputs,
         "prompt": args.prompt,
+        **_system_setting(args),
         "max_new_tokens": args.max_new_tokens,
         **_sampling_settings(args),
     }
@@ -454,7 +457,17 @@ def _answers_from_api(
     answers_path = out / "answers.jsonl"
     sampling, seed = _sampling(args)
     concurrency = args.concurrency or 8
-    run_api(api, records, answers_path, args.prompt, args.max_new_tokens, concurrency, sampling=sampling, seed=seed)
+    run_api(
+        api,
+        records,
+        answers_path,
+        args.prompt,
+        args.max_new_tokens,
+        concurrency,
+        sampling=sampling,
+        seed=seed,
+        system=args.system,
+    )
     return merge_answers(answers_path, records), settings
 
 
@@ -480,6 +493,7 @@ def _answer_in_processes(args, model, processor, records: list, out: Path, rank:
         sampling=sampling,
         seed=seed,
         rank_choices=args.rank_options,
+        system=args.system,
     )
     if world_size > 1:
         dist.barrier()
@@ -551,7 +565,7 @@ def cmd_answer(args: argparse.Namespace) -> None:
     if (rows := _answer_in_processes(args, model, processor, records, out, rank, world_size)) is not None:
         _write_answer_tables(records, rows, out)
         if args.heatmaps:
-            _write_heat_maps(model, processor, records, out, args.prompt, args.heatmap_format == "dicom")
+            _write_heat_maps(model, processor, records, out, args, args.heatmap_format == "dicom")
     _end_answering_processes(world_size)
 
 
@@ -570,8 +584,9 @@ def _heat_map_refusal(args: argparse.Namespace, flag: str) -> str | None:
     return None
 
 
-def _write_heat_maps(model, processor, records: list, out: Path, prompt_style: str, as_dicom: bool = False) -> None:
-    """`out/heatmaps/ID.png` for each answered question, as `ask --heatmap` draws it, and `ID.json`, its
+def _write_heat_maps(model, processor, records: list, out: Path, args: argparse.Namespace, as_dicom: bool) -> None:
+    """`out/heatmaps/ID.png` for each answered question, asked as `args` asked it (`--prompt`, `--system`)
+    and drawn as `ask --heatmap` draws it, and `ID.json`, its
     relevance over the base grid in numbers, to compare with a mask; a map already drawn is kept, so an
     interrupted run picks up where it stopped. A ranked multiple-choice answer is explained as it was
     made: its option's text, after the question asked without the options. With `as_dicom`, a DICOM
@@ -606,11 +621,11 @@ def _write_heat_maps(model, processor, records: list, out: Path, prompt_style: s
             continue
         if explainer is None:
             explainer = ImageExplainer(model, processor, record.image, record.window, record.frame)
-        answer, question = answers[record.id]["text"], prompt_text(record, prompt_style)
+        answer, question = answers[record.id]["text"], prompt_text(record, args.prompt)
         if scores := (answers[record.id].get("metadata") or {}).get("option_log_probs"):  # ranked: its option
             answer = picked_option(record, scores)
-            question = prompt_text(record, prompt_style, options=False)
-        explained = explainer(question, answer)
+            question = prompt_text(record, args.prompt, options=False)
+        explained = explainer(question, answer, args.system)
         numbers = {"question_id": record.id, "answer": answer, "relevance": explained.relevance.tolist()}
         write_atomically(path.with_suffix(".json"), json.dumps(numbers) + "\n")
         if source is not None:
@@ -850,6 +865,7 @@ def _run_settings(args: argparse.Namespace, device, **inputs: object) -> dict[st
         "model": _resolved(args.model),
         **inputs,
         "prompt": args.prompt,
+        **_system_setting(args),
         "max_new_tokens": args.max_new_tokens,
         **_sampling_settings(args),
         "dtype": str(inference_dtype(device, args.dtype)).removeprefix("torch."),
@@ -857,6 +873,12 @@ def _run_settings(args: argparse.Namespace, device, **inputs: object) -> dict[st
         "load_4bit": args.load_4bit,
         "rank_options": args.rank_options,
     }
+
+
+def _system_setting(args: argparse.Namespace) -> dict[str, object]:
+    """`--system` as a run's settings and report record it: nothing without one, so that runs begun
+    before it existed resume as they were."""
+    return {"system": args.system} if args.system else {}
 
 
 def _sampling_settings(args: argparse.Namespace) -> dict[str, object]:
@@ -1029,7 +1051,7 @@ def cmd_data_vqa_conversations(args: argparse.Namespace) -> None:
     if args.split == "test":
         print("llama3med: warning: the test split: a model tuned on it cannot be evaluated on it", file=sys.stderr)
     records = load_benchmark(args.benchmark, args.data, args.split, args.image_root)
-    counts = write_benchmark_conversations(records, args.out, args.prompt)
+    counts = write_benchmark_conversations(records, args.out, args.prompt, args.system)
     print(
         f"{Path(args.out) / CONVERSATIONS_FILE}: {counts['conversations']} conversations "
         f"({counts['images written']} images written); train with image_root: {args.out}"
@@ -1119,6 +1141,7 @@ def _add_prompt_option(p: argparse.ArgumentParser) -> None:
 
 def _add_batch_answering_options(p: argparse.ArgumentParser) -> None:
     _add_prompt_option(p)
+    _add_system_option(p)
     p.add_argument("--batch-size", type=_positive, default=None, help="questions decoded together (default: 16)")
     p.add_argument("--max-new-tokens", type=_positive, default=64)
     _add_sampling_options(p, "0: greedy (the default); above 0, sampled, as LLaVA-Med's model_vqa does at 0.2")
@@ -1174,8 +1197,16 @@ def _add_image_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=_window, default=None, help="DICOM/NIfTI window: CENTRE,WIDTH or a CT preset")
 
 
+def _add_system_option(
+    p: argparse.ArgumentParser,
+    help: str = "a system message before each question (as the model was tuned with, or an API model's instructions)",
+) -> None:
+    p.add_argument("--system", default=None, help=help)
+
+
 def _add_answering_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model directory (default: the built-in phantom demo model)")
+    _add_system_option(p)
     p.add_argument("--max-new-tokens", type=_positive, default=128, help="the most tokens an answer may have")
     _add_sampling_options(p, "0: greedy (the default); above 0, sampled")
     p.add_argument(
@@ -1317,7 +1348,6 @@ def build_parser() -> argparse.ArgumentParser:
         "writes the last answer's heat map: " + HEAT_MAP_HELP + ".",
     )
     _add_image_options(p)
-    p.add_argument("--system", default=None, help="a system message before the conversation")
     _add_answering_options(p)
     p.set_defaults(func=cmd_chat)
 
@@ -1606,6 +1636,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train")
     p.add_argument("--image-root", default=None, help="image folder when not the release's own")
     _add_prompt_option(p)
+    _add_system_option(p, "a system message opening each conversation, for eval --system to ask with")
     p.add_argument("--out", required=True, help="output folder: conversations.json and images/")
     p.set_defaults(func=cmd_data_vqa_conversations)
     return parser

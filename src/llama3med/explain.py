@@ -48,12 +48,13 @@ def answer_relevance(
     answer: str,
     window: Window = None,
     frame: int | None = None,
+    system: str | None = None,
 ) -> AnswerRelevance:
     """How strongly each image token moves the log-probability of `answer` to `question` (its tokens and
-    end of turn, as training supervises them): the gradient of that log-probability times the token's
-    features, summed over the features, in absolute value. Any answer can be explained, the model's own
-    or another ("why not no?")."""
-    return ImageExplainer(model, processor, image, window, frame)(question, answer)
+    end of turn, as training supervises them; `system` a system message before the question): the
+    gradient of that log-probability times the token's features, summed over the features, in absolute
+    value. Any answer can be explained, the model's own or another ("why not no?")."""
+    return ImageExplainer(model, processor, image, window, frame)(question, answer, system)
 
 
 class ImageExplainer:
@@ -73,8 +74,8 @@ class ImageExplainer:
             self.features = model.encode_images(pixel_values[None].to(model.device))  # (1, N, D)
         self.view = view(processor, pixel_values)
 
-    def __call__(self, question: str, answer: str) -> AnswerRelevance:
-        messages = [*question_messages(question), {"role": "assistant", "content": answer}]
+    def __call__(self, question: str, answer: str, system: str | None = None) -> AnswerRelevance:
+        messages = [*question_messages(question, system), {"role": "assistant", "content": answer}]
         return AnswerRelevance(conversation_relevance(self.model, self.processor, self.features, messages), self.view)
 
 

@@ -215,8 +215,10 @@ def answer(
     temperature: float = 0.0,
     window: Window = None,
     top_p: float = 1.0,
+    system: str | None = None,
 ) -> str:
-    """The model's answer to `question` about `image`; greedy unless `temperature > 0`."""
+    """The model's answer to `question` about `image` (after `system`, a system message); greedy unless
+    `temperature > 0`."""
     _checked_question(question)  # before the image is encoded
-    chat = ImageChat(model, processor, image, window=window)
+    chat = ImageChat(model, processor, image, window=window, system=system)
     return chat.ask(question, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)

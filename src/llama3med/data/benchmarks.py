@@ -657,11 +657,14 @@ def train_open_answers(
 CONVERSATIONS_FILE = "conversations.json"
 
 
-def write_benchmark_conversations(records: list[VQARecord], out: str | Path, prompt_style: str = "plain") -> dict:
+def write_benchmark_conversations(
+    records: list[VQARecord], out: str | Path, prompt_style: str = "plain", system: str | None = None
+) -> dict:
     """A benchmark split as LLaVA conversations to tune on, as LLaVA-Med's fine-tuned rows were made:
     `out/conversations.json`, a one-turn conversation per question, worded as `eval --prompt` words it
-    and answered with the reference. Images the release embeds are written once each to `out/images/`;
-    image files are named by their absolute path. A recipe takes it with `image_root: out`."""
+    (after `system`, as `eval --system` asks) and answered with the reference. Images the release embeds
+    are written once each to `out/images/`; image files are named by their absolute path. A recipe takes
+    it with `image_root: out`."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     written: dict[str, str] = {}
@@ -680,6 +683,7 @@ def write_benchmark_conversations(records: list[VQARecord], out: str | Path, pro
             "image": image,
             "answer_type": record.answer_type,
             "conversations": [
+                *([{"from": "system", "value": system}] if system else []),
                 {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{prompt_text(record, prompt_style)}"},
                 {"from": "gpt", "value": record.answer},
             ],

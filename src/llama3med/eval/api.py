@@ -95,11 +95,20 @@ class ChatAPI:
         return self.model
 
     async def complete(
-        self, client, image_url: str, question: str, max_tokens: int, sampling: Sampling | None = None, seed=None
+        self,
+        client,
+        image_url: str,
+        question: str,
+        max_tokens: int,
+        sampling: Sampling | None = None,
+        seed=None,
+        system: str | None = None,
     ) -> tuple[str, float | None]:
-        """The answer (greedy, or drawn with `sampling` and the endpoint's `seed`) and its P(yes) (None
-        without logprobs, or when neither word is among the first token's likeliest)."""
+        """The answer (greedy, or drawn with `sampling` and the endpoint's `seed`; `system` a system message
+        before the question) and its P(yes) (None without logprobs, or when neither word is among the
+        first token's likeliest)."""
         content = [{"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": question}]
+        messages = [{"role": "system", "content": system}] if system else []
         logprobs = self.logprobs
         options = {"logprobs": True, "top_logprobs": TOP_LOGPROBS} if logprobs else {}
         if sampling is not None:
@@ -107,7 +116,7 @@ class ChatAPI:
         try:
             response = await client.chat.completions.create(
                 model=self.model,
-                messages=[{"role": "user", "content": content}],
+                messages=[*messages, {"role": "user", "content": content}],
                 max_tokens=max_tokens,
                 **{"temperature": 0, **options},
             )
@@ -117,7 +126,7 @@ class ChatAPI:
                 if self.logprobs:
                     self.logprobs = False
                     tqdm.write(f"{self.base_url} refuses logprobs ({failure}); answers get no P(yes)", file=sys.stderr)
-                return await self.complete(client, image_url, question, max_tokens, sampling, seed)
+                return await self.complete(client, image_url, question, max_tokens, sampling, seed, system)
             raise failure from None
         choice = response.choices[0]
         tokens = choice.logprobs.content if choice.logprobs is not None else None
@@ -160,14 +169,15 @@ def run_api(
     retry: RetryPolicy | None = None,
     sampling: Sampling | None = None,
     seed: int = 0,
+    system: str | None = None,
 ) -> dict[str, str]:
     """Answer every record not yet in `answers_path` through `api`, appending each answer as it comes
-    (greedy, or drawn with `sampling`, each question with a `seed` of its own made from `seed` and its id);
-    returns all answers. A question the endpoint refuses (a 4xx) is left out of the file and the others
-    are asked; an endpoint that refuses the run (a bad key, no such model) or keeps failing past `retry`
-    ends it. Either way the error raised at
-    the end names what is missing, and a rerun asks only that."""
-    decoding = {"max_tokens": max_new_tokens, "sampling": sampling, "seed": seed}
+    (greedy, or drawn with `sampling`, each question with a `seed` of its own made from `seed` and its id;
+    `system` a system message before each question); returns all answers. A question the endpoint
+    refuses (a 4xx) is left out of the file and the others are asked; an endpoint that refuses the run (a
+    bad key, no such model) or keeps failing past `retry` ends it. Either way the error raised at the end
+    names what is missing, and a rerun asks only that."""
+    decoding = {"max_tokens": max_new_tokens, "sampling": sampling, "seed": seed, "system": system}
     return asyncio.run(_run(api, records, Path(answers_path), prompt_style, decoding, concurrency, retry))
 
 

@@ -15,6 +15,7 @@ reads it too. Under torchrun each process answers its share of the images into `
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import uuid
@@ -91,18 +92,25 @@ def answered_ids(answers_path: Path) -> set[str]:
     return {qid for path in (answers_path, *answer_parts(answers_path)) for qid in read_answers(path)}
 
 
+# Settings a run records only when they are given (sampled decoding, a system message): absent from
+# either run, they were not given to it.
+SETTINGS_ONLY_WHEN_GIVEN = ("sampling", "system")
+
+
 def check_run_settings(out: Path, settings: dict[str, object], made: str = "answers") -> None:
     """Keep a resumed run from mixing its answers with another model's, prompt's or precision's: the first
     run writes `settings.json` in `out`, and a later one with other settings is refused, naming each
     change, before it answers anything. Settings are compared as the file holds them (a tuple as a list).
-    Fields the saved file lacks (an older version's) are not checked."""
+    Other fields the saved file lacks (an older version's) are not checked."""
     path = out / "settings.json"
     if path.is_file():
         saved = json.loads(path.read_text(encoding="utf-8"))
         stored = json.loads(json.dumps(settings))
-        changed = [
-            f"{key} {saved[key]!r} -> {value!r}" for key, value in stored.items() if saved.get(key, value) != value
-        ]
+        keys = [*stored, *(key for key in SETTINGS_ONLY_WHEN_GIVEN if key in saved and key not in stored)]
+        before = {
+            key: saved.get(key) if key in SETTINGS_ONLY_WHEN_GIVEN else saved.get(key, stored[key]) for key in keys
+        }
+        changed = [f"{key} {before[key]!r} -> {stored.get(key)!r}" for key in keys if before[key] != stored.get(key)]
         if changed:
             raise ValueError(
                 f"{out}: its {made} were made with other settings ({'; '.join(changed)}); "
@@ -156,6 +164,7 @@ def generate_answers(
     prefetch_images: bool | None = None,
     sampling: Sampling | None = None,
     seed: int = 0,
+    system: str | None = None,
 ) -> Iterator[tuple[VQARecord, str, str, float | None]]:
     """Yield `(record, prompt, answer, p_yes)` in image order, `p_yes` being the model's probability of
     starting the answer with "yes" against "no" (`yes_probability`; None where the vocabulary has no
@@ -165,10 +174,10 @@ def generate_answers(
     prefix (its keys and values) is kept while the next batch still needs it. With `prefetch_images`
     (default: when the model is on an accelerator) the next batch's images are read and preprocessed on
     a thread while this batch runs. On a CPU the thread takes cores from the model: on 2 cores it cost
-    13 % (52 against 60 questions/s)."""
+    13 % (52 against 60 questions/s). `system`: a system message before each question."""
     yes_no = yes_no_tokens(processor.tokenizer)
     batches = _prefixed_batches(
-        model, processor, records, lambda r: prompt_text(r, prompt_style), batch_size, prefetch_images
+        model, processor, records, lambda r: prompt_text(r, prompt_style), batch_size, prefetch_images, system
     )
     for batch, prompts, questions, prefixes in batches:
         if sampling is not None:
@@ -186,20 +195,21 @@ def rank_options(
     prompt_style: str = "plain",
     batch_size: int = 16,
     prefetch_images: bool | None = None,
+    system: str | None = None,
 ) -> Iterator[tuple[VQARecord, str, str, list[float]]]:
     """Yield `(record, prompt, answer, log_probs)` for multiple-choice records, in image order: each
     option scored as the model's whole answer to the question asked without its options, `log P` of
     the option's tokens and the end of the turn (as training supervises an answer) after the image's
     cached prefix; the answer is the likeliest option, as "B. liver". Unlike reading a generated
-    letter, this needs no model taught to answer with letters: it asks what the model would say."""
-    batches = _prefixed_batches(
-        model, processor, records, lambda r: prompt_text(r, prompt_style, options=False), batch_size, prefetch_images
-    )
+    letter, this needs no model taught to answer with letters: it asks what the model would say.
+    `system`: a system message before each question."""
+    question_of = functools.partial(prompt_text, style=prompt_style, options=False)
+    batches = _prefixed_batches(model, processor, records, question_of, batch_size, prefetch_images, system)
     for batch, prompts, _, prefixes in batches:
         rows = []  # (question's record index, the answer's tokens after the prefix, their labels)
         for index, record in enumerate(batch):
             prefix_length = prefixes[index][0][0].shape[1]  # the prompt's tokens up to its image's last
-            messages = question_messages(prompt_text(record, prompt_style, options=False))
+            messages = question_messages(question_of(record), system)
             for option in record.options:
                 encoded = processor.encode_conversation([*messages, {"role": "assistant", "content": option}])
                 rows.append((index, encoded["input_ids"][prefix_length:], encoded["labels"][prefix_length:]))
@@ -221,10 +231,12 @@ def _prefixed_batches(
     question_of: Callable[[VQARecord], str],
     batch_size: int,
     prefetch_images: bool | None,
+    system: str | None = None,
 ) -> Iterator[tuple[list[VQARecord], list[str], list[list[int]], list[list[tuple[torch.Tensor, torch.Tensor]]]]]:
-    """The records sorted by image in batches, each with its prompts, each question's own tokens (after
-    the shared prefix) and each record's prefix keys and values, an image's kept while the next batch
-    still needs it; with `prefetch_images` the next batch's images are preprocessed on a thread."""
+    """The records sorted by image in batches, each with its prompts (`system` before each question),
+    each question's own tokens (after the shared prefix) and each record's prefix keys and values, an
+    image's kept while the next batch still needs it; with `prefetch_images` the next batch's images are
+    preprocessed on a thread."""
     ordered = sorted(records, key=lambda r: r.image_key)
     batches = [ordered[start : start + batch_size] for start in range(0, len(ordered), batch_size)]
     if prefetch_images is None:
@@ -236,7 +248,7 @@ def _prefixed_batches(
         for index, batch in enumerate(batches):
             if loader is not None and index + 1 < len(batches):
                 _start_loading(loader, loading, processor, batch, batches[index + 1])
-            prompts = [processor.chat_prompt(question_messages(question_of(r))) for r in batch]
+            prompts = [processor.chat_prompt(question_messages(question_of(r), system)) for r in batch]
             token_ids = [processor.encode_text(p, num_images=1) for p in prompts]
             prefix_ids = shared_prefix(token_ids, model.config.image_token_id)
             images = {r.image_key: r for r in batch}  # one record per image: its file and frame
@@ -373,10 +385,11 @@ def run(
     sampling: Sampling | None = None,
     seed: int = 0,
     rank_choices: bool = False,
+    system: str | None = None,
 ) -> dict[str, str]:
     """Answer every record not yet in `answers_path`, appending line by line (greedy, or drawn with
     `sampling` and `seed`: see `generate_answers`; with `rank_choices`, multiple-choice questions by
-    `rank_options`); returns all answers."""
+    `rank_options`; `system` before each question); returns all answers."""
     answers_path = Path(answers_path)
     answers_path.parent.mkdir(parents=True, exist_ok=True)
     done = {str(row["question_id"]): row for row in repair_appended_rows(answers_path)}
@@ -390,12 +403,22 @@ def run(
         rows = (
             answer_row(record, prompt, text, model_id, p_yes)
             for record, prompt, text, p_yes in generate_answers(
-                model, processor, generated, prompt_style, batch_size, max_new_tokens, sampling=sampling, seed=seed
+                model,
+                processor,
+                generated,
+                prompt_style,
+                batch_size,
+                max_new_tokens,
+                sampling=sampling,
+                seed=seed,
+                system=system,
             )
         )
         ranked_rows = (
             answer_row(record, prompt, text, model_id, option_log_probs=log_probs)
-            for record, prompt, text, log_probs in rank_options(model, processor, ranked, prompt_style, batch_size)
+            for record, prompt, text, log_probs in rank_options(
+                model, processor, ranked, prompt_style, batch_size, system=system
+            )
         )
         for row in itertools.chain(rows, ranked_rows):
             out.write(json.dumps(row) + "\n")

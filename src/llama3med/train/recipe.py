@@ -47,6 +47,7 @@ VQA_EVAL_KEYS = {
     "image_root",
     "limit",
     "prompt",
+    "system",
     "every",
     "max_new_tokens",
     "batch_size",
@@ -75,6 +76,8 @@ def check_vqa_eval(spec: dict) -> None:
         raise ValueError(f"recipe: vqa_eval.rank_options must be true or false, got {spec['rank_options']!r}")
     if spec.get("prompt", "plain") not in PROMPT_STYLES:
         raise ValueError(f"recipe: vqa_eval.prompt must be one of {', '.join(PROMPT_STYLES)}, got {spec['prompt']!r}")
+    if not isinstance(spec.get("system", ""), str):
+        raise ValueError(f"recipe: vqa_eval.system must be a text, got {spec['system']!r}")
 
 
 @dataclass

@@ -37,6 +37,7 @@ class VQAEvalCallback(TrainerCallback):
         self.records = records[: spec.get("limit", 200)]
         self.every = spec.get("every", 500)
         self.prompt = spec.get("prompt", "plain")
+        self.system = spec.get("system")  # a system message before each question, as eval --system puts it
         self.max_new_tokens = spec.get("max_new_tokens", 32)
         self.batch_size = spec.get("batch_size", 16)
         self.rank_options = spec.get("rank_options", False)  # multiple choice: the likeliest option, as eval's
@@ -75,12 +76,14 @@ class VQAEvalCallback(TrainerCallback):
         written = [r for r in self.records if not (self.rank_options and r.options)]
         try:
             for record, _, text, p in generate_answers(
-                base, processor, written, self.prompt, self.batch_size, self.max_new_tokens
+                base, processor, written, self.prompt, self.batch_size, self.max_new_tokens, system=self.system
             ):
                 answers[record.id] = text
                 if p is not None:
                     p_yes[record.id] = p
-            for record, _, text, _ in rank_options(base, processor, ranked, self.prompt, self.batch_size):
+            for record, _, text, _ in rank_options(
+                base, processor, ranked, self.prompt, self.batch_size, system=self.system
+            ):
                 answers[record.id] = text
         finally:
             release_decoder(base)  # its KV cache is not held through training
