@@ -5,6 +5,7 @@ keeps serving."""
 
 import asyncio
 import base64
+import dataclasses
 import datetime
 import gzip
 import http.server
@@ -806,3 +807,17 @@ def test_explain_draws_where_a_chats_last_answer_came_from_as_the_python_api_doe
         re.findall(r'llama3med_explanations_total\{status="(\d+)"\} (\d+)', httpx.get(f"{server.url}/metrics").text)
     )
     assert int(counted["200"]) >= 3 and int(counted["400"]) >= 3 and counted["501"] == "1" and counted["429"] == "1"
+
+
+def test_a_servers_system_message_opens_the_chats_that_send_none(server):
+    system = {"role": "system", "content": "You are a radiologist."}
+    messages = ask(data_url(png()))
+    served = Settings(**{**dataclasses.asdict(server.settings), "system": system["content"]})
+
+    def prompt(messages: list[dict], settings: Settings) -> list[int]:
+        request = ChatRequest.model_validate({"model": "tiny", "messages": messages})
+        return build_prompt(request, server.engine, settings)[0]
+
+    assert prompt(messages, served) == prompt([system, *messages], server.settings) != prompt(messages, server.settings)
+    own = {"role": "developer", "content": "Answer in one word."}
+    assert prompt([own, *messages], served) == prompt([own, *messages], server.settings)  # its own is kept

@@ -954,6 +954,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_body_bytes=int(args.max_body_mb * 2**20),
         max_tokens=args.max_tokens,
         request_timeout=args.request_timeout,
+        system=args.system,
         no_heat_maps=_heat_map_refusal(args, "a heat map"),
     )
     engine = Engine(
@@ -1534,6 +1535,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible API and web page for asking about images")
     p.add_argument("--model", default=None, help="model directory (default: the built-in phantom demo model)")
     p.add_argument("--model-id", default=None, help="name clients use (default: the directory's name)")
+    _add_system_option(
+        p, "the system message of chats that send none (the page's included), as the model was tuned with"
+    )
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(

@@ -58,6 +58,7 @@ class Settings:
     max_tokens: int = 512
     request_timeout: float = 120.0
     no_heat_maps: str | None = None  # why /v1/explain cannot run here (the LM's layers cannot be differentiated)
+    system: str | None = None  # the system message of chats that send none (the model was tuned with it)
 
 
 class ApiError(Exception):
@@ -223,8 +224,11 @@ def _window(value: str | list[float] | None) -> Window:
 
 def chat_messages(request_messages: list[Message], settings: Settings) -> tuple[list[dict], list[SentImage]]:
     """A request's messages as the processor takes them (`role`, `content` with an image placeholder per
-    image, before its message's text) and the images they hold, in order."""
+    image, before its message's text) and the images they hold, in order; the server's `system` message
+    first when the request sends none."""
     messages, images = [], []
+    if settings.system and not any(message.role in ("system", "developer") for message in request_messages):
+        messages.append({"role": "system", "content": settings.system})
     for message in request_messages:
         if isinstance(message.content, str):
             text = message.content
