@@ -77,6 +77,13 @@ def test_a_system_turn_comes_first_and_the_image_placeholder_goes_in_the_users_t
     ]
     expected = processor.encode_conversation([*messages, {"role": "assistant", "content": answer}], num_images=1)
     assert list(dataset[0]["input_ids"]) == list(dataset[1]["input_ids"]) == list(expected["input_ids"])
+    whole = tmp_path / "whole.json"
+    whole.write_text(json.dumps([{**good, "conversations": [system, *good["conversations"]]}]))
+    opened = ConversationDataset([Source(whole, phantoms / "images")], processor, 400)[0]
+    given = ConversationDataset(
+        [Source(phantoms / "conversations.json", phantoms / "images")], processor, 400, system=system["value"]
+    )
+    assert list(given[0]["input_ids"]) == list(opened["input_ids"])  # a recipe's `system`: as if each opened so
 
 
 def test_sources_mix_with_ratios_deterministically(phantoms, processor):

@@ -165,6 +165,25 @@ def test_vqa_eval_scores_the_model_as_eval_would_every_n_steps_without_changing_
         load_recipe(tower_recipe(tmp_path, phantoms), [f"vqa_eval={json.dumps(vqa_eval)}"])
 
 
+def test_a_recipes_system_message_opens_its_conversations_and_vqa_eval_asks_with_it(tmp_path, phantoms):
+    from llama3med.checkpoints import DEMO_MODEL_DIR
+    from llama3med.train.recipe import load_recipe
+    from llama3med.train.trainer import training_arguments, vqa_eval_callback
+
+    system = "You are a radiologist."
+    training = {"per_device_train_batch_size": 2, "max_steps": 1, "save_steps": 1, "disable_tqdm": True}
+    vqa_eval = {"data": str(phantoms / "test.json"), "limit": 2, "every": 1, "max_new_tokens": 2}
+    fields = dict(model=str(DEMO_MODEL_DIR), training=training, vqa_eval=vqa_eval, system=system)
+    recipe_path = finetune_recipe(tmp_path, phantoms, "with-system", **fields)
+    recipe = load_recipe(recipe_path)
+    assert vqa_eval_callback(recipe, training_arguments(recipe)).system == system
+    assert main(["train", str(recipe_path)]) == 0
+    card = (tmp_path / "with-system" / "README.md").read_text()
+    assert f"opened with the system message {system!r}: ask with `--system`" in card
+    with pytest.raises(ValueError, match="recipe: system must be a text, got 3"):
+        load_recipe(recipe_path, ["system=3"])
+
+
 def test_a_converted_llava_med_given_the_pyramid_fine_tunes_with_lora(tmp_path, phantoms):
     """The paper's ablation on its baseline: a LLaVA-Med-shaped checkpoint (Mistral LM, CLIP tower,
     LLaVA's prompts and tokenization) converted, given 1x/2x/3x scales by `build --from`, then a LoRA

@@ -199,7 +199,8 @@ class RecordDataset(Dataset):
 
 
 class ConversationDataset(RecordDataset):
-    """Samples of `input_ids`, `labels` (assistant turns only) and `pixel_values` for training."""
+    """Samples of `input_ids`, `labels` (assistant turns only) and `pixel_values` for training; `system`
+    opens each conversation that has no system message of its own."""
 
     def __init__(
         self,
@@ -208,8 +209,10 @@ class ConversationDataset(RecordDataset):
         max_length: int,
         seed: int = 0,
         strict: bool = False,
+        system: str | None = None,
     ):
         super().__init__(processor, strict)
+        self.system = system
         self.samples: list[Sample] = []
         rng = random.Random(seed)
         for number, source in enumerate(sources):
@@ -222,6 +225,8 @@ class ConversationDataset(RecordDataset):
 
     def _encode(self, number: int, source: Source, record: dict, name: str, max_length: int) -> Sample:
         messages = llava_to_messages(record.get("conversations"), record=name)
+        if self.system and not any(m["role"] == "system" for m in messages):
+            messages.insert(0, {"role": "system", "content": self.system})
         image, frame = record_image(record, source.image_root, name)
         if image is not None and not any(IMAGE_PLACEHOLDER in m["content"] for m in messages):
             first = next((m for m in messages if m["role"] == "user"), messages[0])  # not a system message

@@ -87,6 +87,7 @@ class Recipe:
     data: list[dict]  # [{path, image_root, ratio}]
     output_dir: str
     max_length: int = 2048
+    system: str | None = None  # the system message of conversations that have none (then: eval --system)
     dtype: str = "auto"  # weights' dtype when loading: auto, float32, bfloat16, float16
     train_vision_tower: bool = False
     train_language_model: bool | None = None  # None: the stage decides (pretrain: frozen, finetune: trained)
@@ -105,6 +106,8 @@ class Recipe:
             raise ValueError(
                 "recipe: stage tower trains the vision tower alone; lora and train_language_model do not apply"
             )
+        if self.system is not None and not isinstance(self.system, str):
+            raise ValueError(f"recipe: system must be a text, got {self.system!r}")
         if not isinstance(self.data, list) or not self.data:
             raise ValueError("recipe: data must be a non-empty list of {path, image_root, ratio}")
         for i, entry in enumerate(self.data):

@@ -272,6 +272,8 @@ def write_training_card(out: Path, config, recipe: Recipe, summary: dict, total_
         f"{summary['train_loss']:.4f}; {summary['trainable_parameters']:,} of {total_parameters:,} parameters "
         f"trained{adapters}{memory}. The loss curve is in `train_summary.json`."
     )
+    if recipe.system:
+        training += f" Its conversations opened with the system message {recipe.system!r}: ask with `--system`."
     recipe_text = yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False)
     write_model_card(
         out,
@@ -313,7 +315,9 @@ def prepare_stage(recipe: Recipe, model, processor):
     if recipe.stage == "tower":
         dataset = FindingMapDataset(recipe.sources, processor, model.config.image_grid, recipe.seed, recipe.strict)
         return FindingMapModel(model), dataset, collate_finding_maps
-    dataset = ConversationDataset(recipe.sources, processor, recipe.max_length, recipe.seed, recipe.strict)
+    dataset = ConversationDataset(
+        recipe.sources, processor, recipe.max_length, recipe.seed, recipe.strict, recipe.system
+    )
     return trained_parts(recipe, model), dataset, ConversationCollator(processor.tokenizer.pad_token_id)
 
 
@@ -339,7 +343,7 @@ def vqa_eval_callback(recipe: Recipe, args: TrainingArguments) -> VQAEvalCallbac
             "recipe: vqa_eval answers on the first process, which under FSDP or ZeRO-3 holds only a shard of the "
             "weights; drop it and evaluate the saved checkpoints with llama3med eval"
         )
-    return VQAEvalCallback(recipe.vqa_eval, recipe.output_dir)
+    return VQAEvalCallback({"system": recipe.system, **recipe.vqa_eval}, recipe.output_dir)  # asked as it trains
 
 
 def train(recipe: Recipe, resume: bool | str = False) -> Path:
