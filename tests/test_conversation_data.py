@@ -86,6 +86,30 @@ def test_a_system_turn_comes_first_and_the_image_placeholder_goes_in_the_users_t
     assert list(given[0]["input_ids"]) == list(opened["input_ids"])  # a recipe's `system`: as if each opened so
 
 
+def test_pubmedvision_records_train_with_their_one_image_and_those_of_several_are_counted(
+    tmp_path, phantoms, processor
+):
+    """PubMedVision (HuatuoGPT-Vision's set) names its images in a list and writes no placeholder."""
+    good = json.loads((phantoms / "conversations.json").read_text())[0]
+    question = good["conversations"][0]["value"].replace("<image>", "").strip()
+    turns = [{"from": "human", "value": question}, good["conversations"][1]]
+    records = [
+        {"id": "one", "image": [good["image"]], "conversations": turns, "modality": "CT"},
+        {"id": "two", "image": [good["image"], good["image"]], "conversations": turns, "modality": "CT"},
+    ]
+    path = tmp_path / "PubMedVision_InstructionTuning_VQA.json"
+    path.write_text(json.dumps(records))
+    dataset = ConversationDataset([Source(path, phantoms / "images")], processor, 400)
+    assert len(dataset) == 1 and dataset.skipped == {"several images": 1}
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps([{**records[0], "image": good["image"]}]))
+    assert list(dataset[0]["input_ids"]) == list(
+        ConversationDataset([Source(plain, phantoms / "images")], processor, 400)[0]["input_ids"]
+    )
+    with pytest.raises(ValueError, match="record two: 2 images; a Llama3-Med conversation holds one"):
+        ConversationDataset([Source(path, phantoms / "images")], processor, 400, strict=True)
+
+
 def test_sources_mix_with_ratios_deterministically(phantoms, processor):
     sources = [
         Source(phantoms / "conversations.json", phantoms / "images", ratio=2.0),

@@ -72,10 +72,19 @@ def record_window(record: dict, name: str) -> Window:
         raise ValueError(f"{name}: {err}") from None
 
 
+class SeveralImagesError(ValueError):
+    """A record of several images (PubMedVision has some): a Llama3-Med conversation holds one."""
+
+
 def record_image(record: dict, image_root: Path, name: str) -> tuple[Path | None, int | None]:
     """A record's image (a file, or a directory of one DICOM series, under `image_root`) and its frame,
-    both checked, so that a bad record is named before training starts."""
+    both checked, so that a bad record is named before training starts. The image may be a list of one,
+    as PubMedVision writes its images."""
     image, frame = record.get("image"), record_frame(record, name)
+    if isinstance(image, list):
+        if len(image) > 1:
+            raise SeveralImagesError(f"{name}: {len(image)} images; a Llama3-Med conversation holds one")
+        image = image[0] if image else ""
     if image is None:
         if frame is not None:
             raise ValueError(f"{name}: a frame but no image")
@@ -183,6 +192,8 @@ class RecordDataset(Dataset):
             self.skipped["bad image"] += 1
         elif isinstance(err, SampleTooLongError):
             self.skipped["too long"] += 1
+        elif isinstance(err, SeveralImagesError):
+            self.skipped["several images"] += 1
         else:
             self.skipped["malformed"] += 1
 
