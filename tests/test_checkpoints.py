@@ -126,6 +126,17 @@ def test_build_resizes_the_pyramid_as_s2s_code_does_when_asked_and_from_keeps_it
     assert load(tmp_path / "two")[0].config.pyramid_resize == "bicubic"
 
 
+def test_build_fits_images_as_asked_and_from_keeps_the_models_own_fit(component_dirs, tmp_path, capsys):
+    vision, llm = component_dirs
+    command = ["build", "--vision", str(vision), "--llm", str(llm), "--out", str(tmp_path / "stretched")]
+    assert main([*command, "--image-fit", "resize"]) == 0
+    assert load(tmp_path / "stretched")[1].image_fit == "resize"
+    rescaled = ["build", "--from", str(tmp_path / "stretched"), "--scales", "32", "--out", str(tmp_path / "one")]
+    assert main(rescaled) == 0 and load(tmp_path / "one")[1].image_fit == "resize"
+    assert main([*rescaled, "--image-fit", "pad"]) == 1
+    assert "--from takes the tower, the LM and the image fit from its model" in capsys.readouterr().err
+
+
 def test_load_refuses_a_directory_that_is_not_a_model(tmp_path):
     with pytest.raises(ValueError, match="not a model directory"):
         load(tmp_path)

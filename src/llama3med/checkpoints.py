@@ -96,12 +96,13 @@ def build(
     projector_type: str = "mlp2x_gelu",
     dtype: str | torch.dtype = "auto",
     pyramid_resize: str = "bilinear_antialiased",
+    image_fit: str = "pad",
 ) -> tuple[Llama3MedForConditionalGeneration, Llama3MedProcessor]:
     """A fresh Llama3-Med from a vision tower (SigLIP/CLIP dir) and a causal LM dir; projector untrained.
 
     `scales` defaults to 1x, 2x and 3x the tower's resolution (384/768/1152 for so400m-384), as in the
-    paper; `pyramid_resize` is `Llama3MedConfig`'s. The tokenizer gains an `<image>` token when it has
-    none, and the LM's embeddings grow by it.
+    paper; `pyramid_resize` is `Llama3MedConfig`'s and `image_fit` the processor's. The tokenizer gains
+    an `<image>` token when it has none, and the LM's embeddings grow by it.
     """
     vision_full = AutoModel.from_pretrained(vision)
     vision_model = getattr(vision_full, "vision_model", vision_full)
@@ -132,7 +133,7 @@ def build(
     model = Llama3MedForConditionalGeneration.from_components(config, vision_model, language_model)
     _set_stop_tokens(model, tokenizer)
     mean, std = image_stats(vision, vision_config.model_type)
-    return model, make_processor(tokenizer, config, mean, std)
+    return model, make_processor(tokenizer, config, mean, std, image_fit=image_fit)
 
 
 def rescale(

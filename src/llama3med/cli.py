@@ -33,8 +33,11 @@ def cmd_build(args: argparse.Namespace) -> None:
     from .model_card import write_model_card
 
     if args.source:
-        if args.vision or args.llm:
-            raise ValueError("--from takes the tower and the LM from its model; leave out --vision and --llm")
+        if args.vision or args.llm or args.image_fit:
+            raise ValueError(
+                "--from takes the tower, the LM and the image fit from its model; leave out --vision, --llm and "
+                "--image-fit"
+            )
         model, processor = rescale(args.source, scales=args.scales, pyramid_resize=args.pyramid_resize)
         origin = (
             f"Made by `llama3med build --from` with the vision tower and the LM of `{args.source}`, encoding at "
@@ -50,6 +53,7 @@ def cmd_build(args: argparse.Namespace) -> None:
             vision_feature_layer=args.vision_feature_layer,
             projector_type=args.projector_type,
             pyramid_resize=args.pyramid_resize or "bilinear_antialiased",
+            image_fit=args.image_fit or "pad",
         )
         origin = (
             f"Assembled by `llama3med build` from the vision tower `{args.vision}` and the LM `{args.llm}`. Its "
@@ -1267,6 +1271,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .data.pmc_figures import IMAGING_KINDS
     from .eval.report import TABLE_FORMATS
     from .processing.chat import LLAVA_CHAT_TEMPLATES
+    from .processing.processor import IMAGE_FITS
 
     parser = argparse.ArgumentParser(
         prog="llama3med", description="Llama3-Med: high-resolution biomedical vision-language assistants."
@@ -1298,6 +1303,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="how the smaller scales are made: bilinear_antialiased (default; --from: its own) or bicubic, as "
         "S2's and the paper's code resize",
+    )
+    p.add_argument(
+        "--image-fit",
+        choices=list(IMAGE_FITS),
+        default=None,
+        help="with --vision: how an image becomes a square, pad (default: with the mean colour), resize (stretched) "
+        "or crop (the centre)",
     )
     p.add_argument("--max-shard-size", default="5GB")
     p.set_defaults(func=cmd_build)
