@@ -81,6 +81,19 @@ def test_the_command_prints_that_line_alone_on_stderr(built_model_dir, tmp_path)
     assert result.stderr.strip().splitlines() == [f"llama3med: error: {tmp_path / 'missing.dcm'}: file not found"]
 
 
+def test_a_recipe_naming_a_model_option_build_lacks_is_one_line_before_anything_loads(tmp_path):
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text(
+        "stage: pretrain\nmodel: {vision: siglip, llm: llama, scale: [384]}\n"
+        f"data: [{{path: {tmp_path / 'captions.json'}}}]\noutput_dir: {tmp_path / 'out'}\n"
+    )
+    result = run_cli("train", recipe)
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        "llama3med: error: recipe: model has unknown keys ['scale']; known: ['image_fit', 'llm', 'projector_type', "
+        "'pyramid_resize', 'scales', 'vision', 'vision_feature_layer']"
+    ]
+
+
 def test_a_question_with_its_own_placeholder_is_refused(built_model_dir, capsys):
     ct = pydicom.data.get_testdata_file("CT_small.dcm")
     assert main(["ask", "--model", str(built_model_dir), "--image", ct, "<image> what?"]) == 1

@@ -504,6 +504,8 @@ def test_recipes_take_overrides_and_refuse_unknown_keys(tmp_path, phantoms):
     assert recipe.training["learning_rate"] == 1e-4 and recipe.sources[0].ratio == 2.0 and recipe.lora == {"r": 8}
     with pytest.raises(ValueError, match="unknown keys \\['epochs'\\]"):
         load_recipe(pretrain_recipe(tmp_path, phantoms), ["epochs=3"])
+    with pytest.raises(ValueError, match=r"model.scratch has unknown keys \['layers'\]; known: \[.*'scales'"):
+        load_recipe(pretrain_recipe(tmp_path, phantoms), ["model={scratch: {vision: {}, text: {}, layers: 2}}"])
     with pytest.raises(ValueError, match="vqa_eval.system must be a text, got 3"):
         load_recipe(pretrain_recipe(tmp_path, phantoms), ["vqa_eval={data: test.json, system: 3}"])
     with pytest.raises(ValueError, match="learning_rates has unknown parts \\['tower'\\]"):

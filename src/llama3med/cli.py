@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -936,8 +937,6 @@ def _load_for_answering(model_dir, device, args: argparse.Namespace):
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    import logging
-
     import uvicorn
 
     from .inference import compile_model
@@ -1663,6 +1662,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # weight-loading bars would bury the answer
+    # bitsandbytes, which the Trainer imports through peft, warns on every AVX512-BF16 CPU that an optional
+    # kernel package is missing, whether or not anything runs in 4 bits
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         args.func(args)
     except (ValueError, OSError, RuntimeError) as err:

@@ -8,6 +8,7 @@ Relative paths are relative to the working directory, as for any command-line to
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -80,6 +81,27 @@ def check_vqa_eval(spec: dict) -> None:
         raise ValueError(f"recipe: vqa_eval.system must be a text, got {spec['system']!r}")
 
 
+def check_model_spec(model: object) -> None:
+    """Refuse a recipe's `model` mapping with keys that `llama3med build` (under `scratch`, the scratch
+    builder) does not take, by name, before anything loads."""
+    from ..checkpoints import build, build_scratch
+
+    if isinstance(model, str):
+        return
+    if not isinstance(model, dict):
+        raise ValueError(f"recipe: model must be a directory or a mapping, got {model!r}")
+    if "scratch" in model:
+        where, spec = "model.scratch", model["scratch"]
+        known = {"vision", "text", "vocab_size", *inspect.signature(build_scratch).parameters}
+        known -= {"vision_config", "text_config", "tokenizer"}
+    else:
+        where, spec, known = "model", model, set(inspect.signature(build).parameters) - {"dtype"}
+    if not isinstance(spec, dict):
+        raise ValueError(f"recipe: {where} must be a mapping, got {spec!r}")
+    if unknown := set(spec) - known:
+        raise ValueError(f"recipe: {where} has unknown keys {sorted(unknown)}; known: {sorted(known)}")
+
+
 @dataclass
 class Recipe:
     stage: str  # "tower" (the tower on finding maps), "pretrain" (projector on captions), "finetune"
@@ -106,6 +128,7 @@ class Recipe:
             raise ValueError(
                 "recipe: stage tower trains the vision tower alone; lora and train_language_model do not apply"
             )
+        check_model_spec(self.model)
         if self.system is not None and not isinstance(self.system, str):
             raise ValueError(f"recipe: system must be a text, got {self.system!r}")
         if not isinstance(self.data, list) or not self.data:
