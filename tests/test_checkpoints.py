@@ -110,6 +110,15 @@ def test_build_needs_a_tower_and_an_lm_or_a_model_to_start_from(tmp_path, capsys
     assert "--vision and --llm, or --from" in capsys.readouterr().err
 
 
+def test_a_missing_local_directory_is_named_as_such_not_read_as_a_hub_id(component_dirs, tmp_path, capsys):
+    vision, _ = component_dirs
+    missing = tmp_path / "models" / "Meta-Llama-3-8B-Instruct"
+    assert main(["build", "--vision", str(vision), "--llm", str(missing), "--out", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err == f"llama3med: error: {missing}: LM directory not found\n"
+    assert main(["convert", "--llava", str(missing), "--out", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err == f"llama3med: error: {missing}: checkpoint directory not found\n"
+
+
 def test_build_defaults_to_one_two_and_three_times_the_towers_resolution(component_dirs, tmp_path):
     from llama3med.checkpoints import build
 

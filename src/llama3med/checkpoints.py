@@ -104,6 +104,8 @@ def build(
     paper; `pyramid_resize` is `Llama3MedConfig`'s and `image_fit` the processor's. The tokenizer gains
     an `<image>` token when it has none, and the LM's embeddings grow by it.
     """
+    check_found(vision, "vision tower directory")
+    check_found(llm, "LM directory")
     vision_full = AutoModel.from_pretrained(vision)
     vision_model = getattr(vision_full, "vision_model", vision_full)
     vision_config = vision_model.config
@@ -517,6 +519,13 @@ def nf4_quantization(compute_dtype: torch.dtype):
     )
 
 
+def check_found(name: str | Path, what: str) -> None:
+    """Refuse a `name` that is neither a path that exists nor, by its form, a hub id (`owner/name`),
+    before transformers reads it as a malformed repository id."""
+    if not Path(name).exists() and not looks_like_hub_id(name):
+        raise ValueError(f"{name}: {what} not found")
+
+
 def load(
     model_dir: str | Path,
     device: str | torch.device | None = None,
@@ -526,8 +535,7 @@ def load(
     """Model and processor of a Llama3-Med directory, checked to agree on image size and token count.
     A `quantization_config` (transformers') loads the weights quantized, straight onto `device`."""
     path = Path(model_dir)
-    if not path.exists() and not looks_like_hub_id(model_dir):
-        raise ValueError(f"{model_dir}: model directory not found")
+    check_found(model_dir, "model directory")
     if path.exists() and not (path / "config.json").is_file():
         raise ValueError(f"{model_dir}: not a model directory (no config.json)")
     if is_original_llava(path):

@@ -78,10 +78,11 @@ def _scales_said(scales: list[int]) -> str:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from .checkpoints import convert_llava, convert_original_llava, is_original_llava, save
+    from .checkpoints import check_found, convert_llava, convert_original_llava, is_original_llava, save
     from .model_card import write_model_card
     from .processing.chat import LLAVA_CHAT_TEMPLATES
 
+    check_found(args.llava, "checkpoint directory")
     if is_original_llava(args.llava):
         model, processor = convert_original_llava(args.llava, vision=args.vision, conv_mode=args.conv_mode)
         mode = next(m for m, t in LLAVA_CHAT_TEMPLATES.items() if t == processor.tokenizer.chat_template)
