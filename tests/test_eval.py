@@ -347,6 +347,8 @@ def test_table_sets_runs_side_by_side_as_papers_print_them(built_model_dir, test
     for folder in runs:
         args = ["--data", str(test_set), "--out", str(folder), "--prompt", folder.name, "--max-new-tokens", "3"]
         assert main(["eval", "--model", str(built_model_dir), *args]) == 0
+    system = ["--system", "You are a radiologist reading abdominal CT and MR slices."]
+    assert main(["eval", "--model", str(built_model_dir), *args[:3], str(tmp_path / "system"), *system]) == 0
     published = tmp_path / "published.yaml"
     published.write_text(
         "source: a test's own table\nrows:\n  - {model: A, benchmark: slake, open: 12.5, closed: 50}\n"
@@ -360,6 +362,10 @@ def test_table_sets_runs_side_by_side_as_papers_print_them(built_model_dir, test
     assert lines[2] == f"| {built_model_dir} | - | - | {figures} |"
     assert lines[3].startswith(f"| {built_model_dir} (short prompt) | - | - |")
     assert lines[4:] == ["| A (published) | 12.50 | 50.00 | - | - |"]
+    assert main(["table", str(runs[0]), str(tmp_path / "system")]) == 0
+    named = f"| {built_model_dir} (system 'You are a radiologist reading abdominal…') | "
+    assert capsys.readouterr().out.splitlines()[3].startswith(named)
+    assert "after the system message 'You are a radiologist" in (tmp_path / "system" / "report.md").read_text()
 
     assert main(["table", str(runs[0]), "--format", "latex", "--intervals"]) == 0
     latex = capsys.readouterr().out.splitlines()

@@ -187,6 +187,11 @@ def decoding_words(sampling: dict | None) -> str:
     return f"sampled at temperature {sampling['temperature']:g}, top-p {sampling['top_p']:g}, seed {sampling['seed']}"
 
 
+def _shortened(text: str, limit: int = 40) -> str:
+    """`text` quoted, cut to `limit` characters with an ellipsis, to name a run in a table's row."""
+    return repr(text if len(text) <= limit else text[: limit - 1] + "…")
+
+
 def write_report(out: Path, report: dict) -> None:
     """`report.json` (everything) and `report.md` (the table, with what was run)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -195,7 +200,9 @@ def write_report(out: Path, report: dict) -> None:
     lines = [
         f"# {report['benchmark']}: {report['model']}",
         "",
-        f"Prompt `{report['prompt']}`, {decoding_words(report.get('sampling'))}"
+        f"Prompt `{report['prompt']}`"
+        + (f" after the system message {report['system']!r}" if report.get("system") else "")
+        + f", {decoding_words(report.get('sampling'))}"
         + (", multiple-choice options ranked by the model's likelihood" if report.get("rank_options") else "")
         + (", multiple-choice questions asked without their options" if report.get("without_options") else "")
         + ", LLaVA-Med scoring (percent).",
@@ -274,6 +281,7 @@ def results_table(
     has_vqa, has_choice = set(), set()
     for report in reports:
         label = report["model"] + ("" if report.get("prompt", "plain") == "plain" else f" ({report['prompt']} prompt)")
+        label += f" (system {_shortened(report['system'])})" if report.get("system") else ""
         label += " (options ranked)" if report.get("rank_options") else ""
         label += " (without options)" if report.get("without_options") else ""
         benchmark = report["benchmark"]
