@@ -506,6 +506,10 @@ def test_recipes_take_overrides_and_refuse_unknown_keys(tmp_path, phantoms):
         load_recipe(pretrain_recipe(tmp_path, phantoms), ["epochs=3"])
     with pytest.raises(ValueError, match=r"model.scratch has unknown keys \['layers'\]; known: \[.*'scales'"):
         load_recipe(pretrain_recipe(tmp_path, phantoms), ["model={scratch: {vision: {}, text: {}, layers: 2}}"])
+    with pytest.raises(ValueError, match=r"recipe: model lacks \['llm'\]: a model is a directory, \{vision, llm\}"):
+        load_recipe(pretrain_recipe(tmp_path, phantoms), ["model={vision: siglip}"])
+    with pytest.raises(ValueError, match=r"recipe: model.scratch lacks \['text'\]"):
+        load_recipe(pretrain_recipe(tmp_path, phantoms), ["model={scratch: {vision: {}}}"])
     with pytest.raises(ValueError, match="vqa_eval.system must be a text, got 3"):
         load_recipe(pretrain_recipe(tmp_path, phantoms), ["vqa_eval={data: test.json, system: 3}"])
     with pytest.raises(ValueError, match="learning_rates has unknown parts \\['tower'\\]"):

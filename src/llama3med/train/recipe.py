@@ -82,8 +82,8 @@ def check_vqa_eval(spec: dict) -> None:
 
 
 def check_model_spec(model: object) -> None:
-    """Refuse a recipe's `model` mapping with keys that `llama3med build` (under `scratch`, the scratch
-    builder) does not take, by name, before anything loads."""
+    """Refuse a recipe's `model` that is neither a directory nor a mapping `llama3med build` (under
+    `scratch`, the scratch builder) takes, naming the keys missing or unknown, before anything loads."""
     from ..checkpoints import build, build_scratch
 
     if isinstance(model, str):
@@ -91,15 +91,21 @@ def check_model_spec(model: object) -> None:
     if not isinstance(model, dict):
         raise ValueError(f"recipe: model must be a directory or a mapping, got {model!r}")
     if "scratch" in model:
-        where, spec = "model.scratch", model["scratch"]
-        known = {"vision", "text", "vocab_size", *inspect.signature(build_scratch).parameters}
+        where, spec, needed = "model.scratch", model["scratch"], {"vision", "text"}
+        known = {*needed, "vocab_size", *inspect.signature(build_scratch).parameters}
         known -= {"vision_config", "text_config", "tokenizer"}
     else:
-        where, spec, known = "model", model, set(inspect.signature(build).parameters) - {"dtype"}
+        where, spec, needed = "model", model, {"vision", "llm"}
+        known = set(inspect.signature(build).parameters) - {"dtype"}
     if not isinstance(spec, dict):
         raise ValueError(f"recipe: {where} must be a mapping, got {spec!r}")
     if unknown := set(spec) - known:
         raise ValueError(f"recipe: {where} has unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    if missing := needed - set(spec):
+        raise ValueError(
+            f"recipe: {where} lacks {sorted(missing)}: a model is a directory, {{vision, llm}} to build, or "
+            "{scratch: {vision, text}}"
+        )
 
 
 @dataclass

@@ -179,9 +179,7 @@ def prepare_model(recipe: Recipe, args: TrainingArguments):
         return checkpoints.load(spec, args.device, recipe.dtype, quantization_config=qlora_config(args))
     if isinstance(spec, str):
         return checkpoints.load(spec, dtype=recipe.dtype)
-    if not isinstance(spec, dict):
-        raise ValueError("recipe: model must be a directory or a mapping")
-    if "scratch" in spec:
+    if "scratch" in spec:  # the recipe checked the mapping's keys (`check_model_spec`)
         scratch = dict(spec["scratch"])
         tokenizer = train_bpe_tokenizer(
             corpus_texts(recipe), vocab_size=scratch.pop("vocab_size", 1024), model_max_length=recipe.max_length
@@ -189,9 +187,7 @@ def prepare_model(recipe: Recipe, args: TrainingArguments):
         return checkpoints.build_scratch(
             scratch.pop("vision"), scratch.pop("text"), tokenizer, scales=scratch.pop("scales", None), **scratch
         )
-    if {"vision", "llm"} <= set(spec):
-        return checkpoints.build(**spec, dtype=recipe.dtype)
-    raise ValueError("recipe: model needs {vision, llm} to build, {scratch: ...}, or a model directory")
+    return checkpoints.build(**spec, dtype=recipe.dtype)
 
 
 def apply_lora(model, spec: dict, train_vision_tower: bool):
