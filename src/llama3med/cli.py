@@ -47,14 +47,14 @@ def cmd_build(args: argparse.Namespace) -> None:
         )
         base_models = [args.source]
     elif args.vision and args.llm:
+        given = {"pyramid_resize": args.pyramid_resize, "image_fit": args.image_fit}  # else build's defaults
         model, processor = build(
             args.vision,
             args.llm,
             scales=args.scales,
             vision_feature_layer=args.vision_feature_layer,
             projector_type=args.projector_type,
-            pyramid_resize=args.pyramid_resize or "bilinear_antialiased",
-            image_fit=args.image_fit or "pad",
+            **{name: value for name, value in given.items() if value is not None},
         )
         origin = (
             f"Assembled by `llama3med build` from the vision tower `{args.vision}` and the LM `{args.llm}`. Its "

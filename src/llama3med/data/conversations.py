@@ -28,6 +28,7 @@ from ..processing import (
     llava_to_messages,
     pad_sequences,
     parse_window,
+    with_system,
 )
 from ..processing.images import Window
 
@@ -235,9 +236,7 @@ class ConversationDataset(RecordDataset):
                     self._skip(name, err)
 
     def _encode(self, number: int, source: Source, record: dict, name: str, max_length: int) -> Sample:
-        messages = llava_to_messages(record.get("conversations"), record=name)
-        if self.system and not any(m["role"] == "system" for m in messages):
-            messages.insert(0, {"role": "system", "content": self.system})
+        messages = with_system(llava_to_messages(record.get("conversations"), record=name), self.system)
         image, frame = record_image(record, source.image_root, name)
         if image is not None and not any(IMAGE_PLACEHOLDER in m["content"] for m in messages):
             first = next((m for m in messages if m["role"] == "user"), messages[0])  # not a system message

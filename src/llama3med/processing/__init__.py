@@ -1,4 +1,11 @@
-from .chat import IMAGE_PLACEHOLDER, LLAMA3_CHAT_TEMPLATE, llava_to_messages, message_content, multimodal_to_messages
+from .chat import (
+    IMAGE_PLACEHOLDER,
+    LLAMA3_CHAT_TEMPLATE,
+    llava_to_messages,
+    message_content,
+    multimodal_to_messages,
+    with_system,
+)
 from .images import (
     CT_WINDOWS,
     ImageLoadError,
@@ -37,4 +44,5 @@ __all__ = [
     "parse_window",
     "train_bpe_tokenizer",
     "window_values",
+    "with_system",
 ]

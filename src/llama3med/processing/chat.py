@@ -82,6 +82,13 @@ def llava_to_messages(conversations: list[dict], record: str = "conversation") -
     return messages
 
 
+def with_system(messages: list[dict[str, str]], system: str | None) -> list[dict[str, str]]:
+    """`messages` opened with the system message `system` when they hold none of their own."""
+    if not system or any(message["role"] == "system" for message in messages):
+        return messages
+    return [{"role": "system", "content": system}, *messages]
+
+
 def message_content(parts: list[str | None]) -> str:
     """A message's text from its parts in order, `None` standing for an image: the image placeholders
     first, then the texts, a line each (LLaVA-Med's layout, `"<image>\nquestion"`)."""

@@ -38,6 +38,7 @@ from ..processing import (
     frame_count,
     load_image,
     message_content,
+    with_system,
 )
 from ..processing.images import CT_WINDOWS, Window, parse_window, shown_frame
 from .engine import Engine, FeatureCache, Job, JobImage, QueueFull, image_key
@@ -227,8 +228,6 @@ def chat_messages(request_messages: list[Message], settings: Settings) -> tuple[
     image, before its message's text) and the images they hold, in order; the server's `system` message
     first when the request sends none."""
     messages, images = [], []
-    if settings.system and not any(message.role in ("system", "developer") for message in request_messages):
-        messages.append({"role": "system", "content": settings.system})
     for message in request_messages:
         if isinstance(message.content, str):
             text = message.content
@@ -252,7 +251,7 @@ def chat_messages(request_messages: list[Message], settings: Settings) -> tuple[
         messages.append({"role": "system" if message.role == "developer" else message.role, "content": text})
     if len(images) > settings.max_images:
         raise ApiError(400, f"{len(images)} images sent; this server takes at most {settings.max_images}", "messages")
-    return messages, images
+    return with_system(messages, settings.system), images
 
 
 @dataclass
