@@ -91,15 +91,17 @@ def test_siglip_tower_stops_at_the_feature_layer_and_matches_hidden_states():
         torch.testing.assert_close(tower(tiles), reference, rtol=0, atol=1e-6)
 
 
-def test_the_towers_tanh_gelu_is_pytorchs_and_compiles_for_a_cpu_without_tanh():
+@pytest.mark.parametrize("sigmoid_form", [True, False])
+def test_the_towers_tanh_gelu_is_pytorchs_and_compiles_without_tanh_where_tanh_is_slow(sigmoid_form):
     _, tower = hf_and_truncated_tower(TINY_SIGLIP)
     assert all(isinstance(layer.mlp.activation_fn, TanhGelu) for layer in tower.vision_model.encoder.layers)
+    assert TanhGelu().sigmoid_form == (torch.backends.cpu.get_cpu_capability() != "AVX512")
     x = torch.cat([torch.linspace(-12, 12, 100_001), torch.tensor([-1e30, -1e6, 0.0, 1e6, 1e30])])
     expected = F.gelu(x, approximate="tanh")
-    assert torch.equal(TanhGelu()(x), expected)  # eager: PyTorch's own kernel
-    compiled, (code,) = run_and_get_code(torch.compile(TanhGelu()), x)
+    assert torch.equal(TanhGelu(sigmoid_form)(x), expected)  # eager: PyTorch's own kernel
+    compiled, (code,) = run_and_get_code(torch.compile(TanhGelu(sigmoid_form)), x)
     torch.testing.assert_close(compiled, expected, rtol=1e-6, atol=1e-6)
-    assert "tanh" not in code and "exp" in code
+    assert ("tanh" not in code and "exp" in code) == sigmoid_form
 
 
 def test_clip_tower_drops_the_cls_token():

@@ -2,8 +2,8 @@
 
 Only the layers up to `vision_feature_layer` are built, so the layers after it are neither computed nor
 kept in memory, and the tower is never asked for all its hidden states. The pooling head and the final
-layer norm, which LLaVA-style models do not read, are dropped too. Compiled for a CPU, SigLIP's tanh GELU
-is computed in an equal form without `tanh` (`TanhGelu`).
+layer norm, which LLaVA-style models do not read, are dropped too. Compiled for a CPU without AVX-512,
+SigLIP's tanh GELU is computed in an equal form without `tanh` (`TanhGelu`).
 """
 
 from __future__ import annotations
@@ -19,15 +19,23 @@ from transformers.activations import GELUTanh
 
 from ..config import kept_vision_layers
 
+# with AVX-512, inductor's vectorised `tanh` is fast enough that PyTorch's GELU kernel compiles faster
+_CPU_TANH_IS_SLOW = torch.backends.cpu.get_cpu_capability() != "AVX512"
+
 
 class TanhGelu(nn.Module):
-    """SigLIP's activation, the tanh approximation of GELU `0.5 x (1 + tanh(z))`. Compiled for a CPU it
-    is computed as the same function `x * sigmoid(2 z)`: vectorised `tanh` costs about three times `exp`
-    on an AVX2 CPU, where it was a fifth of the compiled tower's time. Uncompiled, that form is several
-    passes over memory instead of PyTorch's one kernel, so eager calls keep the kernel."""
+    """SigLIP's activation, the tanh approximation of GELU `0.5 x (1 + tanh(z))`. Compiled for a CPU
+    without AVX-512 it is computed as the same function `x * sigmoid(2 z)`: vectorised `tanh` costs about
+    three times `exp` on an AVX2 CPU, where it was a fifth of the compiled tower's time (with AVX-512,
+    PyTorch's kernel is 4-7 % faster than that form). Uncompiled, the form is several passes over memory
+    instead of PyTorch's one kernel, so eager calls keep the kernel. `sigmoid_form` chooses the compiled form."""
+
+    def __init__(self, sigmoid_form: bool = _CPU_TANH_IS_SLOW):
+        super().__init__()
+        self.sigmoid_form = sigmoid_form
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cpu and torch.compiler.is_compiling():
+        if self.sigmoid_form and x.is_cpu and torch.compiler.is_compiling():
             return x * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x))
         return F.gelu(x, approximate="tanh")
 
