@@ -3,8 +3,9 @@
 Reference (as S2's original wrapper does it): one HF tower call per scale with `output_hidden_states=True`,
 the feature layer picked from the hidden states. Ours: the tower truncated at the feature layer, every
 tile of every scale in one call, eager and as `--compile` runs it (`torch.compile`, dynamic shapes,
-weights frozen into the graph; its compile time is not counted) and, on a CPU, compiled with PyTorch's
-tanh GELU kernel instead of `TanhGelu`'s sigmoid form (what that form gains). All get the same random
+weights frozen into the graph; its compile time is not counted) and, on a CPU, compiled with the other
+of `TanhGelu`'s two forms of SigLIP's activation (what the CPU's choice gains), and on a CPU with bfloat16
+matmul instructions (`llama3med env` names them) in bfloat16, eager and compiled. All get the same random
 weights; the features are compared (max abs diff) before anything is timed. The paths are timed in turns, one batch
 each per round, and each keeps its fastest round: on a shared machine a busy neighbour slows whole
 stretches, and turns put every path under the same stretch.
@@ -25,11 +26,11 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel
-from transformers.activations import GELUTanh
 
+from llama3med.environment import cpu_bfloat16_hardware
 from llama3med.inference import compile_for_inference
 from llama3med.model.multiscale import encode_multiscale, image_pyramid, merge_tiles, split_tiles
-from llama3med.model.vision_tower import VisionTower
+from llama3med.model.vision_tower import TanhGelu, VisionTower
 
 SIZES = {
     "small": dict(
@@ -59,6 +60,11 @@ def reference_encode(full, pixel_values, scales, base, grid, layer):
         hidden = full(pixel_values=tiles, output_hidden_states=True).hidden_states[layer]
         pooled.append(F.adaptive_avg_pool2d(merge_tiles(hidden, pixel_values.shape[0], grid), grid))
     return torch.cat(pooled, dim=1).flatten(2).transpose(1, 2)
+
+
+def encode_in_bfloat16(tower: VisionTower, pixels: torch.Tensor, *args) -> torch.Tensor:
+    """`encode_multiscale` of a bfloat16 tower, its float32 features back in float32 for comparing."""
+    return encode_multiscale(tower, pixels.bfloat16(), *args).float()
 
 
 def rate(fn, images: int, repeats: int, sync) -> float:
@@ -112,16 +118,26 @@ def main() -> None:
     compiled = copy.deepcopy(tower)
     compile_for_inference(compiled)  # as `--compile` does
     paths["ours, torch.compile (--compile)"] = partial(encode_multiscale, compiled)
-    if device.type == "cpu":  # the ablation of `TanhGelu`'s sigmoid form, which only a CPU uses
-        with_tanh = copy.deepcopy(tower)
-        for mlp in (block.mlp for block in with_tanh.vision_model.encoder.layers):
-            mlp.activation_fn = GELUTanh()
-        compile_for_inference(with_tanh)
-        paths["ours, torch.compile, PyTorch's tanh GELU kernel"] = partial(encode_multiscale, with_tanh)
+    if device.type == "cpu":  # the ablation of `TanhGelu`'s form, which only a compiled CPU tower chooses
+        other_form = copy.deepcopy(tower)
+        for mlp in (block.mlp for block in other_form.vision_model.encoder.layers):
+            mlp.activation_fn = TanhGelu(sigmoid_form=not mlp.activation_fn.sigmoid_form)
+        compile_for_inference(other_form)
+        other = "PyTorch's tanh GELU kernel" if TanhGelu().sigmoid_form else "tanh GELU in its sigmoid form"
+        paths[f"ours, torch.compile, {other}"] = partial(encode_multiscale, other_form)
+    half = {}  # on a CPU with bfloat16 matmul instructions: the tower as `--dtype bfloat16` runs it
+    if device.type == "cpu" and cpu_bfloat16_hardware():
+        in_bfloat16 = copy.deepcopy(tower).to(torch.bfloat16)
+        half["ours, bfloat16 (--dtype bfloat16)"] = partial(encode_in_bfloat16, in_bfloat16)
+        compiled_bfloat16 = copy.deepcopy(in_bfloat16)
+        compile_for_inference(compiled_bfloat16)
+        half["ours, bfloat16, torch.compile"] = partial(encode_in_bfloat16, compiled_bfloat16)
 
     with torch.inference_mode():
         features = [encode(pixels, scales, base, grid) for encode in paths.values()]  # compiles happen here
         diff = max((features[0].float() - f.float()).abs().max().item() for f in features[1:])
+        half_diffs = [(features[0] - encode(pixels, scales, base, grid)).abs().max().item() for encode in half.values()]
+        paths |= half
         timed = {name: partial(encode, pixels, scales, base, grid) for name, encode in paths.items()}
         rates = fastest_rates(timed, args.batch, args.rounds, sync)
     reference_rate, our_rate, compiled_rate = list(rates.values())[:3]
@@ -132,6 +148,8 @@ def main() -> None:
         "scales": scales,
         "batch": args.batch,
         "max_abs_diff": diff,
+        "max_abs_diff_bfloat16": max(half_diffs, default=None),
+        "largest_feature": features[0].abs().max().item(),
         "images_per_s": rates,
         "speedup": our_rate / reference_rate,
         "speedup_compiled": compiled_rate / reference_rate,
@@ -143,6 +161,11 @@ def main() -> None:
         f"speed-up {our_rate / reference_rate:.2f}x, compiled {compiled_rate / reference_rate:.2f}x; "
         f"max abs diff of features {diff:.2e} ({figures['device']})"
     )
+    if half:
+        print(
+            f"bfloat16 (this CPU has {cpu_bfloat16_hardware()}): max abs diff {max(half_diffs):.2e}, "
+            f"against features up to {figures['largest_feature']:.2f}"
+        )
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(figures, handle, indent=1)

@@ -15,7 +15,7 @@ options) against scoring each option alone with one forward pass over its whole 
 encoded for it: the same log-probabilities (max abs diff) and the same picks.
 
     python benchmarks/eval_throughput.py [--model DIR | --paper-layout] [--images 40] [--batch-size 32]
-        [--slake-like] [--compile | --rank-options]
+        [--slake-like] [--compile | --rank-options] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from llama3med.data.phantoms import write_phantom_set
 from llama3med.eval import generate_answers
 from llama3med.eval.runner import rank_options
 from llama3med.eval.scoring import picked_option
-from llama3med.inference import best_device, compile_model, question_messages
+from llama3med.inference import best_device, compile_model, inference_dtype, question_messages
 from llama3med.processing import IGNORE_INDEX, train_bpe_tokenizer
 
 # SigLIP-so400m-patch14-384's image geometry (729 tokens per 384 px tile) at small widths, with a small Llama.
@@ -176,19 +176,24 @@ def main() -> None:
     parser.add_argument("--slake-like", action="store_true", help="each question also in short-answer wording")
     parser.add_argument("--compile", action="store_true", help="also time eval --compile's path")
     parser.add_argument("--rank-options", action="store_true", help="time eval --rank-options on four options each")
+    parser.add_argument(
+        "--dtype", choices=["bfloat16", "float16", "float32"], help="weights' precision, both ways (as eval's default)"
+    )
     args = parser.parse_args()
+    device = best_device()
+    dtype = inference_dtype(device, args.dtype)
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.paper_layout:
             records = phantom_questions(tmp, args.images, 3 * PAPER_LAYOUT_VISION["image_size"], args.slake_like)
             model, processor = random_model(PAPER_LAYOUT_VISION, PAPER_LAYOUT_TEXT, records)
-            model.to(best_device())
+            model.to(device, dtype)
         else:
-            model, processor = load(args.model, device=best_device())
+            model, processor = load(args.model, device=device, dtype=dtype)
             records = phantom_questions(tmp, args.images, processor.image_size, args.slake_like)
         print(
             f"{len(records)} questions about {args.images} images, {model.config.num_image_tokens} image tokens "
-            f"per prompt, device {model.device}, torch {torch.__version__}"
+            f"per prompt, device {model.device}, {dtype}, torch {torch.__version__}"
         )
         if args.rank_options:
             ranked = compare_ranking(model, processor, four_option_questions(records), args.batch_size)

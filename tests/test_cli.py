@@ -124,6 +124,17 @@ def test_env_reports_versions_and_devices_for_a_bug_report(capsys):
     assert len(facts["gpus"]) == torch.cuda.device_count()
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="reads the CPU's flags from Linux")
+def test_env_says_whether_the_cpu_computes_bfloat16_as_its_flags_say(capsys):
+    flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()[2:])
+    expected = "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else None
+    assert main(["env", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["cpu_bfloat16"] == expected
+    assert main(["env"]) == 0
+    advice = "--dtype bfloat16 runs the model faster" if expected == "AMX" else "bfloat16 matmuls"
+    assert advice in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("command", ["build", "convert", "ask", "chat", "answer"])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -38,6 +38,27 @@ def _version(distribution: str) -> str:
         return "not installed"
 
 
+# what `cpu_bfloat16_hardware` found means for choosing `--dtype` on the CPU
+CPU_BFLOAT16 = {
+    "AMX": "in hardware (AMX): on the CPU, --dtype bfloat16 runs the model faster than the default float32",
+    "AVX512-BF16": "in hardware (AVX512-BF16)",
+    None: "without hardware support: on the CPU, keep the default float32",
+}
+
+
+def cpu_bfloat16_hardware() -> str | None:
+    """The CPU's instructions for bfloat16 matmuls as PyTorch finds them: "AMX" (Intel Sapphire Rapids and
+    later, several times float32's rate), "AVX512-BF16", or None where the CPU has neither."""
+    import torch
+
+    def has(check: str) -> bool:
+        return bool(getattr(torch.cpu, check, lambda: False)())
+
+    if has("_is_amx_tile_supported"):
+        return "AMX"
+    return "AVX512-BF16" if has("_is_avx512_bf16_supported") else None
+
+
 def describe() -> dict[str, object]:
     """The facts, as plain data (`llama3med env --json`)."""
     import torch
@@ -49,6 +70,8 @@ def describe() -> dict[str, object]:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "cpu_cores": os.cpu_count(),
+        "cpu_vector_isa": torch.backends.cpu.get_cpu_capability(),
+        "cpu_bfloat16": cpu_bfloat16_hardware(),
         "torch_cuda": torch.version.cuda,
         "packages": {name: _version(name) for name in PACKAGES},
         "gpus": [],
@@ -73,6 +96,7 @@ def describe() -> dict[str, object]:
 def format_facts(facts: dict) -> str:
     """The facts as lines to paste into an issue."""
     lines = [f"{key}: {facts[key]}" for key in ("llama3med", "python", "platform", "cpu_cores")]
+    lines.append(f"cpu kernels: {facts['cpu_vector_isa']}; bfloat16 matmuls {CPU_BFLOAT16[facts['cpu_bfloat16']]}")
     lines.append(f"torch built for CUDA: {facts['torch_cuda'] or 'no (CPU build)'}")
     for index, gpu in enumerate(facts["gpus"]):
         lines.append(
