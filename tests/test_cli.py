@@ -122,6 +122,9 @@ def test_env_reports_versions_and_devices_for_a_bug_report(capsys):
     facts = json.loads(capsys.readouterr().out)
     assert facts["packages"]["transformers"] == transformers.__version__ and facts["cpu_cores"] == os.cpu_count()
     assert len(facts["gpus"]) == torch.cuda.device_count()
+    if os.path.exists("/proc/meminfo"):  # Linux counts its memory in kB there
+        total_kib = int(next(line for line in open("/proc/meminfo") if line.startswith("MemTotal")).split()[1])
+        assert abs(facts["memory_gib"] - total_kib / 2**20) < 0.1
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="reads the CPU's flags from Linux")

@@ -59,6 +59,15 @@ def cpu_bfloat16_hardware() -> str | None:
     return "AVX512-BF16" if has("_is_avx512_bf16_supported") else None
 
 
+def memory_gib() -> float | None:
+    """This machine's memory, which bounds a model on the CPU (an 8B LM takes 16 GB in bfloat16, 32 in
+    float32); None where the OS does not say."""
+    try:
+        return round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30, 1)
+    except (AttributeError, ValueError, OSError):  # Windows has no sysconf
+        return None
+
+
 def describe() -> dict[str, object]:
     """The facts, as plain data (`llama3med env --json`)."""
     import torch
@@ -70,6 +79,7 @@ def describe() -> dict[str, object]:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "cpu_cores": os.cpu_count(),
+        "memory_gib": memory_gib(),
         "cpu_vector_isa": torch.backends.cpu.get_cpu_capability(),
         "cpu_bfloat16": cpu_bfloat16_hardware(),
         "torch_cuda": torch.version.cuda,
@@ -95,7 +105,7 @@ def describe() -> dict[str, object]:
 
 def format_facts(facts: dict) -> str:
     """The facts as lines to paste into an issue."""
-    lines = [f"{key}: {facts[key]}" for key in ("llama3med", "python", "platform", "cpu_cores")]
+    lines = [f"{key}: {facts[key]}" for key in ("llama3med", "python", "platform", "cpu_cores", "memory_gib")]
     lines.append(f"cpu kernels: {facts['cpu_vector_isa']}; bfloat16 matmuls {CPU_BFLOAT16[facts['cpu_bfloat16']]}")
     lines.append(f"torch built for CUDA: {facts['torch_cuda'] or 'no (CPU build)'}")
     for index, gpu in enumerate(facts["gpus"]):
