@@ -59,6 +59,17 @@ def cpu_bfloat16_hardware() -> str | None:
     return "AVX512-BF16" if has("_is_avx512_bf16_supported") else None
 
 
+def cpp_compiler() -> str | None:
+    """The C++ compiler `torch.compile` would build CPU kernels with (`$CXX`, else g++), or None where
+    none runs: `--compile` on a CPU cannot work without one."""
+    from torch._inductor import cpp_builder, exc
+
+    try:
+        return cpp_builder.get_cpp_compiler()
+    except (exc.InvalidCxxCompiler, RuntimeError, OSError):
+        return None
+
+
 def memory_gib() -> float | None:
     """This machine's memory, which bounds a model on the CPU (an 8B LM takes 16 GB in bfloat16, 32 in
     float32); None where the OS does not say."""
@@ -80,6 +91,7 @@ def describe() -> dict[str, object]:
         "platform": platform.platform(),
         "cpu_cores": os.cpu_count(),
         "memory_gib": memory_gib(),
+        "cpp_compiler": cpp_compiler(),
         "cpu_vector_isa": torch.backends.cpu.get_cpu_capability(),
         "cpu_bfloat16": cpu_bfloat16_hardware(),
         "torch_cuda": torch.version.cuda,
@@ -107,6 +119,7 @@ def format_facts(facts: dict) -> str:
     """The facts as lines to paste into an issue."""
     lines = [f"{key}: {facts[key]}" for key in ("llama3med", "python", "platform", "cpu_cores", "memory_gib")]
     lines.append(f"cpu kernels: {facts['cpu_vector_isa']}; bfloat16 matmuls {CPU_BFLOAT16[facts['cpu_bfloat16']]}")
+    lines.append(f"C++ compiler for --compile on the CPU: {facts['cpp_compiler'] or 'none found (install g++)'}")
     lines.append(f"torch built for CUDA: {facts['torch_cuda'] or 'no (CPU build)'}")
     for index, gpu in enumerate(facts["gpus"]):
         lines.append(

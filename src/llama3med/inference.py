@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import torch
 
+from .environment import cpp_compiler
 from .generation import Sampling, StaticCacheDecoder
 from .model import Llama3MedForConditionalGeneration
 from .processing import IMAGE_PLACEHOLDER, Llama3MedProcessor, SampleTooLongError
@@ -78,7 +79,14 @@ def release_decoder(model: Llama3MedForConditionalGeneration) -> None:
 def compile_model(model: Llama3MedForConditionalGeneration) -> None:
     """Compile the vision tower (`compile_for_inference`) and the greedy decoder's step. The first
     answers wait for the compile (seconds to tens of seconds for the demo model on 2 CPU cores); after
-    that encoding and decoding are faster. Worth it for a long evaluation or many questions."""
+    that encoding and decoding are faster. Worth it for a long evaluation or many questions. On a CPU the
+    compiled kernels are C++, so a compiler is checked for first: without one the first answer would fail
+    only after its wait."""
+    if model.device.type == "cpu" and cpp_compiler() is None:
+        raise RuntimeError(
+            "--compile on a CPU needs a C++ compiler and none runs here (torch looks for $CXX, else g++): "
+            "install g++ or run without --compile"
+        )
     compile_for_inference(model.vision_tower)
     static_cache_decoder(model).compile()
 
