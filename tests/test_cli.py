@@ -128,19 +128,18 @@ def test_env_reports_versions_and_devices_for_a_bug_report(capsys):
         assert abs(facts["memory_gib"] - total_kib / 2**20) < 0.1
 
 
-def test_compile_on_a_cpu_without_a_cpp_compiler_is_refused_before_anything_is_answered(tmp_path, monkeypatch, capsys):
+def test_compile_on_a_cpu_without_a_cpp_compiler_is_refused_before_anything_is_answered(tmp_path, capsys):
     from torch._inductor import config as inductor_config
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, str(tmp_path / "no-such-g++")))
-    assert main(["env"]) == 0
-    assert "C++ compiler for --compile on the CPU: none found (install g++)" in capsys.readouterr().out
     questions = Path(__file__).parents[1] / "examples" / "questions.jsonl"
     out = tmp_path / "answers"
     command = ["answer", str(questions), "--model", str(DEMO_MODEL_DIR), "--compile", "--device", "cpu"]
-    assert main([*command, "--out", str(out)]) == 1
-    assert "--compile on a CPU needs a C++ compiler and none runs here" in capsys.readouterr().err
+    with inductor_config.patch({"cpp.cxx": (None, str(tmp_path / "no-such-g++"))}):
+        assert main(["env"]) == 0
+        assert "C++ compiler for --compile on the CPU: none found (install g++)" in capsys.readouterr().out
+        assert main([*command, "--out", str(out)]) == 1
+        assert "--compile on a CPU needs a C++ compiler and none runs here" in capsys.readouterr().err
     assert not (out / "answers.jsonl").exists()
-    monkeypatch.undo()
     assert main(["env", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["cpp_compiler"]  # this machine's: the tests compile elsewhere
 
