@@ -20,6 +20,7 @@ import time
 from functools import partial
 
 import torch
+from encoder_throughput import SIZES
 from transformers import AutoConfig, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from llama3med.environment import cpu_bfloat16_hardware
@@ -27,8 +28,10 @@ from llama3med.generation import StaticCacheDecoder
 from llama3med.model.multiscale import encode_multiscale
 from llama3med.model.vision_tower import VisionTower
 
-PROMPT_TOKENS = 729 + 32  # the image's tokens and a question
-SCALES = [384, 768, 1152]
+BASE, PATCH = SIZES["so400m"]["image_size"], SIZES["so400m"]["patch_size"]
+GRID = BASE // PATCH
+SCALES = [BASE, 2 * BASE, 3 * BASE]
+PROMPT_TOKENS = GRID * GRID + 32  # the image's tokens and a question
 DECODE_PROMPT = 32  # decoding is timed after a short prompt, whose pass is subtracted anyway
 
 
@@ -52,7 +55,7 @@ def decode_steps_per_s(decoder: StaticCacheDecoder, embeds: torch.Tensor, steps:
 
 def measure(tower: VisionTower, lm: LlamaForCausalLM, pixels: torch.Tensor, embeds: torch.Tensor, steps: int):
     """The rates of one precision, and its features and first logits (in float32) to compare."""
-    encode = partial(encode_multiscale, tower, pixels, SCALES, SCALES[0], 27)
+    encode = partial(encode_multiscale, tower, pixels, SCALES, BASE, GRID)
     prefill = partial(lm, inputs_embeds=embeds)
     decoder = StaticCacheDecoder(lm, GenerationConfig(eos_token_id=None, pad_token_id=0))
     rates = {
@@ -74,13 +77,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     vision = AutoConfig.for_model(
-        "siglip_vision_model",
-        image_size=384,
-        patch_size=14,
-        hidden_size=1152,
-        intermediate_size=4304,
-        num_attention_heads=16,
-        num_hidden_layers=args.tower_layers + 1,
+        "siglip_vision_model", **{**SIZES["so400m"], "num_hidden_layers": args.tower_layers + 1}
     )
     tower32 = VisionTower(vision, feature_layer=-2).eval()
     text = LlamaConfig(
@@ -92,7 +89,7 @@ def main() -> None:
         vocab_size=32000,
     )
     lm32 = LlamaForCausalLM(text).eval()
-    pixels = torch.rand(1, 3, 1152, 1152)
+    pixels = torch.rand(1, 3, SCALES[-1], SCALES[-1])
     prompt = torch.randn(1, PROMPT_TOKENS, args.lm_width) * 0.02
 
     rows, outputs = {}, {}
@@ -101,7 +98,7 @@ def main() -> None:
         rows[dtype], outputs[dtype] = measure(tower, lm, pixels.to(dtype), prompt.to(dtype), args.steps)
     print(
         f"CPU bfloat16 instructions: {cpu_bfloat16_hardware()}; {torch.get_num_threads()} threads; tower "
-        f"{args.tower_layers} layers x 1152 wide, LM {args.lm_layers} layers x {args.lm_width} wide"
+        f"{args.tower_layers} layers x {vision.hidden_size} wide, LM {args.lm_layers} layers x {args.lm_width} wide"
     )
     print(f"{'':<38} {'float32':>10} {'bfloat16':>10} {'ratio':>7}")
     for name, reference in rows[torch.float32].items():

@@ -63,7 +63,7 @@ def reference_encode(full, pixel_values, scales, base, grid, layer):
 
 
 def encode_in_bfloat16(tower: VisionTower, pixels: torch.Tensor, *args) -> torch.Tensor:
-    """`encode_multiscale` of a bfloat16 tower, its float32 features back in float32 for comparing."""
+    """`encode_multiscale` of a bfloat16 tower, its features back in float32 for comparing."""
     return encode_multiscale(tower, pixels.bfloat16(), *args).float()
 
 
@@ -126,7 +126,8 @@ def main() -> None:
         other = "PyTorch's tanh GELU kernel" if TanhGelu().sigmoid_form else "tanh GELU in its sigmoid form"
         paths[f"ours, torch.compile, {other}"] = partial(encode_multiscale, other_form)
     half = {}  # on a CPU with bfloat16 matmul instructions: the tower as `--dtype bfloat16` runs it
-    if device.type == "cpu" and cpu_bfloat16_hardware():
+    bfloat16_hardware = cpu_bfloat16_hardware() if device.type == "cpu" else None
+    if bfloat16_hardware:
         in_bfloat16 = copy.deepcopy(tower).to(torch.bfloat16)
         half["ours, bfloat16 (--dtype bfloat16)"] = partial(encode_in_bfloat16, in_bfloat16)
         compiled_bfloat16 = copy.deepcopy(in_bfloat16)
@@ -163,7 +164,7 @@ def main() -> None:
     )
     if half:
         print(
-            f"bfloat16 (this CPU has {cpu_bfloat16_hardware()}): max abs diff {max(half_diffs):.2e}, "
+            f"bfloat16 (this CPU has {bfloat16_hardware}): max abs diff {max(half_diffs):.2e}, "
             f"against features up to {figures['largest_feature']:.2f}"
         )
     if args.json:
