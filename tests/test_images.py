@@ -1,6 +1,7 @@
 """Image loading: DICOM windowing by the standard, and every kind of bad input named in its error."""
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -65,6 +66,17 @@ def test_multiframe_takes_the_middle_frame_or_the_chosen_one(tmp_path):
     with pytest.raises(ImageLoadError, match="frame 7 requested but the DICOM has 5 frames"):
         load_image(path, frame=7)
     assert frame_count(path) == 5 and frame_count(write_dicom(tmp_path / "one.dcm", frames[0])) == 1
+
+
+def test_a_picture_counts_one_frame_from_its_first_bytes_alone(tmp_path, monkeypatch):
+    picture = tmp_path / "slide.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(picture)
+    picture.write_bytes(picture.read_bytes() + bytes(8 * 2**20))  # 8 MiB after the image, as if it were big
+    opened = []
+    real_open = Path.open
+    monkeypatch.setattr(Path, "read_bytes", lambda path: pytest.fail(f"{path} read whole"))
+    monkeypatch.setattr(Path, "open", lambda path, *a, **k: opened.append(path) or real_open(path, *a, **k))
+    assert frame_count(picture) == 1 and set(opened) == {picture}
 
 
 def test_a_radiographs_voi_lut_is_its_display_curve_unless_a_window_is_asked_for(tmp_path):
