@@ -1,5 +1,6 @@
 """The `llama3med` command as a user runs it: answers from DICOM, one readable line on bad input."""
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -112,6 +113,13 @@ def test_device_puts_the_model_where_it_is_named_and_a_device_this_machine_lacks
     assert f"--device cuda:{count}: this machine has {count} CUDA GPU" in capsys.readouterr().err
     assert main([*args, "--device", "gpu0"]) == 1
     assert "--device gpu0: not a device name" in capsys.readouterr().err
+
+
+def test_version_is_the_installed_distributions(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"llama3med {importlib.metadata.version('llama3med')}\n"
 
 
 def test_env_reports_versions_and_devices_for_a_bug_report(capsys):

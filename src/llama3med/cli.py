@@ -1265,6 +1265,7 @@ HEAT_MAP_COMMAND = "/heatmap"  # a chat line `/heatmap FILE.png`
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
     from .config import PYRAMID_RESIZES
     from .data.benchmarks import BENCHMARKS
     from .data.europe_pmc import SEARCH_URL
@@ -1277,6 +1278,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llama3med", description="Llama3-Med: high-resolution biomedical vision-language assistants."
     )
+    parser.add_argument("--version", action="version", version=f"llama3med {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("build", help="assemble a new model from a vision tower and an LLM, or re-scale one")
