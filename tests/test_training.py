@@ -556,6 +556,7 @@ def test_length_grouping_is_deterministic_per_epoch_and_groups_similar_lengths()
     assert sum(max(b) - min(b) < 100 for b in batches) >= 90  # batches hold one kind of length
 
 
+@pytest.mark.filterwarnings("error:`is_gradient_checkpointing`:FutureWarning")  # no warning the user cannot act on
 def test_lora_finetuning_saves_a_merged_model_and_its_adapter(tmp_path, phantoms):
     assert main(["train", str(pretrain_recipe(tmp_path, phantoms, max_steps=2))]) == 0
     finetune = finetune_recipe(
@@ -599,6 +600,7 @@ def test_save_dtype_writes_the_final_model_in_that_precision_and_it_answers(tmp_
         load_recipe(finetune, ["save_dtype=bf16"])
 
 
+@pytest.mark.filterwarnings("error:`is_gradient_checkpointing`:FutureWarning")  # no warning the user cannot act on
 def test_qlora_trains_adapters_over_a_4_bit_lm_and_merges_them_at_full_precision(tmp_path, phantoms):
     pytest.importorskip("bitsandbytes")
     from bitsandbytes.nn import Linear4bit

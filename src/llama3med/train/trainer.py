@@ -15,6 +15,8 @@ import importlib.util
 import json
 import logging
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -190,6 +192,15 @@ def prepare_model(recipe: Recipe, args: TrainingArguments):
     return checkpoints.build(**spec, dtype=recipe.dtype)
 
 
+@contextmanager
+def _peft_reading_deprecated_attributes():
+    """peft 0.21 reads transformers' `is_gradient_checkpointing`, deprecated since transformers 5.25: a
+    warning on every LoRA run that its user can do nothing about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def apply_lora(model, spec: dict, train_vision_tower: bool):
     """LoRA adapters on the LM's linear layers; the projector (and the tower if trained) train fully."""
     try:
@@ -204,7 +215,8 @@ def apply_lora(model, spec: dict, train_vision_tower: bool):
         target_modules=rf"language_model\..*\.({targets})",
         modules_to_save=["multi_modal_projector", *(["vision_tower"] if train_vision_tower else [])],
     )
-    return get_peft_model(model, config)
+    with _peft_reading_deprecated_attributes():
+        return get_peft_model(model, config)
 
 
 def merged_model(model, recipe: Recipe, adapter_dir: Path):
@@ -219,7 +231,9 @@ def merged_model(model, recipe: Recipe, adapter_dir: Path):
 
     unset_hf_deepspeed_config()  # the reload is this process's alone, not partitioned across all of them
     base, _ = checkpoints.load(recipe.model, dtype=recipe.dtype)
-    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    with _peft_reading_deprecated_attributes():
+        merged = PeftModel.from_pretrained(base, adapter_dir)
+    return merged.merge_and_unload()
 
 
 def training_arguments(recipe: Recipe) -> TrainingArguments:
