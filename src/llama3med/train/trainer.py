@@ -232,8 +232,8 @@ def merged_model(model, recipe: Recipe, adapter_dir: Path):
     unset_hf_deepspeed_config()  # the reload is this process's alone, not partitioned across all of them
     base, _ = checkpoints.load(recipe.model, dtype=recipe.dtype)
     with _peft_reading_deprecated_attributes():
-        merged = PeftModel.from_pretrained(base, adapter_dir)
-    return merged.merge_and_unload()
+        with_adapters = PeftModel.from_pretrained(base, adapter_dir)
+    return with_adapters.merge_and_unload()
 
 
 def training_arguments(recipe: Recipe) -> TrainingArguments:
