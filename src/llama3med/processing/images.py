@@ -142,14 +142,14 @@ def frame_count(source: str | Path | bytes) -> int:
         slices = dicom_series(source)
         return frame_count(slices[0]) if len(slices) == 1 else len(slices)
     if not isinstance(source, bytes):
-        if (header := _dicom_image_header(_regular_file(source))) is not None:
+        with _regular_file(source).open("rb") as handle:
+            start = handle.read(_NIFTI_SNIFF_BYTES)
+        if start and _medical_kind(source, start) is None:
+            return 1  # a picture: neither DICOM nor NIfTI by its first bytes, and its pixels are not read
+        if (header := _dicom_image_header(Path(source))) is not None:
             return _frames(header)  # its pixel data, maybe a thousand frames, is not read
         if (volume := _nifti_file_header(Path(source))) is not None:
             return _axial_count(volume)  # nor are its voxels, maybe 100 MB gzipped
-        with Path(source).open("rb") as handle:
-            start = handle.read(_NIFTI_SNIFF_BYTES)
-        if start and _medical_kind(source, start) is None:
-            return 1  # a picture, whose pixels are not read either
     data = _read_bytes(source)
     kind = _medical_kind(source, data)
     if kind == "nifti":
