@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import tifffile
 from PIL import Image
 
 from conftest import write_dicom
@@ -229,6 +230,53 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path):
     assert path.stat().st_size < 100_000
     with pytest.raises(ImageLoadError, match="exceed the limit"):
         load_image(path, max_pixels=1_000_000)
+
+
+def test_a_multi_page_tiff_gives_its_first_page_each_page_counted_alone(tmp_path):
+    path = tmp_path / "stack.tif"
+    pages = [Image.new("L", (1000, 1000), value) for value in (10, 20, 30)]
+    pages[0].save(path, save_all=True, append_images=pages[1:])
+    image = load_image(path, max_pixels=2_000_000)  # 3 M pixels in all, 1 M decoded
+    assert image.size == (1000, 1000) and np.asarray(image)[0, 0, 0] == 10
+    assert frame_count(path) == 1
+
+
+@pytest.fixture(scope="module")
+def whole_slide(tmp_path_factory):
+    """A pyramidal TIFF as slide scanners write one (Aperio's SVS is such a TIFF): the slide at full
+    resolution, 12,800 x 16,000 px (blank here, so that the file stays small), its label, and two smaller
+    copies in 256 px tiles; each page deflated. Returns the path and the copies' pixels."""
+    rng = np.random.default_rng(0)
+    label, sixteenth, thirty_second = (
+        rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(600, 600), (1000, 800), (500, 400)]
+    )
+    height, width, tile = 16_000, 12_800, np.zeros((256, 256, 3), np.uint8)
+    tiles = (tile for _ in range(-(-height // 256) * -(-width // 256)))
+    path = tmp_path_factory.mktemp("slides") / "slide.svs"
+    with tifffile.TiffWriter(path, bigtiff=True) as tiff:
+        tiff.write(
+            tiles, shape=(height, width, 3), dtype="uint8", tile=(256, 256), photometric="rgb", compression="zlib"
+        )
+        tiff.write(label, photometric="rgb", subfiletype=1)
+        for copy in (sixteenth, thirty_second):
+            tiff.write(copy, tile=(256, 256), photometric="rgb", compression="zlib", subfiletype=1)
+    return path, sixteenth, thirty_second
+
+
+def test_a_whole_slide_image_gives_its_largest_copy_within_the_pixel_limit(whole_slide):
+    path, sixteenth, thirty_second = whole_slide
+    # 204.8 M pixels at full resolution, which Pillow alone refuses outright; the 1/16 copy fits 64 M
+    np.testing.assert_array_equal(np.asarray(load_image(path)), sixteenth)
+    np.testing.assert_array_equal(np.asarray(load_image(path.read_bytes())), sixteenth)
+    # under a tighter limit the 1/32 copy, never the label (larger, but of another shape)
+    np.testing.assert_array_equal(np.asarray(load_image(path, max_pixels=500_000)), thirty_second)
+    assert frame_count(path) == 1
+
+
+def test_a_whole_slide_image_with_no_copy_within_the_limit_is_refused(whole_slide):
+    path, *_ = whole_slide
+    with pytest.raises(ImageLoadError, match="204800000 pixels exceed the limit of 150000"):
+        load_image(path, max_pixels=150_000)
 
 
 def test_dicom_without_pixel_data_is_refused(tmp_path):

@@ -3,14 +3,16 @@
 DICOM slices and NIfTI volumes are rescaled to their physical values (Hounsfield units for CT) and
 windowed to 8 bits the way a radiologist's viewer shows them; a volume (a NIfTI file, or a directory of
 one DICOM series) gives one axial slice, oriented as such a viewer shows it. Everything else goes through
-Pillow. Pixel and voxel counts are capped before decoding, so a decompression bomb is refused without
-being expanded.
+Pillow; a whole-slide pathology image (a pyramidal TIFF such as Aperio's SVS) gives the largest of its
+resolutions within the pixel cap. Pixel and voxel counts are capped before decoding, so a decompression
+bomb is refused without being expanded.
 """
 
 from __future__ import annotations
 
 import gzip
 import io
+import struct
 import threading
 import warnings
 import zlib
@@ -20,13 +22,14 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image
+from PIL import Image, TiffImagePlugin
 
 DEFAULT_MAX_PIXELS = 64_000_000  # a 8000 x 8000 image; far above any radiology slice
 MAX_VOLUME_VOXELS = 2**30  # a 1024^3 volume; a whole-body CT at 0.7 mm is about a quarter of that
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # files `find_images` takes by name; DICOM files are known by content, whatever they are called
-PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".svs", ".bmp", ".webp")
+TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic TIFF and BigTIFF, both byte orders
 
 # (centre, width) in Hounsfield units: the usual CT presets.
 CT_WINDOWS: dict[str, tuple[float, float]] = {
@@ -110,7 +113,8 @@ def load_image(
     `frame` picks a frame of a multi-frame DICOM, or a slice of a DICOM series or a NIfTI volume counted
     from the feet (default: the middle one). A gzipped NIfTI file asked for again is kept decompressed
     while it is unchanged (1 GiB of the latest in all), so that each of its slices is read in turn
-    without decompressing the volume up to it again.
+    without decompressing the volume up to it again. A picture gives its first page, or for a
+    whole-slide image over `max_pixels`, its largest smaller copy within them.
     """
     if isinstance(source, Image.Image):
         _check_single_frame(frame, source)
@@ -123,6 +127,9 @@ def load_image(
         if not 0 <= index < len(slices):
             raise ImageLoadError(source, f"slice {index} requested but the DICOM series has {len(slices)} slices")
         return load_image(slices[index], window=window, max_pixels=max_pixels)
+    if not isinstance(source, bytes) and _is_picture_file(source):
+        _check_single_frame(frame, source)
+        return _open_with_pillow(_regular_file(source), source, max_pixels)  # read as Pillow needs it
     key = _file_key(source)
     data = _file_bytes(source, key)
     kind = _medical_kind(source, data)
@@ -142,10 +149,8 @@ def frame_count(source: str | Path | bytes) -> int:
         slices = dicom_series(source)
         return frame_count(slices[0]) if len(slices) == 1 else len(slices)
     if not isinstance(source, bytes):
-        with _regular_file(source).open("rb") as handle:
-            start = handle.read(_NIFTI_SNIFF_BYTES)
-        if start and _medical_kind(source, start) is None:
-            return 1  # a picture: neither DICOM nor NIfTI by its first bytes, and its pixels are not read
+        if _is_picture_file(source):
+            return 1  # its pixels are not read
         if (header := _dicom_image_header(Path(source))) is not None:
             return _frames(header)  # its pixel data, maybe a thousand frames, is not read
         if (volume := _nifti_file_header(Path(source))) is not None:
@@ -320,6 +325,14 @@ def _medical_kind(source: str | Path | bytes, data: bytes) -> str | None:
     return None
 
 
+def _is_picture_file(source: str | Path) -> bool:
+    """Whether a file is for Pillow: neither DICOM nor NIfTI by its name and first bytes (an empty file
+    is not)."""
+    with _regular_file(source).open("rb") as handle:
+        start = handle.read(_NIFTI_SNIFF_BYTES)
+    return bool(start) and _medical_kind(source, start) is None
+
+
 def _regular_file(source: str | Path) -> Path:
     path = Path(source)
     if not path.exists():
@@ -385,22 +398,60 @@ def _read_bytes(source: str | Path | bytes) -> bytes:
     return data
 
 
-def _open_with_pillow(data: bytes, source: object, max_pixels: int) -> Image.Image:
+def _open_with_pillow(file: Path | bytes, source: object, max_pixels: int) -> Image.Image:
+    """A picture through Pillow, from its file (a whole-slide image may be gigabytes, of which one
+    resolution is read) or its bytes."""
     try:
-        with warnings.catch_warnings():
+        handle = file.open("rb") if isinstance(file, Path) else io.BytesIO(file)
+        with warnings.catch_warnings(), handle:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            _check_pixel_count(image.size[0] * image.size[1] * getattr(image, "n_frames", 1), source, max_pixels)
+            image = _open_picture(handle)
+            _seek_view_within(image, source, max_pixels)
             image.load()
+            return _to_rgb(image, source, max_pixels)
     except ImageLoadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageLoadError(source, f"refused as a decompression bomb ({err})") from None
     except Image.UnidentifiedImageError:
         raise ImageLoadError(source, "not an image Pillow, pydicom or nibabel can read") from None
-    except (OSError, SyntaxError, ValueError) as err:
+    except (OSError, SyntaxError, ValueError, IndexError, KeyError, struct.error) as err:
         raise ImageLoadError(source, f"corrupt or truncated image ({err})") from None
-    return _to_rgb(image, source, max_pixels)
+
+
+_SLIDE_PAGES_LOOKED_AT = 64  # a slide has a dozen or so; a sent file could hold a million tiny ones
+
+
+def _open_picture(handle: BinaryIO) -> Image.Image:
+    """Pillow's image of a file, not yet decoded. A TIFF is opened past `Image.open`'s size check of its
+    first page, which refuses a whole-slide image however small its other resolutions;
+    `_seek_view_within` checks the page that is decoded."""
+    signature = handle.read(4)
+    handle.seek(0)
+    return TiffImagePlugin.TiffImageFile(handle) if signature in TIFF_SIGNATURES else Image.open(handle)
+
+
+def _seek_view_within(image: Image.Image, source: object, max_pixels: int) -> None:
+    """Leaves `image` at its first page or, when that is over `max_pixels`, at the largest smaller copy of
+    it in the file: a whole-slide image holds the slide at several resolutions (pyramidal TIFF, Aperio's
+    SVS), the full one often billions of pixels, while the model looks at about a million. A copy has the
+    first page's shape up to the rounding of its size; other pages (a slide's label, its macro photo) do
+    not, and are never chosen."""
+    width, height = image.size
+    if width * height <= max_pixels:
+        return
+    copies = []
+    for page in range(1, _SLIDE_PAGES_LOOKED_AT):
+        try:
+            image.seek(page)
+        except EOFError:  # no more pages
+            break
+        w, h = image.size
+        if w * h <= max_pixels and abs(w * height - h * width) <= width + height:
+            copies.append((w * h, page))
+    if not copies:
+        _check_pixel_count(width * height, source, max_pixels)  # raises: no copy fits either
+    image.seek(max(copies)[1])
 
 
 def _check_single_frame(frame: int | None, source: object) -> None:
