@@ -10,7 +10,7 @@ import tifffile
 from PIL import Image
 
 from conftest import write_dicom
-from llama3med.processing import ImageLoadError, frame_count, load_image, window_values
+from llama3med.processing import ImageLoadError, dicom_identifiers, find_images, frame_count, load_image, window_values
 
 
 def dicom_window(values, centre, width):
@@ -277,6 +277,85 @@ def test_a_whole_slide_image_with_no_copy_within_the_limit_is_refused(whole_slid
     path, *_ = whole_slide
     with pytest.raises(ImageLoadError, match="204800000 pixels exceed the limit of 150000"):
         load_image(path, max_pixels=150_000)
+
+
+def write_slide_file(
+    path: Path, image: np.ndarray, series_uid: str, kind: str = "VOLUME", tile: int = 256, jpeg: bool = False
+) -> Path:
+    """One file of a DICOM whole-slide image (VL Whole Slide Microscopy Image Storage) as converters write
+    them: `image` (`(H, W, 3)`, one of the slide's resolutions, or its `LABEL` or `OVERVIEW` photo) cut
+    into `tile`-pixel frames in TILED_FULL order, the last row and column of tiles padded; with `jpeg`,
+    each tile a baseline JPEG, as most scanners store them."""
+    height, width = image.shape[:2]
+    down, across = -(-height // tile), -(-width // tile)
+    padded = np.zeros((down * tile, across * tile, 3), np.uint8)
+    padded[:height, :width] = image
+    tiles = padded.reshape(down, tile, across, tile, 3).swapaxes(1, 2).reshape(-1, tile, tile, 3)
+    meta = pydicom.dataset.FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.77.1.6"
+    meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds = pydicom.dataset.FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = "1.2.3", series_uid, "SM"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", kind, "NONE"]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.Rows = ds.Columns = tile
+    ds.NumberOfFrames = len(tiles)
+    ds.TotalPixelMatrixRows, ds.TotalPixelMatrixColumns = height, width
+    ds.DimensionOrganizationType = "TILED_FULL"
+    ds.PixelData = tiles.tobytes()
+    if jpeg:
+        encoded = []
+        for pixels in tiles:
+            buffer = io.BytesIO()
+            Image.fromarray(pixels).save(buffer, "JPEG", quality=95)
+            encoded.append(buffer.getvalue())
+        ds.PixelData = pydicom.encaps.encapsulate(encoded)
+        ds["PixelData"].VR, ds.PhotometricInterpretation = "OB", "YBR_FULL_422"
+        meta.TransferSyntaxUID = pydicom.uid.JPEGBaseline8Bit
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_a_dicom_whole_slide_file_gives_its_tiles_joined(tmp_path):
+    slide = np.random.default_rng(0).integers(0, 256, (700, 900, 3), dtype=np.uint8)  # 3 x 4 tiles, 2 padded
+    path = write_slide_file(tmp_path / "level.dcm", slide, "1.2.3.4")
+    np.testing.assert_array_equal(np.asarray(load_image(path)), slide)
+    assert frame_count(path) == 1  # its 12 frames are tiles of one image
+    with pytest.raises(ImageLoadError, match="frame 1 requested but the image has 1 frame"):
+        load_image(path, frame=1)
+    one_tile = write_slide_file(tmp_path / "thumbnail.dcm", slide, "1.2.3.4", "THUMBNAIL", tile=1024)
+    np.testing.assert_array_equal(np.asarray(load_image(one_tile)), slide)
+
+
+def test_a_dicom_whole_slide_file_of_jpeg_tiles_decodes_within_jpegs_error(tmp_path):
+    rows, columns = np.mgrid[0:700, 0:900]
+    slide = np.stack([columns * 255 // 899, rows * 255 // 699, np.full_like(rows, 128)], axis=-1).astype(np.uint8)
+    path = write_slide_file(tmp_path / "level.dcm", slide, "1.2.3.4", jpeg=True)
+    assert np.abs(np.asarray(load_image(path)).astype(int) - slide).mean() < 2
+
+
+def test_a_dicom_whole_slide_folder_gives_its_largest_level_within_the_limit(tmp_path):
+    rng = np.random.default_rng(1)
+    levels = {size: rng.integers(0, 256, (*size, 3), dtype=np.uint8) for size in [(1000, 1200), (500, 600), (250, 300)]}
+    folder = tmp_path / "cohort" / "slide"
+    folder.mkdir(parents=True)
+    for number, image in enumerate(levels.values()):
+        write_slide_file(folder / f"level{number}.dcm", image, "1.2.3.4")
+    write_slide_file(folder / "label.dcm", rng.integers(0, 256, (300, 300, 3), dtype=np.uint8), "1.2.3.4", "LABEL")
+    write_slide_file(folder / "overview.dcm", np.zeros((400, 1200, 3), np.uint8), "1.2.3.4", "OVERVIEW")
+
+    np.testing.assert_array_equal(np.asarray(load_image(folder)), levels[1000, 1200])
+    np.testing.assert_array_equal(np.asarray(load_image(folder, max_pixels=400_000)), levels[500, 600])
+    np.testing.assert_array_equal(np.asarray(load_image(folder, max_pixels=100_000)), levels[250, 300])
+    with pytest.raises(ImageLoadError, match="smallest level's 75000 pixels exceed the limit of 50000"):
+        load_image(folder, max_pixels=50_000)
+    assert frame_count(folder) == 1
+    assert find_images(tmp_path / "cohort") == [folder]  # one image, not five
+    shown = pydicom.dcmread(folder / "level0.dcm", stop_before_pixels=True)
+    assert [row["sop_instance_uid"] for row in dicom_identifiers(folder)] == [shown.SOPInstanceUID]
 
 
 def test_dicom_without_pixel_data_is_refused(tmp_path):

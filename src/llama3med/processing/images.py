@@ -18,6 +18,7 @@ import warnings
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -29,6 +30,7 @@ MAX_VOLUME_VOXELS = 2**30  # a 1024^3 volume; a whole-body CT at 0.7 mm is about
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # files `find_images` takes by name; DICOM files are known by content, whatever they are called
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".svs", ".bmp", ".webp")
+VL_WHOLE_SLIDE_MICROSCOPY = "1.2.840.10008.5.1.4.1.1.77.1.6"  # DICOM's SOP class of whole-slide images
 TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic TIFF and BigTIFF, both byte orders
 
 # (centre, width) in Hounsfield units: the usual CT presets.
@@ -114,14 +116,15 @@ def load_image(
     from the feet (default: the middle one). A gzipped NIfTI file asked for again is kept decompressed
     while it is unchanged (1 GiB of the latest in all), so that each of its slices is read in turn
     without decompressing the volume up to it again. A picture gives its first page, or for a
-    whole-slide image over `max_pixels`, its largest smaller copy within them.
+    whole-slide image over `max_pixels`, its largest smaller copy within them; a DICOM whole-slide
+    image's file gives its tiles joined, and its folder the largest of its levels within `max_pixels`.
     """
     if isinstance(source, Image.Image):
         _check_single_frame(frame, source)
         return _to_rgb(source, source, max_pixels)
     if not isinstance(source, bytes) and Path(source).is_dir():
-        slices = dicom_series(source)
-        if len(slices) == 1:  # one file, perhaps multi-frame
+        slices = dicom_series(source, max_pixels)
+        if len(slices) == 1:  # one file, perhaps multi-frame, or a whole slide's level
             return load_image(slices[0], window=window, frame=frame, max_pixels=max_pixels)
         index = shown_frame(len(slices), frame)
         if not 0 <= index < len(slices):
@@ -152,7 +155,7 @@ def frame_count(source: str | Path | bytes) -> int:
         if _is_picture_file(source):
             return 1  # its pixels are not read
         if (header := _dicom_image_header(Path(source))) is not None:
-            return _frames(header)  # its pixel data, maybe a thousand frames, is not read
+            return _shown_frames(header)  # its pixel data, maybe a thousand frames, is not read
         if (volume := _nifti_file_header(Path(source))) is not None:
             return _axial_count(volume)  # nor are its voxels, maybe 100 MB gzipped
     data = _read_bytes(source)
@@ -160,15 +163,16 @@ def frame_count(source: str | Path | bytes) -> int:
     if kind == "nifti":
         return _axial_count(_open_nifti(data, source))
     if kind == "dicom":
-        return _frames(_read_dicom(io.BytesIO(data), source, headers_only=True))
+        return _shown_frames(_read_dicom(io.BytesIO(data), source, headers_only=True))
     return 1
 
 
-def dicom_series(directory: str | Path) -> list[Path]:
+def dicom_series(directory: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Path]:
     """The DICOM files of the one series in `directory`, ordered from the feet up: by position along the
     slice normal (`ImagePositionPatient`, `ImageOrientationPatient`), else by `InstanceNumber`, else by
     name. Hidden files, and files that are not DICOM images (notes, a DICOMDIR), are passed over; headers
-    only are read.
+    only are read. A whole-slide image's folder (a file per resolution, beside its label and overview)
+    gives the one file of its largest resolution within `max_pixels`.
 
     The order is kept for as long as no file in the directory changes (name, size or modification
     time): asking about each slice of a 300-slice series would otherwise read its 300 headers once per
@@ -178,6 +182,8 @@ def dicom_series(directory: str | Path) -> list[Path]:
     if (order := _SERIES_ORDERS.get(listing)) is None:
         headers = [(path, header) for path, *_ in listing if (header := _dicom_image_header(path)) is not None]
         order = _SERIES_ORDERS.put(listing, _order_series(directory, headers))
+    if isinstance(order, _SlideLevels):
+        return [order.within(max_pixels)]
     return list(order)
 
 
@@ -215,11 +221,13 @@ def _listing(directory: Path) -> tuple[tuple[Path, int, int], ...]:
     return tuple((file, stat.st_size, stat.st_mtime_ns) for file in files for stat in [file.stat()])
 
 
-def _order_series(directory: str | Path, headers: list[tuple[Path, object]]) -> tuple[Path, ...]:
+def _order_series(directory: str | Path, headers: list[tuple[Path, object]]) -> tuple[Path, ...] | _SlideLevels:
     """The files of `headers` (a directory's DICOM images and their headers) from the feet up, checked
-    to be the slices of one series."""
+    to be the slices of one series; or a whole slide's levels."""
     if not headers:
         raise ImageLoadError(directory, "no DICOM images in the directory")
+    if any(_is_slide(header) for _, header in headers):
+        return _SlideLevels.of(directory, headers)
     if len(headers) > 1 and any(_frames(header) > 1 for _, header in headers):
         raise ImageLoadError(directory, "mixes multi-frame DICOM files into a series; give each a folder of its own")
     series = {str(header.get("SeriesInstanceUID", "")) for _, header in headers}
@@ -229,12 +237,90 @@ def _order_series(directory: str | Path, headers: list[tuple[Path, object]]) -> 
     return tuple(path for _, (path, _) in sorted(zip(order, headers, strict=True), key=lambda item: item[0]))
 
 
+@dataclass(frozen=True)
+class _SlideLevels:
+    """A whole-slide image's files of the slide itself (DICOM's VL Whole Slide Microscopy: a file per
+    resolution) by their pixel counts, largest first; its label and overview, photos of the glass, are
+    left out."""
+
+    directory: str | Path
+    levels: tuple[tuple[int, Path], ...]
+
+    @classmethod
+    def of(cls, directory: str | Path, headers: list[tuple[Path, object]]) -> _SlideLevels:
+        if not all(_is_slide(header) for _, header in headers):
+            raise ImageLoadError(directory, "mixes a whole-slide image with other DICOM images")
+        if len({str(header.get("SeriesInstanceUID", "")) for _, header in headers}) > 1:
+            raise ImageLoadError(directory, "holds several whole-slide images; give the directory of one")
+        views = [(_slide_pixels(header), path) for path, header in headers if _slide_view(header)]
+        if not views:
+            raise ImageLoadError(directory, "holds only a whole-slide image's label or overview")
+        return cls(directory, tuple(sorted(views, key=lambda view: -view[0])))
+
+    def within(self, max_pixels: int) -> Path:
+        """The file of the largest resolution within `max_pixels`."""
+        for pixels, path in self.levels:
+            if pixels <= max_pixels:
+                return path
+        smallest = self.levels[-1][0]
+        raise ImageLoadError(self.directory, f"its smallest level's {smallest} pixels exceed the limit of {max_pixels}")
+
+
+def _is_slide(header) -> bool:
+    return str(header.get("SOPClassUID", "")) == VL_WHOLE_SLIDE_MICROSCOPY
+
+
+def _slide_view(header) -> bool:
+    """Whether a whole-slide image's file shows the slide (a level, or its thumbnail), not its label or its
+    overview; ImageType's third value says which."""
+    image_type = list(header.get("ImageType", []))
+    return len(image_type) < 3 or image_type[2] in ("VOLUME", "THUMBNAIL")
+
+
+def _slide_pixels(header) -> int:
+    """The pixels of a whole-slide level: its tiles joined, the Total Pixel Matrix."""
+    return int(header.get("TotalPixelMatrixRows", header.Rows)) * int(
+        header.get("TotalPixelMatrixColumns", header.Columns)
+    )
+
+
+def _shown_frames(header) -> int:
+    """How many images `frame` chooses from in a DICOM file: its frames, except for a whole-slide image,
+    whose frames are the tiles of one."""
+    return 1 if _is_slide(header) else _frames(header)
+
+
+def _slide_tiles(ds, source: object) -> tuple[int, int]:
+    """How many rows of tiles a whole-slide level has, and how many tiles each, checked against its
+    frames. DICOM's TILED_FULL order runs along each row of tiles, top row first, through the first focal
+    plane and optical path before any other; sparse tiles, placed frame by frame, are not joined."""
+    if _frames(ds) == 1:  # a thumbnail or label of one frame
+        return 1, 1
+    if str(ds.get("DimensionOrganizationType", "")) != "TILED_FULL":
+        raise ImageLoadError(source, "a whole-slide image whose tiles are not TILED_FULL cannot be joined")
+    down = -(-int(ds.TotalPixelMatrixRows) // int(ds.Rows))
+    across = -(-int(ds.TotalPixelMatrixColumns) // int(ds.Columns))
+    if (frames := _frames(ds)) < down * across:
+        raise ImageLoadError(source, f"a whole-slide image of {down * across} tiles holds {frames} frames")
+    return down, across
+
+
+def _joined_tiles(tiles: np.ndarray, grid: tuple[int, int], ds) -> np.ndarray:
+    """The slide's first plane from its tiles (`(down * across, rows, columns[, samples])`, `_slide_tiles`
+    order), cut to its Total Pixel Matrix."""
+    (down, across), (rows, columns) = grid, tiles.shape[1:3]
+    joined = tiles.reshape(down, across, rows, columns, *tiles.shape[3:]).swapaxes(1, 2)
+    joined = joined.reshape(down * rows, across * columns, *tiles.shape[3:])
+    return joined[: int(ds.get("TotalPixelMatrixRows", rows)), : int(ds.get("TotalPixelMatrixColumns", columns))]
+
+
 def find_images(root: str | Path, progress: bool = False) -> list[Path]:
     """The images in the folder tree `root`, each as `load_image` takes it: a folder whose DICOM files are
-    the slices of one series (one `SeriesInstanceUID`) is one image (the folder); otherwise each DICOM
-    file is one (a radiograph, a multi-frame file, a file naming no series); PNG, JPEG, TIFF, BMP, WebP
-    and NIfTI files are one each. Hidden files and folders are passed over, and of DICOM files only
-    headers are read. `progress`: a bar over the folders (a PACS export holds thousands)."""
+    the slices of one series (one `SeriesInstanceUID`), or the files of one whole-slide image, is one
+    image (the folder); otherwise each DICOM file is one (a radiograph, a multi-frame file, a file naming
+    no series); PNG, JPEG, TIFF, SVS, BMP, WebP and NIfTI files are one each. Hidden files and folders are
+    passed over, and of DICOM files only headers are read. `progress`: a bar over the folders (a PACS
+    export holds thousands)."""
     from tqdm import tqdm
 
     found: list[Path] = []
@@ -245,6 +331,10 @@ def find_images(root: str | Path, progress: bool = False) -> list[Path]:
         listing = _listing(directory)
         found += [file for file, *_ in listing if file.name.lower().endswith(PICTURE_SUFFIXES + NIFTI_SUFFIXES)]
         headers = [(path, header) for path, *_ in listing if (header := _dicom_image_header(path)) is not None]
+        if any(_is_slide(header) for _, header in headers):
+            _SERIES_ORDERS.put(listing, _order_series(directory, headers))
+            found.append(directory)
+            continue
         series: dict[str, list[Path]] = {}  # single-frame DICOM images by series
         for path, header in headers:
             if _frames(header) == 1:
@@ -503,25 +593,35 @@ def dicom_to_uint8(
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> np.ndarray:
     """Decode a DICOM file to a windowed 8-bit array, `(H, W)` for greyscale or `(H, W, 3)` for colour."""
+    from pydicom.pixels import iter_pixels
+
     ds = _read_dicom(io.BytesIO(data), source)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ImageLoadError(source, "DICOM has no pixel data")
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-    _check_pixel_count(int(ds.get("Rows", 0)) * int(ds.get("Columns", 0)) * frames, source, max_pixels)
+    tiles = _slide_tiles(ds, source) if _is_slide(ds) else None  # (down, across) of the slide's first plane
+    if tiles is not None:
+        _check_single_frame(frame, source)
+        _check_pixel_count(_slide_pixels(ds), source, max_pixels)
+    else:
+        _check_pixel_count(int(ds.get("Rows", 0)) * int(ds.get("Columns", 0)) * frames, source, max_pixels)
     try:
-        pixels = ds.pixel_array
+        if tiles is None:
+            pixels = ds.pixel_array
+        else:
+            pixels = _joined_tiles(np.stack(list(iter_pixels(ds, indices=range(tiles[0] * tiles[1])))), tiles, ds)
     except Exception as err:  # pydicom raises many types for broken or unsupported pixel data
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         encoding = f" ({syntax.name})" if syntax is not None else ""
         reason = " ".join(str(err).split())  # pydicom lists each decoder's reason on a line of its own
         raise ImageLoadError(source, f"cannot decode the DICOM pixel data{encoding}: {reason}") from None
     samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
-    if frames > 1:
+    if tiles is None and frames > 1:
         index = shown_frame(frames, frame)
         if not 0 <= index < frames:
             raise ImageLoadError(source, f"frame {index} requested but the DICOM has {frames} frames")
         pixels = pixels[index]
-    else:
+    elif tiles is None:
         _check_single_frame(frame, source)
     if samples == 3:
         return np.clip(pixels, 0, 255).astype(np.uint8)
