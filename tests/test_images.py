@@ -232,13 +232,24 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path):
         load_image(path, max_pixels=1_000_000)
 
 
-def test_a_multi_page_tiff_gives_its_first_page_each_page_counted_alone(tmp_path):
-    path = tmp_path / "stack.tif"
+def test_a_tiff_stack_is_a_volume_of_pages_each_counted_alone(tmp_path):
+    path = tmp_path / "stack.tif"  # focal planes of one field, as a microscope or ImageJ saves them
     pages = [Image.new("L", (1000, 1000), value) for value in (10, 20, 30)]
     pages[0].save(path, save_all=True, append_images=pages[1:])
-    image = load_image(path, max_pixels=2_000_000)  # 3 M pixels in all, 1 M decoded
-    assert image.size == (1000, 1000) and np.asarray(image)[0, 0, 0] == 10
-    assert frame_count(path) == 1
+    assert frame_count(path) == 3 and frame_count(path.read_bytes()) == 3
+    middle = load_image(path, max_pixels=2_000_000)  # 3 M pixels in all, 1 M decoded
+    assert middle.size == (1000, 1000) and np.asarray(middle)[0, 0, 0] == 20
+    assert np.asarray(load_image(path, frame=2))[0, 0, 0] == 30
+    with pytest.raises(ImageLoadError, match="page 3 requested but the TIFF stack has 3 pages"):
+        load_image(path, frame=3)
+
+
+def test_a_tiff_of_pages_of_several_sizes_gives_its_first_page(tmp_path):
+    path = tmp_path / "figure.tif"
+    Image.new("L", (300, 200), 10).save(path, save_all=True, append_images=[Image.new("L", (100, 100), 20)])
+    assert frame_count(path) == 1 and np.asarray(load_image(path))[0, 0, 0] == 10
+    with pytest.raises(ImageLoadError, match="frame 1 requested but the image has 1 frame"):
+        load_image(path, frame=1)
 
 
 @pytest.fixture(scope="module")

@@ -1196,8 +1196,8 @@ def _add_image_options(p: argparse.ArgumentParser) -> None:
         "--frame",
         type=int,
         default=None,
-        help="a slice of a NIfTI volume or a DICOM series, from 0 at the feet, or a multi-frame DICOM's frame "
-        "(default: the middle one)",
+        help="a slice of a NIfTI volume or a DICOM series, from 0 at the feet, a multi-frame DICOM's frame, "
+        "or a TIFF stack's page (default: the middle one)",
     )
     p.add_argument("--window", type=_window, default=None, help="DICOM/NIfTI window: CENTRE,WIDTH or a CT preset")
 

@@ -17,7 +17,8 @@ import threading
 import warnings
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -115,8 +116,9 @@ def load_image(
     `frame` picks a frame of a multi-frame DICOM, or a slice of a DICOM series or a NIfTI volume counted
     from the feet (default: the middle one). A gzipped NIfTI file asked for again is kept decompressed
     while it is unchanged (1 GiB of the latest in all), so that each of its slices is read in turn
-    without decompressing the volume up to it again. A picture gives its first page, or for a
-    whole-slide image over `max_pixels`, its largest smaller copy within them; a DICOM whole-slide
+    without decompressing the volume up to it again. A TIFF stack gives its page `frame` (the middle one
+    by default); any other picture its first page, or for a whole-slide image over `max_pixels`, its
+    largest smaller copy within them; a DICOM whole-slide
     image's file gives its tiles joined, and its folder the largest of its levels within `max_pixels`.
     """
     if isinstance(source, Image.Image):
@@ -131,14 +133,12 @@ def load_image(
             raise ImageLoadError(source, f"slice {index} requested but the DICOM series has {len(slices)} slices")
         return load_image(slices[index], window=window, max_pixels=max_pixels)
     if not isinstance(source, bytes) and _is_picture_file(source):
-        _check_single_frame(frame, source)
-        return _open_with_pillow(_regular_file(source), source, max_pixels)  # read as Pillow needs it
+        return _open_with_pillow(_regular_file(source), source, frame, max_pixels)  # read as Pillow needs it
     key = _file_key(source)
     data = _file_bytes(source, key)
     kind = _medical_kind(source, data)
     if kind is None:
-        _check_single_frame(frame, source)
-        return _open_with_pillow(data, source, max_pixels)
+        return _open_with_pillow(data, source, frame, max_pixels)
     if kind == "nifti":
         data = _keep_volume(source, key, data)
     to_uint8 = dicom_to_uint8 if kind == "dicom" else nifti_to_uint8
@@ -147,13 +147,13 @@ def load_image(
 
 def frame_count(source: str | Path | bytes) -> int:
     """How many images `load_image`'s `frame` chooses from: a DICOM's frames, a DICOM series' slices, a
-    NIfTI volume's axial slices, else 1. Reads headers only."""
+    NIfTI volume's axial slices, a TIFF stack's pages, else 1. Reads headers only."""
     if not isinstance(source, bytes) and Path(source).is_dir():
         slices = dicom_series(source)
         return frame_count(slices[0]) if len(slices) == 1 else len(slices)
     if not isinstance(source, bytes):
         if _is_picture_file(source):
-            return 1  # its pixels are not read
+            return _picture_frames(_regular_file(source), source)  # its pixels are not read
         if (header := _dicom_image_header(Path(source))) is not None:
             return _shown_frames(header)  # its pixel data, maybe a thousand frames, is not read
         if (volume := _nifti_file_header(Path(source))) is not None:
@@ -164,7 +164,7 @@ def frame_count(source: str | Path | bytes) -> int:
         return _axial_count(_open_nifti(data, source))
     if kind == "dicom":
         return _shown_frames(_read_dicom(io.BytesIO(data), source, headers_only=True))
-    return 1
+    return _picture_frames(data, source)
 
 
 def dicom_series(directory: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Path]:
@@ -211,7 +211,7 @@ class _Recent:
         return value
 
 
-_SERIES_ORDERS = _Recent(limit=32)  # each series' slices from the feet up, by its directory's listing
+_SERIES_ORDERS = _Recent(limit=32)  # each series' slices from the feet up (or a slide's levels), by listing
 
 
 def _listing(directory: Path) -> tuple[tuple[Path, int, int], ...]:
@@ -488,17 +488,42 @@ def _read_bytes(source: str | Path | bytes) -> bytes:
     return data
 
 
-def _open_with_pillow(file: Path | bytes, source: object, max_pixels: int) -> Image.Image:
+def _open_with_pillow(file: Path | bytes, source: object, frame: int | None, max_pixels: int) -> Image.Image:
     """A picture through Pillow, from its file (a whole-slide image may be gigabytes, of which one
-    resolution is read) or its bytes."""
+    resolution is read) or its bytes: a TIFF stack's page `frame` (the middle one by default), else the
+    picture's first page or its largest copy within `max_pixels` (`_seek_view_within`)."""
+    with _opened_picture(file, source) as image:
+        if (pages := _stack_pages(image, source)) > 1:
+            index = shown_frame(pages, frame)
+            if not 0 <= index < pages:
+                raise ImageLoadError(source, f"page {index} requested but the TIFF stack has {pages} pages")
+            image.seek(index)
+            _check_pixel_count(image.size[0] * image.size[1], source, max_pixels)
+        else:
+            _check_single_frame(frame, source)
+            _seek_view_within(image, source, max_pixels)
+        image.load()
+        return _to_rgb(image, source, max_pixels)
+
+
+def _picture_frames(file: Path | bytes, source: object) -> int:
+    """`frame_count` of a picture: a TIFF stack's pages, else 1; other pictures are not opened."""
+    with file.open("rb") if isinstance(file, Path) else io.BytesIO(file) as handle:
+        if handle.read(4) not in TIFF_SIGNATURES:
+            return 1
+    with _opened_picture(file, source) as image:
+        return _stack_pages(image, source)
+
+
+@contextmanager
+def _opened_picture(file: Path | bytes, source: object) -> Iterator[Image.Image]:
+    """Pillow's image of a picture, not yet decoded, with whatever Pillow raises over it (opening,
+    seeking, decoding) turned into an `ImageLoadError` that names `source`."""
     try:
         handle = file.open("rb") if isinstance(file, Path) else io.BytesIO(file)
         with warnings.catch_warnings(), handle:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = _open_picture(handle)
-            _seek_view_within(image, source, max_pixels)
-            image.load()
-            return _to_rgb(image, source, max_pixels)
+            yield _open_picture(handle)
     except ImageLoadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -507,6 +532,31 @@ def _open_with_pillow(file: Path | bytes, source: object, max_pixels: int) -> Im
         raise ImageLoadError(source, "not an image Pillow, pydicom or nibabel can read") from None
     except (OSError, SyntaxError, ValueError, IndexError, KeyError, struct.error) as err:
         raise ImageLoadError(source, f"corrupt or truncated image ({err})") from None
+
+
+MAX_STACK_PAGES = 10_000  # a TIFF stack's pages are counted one header at a time; a sent file could hold millions
+
+
+def _stack_pages(image: Image.Image, source: object) -> int:
+    """How many pages a TIFF stack has (a microscope's or ImageJ's focal planes, channels or time points,
+    a CT series saved as one TIFF): pages all of the first page's size and mode. 1 for any other picture,
+    a whole-slide pyramid among them. Reads page headers only, and leaves `image` at its first page."""
+    if not isinstance(image, TiffImagePlugin.TiffImageFile):
+        return 1
+    first, pages = (image.size, image.mode), 1
+    while True:
+        try:
+            image.seek(pages)
+        except EOFError:  # no more pages
+            break
+        if (image.size, image.mode) != first:
+            pages = 1  # pages of another size: not a stack
+            break
+        pages += 1
+        if pages > MAX_STACK_PAGES:
+            raise ImageLoadError(source, f"a TIFF of more than {MAX_STACK_PAGES} pages")
+    image.seek(0)
+    return pages
 
 
 _SLIDE_PAGES_LOOKED_AT = 64  # a slide has a dozen or so; a sent file could hold a million tiny ones
