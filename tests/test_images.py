@@ -193,6 +193,18 @@ def test_common_formats_load_as_8_bit_rgb(tmp_path, suffix):
     assert abs(int(np.asarray(image)[4, 6, 0]) - 200) <= 2  # JPEG is lossy
 
 
+def test_a_photo_is_turned_as_its_exif_orientation_says_viewers_show_it(tmp_path):
+    stored = np.zeros((32, 48, 3), np.uint8)
+    stored[:8, :8] = (255, 0, 0)  # the stored top-left corner, red
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: shown turned 90 degrees clockwise, as a phone held upright stores it
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(stored).save(path, exif=exif, quality=100)
+    shown = np.asarray(load_image(path)).astype(int)
+    assert shown.shape == (48, 32, 3)
+    assert shown[2, -3, 0] > 200 and shown[2, -3, 1] < 60  # the red corner is now at the top right
+
+
 def test_16_bit_png_is_stretched_to_8_bits(tmp_path):
     path = tmp_path / "xray16.png"
     Image.fromarray(np.array([[0, 1000], [2000, 4000]], dtype=np.uint16)).save(path)

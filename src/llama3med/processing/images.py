@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, TiffImagePlugin
+from PIL import Image, ImageOps, TiffImagePlugin
 
 DEFAULT_MAX_PIXELS = 64_000_000  # a 8000 x 8000 image; far above any radiology slice
 MAX_VOLUME_VOXELS = 2**30  # a 1024^3 volume; a whole-body CT at 0.7 mm is about a quarter of that
@@ -503,7 +503,8 @@ def _open_with_pillow(file: Path | bytes, source: object, frame: int | None, max
             _check_single_frame(frame, source)
             _seek_view_within(image, source, max_pixels)
         image.load()
-        return _to_rgb(image, source, max_pixels)
+        # turned as viewers and browsers show it: a phone's photo is stored sideways, its EXIF says how
+        return _to_rgb(ImageOps.exif_transpose(image), source, max_pixels)
 
 
 def _picture_frames(file: Path | bytes, source: object) -> int:
