@@ -69,6 +69,32 @@ def test_multiframe_takes_the_middle_frame_or_the_chosen_one(tmp_path):
     assert frame_count(path) == 5 and frame_count(write_dicom(tmp_path / "one.dcm", frames[0])) == 1
 
 
+def test_an_enhanced_ct_reads_its_rescale_and_window_from_its_functional_groups(tmp_path):
+    """Enhanced CT (a whole series in one file) keeps the rescale and window in functional groups, shared
+    by all frames or a frame's own, not at the top level."""
+    stored = np.stack([np.full((4, 4), 1024 + 100 * i, dtype=np.uint16) for i in range(3)])  # 0, 100, 200 HU
+    path = write_dicom(tmp_path / "enhanced.dcm", stored)
+    ds = pydicom.dcmread(path)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.EnhancedCTImageStorage
+    shared, rescale, window = pydicom.Dataset(), pydicom.Dataset(), pydicom.Dataset()
+    rescale.RescaleSlope, rescale.RescaleIntercept, rescale.RescaleType = 1, -1024, "HU"
+    window.WindowCenter, window.WindowWidth = 40, 400
+    shared.PixelValueTransformationSequence, shared.FrameVOILUTSequence = [rescale], [window]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    frames = [pydicom.Dataset() for _ in range(3)]
+    own_window = pydicom.Dataset()
+    own_window.WindowCenter, own_window.WindowWidth = 150, 100  # the last frame's own
+    frames[2].FrameVOILUTSequence = [own_window]
+    ds.PerFrameFunctionalGroupsSequence = frames
+    ds.save_as(path)
+
+    for frame, hounsfield, (centre, width) in [(0, 0.0, (40, 400)), (1, 100.0, (40, 400)), (2, 200.0, (150, 100))]:
+        got = np.asarray(load_image(path, frame=frame))[..., 0]
+        np.testing.assert_array_equal(got, dicom_window(np.full((4, 4), hounsfield), centre, width))
+    lung = np.asarray(load_image(path, frame=1, window="lung"))[..., 0]  # a preset in Hounsfield units
+    np.testing.assert_array_equal(lung, dicom_window(np.full((4, 4), 100.0), -600.0, 1500.0))
+
+
 def test_a_picture_counts_one_frame_from_its_first_bytes_alone(tmp_path, monkeypatch):
     picture = tmp_path / "slide.png"
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(picture)

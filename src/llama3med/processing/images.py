@@ -20,6 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
@@ -667,6 +668,7 @@ def dicom_to_uint8(
         reason = " ".join(str(err).split())  # pydicom lists each decoder's reason on a line of its own
         raise ImageLoadError(source, f"cannot decode the DICOM pixel data{encoding}: {reason}") from None
     samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+    index = 0
     if tiles is None and frames > 1:
         index = shown_frame(frames, frame)
         if not 0 <= index < frames:
@@ -678,21 +680,42 @@ def dicom_to_uint8(
         return np.clip(pixels, 0, 255).astype(np.uint8)
     if getattr(ds, "PhotometricInterpretation", "") == "PALETTE COLOR":  # ultrasound, nuclear medicine
         return _palette_to_rgb(pixels, ds, source)
-    values = pixels.astype(np.float64) * float(getattr(ds, "RescaleSlope", 1) or 1) + float(
-        getattr(ds, "RescaleIntercept", 0) or 0
-    )
+    tag = partial(_frame_value, ds, index)  # the shown frame's tag, wherever the file keeps it
+    values = pixels.astype(np.float64) * float(tag("RescaleSlope") or 1) + float(tag("RescaleIntercept") or 0)
     own_window = None
-    if "WindowCenter" in ds and "WindowWidth" in ds:
-        own_window = _first(ds.WindowCenter), _first(ds.WindowWidth)
+    if tag("WindowCenter") is not None and tag("WindowWidth") is not None:
+        own_window = _first(tag("WindowCenter")), _first(tag("WindowWidth"))
     if window is None and ds.get("VOILUTSequence"):  # radiographs, mammograms: the vendor's own curve
         out = _voi_lut_to_uint8(values, ds, source)
-    elif window is None and own_window and str(ds.get("VOILUTFunction", "")).upper() == "SIGMOID":
+    elif window is None and own_window and str(tag("VOILUTFunction") or "").upper() == "SIGMOID":
         out = _sigmoid_window(values, *own_window)
     else:
         out = _windowed(values, _resolve_window(window, own_window, source))
     if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
         out = 255 - out  # MONOCHROME1: low values are bright
     return out
+
+
+# Where an enhanced multi-frame DICOM (Enhanced CT and MR, as today's scanners write a series in one file)
+# keeps, for each frame or shared by all, what a classic file keeps at its top level.
+_FRAME_FUNCTIONAL_GROUPS = {
+    "PixelValueTransformationSequence": ("RescaleSlope", "RescaleIntercept"),
+    "FrameVOILUTSequence": ("WindowCenter", "WindowWidth", "VOILUTFunction"),
+}
+
+
+def _frame_value(ds, index: int, keyword: str):
+    """`keyword`'s value for frame `index`: at the file's top level, else in the frame's own functional
+    group, else in the shared one; None where it is nowhere."""
+    if keyword in ds:
+        return ds.data_element(keyword).value
+    (sequence,) = (name for name, keywords in _FRAME_FUNCTIONAL_GROUPS.items() if keyword in keywords)
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    groups = [per_frame[index]] if index < len(per_frame) else []
+    for group in [*groups, *(ds.get("SharedFunctionalGroupsSequence") or [])[:1]]:
+        if (items := group.get(sequence)) and keyword in items[0]:
+            return items[0].data_element(keyword).value
+    return None
 
 
 def _voi_lut_to_uint8(values: np.ndarray, ds, source: object) -> np.ndarray:
