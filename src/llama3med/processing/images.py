@@ -119,8 +119,8 @@ def load_image(
     while it is unchanged (1 GiB of the latest in all), so that each of its slices is read in turn
     without decompressing the volume up to it again. A TIFF stack gives its page `frame` (the middle one
     by default); any other picture its first page, or for a whole-slide image over `max_pixels`, its
-    largest smaller copy within them; a DICOM whole-slide
-    image's file gives its tiles joined, and its folder the largest of its levels within `max_pixels`.
+    largest smaller copy within them; a DICOM whole-slide image's file gives its tiles joined, and its
+    folder the largest of its levels within `max_pixels`.
     """
     if isinstance(source, Image.Image):
         _check_single_frame(frame, source)
