@@ -133,7 +133,7 @@ def load_image(
         if not 0 <= index < len(slices):
             raise ImageLoadError(source, f"slice {index} requested but the DICOM series has {len(slices)} slices")
         return load_image(slices[index], window=window, max_pixels=max_pixels)
-    if not isinstance(source, bytes) and _is_picture_file(source):
+    if not isinstance(source, bytes) and _picture_start(source) is not None:
         return _open_with_pillow(_regular_file(source), source, frame, max_pixels)  # read as Pillow needs it
     key = _file_key(source)
     data = _file_bytes(source, key)
@@ -153,8 +153,8 @@ def frame_count(source: str | Path | bytes) -> int:
         slices = dicom_series(source)
         return frame_count(slices[0]) if len(slices) == 1 else len(slices)
     if not isinstance(source, bytes):
-        if _is_picture_file(source):
-            return _picture_frames(_regular_file(source), source)  # its pixels are not read
+        if (start := _picture_start(source)) is not None:
+            return _picture_frames(_regular_file(source), start, source)  # its pixels are not read
         if (header := _dicom_image_header(Path(source))) is not None:
             return _shown_frames(header)  # its pixel data, maybe a thousand frames, is not read
         if (volume := _nifti_file_header(Path(source))) is not None:
@@ -165,7 +165,7 @@ def frame_count(source: str | Path | bytes) -> int:
         return _axial_count(_open_nifti(data, source))
     if kind == "dicom":
         return _shown_frames(_read_dicom(io.BytesIO(data), source, headers_only=True))
-    return _picture_frames(data, source)
+    return _picture_frames(data, data, source)
 
 
 def dicom_series(directory: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Path]:
@@ -332,16 +332,13 @@ def find_images(root: str | Path, progress: bool = False) -> list[Path]:
         listing = _listing(directory)
         found += [file for file, *_ in listing if file.name.lower().endswith(PICTURE_SUFFIXES + NIFTI_SUFFIXES)]
         headers = [(path, header) for path, *_ in listing if (header := _dicom_image_header(path)) is not None]
-        if any(_is_slide(header) for _, header in headers):
-            _SERIES_ORDERS.put(listing, _order_series(directory, headers))
-            found.append(directory)
-            continue
         series: dict[str, list[Path]] = {}  # single-frame DICOM images by series
         for path, header in headers:
             if _frames(header) == 1:
                 series.setdefault(str(header.get("SeriesInstanceUID", "")) or str(path), []).append(path)
         most_slices = max((len(slices) for slices in series.values()), default=0)
-        if len(series) == 1 and most_slices > 1:
+        if any(_is_slide(header) for _, header in headers) or (len(series) == 1 and most_slices > 1):
+            # a whole slide's files, or a series' slices: the folder is one image
             _SERIES_ORDERS.put(listing, _order_series(directory, headers))
             found.append(directory)
         elif most_slices > 1:
@@ -416,12 +413,12 @@ def _medical_kind(source: str | Path | bytes, data: bytes) -> str | None:
     return None
 
 
-def _is_picture_file(source: str | Path) -> bool:
-    """Whether a file is for Pillow: neither DICOM nor NIfTI by its name and first bytes (an empty file
-    is not)."""
+def _picture_start(source: str | Path) -> bytes | None:
+    """The first bytes of a file for Pillow, one neither DICOM nor NIfTI by its name and those bytes; None
+    for any other file, an empty one included."""
     with _regular_file(source).open("rb") as handle:
         start = handle.read(_NIFTI_SNIFF_BYTES)
-    return bool(start) and _medical_kind(source, start) is None
+    return start if start and _medical_kind(source, start) is None else None
 
 
 def _regular_file(source: str | Path) -> Path:
@@ -508,11 +505,11 @@ def _open_with_pillow(file: Path | bytes, source: object, frame: int | None, max
         return _to_rgb(ImageOps.exif_transpose(image), source, max_pixels)
 
 
-def _picture_frames(file: Path | bytes, source: object) -> int:
-    """`frame_count` of a picture: a TIFF stack's pages, else 1; other pictures are not opened."""
-    with file.open("rb") if isinstance(file, Path) else io.BytesIO(file) as handle:
-        if handle.read(4) not in TIFF_SIGNATURES:
-            return 1
+def _picture_frames(file: Path | bytes, start: bytes, source: object) -> int:
+    """`frame_count` of a picture whose first bytes are `start`: a TIFF stack's pages, else 1; other
+    pictures are not opened."""
+    if start[:4] not in TIFF_SIGNATURES:
+        return 1
     with _opened_picture(file, source) as image:
         return _stack_pages(image, source)
 
@@ -546,19 +543,25 @@ def _stack_pages(image: Image.Image, source: object) -> int:
     if not isinstance(image, TiffImagePlugin.TiffImageFile):
         return 1
     first, pages = (image.size, image.mode), 1
-    while True:
-        try:
-            image.seek(pages)
-        except EOFError:  # no more pages
-            break
+    for page in _later_pages(image, MAX_STACK_PAGES + 1):
         if (image.size, image.mode) != first:
             pages = 1  # pages of another size: not a stack
             break
-        pages += 1
-        if pages > MAX_STACK_PAGES:
+        if page == MAX_STACK_PAGES:
             raise ImageLoadError(source, f"a TIFF of more than {MAX_STACK_PAGES} pages")
+        pages = page + 1
     image.seek(0)
     return pages
+
+
+def _later_pages(image: Image.Image, limit: int) -> Iterator[int]:
+    """The numbers of a picture's pages after its first, below `limit`, `image` left at each in turn."""
+    for page in range(1, limit):
+        try:
+            image.seek(page)
+        except EOFError:  # no more pages
+            return
+        yield page
 
 
 _SLIDE_PAGES_LOOKED_AT = 64  # a slide has a dozen or so; a sent file could hold a million tiny ones
@@ -583,11 +586,7 @@ def _seek_view_within(image: Image.Image, source: object, max_pixels: int) -> No
     if width * height <= max_pixels:
         return
     copies = []
-    for page in range(1, _SLIDE_PAGES_LOOKED_AT):
-        try:
-            image.seek(page)
-        except EOFError:  # no more pages
-            break
+    for page in _later_pages(image, _SLIDE_PAGES_LOOKED_AT):
         w, h = image.size
         if w * h <= max_pixels and abs(w * height - h * width) <= width + height:
             copies.append((w * h, page))
@@ -645,37 +644,27 @@ def dicom_to_uint8(
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> np.ndarray:
     """Decode a DICOM file to a windowed 8-bit array, `(H, W)` for greyscale or `(H, W, 3)` for colour."""
-    from pydicom.pixels import iter_pixels
-
     ds = _read_dicom(io.BytesIO(data), source)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ImageLoadError(source, "DICOM has no pixel data")
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-    tiles = _slide_tiles(ds, source) if _is_slide(ds) else None  # (down, across) of the slide's first plane
-    if tiles is not None:
+    index = 0  # the frame shown
+    if _is_slide(ds):  # its frames are the tiles of one image
+        down, across = _slide_tiles(ds, source)
         _check_single_frame(frame, source)
         _check_pixel_count(_slide_pixels(ds), source, max_pixels)
+        pixels = _joined_tiles(_decoded_pixels(ds, source, down * across), (down, across), ds)
     else:
         _check_pixel_count(int(ds.get("Rows", 0)) * int(ds.get("Columns", 0)) * frames, source, max_pixels)
-    try:
-        if tiles is None:
-            pixels = ds.pixel_array
+        pixels = _decoded_pixels(ds, source)
+        if frames > 1:
+            index = shown_frame(frames, frame)
+            if not 0 <= index < frames:
+                raise ImageLoadError(source, f"frame {index} requested but the DICOM has {frames} frames")
+            pixels = pixels[index]
         else:
-            pixels = _joined_tiles(np.stack(list(iter_pixels(ds, indices=range(tiles[0] * tiles[1])))), tiles, ds)
-    except Exception as err:  # pydicom raises many types for broken or unsupported pixel data
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        encoding = f" ({syntax.name})" if syntax is not None else ""
-        reason = " ".join(str(err).split())  # pydicom lists each decoder's reason on a line of its own
-        raise ImageLoadError(source, f"cannot decode the DICOM pixel data{encoding}: {reason}") from None
+            _check_single_frame(frame, source)
     samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
-    index = 0
-    if tiles is None and frames > 1:
-        index = shown_frame(frames, frame)
-        if not 0 <= index < frames:
-            raise ImageLoadError(source, f"frame {index} requested but the DICOM has {frames} frames")
-        pixels = pixels[index]
-    elif tiles is None:
-        _check_single_frame(frame, source)
     if samples == 3:
         return np.clip(pixels, 0, 255).astype(np.uint8)
     if getattr(ds, "PhotometricInterpretation", "") == "PALETTE COLOR":  # ultrasound, nuclear medicine
@@ -696,11 +685,28 @@ def dicom_to_uint8(
     return out
 
 
+def _decoded_pixels(ds, source: object, frames: int | None = None) -> np.ndarray:
+    """The file's pixel data decoded: all of it, or only its first `frames` frames."""
+    from pydicom.pixels import iter_pixels
+
+    try:
+        return ds.pixel_array if frames is None else np.stack(list(iter_pixels(ds, indices=range(frames))))
+    except Exception as err:  # pydicom raises many types for broken or unsupported pixel data
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        encoding = f" ({syntax.name})" if syntax is not None else ""
+        reason = " ".join(str(err).split())  # pydicom lists each decoder's reason on a line of its own
+        raise ImageLoadError(source, f"cannot decode the DICOM pixel data{encoding}: {reason}") from None
+
+
 # Where an enhanced multi-frame DICOM (Enhanced CT and MR, as today's scanners write a series in one file)
-# keeps, for each frame or shared by all, what a classic file keeps at its top level.
+# keeps, for each frame or shared by all, what a classic file keeps at its top level: the functional
+# group's sequence of each tag.
 _FRAME_FUNCTIONAL_GROUPS = {
-    "PixelValueTransformationSequence": ("RescaleSlope", "RescaleIntercept"),
-    "FrameVOILUTSequence": ("WindowCenter", "WindowWidth", "VOILUTFunction"),
+    "RescaleSlope": "PixelValueTransformationSequence",
+    "RescaleIntercept": "PixelValueTransformationSequence",
+    "WindowCenter": "FrameVOILUTSequence",
+    "WindowWidth": "FrameVOILUTSequence",
+    "VOILUTFunction": "FrameVOILUTSequence",
 }
 
 
@@ -709,7 +715,7 @@ def _frame_value(ds, index: int, keyword: str):
     group, else in the shared one; None where it is nowhere."""
     if keyword in ds:
         return ds.data_element(keyword).value
-    (sequence,) = (name for name, keywords in _FRAME_FUNCTIONAL_GROUPS.items() if keyword in keywords)
+    sequence = _FRAME_FUNCTIONAL_GROUPS[keyword]
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
     groups = [per_frame[index]] if index < len(per_frame) else []
     for group in [*groups, *(ds.get("SharedFunctionalGroupsSequence") or [])[:1]]:
